@@ -1,0 +1,861 @@
+//! Configuration stage: the YAML file as written (raw serde structs) and the validated
+//! [`Config`] the relay runs on. Every validation message names the key it is about,
+//! for example `routes[2].upstreams[0]: ...`.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::secret::{SecretRef, SecretState};
+
+// ---------------------------------------------------------------------------------------
+// Raw configuration, as written in the YAML file. Defaults are documented on each field
+// and in conf/relay.yaml.
+// ---------------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Pingora's own process settings.
+    #[serde(default)]
+    pub server: RawServer,
+    /// Listening addresses.
+    pub listen: RawListen,
+    /// The built-in mock provider, started inside the relay when present.
+    #[serde(default)]
+    pub mock: Option<RawMock>,
+    /// Path-prefix routes to providers.
+    pub routes: Vec<RawRoute>,
+    /// Tenants and their relay keys.
+    #[serde(default)]
+    pub tenants: Vec<RawTenant>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawServer {
+    /// Worker threads of the proxy service. Default 2.
+    pub threads: usize,
+    /// Fork into the background. Default false (`-d` on the command line also sets it).
+    pub daemon: bool,
+    /// Pid file, written at start. Default `/tmp/stream-relay.pid`.
+    pub pid_file: String,
+    /// Unix socket the old process hands its listeners over on during a graceful upgrade.
+    /// Default `/tmp/stream-relay-upgrade.sock`.
+    pub upgrade_sock: String,
+    /// Where logs go when daemonized; null keeps stderr. Default null.
+    pub error_log: Option<String>,
+    /// After SIGTERM or SIGQUIT: seconds to keep serving open streams before shutting the
+    /// services down. Set it to the longest stream you expect. Default 60.
+    pub grace_period_seconds: u64,
+    /// After the grace period: seconds to let services stop before exiting. Default 5.
+    pub graceful_shutdown_timeout_seconds: u64,
+    /// Idle upstream connections kept for reuse, over all upstreams. Default 256.
+    pub upstream_keepalive_pool_size: usize,
+    /// Let tokio move tasks between worker threads. Default true.
+    pub work_stealing: bool,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        RawServer {
+            threads: 2,
+            daemon: false,
+            pid_file: "/tmp/stream-relay.pid".into(),
+            upgrade_sock: "/tmp/stream-relay-upgrade.sock".into(),
+            error_log: None,
+            grace_period_seconds: 60,
+            graceful_shutdown_timeout_seconds: 5,
+            upstream_keepalive_pool_size: 256,
+            work_stealing: true,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListen {
+    /// Address clients connect to, e.g. `0.0.0.0:8080`.
+    pub proxy: String,
+    /// Admin address (`/healthz`, `/readyz`, `/metrics`); null disables it.
+    /// Default `127.0.0.1:9090`.
+    #[serde(default = "default_admin")]
+    pub admin: Option<String>,
+}
+
+fn default_admin() -> Option<String> {
+    Some("127.0.0.1:9090".into())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMock {
+    /// Address of the built-in mock provider, e.g. `127.0.0.1:18080`.
+    pub listen: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    /// Unique name; used in logs, metrics and tenant permissions.
+    pub name: String,
+    /// Path prefix this route serves, e.g. `/openai/v1`. Matches on whole path segments;
+    /// the longest matching prefix wins.
+    pub prefix: String,
+    /// `openai`, `anthropic`, `audio` or `openai_compatible`: decides the error shape and
+    /// the default key header.
+    pub provider: ProviderKind,
+    /// Upstream base URLs (`http://` or `https://`), tried in round-robin order; a
+    /// connection failure moves to the next one. The request path minus `prefix` is
+    /// appended to the URL's path.
+    pub upstreams: Vec<String>,
+    /// The provider key: `env:NAME` or `file:/path`. Omit for upstreams that need none.
+    #[serde(default)]
+    pub key: Option<String>,
+    /// Header that carries the provider key. Default `authorization` for openai, audio
+    /// and openai_compatible; `x-api-key` for anthropic. Azure uses `api-key`.
+    #[serde(default)]
+    pub key_header: Option<String>,
+    /// Value template for `key_header`; `{key}` is replaced by the key. Default
+    /// `Bearer {key}` for `authorization`, `{key}` for any other header.
+    #[serde(default)]
+    pub key_format: Option<String>,
+    /// PEM file of CA certificates trusted for this route's https upstreams instead of
+    /// the system roots. Default: system roots.
+    #[serde(default)]
+    pub ca_file: Option<String>,
+    /// Upstream timeouts.
+    #[serde(default)]
+    pub timeouts: RawTimeouts,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderKind {
+    Openai,
+    Anthropic,
+    Audio,
+    OpenaiCompatible,
+}
+
+impl ProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Openai => "openai",
+            ProviderKind::Anthropic => "anthropic",
+            ProviderKind::Audio => "audio",
+            ProviderKind::OpenaiCompatible => "openai_compatible",
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTimeouts {
+    /// TCP connect plus TLS handshake, per attempt. Default `5s`.
+    pub connect: String,
+    /// From request sent to first response byte. Default `120s`.
+    pub first_byte: String,
+    /// Longest silence between two response chunks. Default `60s`.
+    pub idle: String,
+    /// Whole request, first byte to last. Default `30m`.
+    pub total: String,
+}
+
+impl Default for RawTimeouts {
+    fn default() -> Self {
+        RawTimeouts {
+            connect: "5s".into(),
+            first_byte: "120s".into(),
+            idle: "60s".into(),
+            total: "30m".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTenant {
+    /// Tenant id, as it appears in logs.
+    pub id: String,
+    /// Hex SHA-256 of each relay key of this tenant (`stream-relay hash-key` prints it).
+    pub key_sha256: Vec<String>,
+    /// Route names this tenant may use; `["*"]` for all. Default all.
+    #[serde(default = "all_routes")]
+    pub routes: Vec<String>,
+}
+
+fn all_routes() -> Vec<String> {
+    vec!["*".into()]
+}
+
+// ---------------------------------------------------------------------------------------
+// Validated configuration.
+// ---------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: RawServerSettings,
+    pub proxy_listen: String,
+    pub admin_listen: Option<String>,
+    pub mock_listen: Option<String>,
+    pub routes: Vec<RouteConfig>,
+    pub tenants: Vec<TenantConfig>,
+}
+
+/// Pingora process settings, copied from [`RawServer`] after validation.
+#[derive(Debug, Clone)]
+pub struct RawServerSettings {
+    pub threads: usize,
+    pub daemon: bool,
+    pub pid_file: String,
+    pub upgrade_sock: String,
+    pub error_log: Option<String>,
+    pub grace_period_seconds: u64,
+    pub graceful_shutdown_timeout_seconds: u64,
+    pub upstream_keepalive_pool_size: usize,
+    pub work_stealing: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub name: String,
+    pub prefix: String,
+    pub provider: ProviderKind,
+    pub upstreams: Vec<UpstreamUrl>,
+    pub key: KeyConfig,
+    pub ca_pem: Option<PathBuf>,
+    pub timeouts: Timeouts,
+}
+
+#[derive(Debug, Clone)]
+pub enum KeyConfig {
+    /// The upstream needs no key (the mock, a private vLLM).
+    None,
+    Injected {
+        header: String,
+        /// Value template split around `{key}`.
+        prefix: String,
+        suffix: String,
+        state: SecretState,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub first_byte: Duration,
+    pub idle: Duration,
+    pub total: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// Path prefix with no trailing slash ("" for none).
+    pub base_path: String,
+}
+
+impl UpstreamUrl {
+    /// The `Host` header value: the port is left out when it is the scheme's default.
+    pub fn host_header(&self) -> String {
+        let default = if self.tls { 443 } else { 80 };
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        if self.port == default {
+            host
+        } else {
+            format!("{host}:{}", self.port)
+        }
+    }
+
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TenantConfig {
+    pub id: String,
+    pub key_hashes: Vec<[u8; 32]>,
+    /// None means every route.
+    pub routes: Option<HashSet<String>>,
+}
+
+/// A configuration error that names the offending key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.key, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+impl Config {
+    /// Reads and validates a configuration file, resolving provider keys from the
+    /// process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| err("", format!("cannot read {}: {e}", path.display())))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::from_yaml(&text, base, &|name| std::env::var(name).ok())
+    }
+
+    /// Parses and validates YAML. Relative file paths in it are taken from `base_dir`.
+    pub fn from_yaml(
+        text: &str,
+        base_dir: &Path,
+        lookup_env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| {
+            // serde_yaml names the path of the offending key in its message.
+            err("", e.to_string())
+        })?;
+        raw.validate(base_dir, lookup_env)
+    }
+
+    pub fn route_names(&self) -> impl Iterator<Item = &str> {
+        self.routes.iter().map(|r| r.name.as_str())
+    }
+}
+
+impl RawConfig {
+    pub fn validate(
+        self,
+        base_dir: &Path,
+        lookup_env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let s = &self.server;
+        if s.threads == 0 || s.threads > 1024 {
+            return Err(err("server.threads", "must be between 1 and 1024"));
+        }
+        if s.pid_file.is_empty() {
+            return Err(err("server.pid_file", "must not be empty"));
+        }
+        if s.upgrade_sock.is_empty() {
+            return Err(err("server.upgrade_sock", "must not be empty"));
+        }
+        check_socket_addr("listen.proxy", &self.listen.proxy)?;
+        if let Some(admin) = &self.listen.admin {
+            check_socket_addr("listen.admin", admin)?;
+            if admin == &self.listen.proxy {
+                return Err(err("listen.admin", "must differ from listen.proxy"));
+            }
+        }
+        if let Some(mock) = &self.mock {
+            check_socket_addr("mock.listen", &mock.listen)?;
+        }
+        if self.routes.is_empty() {
+            return Err(err("routes", "at least one route is needed"));
+        }
+
+        let mut names = HashSet::new();
+        let mut prefixes = HashMap::new();
+        let mut routes = Vec::with_capacity(self.routes.len());
+        for (i, r) in self.routes.into_iter().enumerate() {
+            let at = format!("routes[{i}]");
+            let route = validate_route(&at, r, base_dir, lookup_env)?;
+            if !names.insert(route.name.clone()) {
+                return Err(err(
+                    format!("{at}.name"),
+                    format!("`{}` is used by another route", route.name),
+                ));
+            }
+            if let Some(other) = prefixes.insert(route.prefix.clone(), route.name.clone()) {
+                return Err(err(
+                    format!("{at}.prefix"),
+                    format!("`{}` is already the prefix of route `{other}`", route.prefix),
+                ));
+            }
+            routes.push(route);
+        }
+
+        let mut tenant_ids = HashSet::new();
+        let mut seen_hashes = HashMap::new();
+        let mut tenants = Vec::with_capacity(self.tenants.len());
+        for (i, t) in self.tenants.into_iter().enumerate() {
+            let at = format!("tenants[{i}]");
+            if t.id.is_empty() {
+                return Err(err(format!("{at}.id"), "must not be empty"));
+            }
+            if !tenant_ids.insert(t.id.clone()) {
+                return Err(err(
+                    format!("{at}.id"),
+                    format!("`{}` is used by another tenant", t.id),
+                ));
+            }
+            if t.key_sha256.is_empty() {
+                return Err(err(
+                    format!("{at}.key_sha256"),
+                    "at least one key hash is needed",
+                ));
+            }
+            let mut key_hashes = Vec::with_capacity(t.key_sha256.len());
+            for (k, h) in t.key_sha256.iter().enumerate() {
+                let key_at = format!("{at}.key_sha256[{k}]");
+                let digest = parse_sha256_hex(h).ok_or_else(|| {
+                    err(
+                        key_at.clone(),
+                        "must be 64 hex characters (run `stream-relay hash-key`)",
+                    )
+                })?;
+                if let Some(other) = seen_hashes.insert(digest, t.id.clone()) {
+                    return Err(err(key_at, format!("the same key is also given to `{other}`")));
+                }
+                key_hashes.push(digest);
+            }
+            let routes_allowed = if t.routes.iter().any(|r| r == "*") {
+                None
+            } else {
+                for (k, r) in t.routes.iter().enumerate() {
+                    if !names.contains(r) {
+                        return Err(err(
+                            format!("{at}.routes[{k}]"),
+                            format!("no route is named `{r}`"),
+                        ));
+                    }
+                }
+                Some(t.routes.iter().cloned().collect())
+            };
+            tenants.push(TenantConfig {
+                id: t.id,
+                key_hashes,
+                routes: routes_allowed,
+            });
+        }
+
+        Ok(Config {
+            server: RawServerSettings {
+                threads: s.threads,
+                daemon: s.daemon,
+                pid_file: s.pid_file.clone(),
+                upgrade_sock: s.upgrade_sock.clone(),
+                error_log: s.error_log.clone(),
+                grace_period_seconds: s.grace_period_seconds,
+                graceful_shutdown_timeout_seconds: s.graceful_shutdown_timeout_seconds,
+                upstream_keepalive_pool_size: s.upstream_keepalive_pool_size,
+                work_stealing: s.work_stealing,
+            },
+            proxy_listen: self.listen.proxy,
+            admin_listen: self.listen.admin,
+            mock_listen: self.mock.map(|m| m.listen),
+            routes,
+            tenants,
+        })
+    }
+}
+
+fn validate_route(
+    at: &str,
+    r: RawRoute,
+    base_dir: &Path,
+    lookup_env: &dyn Fn(&str) -> Option<String>,
+) -> Result<RouteConfig, ConfigError> {
+    if r.name.is_empty()
+        || !r
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    {
+        return Err(err(
+            format!("{at}.name"),
+            "must be non-empty letters, digits, `-`, `_` or `.`",
+        ));
+    }
+    let prefix = normalize_prefix(&r.prefix)
+        .ok_or_else(|| err(format!("{at}.prefix"), "must start with `/`, e.g. `/openai/v1`"))?;
+    if r.upstreams.is_empty() {
+        return Err(err(
+            format!("{at}.upstreams"),
+            "at least one upstream URL is needed",
+        ));
+    }
+    let mut upstreams = Vec::with_capacity(r.upstreams.len());
+    for (k, u) in r.upstreams.iter().enumerate() {
+        upstreams.push(parse_upstream_url(u).map_err(|m| err(format!("{at}.upstreams[{k}]"), m))?);
+    }
+
+    let key = match &r.key {
+        None => {
+            if r.key_header.is_some() || r.key_format.is_some() {
+                return Err(err(
+                    format!("{at}.key"),
+                    "key_header or key_format is set but no key is given",
+                ));
+            }
+            KeyConfig::None
+        }
+        Some(text) => {
+            let reference = SecretRef::parse(text).map_err(|m| err(format!("{at}.key"), m))?;
+            let header = match &r.key_header {
+                Some(h) => {
+                    let h = h.to_ascii_lowercase();
+                    if h.is_empty()
+                        || !h
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                    {
+                        return Err(err(format!("{at}.key_header"), "is not a valid header name"));
+                    }
+                    h
+                }
+                None => match r.provider {
+                    ProviderKind::Anthropic => "x-api-key".into(),
+                    _ => "authorization".into(),
+                },
+            };
+            let format = r.key_format.clone().unwrap_or_else(|| {
+                if header == "authorization" {
+                    "Bearer {key}".into()
+                } else {
+                    "{key}".into()
+                }
+            });
+            let Some((prefix, suffix)) = format.split_once("{key}") else {
+                return Err(err(format!("{at}.key_format"), "must contain `{key}`"));
+            };
+            if suffix.contains("{key}") {
+                return Err(err(format!("{at}.key_format"), "must contain `{key}` once"));
+            }
+            KeyConfig::Injected {
+                header,
+                prefix: prefix.to_string(),
+                suffix: suffix.to_string(),
+                state: reference.resolve(lookup_env),
+            }
+        }
+    };
+
+    let ca_pem = match &r.ca_file {
+        None => None,
+        Some(p) => {
+            let path = base_dir.join(p);
+            let text = std::fs::read(&path).map_err(|e| {
+                err(
+                    format!("{at}.ca_file"),
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            if crate::upstream::parse_ca_pem(&text).map_or(true, |c| c.is_empty()) {
+                return Err(err(
+                    format!("{at}.ca_file"),
+                    format!("{} holds no PEM certificate", path.display()),
+                ));
+            }
+            Some(path)
+        }
+    };
+
+    let t = &r.timeouts;
+    let timeouts = Timeouts {
+        connect: parse_duration(&t.connect).map_err(|m| err(format!("{at}.timeouts.connect"), m))?,
+        first_byte: parse_duration(&t.first_byte)
+            .map_err(|m| err(format!("{at}.timeouts.first_byte"), m))?,
+        idle: parse_duration(&t.idle).map_err(|m| err(format!("{at}.timeouts.idle"), m))?,
+        total: parse_duration(&t.total).map_err(|m| err(format!("{at}.timeouts.total"), m))?,
+    };
+    for (name, d) in [
+        ("connect", timeouts.connect),
+        ("first_byte", timeouts.first_byte),
+        ("idle", timeouts.idle),
+        ("total", timeouts.total),
+    ] {
+        if d.is_zero() {
+            return Err(err(format!("{at}.timeouts.{name}"), "must be more than zero"));
+        }
+    }
+
+    Ok(RouteConfig {
+        name: r.name,
+        prefix,
+        provider: r.provider,
+        upstreams,
+        key,
+        ca_pem,
+        timeouts,
+    })
+}
+
+fn check_socket_addr(key: &str, addr: &str) -> Result<(), ConfigError> {
+    addr.parse::<std::net::SocketAddr>()
+        .map(|_| ())
+        .map_err(|_| err(key, format!("`{addr}` is not an IP:port address")))
+}
+
+/// `/openai/v1/` -> `/openai/v1`; `/` stays `/`.
+fn normalize_prefix(p: &str) -> Option<String> {
+    if !p.starts_with('/') || p.contains(['?', '#', ' ']) {
+        return None;
+    }
+    let trimmed = p.trim_end_matches('/');
+    Some(if trimmed.is_empty() {
+        "/".to_string()
+    } else {
+        trimmed.to_string()
+    })
+}
+
+/// Parses `http(s)://host[:port][/path]`.
+pub fn parse_upstream_url(url: &str) -> Result<UpstreamUrl, String> {
+    let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
+        (true, r)
+    } else if let Some(r) = url.strip_prefix("http://") {
+        (false, r)
+    } else {
+        return Err(format!("`{url}` must start with http:// or https://"));
+    };
+    if rest.contains(['?', '#', '@']) {
+        return Err(format!(
+            "`{url}`: query, fragment and credentials are not allowed"
+        ));
+    }
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    let default_port = if tls { 443 } else { 80 };
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (h, after) = v6
+            .split_once(']')
+            .ok_or_else(|| format!("`{url}`: unclosed `[`"))?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => p.parse().map_err(|_| format!("`{url}`: bad port"))?,
+            None if after.is_empty() => default_port,
+            None => return Err(format!("`{url}`: bad authority")),
+        };
+        (h.to_string(), port)
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (
+                h.to_string(),
+                p.parse::<u16>().map_err(|_| format!("`{url}`: bad port"))?,
+            ),
+            None => (authority.to_string(), default_port),
+        }
+    };
+    if host.is_empty() || port == 0 {
+        return Err(format!("`{url}`: needs a host and a port above 0"));
+    }
+    Ok(UpstreamUrl {
+        tls,
+        host,
+        port,
+        base_path: path.trim_end_matches('/').to_string(),
+    })
+}
+
+/// Parses `250ms`, `5s`, `10m`, `1h`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("`{text}` needs a unit: ms, s, m or h"))?;
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration like 500ms, 5s, 10m or 1h"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => return Err(format!("`{text}`: unit must be ms, s, m or h")),
+    };
+    Ok(d)
+}
+
+fn parse_sha256_hex(text: &str) -> Option<[u8; 32]> {
+    let t = text.trim();
+    if t.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, chunk) in t.as_bytes().chunks(2).enumerate() {
+        let hi = (chunk[0] as char).to_digit(16)?;
+        let lo = (chunk[1] as char).to_digit(16)?;
+        out[i] = (hi * 16 + lo) as u8;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HASH: &str = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae";
+
+    fn load(yaml: &str) -> Result<Config, ConfigError> {
+        Config::from_yaml(yaml, Path::new("."), &|n| {
+            (n == "SET").then(|| "sk-provider".to_string())
+        })
+    }
+
+    fn minimal(route_extra: &str, tenant: &str) -> String {
+        format!(
+            "listen: {{ proxy: 127.0.0.1:8080 }}\nroutes:\n  - name: openai\n    prefix: /openai/v1\n    provider: openai\n    upstreams: [https://api.openai.com/v1]\n{route_extra}tenants:\n{tenant}"
+        )
+    }
+
+    #[test]
+    fn minimal_config_loads_with_defaults() {
+        let c = load(&minimal(
+            "    key: env:SET\n",
+            &format!("  - id: a\n    key_sha256: [{HASH}]\n"),
+        ))
+        .unwrap();
+        assert_eq!(c.admin_listen.as_deref(), Some("127.0.0.1:9090"));
+        let r = &c.routes[0];
+        assert_eq!(r.upstreams[0].base_path, "/v1");
+        assert_eq!(r.upstreams[0].port, 443);
+        assert_eq!(r.timeouts.connect, Duration::from_secs(5));
+        match &r.key {
+            KeyConfig::Injected {
+                header,
+                prefix,
+                suffix,
+                state: SecretState::Present(s),
+            } => {
+                assert_eq!(header, "authorization");
+                assert_eq!((prefix.as_str(), suffix.as_str()), ("Bearer ", ""));
+                assert_eq!(s.expose(), "sk-provider");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(c.tenants[0].routes.is_none());
+    }
+
+    #[test]
+    fn unset_key_is_not_fatal() {
+        let c = load(&minimal("    key: env:UNSET\n", "  []\n")).unwrap();
+        assert!(matches!(
+            c.routes[0].key,
+            KeyConfig::Injected {
+                state: SecretState::Missing { .. },
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            (minimal("    key: sk-inline\n", "  []\n"), "routes[0].key:"),
+            (
+                minimal("    timeouts: { idle: 5 }\n", "  []\n"),
+                "routes[0].timeouts.idle:",
+            ),
+            (
+                minimal("", "  - id: a\n    key_sha256: [abc]\n"),
+                "tenants[0].key_sha256[0]:",
+            ),
+            (
+                minimal(
+                    "",
+                    &format!("  - id: a\n    key_sha256: [{HASH}]\n    routes: [nope]\n"),
+                ),
+                "tenants[0].routes[0]:",
+            ),
+            (
+                minimal("    key_format: Bearer\n    key: env:SET\n", "  []\n"),
+                "routes[0].key_format:",
+            ),
+            (
+                minimal("", "  []\n").replace("https://api.openai.com/v1", "ftp://x"),
+                "routes[0].upstreams[0]:",
+            ),
+            (
+                minimal("", "  []\n").replace("127.0.0.1:8080", "localhost"),
+                "listen.proxy:",
+            ),
+        ];
+        for (yaml, want) in cases {
+            let e = load(&yaml).unwrap_err().to_string();
+            assert!(e.starts_with(want), "wanted `{want}`, got `{e}`");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_path() {
+        let e = load(&minimal("    prefx: /x\n", "  []\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("routes[0]") && e.contains("prefx"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_names_prefixes_and_keys_are_refused() {
+        let two = "listen: { proxy: 127.0.0.1:1 }\nroutes:\n  - { name: a, prefix: /x, provider: openai, upstreams: [http://h] }\n  - { name: a, prefix: /y, provider: openai, upstreams: [http://h] }\n";
+        assert!(load(two).unwrap_err().to_string().starts_with("routes[1].name"));
+        let same = two.replace("name: a, prefix: /y", "name: b, prefix: /x/");
+        assert!(load(&same).unwrap_err().to_string().starts_with("routes[1].prefix"));
+        let keys = minimal(
+            "",
+            &format!("  - {{ id: a, key_sha256: [{HASH}] }}\n  - {{ id: b, key_sha256: [{HASH}] }}\n"),
+        );
+        assert!(load(&keys)
+            .unwrap_err()
+            .to_string()
+            .starts_with("tenants[1].key_sha256[0]"));
+    }
+
+    #[test]
+    fn upstream_urls_parse() {
+        let u = parse_upstream_url("http://127.0.0.1:9000").unwrap();
+        assert_eq!((u.tls, u.port, u.base_path.as_str()), (false, 9000, ""));
+        assert_eq!(u.host_header(), "127.0.0.1:9000");
+        let u = parse_upstream_url("https://[::1]:8443/v1/").unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("::1", 8443));
+        assert_eq!(u.base_path, "/v1");
+        assert_eq!(u.authority(), "[::1]:8443");
+        let u = parse_upstream_url("https://api.anthropic.com").unwrap();
+        assert_eq!(u.host_header(), "api.anthropic.com");
+        assert!(parse_upstream_url("https://").is_err());
+        assert!(parse_upstream_url("https://h:0").is_err());
+        assert!(parse_upstream_url("https://u@h").is_err());
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert!(parse_duration("10").is_err());
+        assert!(parse_duration("1d").is_err());
+        assert!(parse_duration("ms").is_err());
+    }
+
+    #[test]
+    fn shipped_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/relay.yaml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let c = Config::from_yaml(&text, path.parent().unwrap(), &|_| None).unwrap();
+        assert!(c.mock_listen.is_some(), "the first run needs the built-in mock");
+    }
+}

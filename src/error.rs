@@ -1,0 +1,191 @@
+//! Refusal and failure stage (`request_filter`, `fail_to_proxy`): every answer the relay
+//! writes itself, with its status, the provider's own error JSON shape (so SDKs raise
+//! their usual exceptions) and a bounded label for logs and metrics.
+
+use bytes::Bytes;
+use serde_json::json;
+
+use crate::config::ProviderKind;
+
+/// Which provider's error JSON to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorShape {
+    /// `{"error":{"message","type","param","code"}}`
+    OpenAi,
+    /// `{"type":"error","error":{"type","message"}}`
+    Anthropic,
+}
+
+impl ErrorShape {
+    pub fn for_provider(kind: ProviderKind) -> ErrorShape {
+        match kind {
+            ProviderKind::Anthropic => ErrorShape::Anthropic,
+            _ => ErrorShape::OpenAi,
+        }
+    }
+
+    /// With no route to go by, an `anthropic-version` header (always sent by the
+    /// Anthropic SDK) picks the Anthropic shape.
+    pub fn guess(has_anthropic_version: bool) -> ErrorShape {
+        if has_anthropic_version {
+            ErrorShape::Anthropic
+        } else {
+            ErrorShape::OpenAi
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayError {
+    BadRequest,
+    NoRoute,
+    MissingKey,
+    InvalidKey,
+    RouteForbidden { route: String },
+    ProviderKeyMissing { route: String },
+    UpstreamUnavailable,
+    UpstreamTimeout,
+    Internal,
+}
+
+impl RelayError {
+    pub fn status(&self) -> u16 {
+        match self {
+            RelayError::BadRequest => 400,
+            RelayError::NoRoute => 404,
+            RelayError::MissingKey | RelayError::InvalidKey => 401,
+            RelayError::RouteForbidden { .. } => 403,
+            RelayError::ProviderKeyMissing { .. } => 503,
+            RelayError::UpstreamUnavailable => 502,
+            RelayError::UpstreamTimeout => 504,
+            RelayError::Internal => 500,
+        }
+    }
+
+    /// Bounded label for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RelayError::BadRequest => "bad_request",
+            RelayError::NoRoute => "no_route",
+            RelayError::MissingKey => "missing_key",
+            RelayError::InvalidKey => "invalid_key",
+            RelayError::RouteForbidden { .. } => "route_forbidden",
+            RelayError::ProviderKeyMissing { .. } => "provider_key_missing",
+            RelayError::UpstreamUnavailable => "upstream_unavailable",
+            RelayError::UpstreamTimeout => "upstream_timeout",
+            RelayError::Internal => "internal",
+        }
+    }
+
+    /// The message a client reads. It never names a tenant, a key or an upstream host.
+    pub fn message(&self) -> String {
+        match self {
+            RelayError::BadRequest => "The request could not be read.".into(),
+            RelayError::NoRoute => "No route serves this path on the relay.".into(),
+            RelayError::MissingKey => {
+                "No API key was provided: send it as `Authorization: Bearer KEY` or `x-api-key: KEY`.".into()
+            }
+            RelayError::InvalidKey => "Incorrect API key provided.".into(),
+            RelayError::RouteForbidden { route } => {
+                format!("This API key may not use the route `{route}`.")
+            }
+            RelayError::ProviderKeyMissing { route } => format!(
+                "The route `{route}` is not available: the relay has no provider key configured for it."
+            ),
+            RelayError::UpstreamUnavailable => {
+                "The upstream provider could not be reached.".into()
+            }
+            RelayError::UpstreamTimeout => "The upstream provider did not answer in time.".into(),
+            RelayError::Internal => "The relay failed to handle the request.".into(),
+        }
+    }
+
+    fn openai_type_and_code(&self) -> (&'static str, &'static str) {
+        match self {
+            RelayError::BadRequest => ("invalid_request_error", "bad_request"),
+            RelayError::NoRoute => ("invalid_request_error", "unknown_url"),
+            RelayError::MissingKey => ("invalid_request_error", "missing_api_key"),
+            RelayError::InvalidKey => ("invalid_request_error", "invalid_api_key"),
+            RelayError::RouteForbidden { .. } => ("permission_error", "route_not_allowed"),
+            RelayError::ProviderKeyMissing { .. } => ("api_error", "provider_key_missing"),
+            RelayError::UpstreamUnavailable => ("api_error", "upstream_unavailable"),
+            RelayError::UpstreamTimeout => ("api_error", "upstream_timeout"),
+            RelayError::Internal => ("api_error", "internal_error"),
+        }
+    }
+
+    fn anthropic_type(&self) -> &'static str {
+        match self {
+            RelayError::BadRequest => "invalid_request_error",
+            RelayError::NoRoute => "not_found_error",
+            RelayError::MissingKey | RelayError::InvalidKey => "authentication_error",
+            RelayError::RouteForbidden { .. } => "permission_error",
+            RelayError::ProviderKeyMissing { .. }
+            | RelayError::UpstreamUnavailable
+            | RelayError::UpstreamTimeout
+            | RelayError::Internal => "api_error",
+        }
+    }
+
+    /// The JSON body in the given provider's shape.
+    pub fn body(&self, shape: ErrorShape) -> Bytes {
+        let value = match shape {
+            ErrorShape::OpenAi => {
+                let (kind, code) = self.openai_type_and_code();
+                json!({"error": {"message": self.message(), "type": kind, "param": null, "code": code}})
+            }
+            ErrorShape::Anthropic => {
+                json!({"type": "error", "error": {"type": self.anthropic_type(), "message": self.message()}})
+            }
+        };
+        Bytes::from(value.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    #[test]
+    fn openai_shape() {
+        let b = RelayError::InvalidKey.body(ErrorShape::OpenAi);
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(v["error"]["code"], "invalid_api_key");
+        assert!(v["error"]["message"].as_str().unwrap().contains("API key"));
+        assert!(v["error"]["param"].is_null());
+    }
+
+    #[test]
+    fn anthropic_shape() {
+        let b = RelayError::RouteForbidden {
+            route: "anthropic".into(),
+        }
+        .body(ErrorShape::Anthropic);
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["type"], "error");
+        assert_eq!(v["error"]["type"], "permission_error");
+        assert!(v["error"]["message"].as_str().unwrap().contains("anthropic"));
+    }
+
+    #[test]
+    fn statuses_and_labels() {
+        let all = [
+            RelayError::BadRequest,
+            RelayError::NoRoute,
+            RelayError::MissingKey,
+            RelayError::InvalidKey,
+            RelayError::RouteForbidden { route: "r".into() },
+            RelayError::ProviderKeyMissing { route: "r".into() },
+            RelayError::UpstreamUnavailable,
+            RelayError::UpstreamTimeout,
+            RelayError::Internal,
+        ];
+        let statuses: Vec<u16> = all.iter().map(|e| e.status()).collect();
+        assert_eq!(statuses, [400, 404, 401, 401, 403, 503, 502, 504, 500]);
+        let mut kinds: Vec<&str> = all.iter().map(|e| e.kind()).collect();
+        kinds.dedup();
+        assert_eq!(kinds.len(), all.len());
+    }
+}

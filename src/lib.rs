@@ -1,0 +1,18 @@
+//! stream-relay: a streaming relay for LLM and TTS APIs on Pingora.
+//!
+//! The request's path through the modules: `route` and `auth` decide in
+//! `request_filter`, `upstream` gives the peer, `proxy` holds the thin `ProxyHttp` hooks,
+//! `error` shapes every answer the relay writes itself, `metrics` observes the end.
+
+pub mod admin;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod mock;
+pub mod proxy;
+pub mod request_id;
+pub mod route;
+pub mod secret;
+pub mod server;
+pub mod upstream;

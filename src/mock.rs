@@ -1,0 +1,772 @@
+//! The mock provider: OpenAI chat completions, Anthropic messages and audio speech, as
+//! JSON and as streams, for tests, benchmarks and the first-run demo. No network needed.
+//!
+//! Knobs come as request headers (defaults in [`Knobs::default`]):
+//! `x-mock-chunks` (content events or audio chunks), `x-mock-interval-ms` (pacing),
+//! `x-mock-first-delay-ms` (before the first byte), `x-mock-chunk-bytes` (audio chunk
+//! size), `x-mock-status` (answer this error status), `x-mock-cut-after` (drop the
+//! connection after N content events), `x-mock-stamp: 1` (each content delta is the
+//! send time in nanoseconds since the Unix epoch, for latency measurement).
+//!
+//! With `expected_key` set, a request must carry it (`Authorization: Bearer`, `x-api-key`
+//! or `api-key`) or it gets 401. `GET /mock/stats` returns counters as JSON: requests,
+//! completed, cancelled (the client went away before the answer ended), cut, auth
+//! failures, and the headers of the last model request.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::time::{sleep_until, Instant};
+
+const MAX_HEAD: usize = 64 * 1024;
+const MAX_BODY: usize = 16 * 1024 * 1024;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Knobs {
+    pub chunks: usize,
+    pub interval: Duration,
+    pub first_delay: Duration,
+    pub chunk_bytes: usize,
+    pub status: Option<u16>,
+    pub cut_after: Option<usize>,
+    pub stamp: bool,
+}
+
+impl Default for Knobs {
+    fn default() -> Self {
+        Knobs {
+            chunks: 8,
+            interval: Duration::from_millis(20),
+            first_delay: Duration::ZERO,
+            chunk_bytes: 4096,
+            status: None,
+            cut_after: None,
+            stamp: false,
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct MockStats {
+    pub requests: AtomicU64,
+    pub completed: AtomicU64,
+    pub cancelled: AtomicU64,
+    pub cut: AtomicU64,
+    pub auth_failures: AtomicU64,
+    last_headers: Mutex<Vec<(String, String)>>,
+}
+
+impl MockStats {
+    pub fn to_json(&self) -> Value {
+        let headers: serde_json::Map<String, Value> = self
+            .last_headers
+            .lock()
+            .expect("stats lock")
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect();
+        json!({
+            "requests": self.requests.load(Ordering::Relaxed),
+            "completed": self.completed.load(Ordering::Relaxed),
+            "cancelled": self.cancelled.load(Ordering::Relaxed),
+            "cut": self.cut.load(Ordering::Relaxed),
+            "auth_failures": self.auth_failures.load(Ordering::Relaxed),
+            "last_headers": headers,
+        })
+    }
+}
+
+pub struct Mock {
+    pub expected_key: Option<String>,
+    pub defaults: Knobs,
+    pub stats: MockStats,
+}
+
+impl Mock {
+    pub fn new(expected_key: Option<String>) -> Arc<Mock> {
+        Arc::new(Mock {
+            expected_key,
+            defaults: Knobs::default(),
+            stats: MockStats::default(),
+        })
+    }
+
+    /// Accepts connections until the task is dropped. `tls` wraps each connection.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            let mock = self.clone();
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                match tls {
+                    Some(acceptor) => {
+                        if let Ok(stream) = acceptor.accept(tcp).await {
+                            mock.connection(stream).await;
+                        }
+                    }
+                    None => mock.connection(tcp).await,
+                }
+            });
+        }
+    }
+
+    async fn connection<S: AsyncRead + AsyncWrite + Unpin>(&self, mut stream: S) {
+        let mut buf: Vec<u8> = Vec::with_capacity(8192);
+        loop {
+            let req = match read_request(&mut stream, &mut buf).await {
+                Some(r) => r,
+                None => return,
+            };
+            let keep_alive = !req.close;
+            match self.handle(&mut stream, &mut buf, req).await {
+                Flow::Continue if keep_alive => continue,
+                _ => return,
+            }
+        }
+    }
+
+    async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        stream: &mut S,
+        pending: &mut Vec<u8>,
+        req: Request,
+    ) -> Flow {
+        if req.path == "/mock/stats" {
+            let body = self.stats.to_json().to_string();
+            return write_full(stream, 200, "application/json", body.as_bytes()).await;
+        }
+        let kind = if req.path.ends_with("/chat/completions") {
+            Kind::OpenAi
+        } else if req.path.ends_with("/messages") {
+            Kind::Anthropic
+        } else if req.path.ends_with("/audio/speech") {
+            Kind::Audio
+        } else {
+            let body = json!({"error": {"message": format!("mock: no endpoint {}", req.path), "type": "invalid_request_error", "param": null, "code": "unknown_url"}});
+            return write_full(stream, 404, "application/json", body.to_string().as_bytes()).await;
+        };
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        *self.stats.last_headers.lock().expect("stats lock") = req.headers.clone();
+
+        if let Some(expected) = &self.expected_key {
+            if !carries_key(&req.headers, expected) {
+                self.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+                let body = error_body(kind, 401, "mock: wrong or missing provider key");
+                return write_full(stream, 401, "application/json", body.as_bytes()).await;
+            }
+        }
+        let knobs = knobs_from(&req.headers, self.defaults);
+        let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
+        let model = body["model"].as_str().unwrap_or("mock-model").to_string();
+        let streaming = body["stream"].as_bool().unwrap_or(false) || kind == Kind::Audio;
+
+        let start = Instant::now();
+        if !knobs.first_delay.is_zero()
+            && self
+                .wait_until(stream, pending, start + knobs.first_delay)
+                .await
+                .is_err()
+        {
+            self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+            return Flow::Close;
+        }
+        if let Some(status) = knobs.status {
+            let body = error_body(kind, status, "mock: error requested by x-mock-status");
+            return self
+                .finish(write_full(stream, status, "application/json", body.as_bytes()).await);
+        }
+        let prompt_tokens = (req.body.len() / 4).max(1) as u64;
+        if !streaming {
+            let text = (0..knobs.chunks).map(|i| token(i, false)).collect::<String>();
+            let doc = match kind {
+                Kind::OpenAi => openai_json(&model, &text, prompt_tokens, knobs.chunks as u64),
+                _ => anthropic_json(&model, &text, prompt_tokens, knobs.chunks as u64),
+            };
+            return self.finish(
+                write_full(stream, 200, "application/json", doc.to_string().as_bytes()).await,
+            );
+        }
+
+        let content_type = if kind == Kind::Audio {
+            "audio/mpeg"
+        } else {
+            "text/event-stream"
+        };
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ncache-control: no-cache\r\ntransfer-encoding: chunked\r\nx-mock-provider: 1\r\n\r\n"
+        );
+        if stream.write_all(head.as_bytes()).await.is_err() {
+            self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+            return Flow::Close;
+        }
+        let include_usage = body["stream_options"]["include_usage"]
+            .as_bool()
+            .unwrap_or(false);
+        let mut events = EventPlan::new(kind, &model, prompt_tokens, knobs, include_usage);
+        let mut content_sent = 0usize;
+        while let Some(event) = events.next_event() {
+            if event.content {
+                if knobs.cut_after == Some(content_sent) {
+                    // Drop the connection without the chunked terminator.
+                    let _ = stream.flush().await;
+                    self.stats.cut.fetch_add(1, Ordering::Relaxed);
+                    return Flow::Close;
+                }
+                let due = start + knobs.first_delay + knobs.interval * content_sent as u32;
+                if self.wait_until(stream, pending, due).await.is_err() {
+                    self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                    return Flow::Close;
+                }
+                content_sent += 1;
+            }
+            let data = (events.render)(&event, knobs.stamp);
+            if write_chunk(stream, &data).await.is_err() {
+                self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                return Flow::Close;
+            }
+        }
+        if stream.write_all(b"0\r\n\r\n").await.is_err() {
+            self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+            return Flow::Close;
+        }
+        self.stats.completed.fetch_add(1, Ordering::Relaxed);
+        Flow::Continue
+    }
+
+    fn finish(&self, flow: Flow) -> Flow {
+        match flow {
+            Flow::Continue => self.stats.completed.fetch_add(1, Ordering::Relaxed),
+            Flow::Close => self.stats.cancelled.fetch_add(1, Ordering::Relaxed),
+        };
+        flow
+    }
+
+    /// Sleeps until `due` while watching the client: Err when it closed the connection.
+    /// Bytes it sends meanwhile (a pipelined request) are kept in `pending`.
+    async fn wait_until<S: AsyncRead + Unpin>(
+        &self,
+        stream: &mut S,
+        pending: &mut Vec<u8>,
+        due: Instant,
+    ) -> Result<(), ()> {
+        let mut probe = [0u8; 1024];
+        loop {
+            tokio::select! {
+                _ = sleep_until(due) => return Ok(()),
+                r = stream.read(&mut probe) => match r {
+                    Ok(0) | Err(_) => return Err(()),
+                    Ok(n) => pending.extend_from_slice(&probe[..n]),
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    OpenAi,
+    Anthropic,
+    Audio,
+}
+
+enum Flow {
+    Continue,
+    Close,
+}
+
+struct Request {
+    path: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    close: bool,
+}
+
+fn carries_key(headers: &[(String, String)], expected: &str) -> bool {
+    headers.iter().any(|(k, v)| match k.as_str() {
+        "authorization" => v.strip_prefix("Bearer ") == Some(expected),
+        "x-api-key" | "api-key" => v == expected,
+        _ => false,
+    })
+}
+
+fn knobs_from(headers: &[(String, String)], mut k: Knobs) -> Knobs {
+    let num = |name: &str| -> Option<u64> {
+        headers
+            .iter()
+            .find(|(h, _)| h == name)
+            .and_then(|(_, v)| v.trim().parse().ok())
+    };
+    if let Some(v) = num("x-mock-chunks") {
+        k.chunks = v.min(1_000_000) as usize;
+    }
+    if let Some(v) = num("x-mock-interval-ms") {
+        k.interval = Duration::from_millis(v);
+    }
+    if let Some(v) = num("x-mock-first-delay-ms") {
+        k.first_delay = Duration::from_millis(v);
+    }
+    if let Some(v) = num("x-mock-chunk-bytes") {
+        k.chunk_bytes = v.clamp(1, 1 << 20) as usize;
+    }
+    if let Some(v) = num("x-mock-status") {
+        k.status = u16::try_from(v).ok().filter(|s| (200..600).contains(s));
+    }
+    if let Some(v) = num("x-mock-cut-after") {
+        k.cut_after = Some(v as usize);
+    }
+    if let Some(v) = num("x-mock-stamp") {
+        k.stamp = v == 1;
+    }
+    k
+}
+
+const WORDS: [&str; 8] = ["Hello", " from", " the", " mock", " provider", ",", " token", " stream."];
+
+fn token(i: usize, stamp: bool) -> String {
+    if stamp {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        nanos.to_string()
+    } else {
+        WORDS[i % WORDS.len()].to_string()
+    }
+}
+
+fn error_body(kind: Kind, status: u16, message: &str) -> String {
+    match kind {
+        Kind::Anthropic => {
+            let t = match status {
+                400 => "invalid_request_error",
+                401 => "authentication_error",
+                403 => "permission_error",
+                404 => "not_found_error",
+                429 => "rate_limit_error",
+                529 => "overloaded_error",
+                _ => "api_error",
+            };
+            json!({"type": "error", "error": {"type": t, "message": message}}).to_string()
+        }
+        _ => {
+            let t = if status == 429 {
+                "rate_limit_exceeded"
+            } else if status >= 500 {
+                "server_error"
+            } else {
+                "invalid_request_error"
+            };
+            json!({"error": {"message": message, "type": t, "param": null, "code": null}})
+                .to_string()
+        }
+    }
+}
+
+fn openai_json(model: &str, text: &str, prompt: u64, completion: u64) -> Value {
+    json!({
+        "id": "chatcmpl-mock",
+        "object": "chat.completion",
+        "created": 1_700_000_000u64,
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": null}, "logprobs": null, "finish_reason": "stop"}],
+        "usage": usage_json(prompt, completion),
+        "system_fingerprint": "fp_mock"
+    })
+}
+
+fn usage_json(prompt: u64, completion: u64) -> Value {
+    json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0, "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}
+    })
+}
+
+fn anthropic_json(model: &str, text: &str, input: u64, output: u64) -> Value {
+    json!({
+        "id": "msg_mock",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [{"type": "text", "text": text}],
+        "stop_reason": "end_turn",
+        "stop_sequence": null,
+        "usage": {"input_tokens": input, "output_tokens": output}
+    })
+}
+
+/// One event of a stream; `content` marks the paced events that carry output.
+struct Event {
+    step: Step,
+    content: bool,
+}
+
+#[derive(Clone, Copy)]
+enum Step {
+    OpenAiRole,
+    OpenAiContent(usize),
+    OpenAiFinish,
+    OpenAiUsage,
+    OpenAiDone,
+    AnthropicStart,
+    AnthropicBlockStart,
+    AnthropicPing,
+    AnthropicDelta(usize),
+    AnthropicBlockStop,
+    AnthropicMessageDelta,
+    AnthropicStop,
+    Audio(usize),
+}
+
+/// The ordered events of one streamed answer and how to render them.
+struct EventPlan {
+    steps: std::vec::IntoIter<Event>,
+    render: Box<dyn Fn(&Event, bool) -> Vec<u8> + Send>,
+}
+
+impl EventPlan {
+    fn new(kind: Kind, model: &str, prompt: u64, k: Knobs, include_usage: bool) -> EventPlan {
+        let mut steps = Vec::with_capacity(k.chunks + 8);
+        let plain = |step| Event {
+            step,
+            content: false,
+        };
+        let paced = |step| Event {
+            step,
+            content: true,
+        };
+        match kind {
+            Kind::OpenAi => {
+                steps.push(plain(Step::OpenAiRole));
+                steps.extend((0..k.chunks).map(|i| paced(Step::OpenAiContent(i))));
+                steps.push(plain(Step::OpenAiFinish));
+                if include_usage {
+                    steps.push(plain(Step::OpenAiUsage));
+                }
+                steps.push(plain(Step::OpenAiDone));
+            }
+            Kind::Anthropic => {
+                steps.push(plain(Step::AnthropicStart));
+                steps.push(plain(Step::AnthropicBlockStart));
+                steps.push(plain(Step::AnthropicPing));
+                steps.extend((0..k.chunks).map(|i| paced(Step::AnthropicDelta(i))));
+                steps.push(plain(Step::AnthropicBlockStop));
+                steps.push(plain(Step::AnthropicMessageDelta));
+                steps.push(plain(Step::AnthropicStop));
+            }
+            Kind::Audio => steps.extend((0..k.chunks).map(|i| paced(Step::Audio(i)))),
+        }
+        let model = model.to_string();
+        let chunks = k.chunks as u64;
+        let chunk_bytes = k.chunk_bytes;
+        let usage_field = if include_usage {
+            ",\"usage\":null"
+        } else {
+            ""
+        };
+        let render = Box::new(move |e: &Event, stamp: bool| -> Vec<u8> {
+            let openai = |delta: String, finish: &str| {
+                format!(
+                    "data: {{\"id\":\"chatcmpl-mock\",\"object\":\"chat.completion.chunk\",\"created\":1700000000,\"model\":\"{model}\",\"system_fingerprint\":\"fp_mock\",\"choices\":[{{\"index\":0,\"delta\":{delta},\"logprobs\":null,\"finish_reason\":{finish}}}]{usage_field}}}\n\n"
+                )
+                .into_bytes()
+            };
+            let sse = |name: &str, data: Value| format!("event: {name}\ndata: {data}\n\n").into_bytes();
+            match e.step {
+                Step::OpenAiRole => openai(
+                    "{\"role\":\"assistant\",\"content\":\"\",\"refusal\":null}".into(),
+                    "null",
+                ),
+                Step::OpenAiContent(i) => openai(
+                    json!({"content": token(i, stamp)}).to_string(),
+                    "null",
+                ),
+                Step::OpenAiFinish => openai("{}".into(), "\"stop\""),
+                Step::OpenAiUsage => format!(
+                    "data: {{\"id\":\"chatcmpl-mock\",\"object\":\"chat.completion.chunk\",\"created\":1700000000,\"model\":\"{model}\",\"system_fingerprint\":\"fp_mock\",\"choices\":[],\"usage\":{}}}\n\n",
+                    usage_json(prompt, chunks)
+                )
+                .into_bytes(),
+                Step::OpenAiDone => b"data: [DONE]\n\n".to_vec(),
+                Step::AnthropicStart => sse(
+                    "message_start",
+                    json!({"type": "message_start", "message": {"id": "msg_mock", "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": prompt, "output_tokens": 1}}}),
+                ),
+                Step::AnthropicBlockStart => sse(
+                    "content_block_start",
+                    json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+                ),
+                Step::AnthropicPing => sse("ping", json!({"type": "ping"})),
+                Step::AnthropicDelta(i) => sse(
+                    "content_block_delta",
+                    json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": token(i, stamp)}}),
+                ),
+                Step::AnthropicBlockStop => sse(
+                    "content_block_stop",
+                    json!({"type": "content_block_stop", "index": 0}),
+                ),
+                Step::AnthropicMessageDelta => sse(
+                    "message_delta",
+                    json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": chunks}}),
+                ),
+                Step::AnthropicStop => sse("message_stop", json!({"type": "message_stop"})),
+                Step::Audio(i) => audio_chunk(i, chunk_bytes),
+            }
+        });
+        EventPlan {
+            steps: steps.into_iter(),
+            render,
+        }
+    }
+
+    fn next_event(&mut self) -> Option<Event> {
+        self.steps.next()
+    }
+}
+
+/// Deterministic bytes for audio chunk `i`, so streams can be compared byte for byte.
+pub fn audio_chunk(i: usize, size: usize) -> Vec<u8> {
+    (0..size)
+        .map(|j| (j.wrapping_mul(31).wrapping_add(i.wrapping_mul(7))) as u8)
+        .collect()
+}
+
+async fn write_chunk<S: AsyncWrite + Unpin>(stream: &mut S, data: &[u8]) -> std::io::Result<()> {
+    let mut framed = Vec::with_capacity(data.len() + 12);
+    framed.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+    framed.extend_from_slice(data);
+    framed.extend_from_slice(b"\r\n");
+    stream.write_all(&framed).await?;
+    stream.flush().await
+}
+
+async fn write_full<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    status: u16,
+    content_type: &str,
+    body: &[u8],
+) -> Flow {
+    let reason = http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("Status");
+    let mut out = format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(body);
+    match stream.write_all(&out).await {
+        Ok(()) if stream.flush().await.is_ok() => Flow::Continue,
+        _ => Flow::Close,
+    }
+}
+
+/// Reads one request (head and body) from `stream`, starting with bytes already in `buf`.
+async fn read_request<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>) -> Option<Request> {
+    let mut chunk = [0u8; 8192];
+    let (head_len, path, headers) = loop {
+        let mut slots = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut slots);
+        match req.parse(buf) {
+            Ok(httparse::Status::Complete(n)) => {
+                let headers: Vec<(String, String)> = req
+                    .headers
+                    .iter()
+                    .map(|h| {
+                        (
+                            h.name.to_ascii_lowercase(),
+                            String::from_utf8_lossy(h.value).into_owned(),
+                        )
+                    })
+                    .collect();
+                break (n, req.path.unwrap_or("/").to_string(), headers);
+            }
+            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {}
+            _ => return None,
+        }
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    buf.drain(..head_len);
+    let header = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    let close = header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
+    let chunked = header("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+    let body = if chunked {
+        read_chunked(stream, buf).await?
+    } else {
+        let len: usize = header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+        if len > MAX_BODY {
+            return None;
+        }
+        while buf.len() < len {
+            let n = stream.read(&mut chunk).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        buf.drain(..len).collect()
+    };
+    Some(Request {
+        path: path.split('?').next().unwrap_or("/").to_string(),
+        headers,
+        body,
+        close,
+    })
+}
+
+async fn read_chunked<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        // Need a size line.
+        let line_end = loop {
+            if let Some(i) = memchr::memmem::find(buf, b"\r\n") {
+                break i;
+            }
+            let n = stream.read(&mut chunk).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let size_text = std::str::from_utf8(&buf[..line_end]).ok()?;
+        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+        if body.len() + size > MAX_BODY {
+            return None;
+        }
+        let need = line_end + 2 + size + 2;
+        while buf.len() < need {
+            let n = stream.read(&mut chunk).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        body.extend_from_slice(&buf[line_end + 2..line_end + 2 + size]);
+        buf.drain(..need);
+        if size == 0 {
+            return Some(body);
+        }
+    }
+}
+
+/// Builds a TLS acceptor from PEM certificate chain and key files.
+pub fn tls_acceptor(cert: &str, key: &str) -> Result<tokio_rustls::TlsAcceptor, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls;
+    let certs = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| format!("{cert}: {e}"))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{cert}: {e}"))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{key}: {e}"))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| e.to_string())?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn render_all(kind: Kind, chunks: usize, include_usage: bool) -> String {
+        let k = Knobs {
+            chunks,
+            ..Knobs::default()
+        };
+        let mut plan = EventPlan::new(kind, "m", 10, k, include_usage);
+        let mut out = Vec::new();
+        while let Some(e) = plan.next_event() {
+            out.extend((plan.render)(&e, false));
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn openai_stream_has_role_content_finish_usage_done() {
+        let s = render_all(Kind::OpenAi, 2, true);
+        let events: Vec<&str> = s.split("\n\n").filter(|e| !e.is_empty()).collect();
+        assert_eq!(events.len(), 6);
+        assert!(events[0].contains("\"role\":\"assistant\""));
+        assert!(events[1].contains("\"content\":\"Hello\""));
+        assert!(events[3].contains("\"finish_reason\":\"stop\""));
+        let usage: Value = serde_json::from_str(events[4].strip_prefix("data: ").unwrap()).unwrap();
+        assert_eq!(usage["choices"].as_array().unwrap().len(), 0);
+        assert_eq!(usage["usage"]["completion_tokens"], 2);
+        assert_eq!(events[5], "data: [DONE]");
+        // Every other chunk carries "usage":null, as OpenAI sends it.
+        assert!(events[1].ends_with("\"usage\":null}"));
+        assert!(!render_all(Kind::OpenAi, 2, false).contains("usage"));
+    }
+
+    #[test]
+    fn anthropic_stream_has_the_full_event_sequence() {
+        let s = render_all(Kind::Anthropic, 3, false);
+        let names: Vec<&str> = s
+            .lines()
+            .filter_map(|l| l.strip_prefix("event: "))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "message_start",
+                "content_block_start",
+                "ping",
+                "content_block_delta",
+                "content_block_delta",
+                "content_block_delta",
+                "content_block_stop",
+                "message_delta",
+                "message_stop"
+            ]
+        );
+        assert!(s.contains("\"output_tokens\":3"));
+    }
+
+    #[test]
+    fn knobs_parse_from_headers() {
+        let h = vec![
+            ("x-mock-chunks".to_string(), "3".to_string()),
+            ("x-mock-interval-ms".to_string(), "50".to_string()),
+            ("x-mock-status".to_string(), "503".to_string()),
+            ("x-mock-cut-after".to_string(), "1".to_string()),
+        ];
+        let k = knobs_from(&h, Knobs::default());
+        assert_eq!(k.chunks, 3);
+        assert_eq!(k.interval, Duration::from_millis(50));
+        assert_eq!(k.status, Some(503));
+        assert_eq!(k.cut_after, Some(1));
+    }
+
+    #[test]
+    fn key_check_accepts_the_three_header_styles() {
+        let h = |k: &str, v: &str| vec![(k.to_string(), v.to_string())];
+        assert!(carries_key(&h("authorization", "Bearer k1"), "k1"));
+        assert!(carries_key(&h("x-api-key", "k1"), "k1"));
+        assert!(carries_key(&h("api-key", "k1"), "k1"));
+        assert!(!carries_key(&h("authorization", "k1"), "k1"));
+    }
+}

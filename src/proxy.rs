@@ -1,0 +1,508 @@
+//! The relay's `ProxyHttp`: each hook is a few lines that call the pure stages.
+//!
+//! A request's path through the hooks:
+//! 1. `request_filter`: request id, route, tenant; local 401/403/404/503 answers.
+//! 2. `upstream_peer`: next upstream of the route (round robin, then failover).
+//! 3. `upstream_request_filter`: tenant credentials out, provider key in, Host, path.
+//! 4. `upstream_response_filter`: status and time to first byte.
+//! 5. `response_body_filter`: bytes pass untouched; the total deadline is checked.
+//! 6. `fail_to_connect` / `error_while_proxy`: which failures move to the next upstream.
+//! 7. `fail_to_proxy`: the error answer in the provider's shape.
+//! 8. `logging`: the one end-of-request sink, also for refusals and disconnects.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use log::{info, warn};
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_core::{Error, ErrorSource, ErrorType, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+
+use crate::auth::{AuthFailure, TenantTable};
+use crate::error::{ErrorShape, RelayError};
+use crate::metrics::Metrics;
+use crate::request_id;
+use crate::route::{Route, RouteKey, RouteTable};
+
+/// Per-request state shared by the hooks.
+pub struct RequestCtx {
+    pub start: Instant,
+    pub request_id: String,
+    pub route: Option<Arc<Route>>,
+    pub tenant: Option<Arc<str>>,
+    /// Index of the first upstream tried (round robin).
+    first_upstream: usize,
+    /// Upstream attempts made so far.
+    pub attempts: usize,
+    /// A refusal the relay answered itself.
+    pub refusal: Option<RelayError>,
+    pub upstream_status: Option<u16>,
+    pub ttfb: Option<Duration>,
+    pub response_bytes: u64,
+    shape: ErrorShape,
+}
+
+impl RequestCtx {
+    fn new(now: Instant) -> RequestCtx {
+        RequestCtx {
+            start: now,
+            request_id: String::new(),
+            route: None,
+            tenant: None,
+            first_upstream: 0,
+            attempts: 0,
+            refusal: None,
+            upstream_status: None,
+            ttfb: None,
+            response_bytes: 0,
+            shape: ErrorShape::OpenAi,
+        }
+    }
+}
+
+/// What [`admit`] decided for a request.
+pub struct Admitted {
+    pub route: Arc<Route>,
+    pub tenant: Arc<str>,
+}
+
+/// Route, authenticate and authorize a request. Pure: the whole `request_filter`
+/// decision, tested without a runtime.
+pub fn admit(
+    routes: &RouteTable,
+    tenants: &TenantTable,
+    req: &RequestHeader,
+) -> std::result::Result<Admitted, (RelayError, ErrorShape)> {
+    let Some(route) = routes.find(req.uri.path()) else {
+        let shape = ErrorShape::guess(req.headers.contains_key("anthropic-version"));
+        return Err((RelayError::NoRoute, shape));
+    };
+    let shape = ErrorShape::for_provider(route.provider);
+    let tenant = match tenants.authenticate(req) {
+        Ok(t) => t,
+        Err(AuthFailure::Missing) => return Err((RelayError::MissingKey, shape)),
+        Err(AuthFailure::Invalid) => return Err((RelayError::InvalidKey, shape)),
+    };
+    if !tenant.may_use(&route.name) {
+        let e = RelayError::RouteForbidden {
+            route: route.name.clone(),
+        };
+        return Err((e, shape));
+    }
+    if let RouteKey::Missing { .. } = route.key {
+        let e = RelayError::ProviderKeyMissing {
+            route: route.name.clone(),
+        };
+        return Err((e, shape));
+    }
+    Ok(Admitted {
+        route: route.clone(),
+        tenant: tenant.id.clone(),
+    })
+}
+
+/// Headers that may carry the tenant's relay key; all are removed before forwarding.
+const TENANT_CREDENTIAL_HEADERS: [&str; 3] = ["authorization", "x-api-key", "api-key"];
+
+/// Rewrites the upstream request: drops tenant credentials and `accept-encoding`, injects
+/// the provider key, sets the path, Host and request id. Pure.
+pub fn prepare_upstream_request(
+    req: &mut RequestHeader,
+    route: &Route,
+    upstream: &crate::config::UpstreamUrl,
+    request_id: &str,
+) -> Result<()> {
+    for h in TENANT_CREDENTIAL_HEADERS {
+        req.remove_header(h);
+    }
+    // Compressed event streams cannot be read as they pass, and gain little.
+    req.remove_header("accept-encoding");
+    if let RouteKey::Inject { header, value } = &route.key {
+        req.insert_header(header.clone(), value.expose())?;
+    }
+    let target = route.upstream_target(upstream, path_and_query(req));
+    let uri = target
+        .parse::<http::Uri>()
+        .map_err(|e| Error::because(ErrorType::InternalError, "upstream uri", e))?;
+    req.set_uri(uri);
+    req.insert_header(http::header::HOST, upstream.host_header())?;
+    req.insert_header(request_id::HEADER, request_id)?;
+    Ok(())
+}
+
+fn path_and_query(req: &RequestHeader) -> &str {
+    req.uri
+        .path_and_query()
+        .map(|pq| pq.as_str())
+        .unwrap_or("/")
+}
+
+/// Maps a Pingora error to the relay's answer; `None` when the client is gone and no
+/// answer can be written.
+pub fn classify_failure(e: &Error) -> Option<RelayError> {
+    use ErrorType::*;
+    match (e.esource(), e.etype()) {
+        (ErrorSource::Downstream, ReadError | WriteError | ConnectionClosed) => None,
+        (ErrorSource::Downstream, ReadTimedout | WriteTimedout) => None,
+        (_, ConnectTimedout | ReadTimedout | WriteTimedout) => Some(RelayError::UpstreamTimeout),
+        (ErrorSource::Upstream, _) => Some(RelayError::UpstreamUnavailable),
+        (ErrorSource::Downstream, HTTPStatus(code)) if (400..500).contains(code) => {
+            Some(RelayError::BadRequest)
+        }
+        (ErrorSource::Downstream, _) => Some(RelayError::BadRequest),
+        _ => Some(RelayError::Internal),
+    }
+}
+
+/// The bounded outcome label for logs and metrics.
+pub fn outcome(ctx: &RequestCtx, e: Option<&Error>) -> &'static str {
+    if let Some(r) = &ctx.refusal {
+        return r.kind();
+    }
+    match e {
+        None => "ok",
+        Some(e) => match classify_failure(e) {
+            None => "client_disconnect",
+            Some(r) => r.kind(),
+        },
+    }
+}
+
+pub struct RelayProxy {
+    pub routes: Arc<RouteTable>,
+    pub tenants: Arc<TenantTable>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl RelayProxy {
+    async fn answer_locally(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        e: RelayError,
+        shape: ErrorShape,
+    ) -> Result<()> {
+        let body = e.body(shape);
+        let mut resp = ResponseHeader::build(e.status(), Some(4))?;
+        resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+        resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
+        resp.insert_header(request_id::HEADER, ctx.request_id.as_str())?;
+        ctx.refusal = Some(e);
+        session.write_response_header(Box::new(resp), false).await?;
+        session.write_response_body(Some(body), true).await
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for RelayProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::new(Instant::now())
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let req = session.req_header();
+        ctx.request_id = req
+            .headers
+            .get(request_id::HEADER)
+            .and_then(|v| request_id::accept_client_id(v.as_bytes()))
+            .unwrap_or_else(request_id::new_id);
+        match admit(&self.routes, &self.tenants, req) {
+            Ok(a) => {
+                ctx.shape = ErrorShape::for_provider(a.route.provider);
+                ctx.first_upstream = a.route.first_upstream();
+                ctx.route = Some(a.route);
+                ctx.tenant = Some(a.tenant);
+                Ok(false)
+            }
+            Err((e, shape)) => {
+                ctx.shape = shape;
+                self.answer_locally(session, ctx, e, shape).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        let route = ctx.route.as_ref().expect("request_filter admitted a route");
+        let n = route.upstreams.len();
+        let index = (ctx.first_upstream + ctx.attempts) % n;
+        ctx.attempts += 1;
+        match route.upstreams[index].peer(&route.timeouts) {
+            Some(peer) => Ok(Box::new(peer)),
+            None => {
+                self.metrics.upstream_failure(&route.name, "unresolved");
+                let mut e = Error::explain(
+                    ErrorType::ConnectNoRoute,
+                    format!("upstream {} has no resolved address", route.upstreams[index].url.host),
+                );
+                e.set_retry(ctx.attempts < n);
+                e.as_up();
+                Err(e)
+            }
+        }
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let route = ctx.route.as_ref().expect("admitted");
+        let n = route.upstreams.len();
+        let upstream = &route.upstreams[(ctx.first_upstream + ctx.attempts - 1) % n].url;
+        prepare_upstream_request(upstream_request, route, upstream, &ctx.request_id)
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        ctx.upstream_status = Some(upstream_response.status.as_u16());
+        ctx.ttfb = Some(ctx.start.elapsed());
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        upstream_response.insert_header(request_id::HEADER, ctx.request_id.as_str())
+    }
+
+    fn upstream_response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
+        if let Some(b) = body {
+            ctx.response_bytes += b.len() as u64;
+        }
+        if let Some(route) = &ctx.route {
+            if ctx.start.elapsed() > route.timeouts.total {
+                let mut e = Error::explain(ErrorType::ReadTimedout, "total request deadline");
+                e.as_up();
+                return Err(e);
+            }
+        }
+        Ok(None)
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        let route = ctx.route.as_ref().expect("admitted");
+        self.metrics.upstream_failure(&route.name, "connect");
+        // Nothing reached the upstream: moving on to the next one is always safe.
+        e.set_retry(ctx.attempts < route.upstreams.len());
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        // A pooled connection the upstream had already closed fails before any response
+        // byte; the request was not processed, so it is sent again (on a new connection).
+        // Anything else may have started paid work upstream: never sent twice.
+        let stale_pooled = client_reused
+            && ctx.upstream_status.is_none()
+            && !session.as_ref().retry_buffer_truncated();
+        if stale_pooled {
+            e.retry.decide_reuse(true);
+        } else {
+            e.set_retry(false);
+        }
+        e
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+        let code = match classify_failure(e) {
+            None => 0,
+            Some(relay_error) => {
+                let status = relay_error.status();
+                let body = relay_error.body(ctx.shape);
+                if let Ok(mut resp) = ResponseHeader::build(status, Some(4)) {
+                    let _ = resp.insert_header(http::header::CONTENT_TYPE, "application/json");
+                    let _ = resp.insert_header(http::header::CONTENT_LENGTH, body.len());
+                    let _ = resp.insert_header(request_id::HEADER, ctx.request_id.as_str());
+                    // Writes nothing when the response header already went out (a stream
+                    // cut mid-way): the connection is closed and the client sees the cut.
+                    if let Err(we) = session.as_downstream_mut().write_error_response(resp, body).await {
+                        warn!("{}: cannot write the error answer: {we}", ctx.request_id);
+                    }
+                }
+                status
+            }
+        };
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        let status = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .unwrap_or(0);
+        let outcome = outcome(ctx, e);
+        let route = ctx.route.as_ref().map(|r| r.name.as_str()).unwrap_or("-");
+        self.metrics
+            .request_done(route, status, outcome, ctx.start.elapsed().as_secs_f64());
+        info!(
+            target: "access",
+            "{} tenant={} route={} status={} outcome={} upstream_status={} attempts={} ttfb_ms={} duration_ms={} bytes={}",
+            ctx.request_id,
+            ctx.tenant.as_deref().unwrap_or("-"),
+            route,
+            status,
+            outcome,
+            ctx.upstream_status.unwrap_or(0),
+            ctx.attempts,
+            ctx.ttfb.map_or(-1, |d| d.as_millis() as i64),
+            ctx.start.elapsed().as_millis(),
+            ctx.response_bytes,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use std::path::Path;
+
+    const YAML: &str = r#"
+listen: { proxy: "127.0.0.1:1" }
+routes:
+  - { name: oa, prefix: /openai/v1, provider: openai, upstreams: ["https://api.openai.com/v1"], key: "env:OA" }
+  - { name: an, prefix: /anthropic, provider: anthropic, upstreams: ["https://api.anthropic.com"], key: "env:AN" }
+  - { name: nokey, prefix: /nokey, provider: openai, upstreams: ["http://127.0.0.1:9"], key: "env:UNSET" }
+tenants:
+  - { id: all, key_sha256: ["2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"] }
+  - { id: only-an, key_sha256: ["fcde2b2edba56bf408601fb721fe9b5c338d10ee429ea04fae5511b68fbf8fb9"], routes: [an] }
+"#;
+
+    fn setup() -> (RouteTable, TenantTable) {
+        let c = Config::from_yaml(YAML, Path::new("."), &|n| match n {
+            "OA" => Some("sk-oa".into()),
+            "AN" => Some("sk-an".into()),
+            _ => None,
+        })
+        .unwrap();
+        (RouteTable::new(&c.routes).unwrap(), TenantTable::new(&c.tenants))
+    }
+
+    fn req(path: &str, headers: &[(&str, &str)]) -> RequestHeader {
+        let mut r = RequestHeader::build("POST", path.as_bytes(), None).unwrap();
+        for (k, v) in headers {
+            r.insert_header(k.to_string(), *v).unwrap();
+        }
+        r
+    }
+
+    fn refusal(r: std::result::Result<Admitted, (RelayError, ErrorShape)>) -> (u16, ErrorShape) {
+        match r {
+            Ok(_) => panic!("admitted"),
+            Err((e, s)) => (e.status(), s),
+        }
+    }
+
+    #[test]
+    fn admit_decides_every_refusal() {
+        let (routes, tenants) = setup();
+        // "foo" and "bar" are the keys whose hashes are configured above.
+        let ok = admit(&routes, &tenants, &req("/openai/v1/chat/completions", &[("authorization", "Bearer foo")]));
+        assert_eq!(&*ok.ok().unwrap().tenant, "all");
+        assert_eq!(
+            refusal(admit(&routes, &tenants, &req("/nope", &[("authorization", "Bearer foo")]))),
+            (404, ErrorShape::OpenAi)
+        );
+        assert_eq!(
+            refusal(admit(&routes, &tenants, &req("/nope", &[("anthropic-version", "2023-06-01")]))),
+            (404, ErrorShape::Anthropic)
+        );
+        assert_eq!(
+            refusal(admit(&routes, &tenants, &req("/anthropic/v1/messages", &[]))),
+            (401, ErrorShape::Anthropic)
+        );
+        assert_eq!(
+            refusal(admit(&routes, &tenants, &req("/openai/v1/x", &[("x-api-key", "wrong")]))),
+            (401, ErrorShape::OpenAi)
+        );
+        assert_eq!(
+            refusal(admit(&routes, &tenants, &req("/openai/v1/x", &[("x-api-key", "bar")]))),
+            (403, ErrorShape::OpenAi)
+        );
+        assert_eq!(
+            refusal(admit(&routes, &tenants, &req("/nokey/x", &[("x-api-key", "foo")]))),
+            (503, ErrorShape::OpenAi)
+        );
+        // A wrong key on an unconfigured route still reads as unauthenticated, not 503.
+        assert_eq!(
+            refusal(admit(&routes, &tenants, &req("/nokey/x", &[("x-api-key", "no")]))),
+            (401, ErrorShape::OpenAi)
+        );
+    }
+
+    #[test]
+    fn upstream_request_swaps_keys() {
+        let (routes, _) = setup();
+        let route = routes.find("/anthropic/v1/messages").unwrap();
+        let mut r = req(
+            "/anthropic/v1/messages?beta=true",
+            &[
+                ("authorization", "Bearer foo"),
+                ("x-api-key", "foo"),
+                ("accept-encoding", "gzip"),
+                ("anthropic-version", "2023-06-01"),
+            ],
+        );
+        prepare_upstream_request(&mut r, route, &route.upstreams[0].url, "rid-1").unwrap();
+        assert_eq!(r.uri.to_string(), "/v1/messages?beta=true");
+        assert_eq!(r.headers["x-api-key"], "sk-an");
+        assert!(r.headers.get("authorization").is_none());
+        assert!(r.headers.get("accept-encoding").is_none());
+        assert_eq!(r.headers["host"], "api.anthropic.com");
+        assert_eq!(r.headers["x-request-id"], "rid-1");
+        assert_eq!(r.headers["anthropic-version"], "2023-06-01");
+    }
+
+    #[test]
+    fn failures_are_classified() {
+        let mut up = Error::new(ErrorType::ConnectRefused);
+        up.as_up();
+        assert_eq!(classify_failure(&up), Some(RelayError::UpstreamUnavailable));
+        let mut t = Error::new(ErrorType::ReadTimedout);
+        t.as_up();
+        assert_eq!(classify_failure(&t), Some(RelayError::UpstreamTimeout));
+        let mut gone = Error::new(ErrorType::ConnectionClosed);
+        gone.as_down();
+        assert_eq!(classify_failure(&gone), None);
+    }
+}

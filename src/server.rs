@@ -1,0 +1,128 @@
+//! Wiring: a Pingora `Server` with the proxy, admin, resolver and (optionally) mock
+//! services, built from a validated [`Config`]. `main.rs` only parses the command line.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use log::{info, warn};
+use pingora_core::apps::http_app::HttpServer;
+use pingora_core::server::configuration::{Opt, ServerConf};
+use pingora_core::server::{Server, ShutdownWatch};
+use pingora_core::services::background::{background_service, BackgroundService};
+use pingora_core::services::listening::Service;
+use pingora_proxy::http_proxy_service_with_name;
+
+use crate::admin::{Admin, DrainWatch, Draining};
+use crate::auth::TenantTable;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::mock::Mock;
+use crate::proxy::RelayProxy;
+use crate::route::{RouteKey, RouteTable};
+use crate::upstream::Resolver;
+
+/// Pingora's process settings from the relay's configuration.
+pub fn server_conf(config: &Config) -> ServerConf {
+    let s = &config.server;
+    ServerConf {
+        threads: s.threads,
+        daemon: s.daemon,
+        pid_file: s.pid_file.clone(),
+        upgrade_sock: s.upgrade_sock.clone(),
+        error_log: s.error_log.clone(),
+        grace_period_seconds: Some(s.grace_period_seconds),
+        graceful_shutdown_timeout_seconds: Some(s.graceful_shutdown_timeout_seconds),
+        upstream_keepalive_pool_size: s.upstream_keepalive_pool_size,
+        work_stealing: s.work_stealing,
+        ..ServerConf::default()
+    }
+}
+
+/// Builds the server. Blocking DNS for upstream names happens here, once, before any
+/// runtime starts; the resolver service refreshes it afterwards.
+pub fn build(config: &Config, opt: Opt) -> Result<Server, String> {
+    let routes = Arc::new(RouteTable::new(&config.routes)?);
+    for route in routes.iter() {
+        if let RouteKey::Missing { reference } = &route.key {
+            warn!(
+                "route `{}` answers 503: its provider key ({reference}) is not set",
+                route.name
+            );
+        }
+    }
+    let resolver = Resolver {
+        upstreams: routes.all_upstreams(),
+    };
+    for failure in resolver.resolve_all() {
+        warn!("upstream resolution at start: {failure}");
+    }
+
+    let mut server = Server::new_with_opt_and_conf(opt, server_conf(config));
+    server.bootstrap();
+
+    let metrics = Arc::new(Metrics::new());
+    let draining = Arc::new(Draining::default());
+    let proxy = RelayProxy {
+        routes: routes.clone(),
+        tenants: Arc::new(TenantTable::new(&config.tenants)),
+        metrics: metrics.clone(),
+    };
+    let mut proxy_service =
+        http_proxy_service_with_name(&server.configuration, proxy, "stream-relay proxy");
+    proxy_service.add_tcp(&config.proxy_listen);
+    server.add_service(proxy_service);
+
+    if let Some(admin_addr) = &config.admin_listen {
+        let mut admin = Service::new(
+            "stream-relay admin".to_string(),
+            HttpServer::new_app(Admin {
+                metrics,
+                draining: draining.clone(),
+            }),
+        );
+        admin.threads = Some(1);
+        admin.add_tcp(admin_addr);
+        server.add_service(admin);
+    }
+    server.add_service(background_service("drain watch", DrainWatch(draining)));
+    server.add_service(background_service("upstream resolver", resolver));
+    if let Some(mock_addr) = &config.mock_listen {
+        server.add_service(background_service(
+            "mock provider",
+            MockService {
+                listen: mock_addr.clone(),
+            },
+        ));
+    }
+    info!(
+        "stream-relay: proxy on {}, admin on {}, {} routes, {} tenants",
+        config.proxy_listen,
+        config.admin_listen.as_deref().unwrap_or("(off)"),
+        config.routes.len(),
+        config.tenants.len()
+    );
+    Ok(server)
+}
+
+/// The built-in mock provider as a background service of the relay (first-run demo).
+struct MockService {
+    listen: String,
+}
+
+#[async_trait]
+impl BackgroundService for MockService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let listener = match tokio::net::TcpListener::bind(&self.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                warn!("mock provider cannot listen on {}: {e}", self.listen);
+                return;
+            }
+        };
+        info!("mock provider listening on {}", self.listen);
+        tokio::select! {
+            _ = Mock::new(None).serve(listener, None) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! Upstream stage (`upstream_peer`): resolved addresses of each upstream host and the
+//! `HttpPeer` built from them.
+//!
+//! `HttpPeer::new` with a host name resolves DNS synchronously on the request path and
+//! panics when resolution fails, so the relay never hands it a name: addresses are
+//! resolved at start and refreshed by [`Resolver`], a background service, and the proxy
+//! gets a socket address plus SNI and Host.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use log::{info, warn};
+use pingora_core::protocols::ALPN;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_core::utils::tls::{parse_x509, WrappedX509};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
+
+use crate::config::{Timeouts, UpstreamUrl};
+
+/// How long an idle pooled upstream connection is kept.
+const POOL_IDLE: Duration = Duration::from_secs(90);
+/// How often upstream host names are resolved again.
+pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
+
+/// One upstream base URL with its current addresses.
+pub struct Upstream {
+    pub url: UpstreamUrl,
+    addrs: RwLock<Arc<[SocketAddr]>>,
+    next_addr: AtomicUsize,
+    ca: Option<Arc<[WrappedX509]>>,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("url", &self.url)
+            .field("addrs", &self.addrs.read().map(|a| a.len()).unwrap_or(0))
+            .field("custom_ca", &self.ca.is_some())
+            .finish()
+    }
+}
+
+impl Upstream {
+    /// An upstream whose host is an IP literal needs no resolution; a name starts
+    /// unresolved until [`Upstream::resolve_now`] runs.
+    pub fn new(url: UpstreamUrl, ca: Option<Arc<[WrappedX509]>>) -> Upstream {
+        let addrs: Arc<[SocketAddr]> = match url.host.parse::<std::net::IpAddr>() {
+            Ok(ip) => Arc::from([SocketAddr::new(ip, url.port)]),
+            Err(_) => Arc::from([]),
+        };
+        Upstream {
+            url,
+            addrs: RwLock::new(addrs),
+            next_addr: AtomicUsize::new(0),
+            ca,
+        }
+    }
+
+    pub fn is_literal(&self) -> bool {
+        self.url.host.parse::<std::net::IpAddr>().is_ok()
+    }
+
+    /// Resolves the host (blocking). Keeps the previous addresses when resolution fails,
+    /// so a DNS hiccup does not take a working upstream out.
+    pub fn resolve_now(&self) -> Result<usize, String> {
+        if self.is_literal() {
+            return Ok(1);
+        }
+        match (self.url.host.as_str(), self.url.port).to_socket_addrs() {
+            Ok(found) => {
+                let found: Vec<SocketAddr> = found.collect();
+                if found.is_empty() {
+                    return Err(format!("{} resolved to no address", self.url.host));
+                }
+                let n = found.len();
+                *self.addrs.write().expect("addrs lock") = Arc::from(found);
+                Ok(n)
+            }
+            Err(e) => Err(format!("cannot resolve {}: {e}", self.url.host)),
+        }
+    }
+
+    /// One of the resolved addresses, rotating between them.
+    pub fn pick_addr(&self) -> Option<SocketAddr> {
+        let addrs = self.addrs.read().expect("addrs lock").clone();
+        if addrs.is_empty() {
+            return None;
+        }
+        Some(addrs[self.next_addr.fetch_add(1, Ordering::Relaxed) % addrs.len()])
+    }
+
+    /// The peer for one attempt. `None` when the host has no address yet.
+    pub fn peer(&self, timeouts: &Timeouts) -> Option<HttpPeer> {
+        let addr = self.pick_addr()?;
+        let mut peer = HttpPeer::new(addr, self.url.tls, self.url.host.clone());
+        let o = &mut peer.options;
+        o.connection_timeout = Some(timeouts.connect);
+        o.total_connection_timeout = Some(timeouts.connect);
+        // Pingora applies one read timeout to every read: it bounds the wait for the
+        // first byte and every gap after it, so it is the larger of the two deadlines.
+        o.read_timeout = Some(timeouts.first_byte.max(timeouts.idle));
+        o.write_timeout = Some(timeouts.idle);
+        o.idle_timeout = Some(POOL_IDLE);
+        o.alpn = ALPN::H1;
+        o.ca = self.ca.clone();
+        Some(peer)
+    }
+}
+
+/// Reads PEM certificates into DER blobs.
+pub fn parse_ca_pem(pem: &[u8]) -> Option<Vec<Vec<u8>>> {
+    let mut out = Vec::new();
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        out.push(cert.ok()?.as_ref().to_vec());
+    }
+    Some(out)
+}
+
+/// Loads a route's CA file into the form Pingora's rustls connector takes per peer.
+pub fn load_ca(path: &std::path::Path) -> Result<Arc<[WrappedX509]>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let ders = parse_ca_pem(&pem).ok_or_else(|| format!("{}: bad PEM", path.display()))?;
+    if ders.is_empty() {
+        return Err(format!("{}: no certificate", path.display()));
+    }
+    for der in &ders {
+        // parse_x509 panics on a malformed certificate; check first.
+        if x509_parser_ok(der).is_err() {
+            return Err(format!("{}: a certificate does not parse", path.display()));
+        }
+    }
+    Ok(ders
+        .into_iter()
+        .map(|der| WrappedX509::new(der, parse_x509))
+        .collect::<Vec<_>>()
+        .into())
+}
+
+fn x509_parser_ok(der: &[u8]) -> Result<(), ()> {
+    // A DER certificate is a SEQUENCE; rustls' webpki parses it at handshake time. This
+    // cheap check only protects parse_x509 from obviously broken input.
+    if der.len() > 16 && der[0] == 0x30 {
+        Ok(())
+    } else {
+        Err(())
+    }
+}
+
+/// Background service: resolves every named upstream host every [`RESOLVE_INTERVAL`].
+pub struct Resolver {
+    pub upstreams: Vec<Arc<Upstream>>,
+}
+
+impl Resolver {
+    /// Resolves all named hosts once; returns the failures to report.
+    pub fn resolve_all(&self) -> Vec<String> {
+        self.upstreams
+            .iter()
+            .filter(|u| !u.is_literal())
+            .filter_map(|u| u.resolve_now().err())
+            .collect()
+    }
+}
+
+#[async_trait]
+impl BackgroundService for Resolver {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        if self.upstreams.iter().all(|u| u.is_literal()) {
+            return;
+        }
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(RESOLVE_INTERVAL) => {}
+            }
+            let this = self.upstreams.clone();
+            let failures = tokio::task::spawn_blocking(move || {
+                Resolver { upstreams: this }.resolve_all()
+            })
+            .await
+            .unwrap_or_default();
+            match (failures.is_empty(), failing) {
+                (false, false) => warn!("upstream resolution failing: {}", failures.join("; ")),
+                (true, true) => info!("upstream resolution recovered"),
+                _ => {}
+            }
+            failing = !failures.is_empty();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_upstream_url;
+
+    fn timeouts() -> Timeouts {
+        Timeouts {
+            connect: Duration::from_secs(1),
+            first_byte: Duration::from_secs(30),
+            idle: Duration::from_secs(5),
+            total: Duration::from_secs(60),
+        }
+    }
+
+    #[test]
+    fn literal_hosts_need_no_resolution() {
+        let u = Upstream::new(parse_upstream_url("http://127.0.0.1:9").unwrap(), None);
+        assert!(u.is_literal());
+        let p = u.peer(&timeouts()).unwrap();
+        assert_eq!(p.options.read_timeout, Some(Duration::from_secs(30)));
+        assert_eq!(p.options.connection_timeout, Some(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn unresolved_names_give_no_peer_and_localhost_resolves() {
+        let u = Upstream::new(parse_upstream_url("https://localhost:8443").unwrap(), None);
+        assert!(u.peer(&timeouts()).is_none());
+        u.resolve_now().unwrap();
+        let p = u.peer(&timeouts()).unwrap();
+        assert_eq!(p.sni, "localhost");
+        assert!(p.is_tls());
+    }
+
+    #[test]
+    fn pem_parsing() {
+        assert_eq!(parse_ca_pem(b"no pem here").unwrap().len(), 0);
+    }
+}
