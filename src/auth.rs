@@ -90,8 +90,14 @@ pub fn presented_key(req: &RequestHeader) -> Option<&[u8]> {
 }
 
 fn trim_ascii(b: &[u8]) -> &[u8] {
-    let start = b.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(b.len());
-    let end = b.iter().rposition(|c| !c.is_ascii_whitespace()).map_or(start, |e| e + 1);
+    let start = b
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(b.len());
+    let end = b
+        .iter()
+        .rposition(|c| !c.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
     &b[start..end]
 }
 
@@ -148,7 +154,8 @@ mod tests {
         let t = table();
         assert_eq!(t.authenticate(&req(&[])).unwrap_err(), AuthFailure::Missing);
         assert_eq!(
-            t.authenticate(&req(&[("authorization", "Basic abc")])).unwrap_err(),
+            t.authenticate(&req(&[("authorization", "Basic abc")]))
+                .unwrap_err(),
             AuthFailure::Missing
         );
         assert_eq!(
@@ -157,7 +164,8 @@ mod tests {
             AuthFailure::Invalid
         );
         assert_eq!(
-            t.authenticate(&req(&[("x-api-key", "sk-acme")])).unwrap_err(),
+            t.authenticate(&req(&[("x-api-key", "sk-acme")]))
+                .unwrap_err(),
             AuthFailure::Invalid
         );
     }

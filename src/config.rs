@@ -392,7 +392,10 @@ impl RawConfig {
             if let Some(other) = prefixes.insert(route.prefix.clone(), route.name.clone()) {
                 return Err(err(
                     format!("{at}.prefix"),
-                    format!("`{}` is already the prefix of route `{other}`", route.prefix),
+                    format!(
+                        "`{}` is already the prefix of route `{other}`",
+                        route.prefix
+                    ),
                 ));
             }
             routes.push(route);
@@ -428,7 +431,10 @@ impl RawConfig {
                     )
                 })?;
                 if let Some(other) = seen_hashes.insert(digest, t.id.clone()) {
-                    return Err(err(key_at, format!("the same key is also given to `{other}`")));
+                    return Err(err(
+                        key_at,
+                        format!("the same key is also given to `{other}`"),
+                    ));
                 }
                 key_hashes.push(digest);
             }
@@ -490,8 +496,12 @@ fn validate_route(
             "must be non-empty letters, digits, `-`, `_` or `.`",
         ));
     }
-    let prefix = normalize_prefix(&r.prefix)
-        .ok_or_else(|| err(format!("{at}.prefix"), "must start with `/`, e.g. `/openai/v1`"))?;
+    let prefix = normalize_prefix(&r.prefix).ok_or_else(|| {
+        err(
+            format!("{at}.prefix"),
+            "must start with `/`, e.g. `/openai/v1`",
+        )
+    })?;
     if r.upstreams.is_empty() {
         return Err(err(
             format!("{at}.upstreams"),
@@ -523,7 +533,10 @@ fn validate_route(
                             .bytes()
                             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
                     {
-                        return Err(err(format!("{at}.key_header"), "is not a valid header name"));
+                        return Err(err(
+                            format!("{at}.key_header"),
+                            "is not a valid header name",
+                        ));
                     }
                     h
                 }
@@ -576,7 +589,8 @@ fn validate_route(
 
     let t = &r.timeouts;
     let timeouts = Timeouts {
-        connect: parse_duration(&t.connect).map_err(|m| err(format!("{at}.timeouts.connect"), m))?,
+        connect: parse_duration(&t.connect)
+            .map_err(|m| err(format!("{at}.timeouts.connect"), m))?,
         first_byte: parse_duration(&t.first_byte)
             .map_err(|m| err(format!("{at}.timeouts.first_byte"), m))?,
         idle: parse_duration(&t.idle).map_err(|m| err(format!("{at}.timeouts.idle"), m))?,
@@ -589,7 +603,10 @@ fn validate_route(
         ("total", timeouts.total),
     ] {
         if d.is_zero() {
-            return Err(err(format!("{at}.timeouts.{name}"), "must be more than zero"));
+            return Err(err(
+                format!("{at}.timeouts.{name}"),
+                "must be more than zero",
+            ));
         }
     }
 
@@ -813,12 +830,20 @@ mod tests {
     #[test]
     fn duplicate_names_prefixes_and_keys_are_refused() {
         let two = "listen: { proxy: 127.0.0.1:1 }\nroutes:\n  - { name: a, prefix: /x, provider: openai, upstreams: [http://h] }\n  - { name: a, prefix: /y, provider: openai, upstreams: [http://h] }\n";
-        assert!(load(two).unwrap_err().to_string().starts_with("routes[1].name"));
+        assert!(load(two)
+            .unwrap_err()
+            .to_string()
+            .starts_with("routes[1].name"));
         let same = two.replace("name: a, prefix: /y", "name: b, prefix: /x/");
-        assert!(load(&same).unwrap_err().to_string().starts_with("routes[1].prefix"));
+        assert!(load(&same)
+            .unwrap_err()
+            .to_string()
+            .starts_with("routes[1].prefix"));
         let keys = minimal(
             "",
-            &format!("  - {{ id: a, key_sha256: [{HASH}] }}\n  - {{ id: b, key_sha256: [{HASH}] }}\n"),
+            &format!(
+                "  - {{ id: a, key_sha256: [{HASH}] }}\n  - {{ id: b, key_sha256: [{HASH}] }}\n"
+            ),
         );
         assert!(load(&keys)
             .unwrap_err()
@@ -856,6 +881,9 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/relay.yaml");
         let text = std::fs::read_to_string(&path).unwrap();
         let c = Config::from_yaml(&text, path.parent().unwrap(), &|_| None).unwrap();
-        assert!(c.mock_listen.is_some(), "the first run needs the built-in mock");
+        assert!(
+            c.mock_listen.is_some(),
+            "the first run needs the built-in mock"
+        );
     }
 }

@@ -166,7 +166,10 @@ mod tests {
         let v: Value = serde_json::from_slice(&b).unwrap();
         assert_eq!(v["type"], "error");
         assert_eq!(v["error"]["type"], "permission_error");
-        assert!(v["error"]["message"].as_str().unwrap().contains("anthropic"));
+        assert!(v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("anthropic"));
     }
 
     #[test]

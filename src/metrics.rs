@@ -1,7 +1,9 @@
 //! Observation stage (`logging`): Prometheus metric families owned by the proxy, with
 //! bounded labels (route names come from the configuration, outcomes from a fixed set).
 
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+};
 
 pub struct Metrics {
     registry: Registry,
@@ -106,7 +108,8 @@ mod tests {
         assert!(text.contains(
             r#"stream_relay_requests_total{outcome="ok",route="openai",status_class="2xx"} 1"#
         ));
-        assert!(text.contains(r#"stream_relay_upstream_failures_total{kind="connect",route="openai"} 1"#));
+        assert!(text
+            .contains(r#"stream_relay_upstream_failures_total{kind="connect",route="openai"} 1"#));
         assert!(text.contains("stream_relay_request_duration_seconds_count{route=\"openai\"} 2"));
     }
 }

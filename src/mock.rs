@@ -189,7 +189,9 @@ impl Mock {
         }
         let prompt_tokens = (req.body.len() / 4).max(1) as u64;
         if !streaming {
-            let text = (0..knobs.chunks).map(|i| token(i, false)).collect::<String>();
+            let text = (0..knobs.chunks)
+                .map(|i| token(i, false))
+                .collect::<String>();
             let doc = match kind {
                 Kind::OpenAi => openai_json(&model, &text, prompt_tokens, knobs.chunks as u64),
                 _ => anthropic_json(&model, &text, prompt_tokens, knobs.chunks as u64),
@@ -332,7 +334,16 @@ fn knobs_from(headers: &[(String, String)], mut k: Knobs) -> Knobs {
     k
 }
 
-const WORDS: [&str; 8] = ["Hello", " from", " the", " mock", " provider", ",", " token", " stream."];
+const WORDS: [&str; 8] = [
+    "Hello",
+    " from",
+    " the",
+    " mock",
+    " provider",
+    ",",
+    " token",
+    " stream.",
+];
 
 fn token(i: usize, stamp: bool) -> String {
     if stamp {
@@ -472,11 +483,7 @@ impl EventPlan {
         let model = model.to_string();
         let chunks = k.chunks as u64;
         let chunk_bytes = k.chunk_bytes;
-        let usage_field = if include_usage {
-            ",\"usage\":null"
-        } else {
-            ""
-        };
+        let usage_field = if include_usage { ",\"usage\":null" } else { "" };
         let render = Box::new(move |e: &Event, stamp: bool| -> Vec<u8> {
             let openai = |delta: String, finish: &str| {
                 format!(
@@ -484,7 +491,8 @@ impl EventPlan {
                 )
                 .into_bytes()
             };
-            let sse = |name: &str, data: Value| format!("event: {name}\ndata: {data}\n\n").into_bytes();
+            let sse =
+                |name: &str, data: Value| format!("event: {name}\ndata: {data}\n\n").into_bytes();
             match e.step {
                 Step::OpenAiRole => openai(
                     "{\"role\":\"assistant\",\"content\":\"\",\"refusal\":null}".into(),
@@ -605,13 +613,21 @@ async fn read_request<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>) -
         buf.extend_from_slice(&chunk[..n]);
     };
     buf.drain(..head_len);
-    let header = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
     let close = header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
-    let chunked = header("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+    let chunked =
+        header("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
     let body = if chunked {
         read_chunked(stream, buf).await?
     } else {
-        let len: usize = header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+        let len: usize = header("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
         if len > MAX_BODY {
             return None;
         }

@@ -69,34 +69,51 @@ pub struct Admitted {
     pub tenant: Arc<str>,
 }
 
+/// A request the relay answers itself, with what was learned before refusing it.
+pub struct Refusal {
+    pub error: RelayError,
+    pub shape: ErrorShape,
+    pub route: Option<Arc<Route>>,
+    pub tenant: Option<Arc<str>>,
+}
+
 /// Route, authenticate and authorize a request. Pure: the whole `request_filter`
 /// decision, tested without a runtime.
 pub fn admit(
     routes: &RouteTable,
     tenants: &TenantTable,
     req: &RequestHeader,
-) -> std::result::Result<Admitted, (RelayError, ErrorShape)> {
+) -> std::result::Result<Admitted, Refusal> {
     let Some(route) = routes.find(req.uri.path()) else {
-        let shape = ErrorShape::guess(req.headers.contains_key("anthropic-version"));
-        return Err((RelayError::NoRoute, shape));
+        return Err(Refusal {
+            error: RelayError::NoRoute,
+            shape: ErrorShape::guess(req.headers.contains_key("anthropic-version")),
+            route: None,
+            tenant: None,
+        });
     };
-    let shape = ErrorShape::for_provider(route.provider);
+    let refuse = |error, tenant: Option<&Arc<str>>| Refusal {
+        error,
+        shape: ErrorShape::for_provider(route.provider),
+        route: Some(route.clone()),
+        tenant: tenant.cloned(),
+    };
     let tenant = match tenants.authenticate(req) {
         Ok(t) => t,
-        Err(AuthFailure::Missing) => return Err((RelayError::MissingKey, shape)),
-        Err(AuthFailure::Invalid) => return Err((RelayError::InvalidKey, shape)),
+        Err(AuthFailure::Missing) => return Err(refuse(RelayError::MissingKey, None)),
+        Err(AuthFailure::Invalid) => return Err(refuse(RelayError::InvalidKey, None)),
     };
     if !tenant.may_use(&route.name) {
         let e = RelayError::RouteForbidden {
             route: route.name.clone(),
         };
-        return Err((e, shape));
+        return Err(refuse(e, Some(&tenant.id)));
     }
     if let RouteKey::Missing { .. } = route.key {
         let e = RelayError::ProviderKeyMissing {
             route: route.name.clone(),
         };
-        return Err((e, shape));
+        return Err(refuse(e, Some(&tenant.id)));
     }
     Ok(Admitted {
         route: route.clone(),
@@ -183,9 +200,8 @@ impl RelayProxy {
         session: &mut Session,
         ctx: &mut RequestCtx,
         e: RelayError,
-        shape: ErrorShape,
     ) -> Result<()> {
-        let body = e.body(shape);
+        let body = e.body(ctx.shape);
         let mut resp = ResponseHeader::build(e.status(), Some(4))?;
         resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
         resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
@@ -219,9 +235,11 @@ impl ProxyHttp for RelayProxy {
                 ctx.tenant = Some(a.tenant);
                 Ok(false)
             }
-            Err((e, shape)) => {
-                ctx.shape = shape;
-                self.answer_locally(session, ctx, e, shape).await?;
+            Err(refusal) => {
+                ctx.shape = refusal.shape;
+                ctx.route = refusal.route;
+                ctx.tenant = refusal.tenant;
+                self.answer_locally(session, ctx, refusal.error).await?;
                 Ok(true)
             }
         }
@@ -242,7 +260,10 @@ impl ProxyHttp for RelayProxy {
                 self.metrics.upstream_failure(&route.name, "unresolved");
                 let mut e = Error::explain(
                     ErrorType::ConnectNoRoute,
-                    format!("upstream {} has no resolved address", route.upstreams[index].url.host),
+                    format!(
+                        "upstream {} has no resolved address",
+                        route.upstreams[index].url.host
+                    ),
                 );
                 e.set_retry(ctx.attempts < n);
                 e.as_up();
@@ -340,7 +361,12 @@ impl ProxyHttp for RelayProxy {
         e
     }
 
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
         let code = match classify_failure(e) {
             None => 0,
             Some(relay_error) => {
@@ -352,7 +378,11 @@ impl ProxyHttp for RelayProxy {
                     let _ = resp.insert_header(request_id::HEADER, ctx.request_id.as_str());
                     // Writes nothing when the response header already went out (a stream
                     // cut mid-way): the connection is closed and the client sees the cut.
-                    if let Err(we) = session.as_downstream_mut().write_error_response(resp, body).await {
+                    if let Err(we) = session
+                        .as_downstream_mut()
+                        .write_error_response(resp, body)
+                        .await
+                    {
                         warn!("{}: cannot write the error answer: {we}", ctx.request_id);
                     }
                 }
@@ -415,7 +445,10 @@ tenants:
             _ => None,
         })
         .unwrap();
-        (RouteTable::new(&c.routes).unwrap(), TenantTable::new(&c.tenants))
+        (
+            RouteTable::new(&c.routes).unwrap(),
+            TenantTable::new(&c.tenants),
+        )
     }
 
     fn req(path: &str, headers: &[(&str, &str)]) -> RequestHeader {
@@ -426,10 +459,10 @@ tenants:
         r
     }
 
-    fn refusal(r: std::result::Result<Admitted, (RelayError, ErrorShape)>) -> (u16, ErrorShape) {
+    fn refusal(r: std::result::Result<Admitted, Refusal>) -> (u16, ErrorShape) {
         match r {
             Ok(_) => panic!("admitted"),
-            Err((e, s)) => (e.status(), s),
+            Err(r) => (r.error.status(), r.shape),
         }
     }
 
@@ -437,35 +470,70 @@ tenants:
     fn admit_decides_every_refusal() {
         let (routes, tenants) = setup();
         // "foo" and "bar" are the keys whose hashes are configured above.
-        let ok = admit(&routes, &tenants, &req("/openai/v1/chat/completions", &[("authorization", "Bearer foo")]));
+        let ok = admit(
+            &routes,
+            &tenants,
+            &req(
+                "/openai/v1/chat/completions",
+                &[("authorization", "Bearer foo")],
+            ),
+        );
         assert_eq!(&*ok.ok().unwrap().tenant, "all");
         assert_eq!(
-            refusal(admit(&routes, &tenants, &req("/nope", &[("authorization", "Bearer foo")]))),
+            refusal(admit(
+                &routes,
+                &tenants,
+                &req("/nope", &[("authorization", "Bearer foo")])
+            )),
             (404, ErrorShape::OpenAi)
         );
         assert_eq!(
-            refusal(admit(&routes, &tenants, &req("/nope", &[("anthropic-version", "2023-06-01")]))),
+            refusal(admit(
+                &routes,
+                &tenants,
+                &req("/nope", &[("anthropic-version", "2023-06-01")])
+            )),
             (404, ErrorShape::Anthropic)
         );
         assert_eq!(
-            refusal(admit(&routes, &tenants, &req("/anthropic/v1/messages", &[]))),
+            refusal(admit(
+                &routes,
+                &tenants,
+                &req("/anthropic/v1/messages", &[])
+            )),
             (401, ErrorShape::Anthropic)
         );
         assert_eq!(
-            refusal(admit(&routes, &tenants, &req("/openai/v1/x", &[("x-api-key", "wrong")]))),
+            refusal(admit(
+                &routes,
+                &tenants,
+                &req("/openai/v1/x", &[("x-api-key", "wrong")])
+            )),
             (401, ErrorShape::OpenAi)
         );
         assert_eq!(
-            refusal(admit(&routes, &tenants, &req("/openai/v1/x", &[("x-api-key", "bar")]))),
+            refusal(admit(
+                &routes,
+                &tenants,
+                &req("/openai/v1/x", &[("x-api-key", "bar")])
+            )),
             (403, ErrorShape::OpenAi)
         );
         assert_eq!(
-            refusal(admit(&routes, &tenants, &req("/nokey/x", &[("x-api-key", "foo")]))),
+            refusal(admit(
+                &routes,
+                &tenants,
+                &req("/nokey/x", &[("x-api-key", "foo")])
+            )),
             (503, ErrorShape::OpenAi)
         );
         // A wrong key on an unconfigured route still reads as unauthenticated, not 503.
         assert_eq!(
-            refusal(admit(&routes, &tenants, &req("/nokey/x", &[("x-api-key", "no")]))),
+            refusal(admit(
+                &routes,
+                &tenants,
+                &req("/nokey/x", &[("x-api-key", "no")])
+            )),
             (401, ErrorShape::OpenAi)
         );
     }

@@ -53,10 +53,7 @@ impl Route {
             } => match state {
                 SecretState::Present(s) => RouteKey::Inject {
                     header: header.clone(),
-                    value: crate::secret::Secret::new(format!(
-                        "{prefix}{}{suffix}",
-                        s.expose()
-                    )),
+                    value: crate::secret::Secret::new(format!("{prefix}{}{suffix}", s.expose())),
                 },
                 SecretState::Missing { reference } => RouteKey::Missing {
                     reference: reference.clone(),
@@ -159,10 +156,8 @@ mod tests {
 
     fn table() -> RouteTable {
         let yaml = "listen: { proxy: 127.0.0.1:1 }\nroutes:\n  - { name: root, prefix: /, provider: openai_compatible, upstreams: [http://vllm:8000] }\n  - { name: oa, prefix: /openai/v1, provider: openai, upstreams: [https://api.openai.com/v1, http://b:81/x], key: env:K }\n  - { name: az, prefix: /azure, provider: openai, upstreams: [https://r.openai.azure.com/openai], key: env:NO, key_header: api-key }\n";
-        let c = Config::from_yaml(yaml, Path::new("."), &|n| {
-            (n == "K").then(|| "sk-1".into())
-        })
-        .unwrap();
+        let c = Config::from_yaml(yaml, Path::new("."), &|n| (n == "K").then(|| "sk-1".into()))
+            .unwrap();
         RouteTable::new(&c.routes).unwrap()
     }
 
@@ -184,9 +179,15 @@ mod tests {
             oa.upstream_target(&oa.upstreams[0].url, "/openai/v1/chat/completions?x=1"),
             "/v1/chat/completions?x=1"
         );
-        assert_eq!(oa.upstream_target(&oa.upstreams[0].url, "/openai/v1"), "/v1/");
+        assert_eq!(
+            oa.upstream_target(&oa.upstreams[0].url, "/openai/v1"),
+            "/v1/"
+        );
         let root = t.find("/v1/models").unwrap();
-        assert_eq!(root.upstream_target(&root.upstreams[0].url, "/v1/models"), "/v1/models");
+        assert_eq!(
+            root.upstream_target(&root.upstreams[0].url, "/v1/models"),
+            "/v1/models"
+        );
     }
 
     #[test]

@@ -53,9 +53,7 @@ impl SecretRef {
     pub fn parse(text: &str) -> Result<SecretRef, String> {
         if let Some(name) = text.strip_prefix("env:") {
             let valid = !name.is_empty()
-                && name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
                 && !name.as_bytes()[0].is_ascii_digit();
             if !valid {
                 return Err(format!("`{text}` is not a valid environment variable name"));
@@ -67,7 +65,10 @@ impl SecretRef {
             }
             Ok(SecretRef::File(path.to_string()))
         } else {
-            Err("must reference the key as `env:NAME` or `file:/path`; inline keys are refused".to_string())
+            Err(
+                "must reference the key as `env:NAME` or `file:/path`; inline keys are refused"
+                    .to_string(),
+            )
         }
     }
 

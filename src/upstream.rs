@@ -181,11 +181,10 @@ impl BackgroundService for Resolver {
                 _ = tokio::time::sleep(RESOLVE_INTERVAL) => {}
             }
             let this = self.upstreams.clone();
-            let failures = tokio::task::spawn_blocking(move || {
-                Resolver { upstreams: this }.resolve_all()
-            })
-            .await
-            .unwrap_or_default();
+            let failures =
+                tokio::task::spawn_blocking(move || Resolver { upstreams: this }.resolve_all())
+                    .await
+                    .unwrap_or_default();
             match (failures.is_empty(), failing) {
                 (false, false) => warn!("upstream resolution failing: {}", failures.join("; ")),
                 (true, true) => info!("upstream resolution recovered"),

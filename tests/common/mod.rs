@@ -1,0 +1,421 @@
+//! Test harness: the real `stream-relay` binary and its mock provider as child
+//! processes on free loopback ports, and a small HTTP/1.1 client that records when each
+//! piece of a response arrived.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_stream-relay");
+pub const TENANT_KEY: &str = "sk-tenant-test-1";
+pub const PROVIDER_KEY: &str = "sk-upstream-test-9";
+
+/// A free loopback port (bound then released; the small race is acceptable in tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A fresh temporary directory for one test.
+pub fn temp_dir(tag: &str) -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "stream-relay-test-{}-{}-{tag}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+pub fn hash(key: &str) -> String {
+    stream_relay::auth::hash_key_hex(key)
+}
+
+/// A child process stopped by pid when dropped.
+pub struct Proc {
+    pub child: Child,
+    signal: &'static str,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args([self.signal, &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The mock provider, started as `stream-relay mock` on a free port.
+pub struct MockProc {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+}
+
+impl MockProc {
+    pub fn start(key: Option<&str>) -> MockProc {
+        MockProc::start_with(key, None)
+    }
+
+    pub fn start_with(key: Option<&str>, tls: Option<(&Path, &Path)>) -> MockProc {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["mock", "--listen", "127.0.0.1:0"]);
+        if let Some(k) = key {
+            cmd.args(["--key", k]);
+        }
+        if let Some((cert, key)) = tls {
+            cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start mock");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("mock listening on ")
+            .unwrap_or_else(|| panic!("unexpected mock output: {line:?}"))
+            .parse()
+            .unwrap();
+        MockProc {
+            proc: Proc {
+                child,
+                signal: "-TERM",
+            },
+            addr,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn stats(&self) -> serde_json::Value {
+        let r = request(self.addr, "GET", "/mock/stats", &[], b"");
+        serde_json::from_slice(&r.body).unwrap()
+    }
+
+    /// Polls the stats until `field` reaches `at_least` or the deadline passes.
+    pub fn wait_stat(&self, field: &str, at_least: u64, within: Duration) -> u64 {
+        let deadline = Instant::now() + within;
+        loop {
+            let v = self.stats()[field].as_u64().unwrap();
+            if v >= at_least || Instant::now() > deadline {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A relay process on free ports with the given `routes:` and `tenants:` YAML.
+pub struct RelayProc {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: PathBuf,
+    pub stderr_path: PathBuf,
+}
+
+impl RelayProc {
+    /// `body` holds the `routes:` and `tenants:` sections. `env` is added to the
+    /// relay's environment.
+    pub fn start(body: &str, env: &[(&str, &str)]) -> RelayProc {
+        let dir = temp_dir("relay");
+        let port = free_port();
+        let admin_port = free_port();
+        let yaml = format!(
+            "server:\n  threads: 2\n  pid_file: {d}/relay.pid\n  upgrade_sock: {d}/upgrade.sock\n  grace_period_seconds: 1\n  graceful_shutdown_timeout_seconds: 1\nlisten:\n  proxy: 127.0.0.1:{port}\n  admin: 127.0.0.1:{admin_port}\n{body}",
+            d = dir.display()
+        );
+        let conf = dir.join("relay.yaml");
+        std::fs::write(&conf, yaml).unwrap();
+        let stderr_path = dir.join("stderr.log");
+        let mut cmd = Command::new(BIN);
+        cmd.arg("-c")
+            .arg(&conf)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr_path).unwrap());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("start relay");
+        let relay = RelayProc {
+            proc: Proc {
+                child,
+                signal: "-INT",
+            },
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
+            dir,
+            stderr_path,
+        };
+        relay.wait_ready();
+        relay
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if TcpStream::connect(self.addr).is_ok() && TcpStream::connect(self.admin).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("relay did not start:\n{}", self.stderr());
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+}
+
+/// A response with the arrival time of every read of its body.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    /// The body with any chunked framing removed.
+    pub body: Vec<u8>,
+    /// True when the body ended properly (terminal chunk, full length, or close for
+    /// close-delimited bodies).
+    pub complete: bool,
+    /// (arrival, decoded body length after this read).
+    pub reads: Vec<(Instant, usize)>,
+    pub sent_at: Instant,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// Arrival time of each SSE event (blocks separated by a blank line).
+    pub fn event_arrivals(&self) -> Vec<Instant> {
+        let mut ends = Vec::new();
+        let mut i = 0;
+        while let Some(p) = find(&self.body[i..], b"\n\n") {
+            i += p + 2;
+            ends.push(i);
+        }
+        ends.iter()
+            .map(|end| {
+                self.reads
+                    .iter()
+                    .find(|(_, len)| len >= end)
+                    .map(|(t, _)| *t)
+                    .expect("event arrived")
+            })
+            .collect()
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+pub fn build_request(method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
+    let mut out = format!("{method} {path} HTTP/1.1\r\nhost: test\r\n");
+    for (k, v) in headers {
+        out.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !body.is_empty() || method == "POST" {
+        out.push_str(&format!("content-length: {}\r\n", body.len()));
+    }
+    out.push_str("\r\n");
+    let mut bytes = out.into_bytes();
+    bytes.extend_from_slice(body);
+    bytes
+}
+
+/// Sends a request on a new connection and reads the whole response (30 s cap).
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Response {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_nodelay(true).unwrap();
+    let sent_at = Instant::now();
+    s.write_all(&build_request(method, path, headers, body))
+        .unwrap();
+    read_response(&mut s, sent_at, Duration::from_secs(30), usize::MAX)
+}
+
+/// Reads a response; stops after `max_events` SSE events (for tests that then hang up).
+pub fn read_response(
+    s: &mut TcpStream,
+    sent_at: Instant,
+    limit: Duration,
+    max_events: usize,
+) -> Response {
+    let deadline = sent_at + limit;
+    let mut raw: Vec<u8> = Vec::new();
+    let mut buf = [0u8; 65536];
+    let mut head: Option<(u16, Vec<(String, String)>, usize)> = None;
+    let mut body = Vec::new();
+    let mut reads = Vec::new();
+    let mut decoder = Decoder::default();
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        s.set_read_timeout(Some(deadline - now)).unwrap();
+        let n = match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let at = Instant::now();
+        raw.extend_from_slice(&buf[..n]);
+        if head.is_none() {
+            let mut slots = [httparse::EMPTY_HEADER; 64];
+            let mut resp = httparse::Response::new(&mut slots);
+            if let Ok(httparse::Status::Complete(len)) = resp.parse(&raw) {
+                let headers: Vec<(String, String)> = resp
+                    .headers
+                    .iter()
+                    .map(|h| {
+                        (
+                            h.name.to_ascii_lowercase(),
+                            String::from_utf8_lossy(h.value).into_owned(),
+                        )
+                    })
+                    .collect();
+                let h = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+                decoder.chunked = h("transfer-encoding").is_some_and(|v| v.contains("chunked"));
+                decoder.length = h("content-length").and_then(|v| v.parse().ok());
+                head = Some((resp.code.unwrap(), headers, len));
+                raw.drain(..len);
+            } else {
+                continue;
+            }
+        }
+        decoder.feed(&mut raw, &mut body);
+        reads.push((at, body.len()));
+        if decoder.done || count(&body, b"\n\n") >= max_events {
+            break;
+        }
+    }
+    let (status, headers, _) = head.unwrap_or((0, Vec::new(), 0));
+    let complete = decoder.done || (!decoder.chunked && decoder.length.is_none() && status != 0);
+    Response {
+        status,
+        headers,
+        body,
+        complete,
+        reads,
+        sent_at,
+    }
+}
+
+fn count(hay: &[u8], needle: &[u8]) -> usize {
+    hay.windows(needle.len()).filter(|w| *w == needle).count()
+}
+
+#[derive(Default)]
+struct Decoder {
+    chunked: bool,
+    length: Option<usize>,
+    done: bool,
+}
+
+impl Decoder {
+    fn feed(&mut self, raw: &mut Vec<u8>, body: &mut Vec<u8>) {
+        if !self.chunked {
+            body.append(raw);
+            if let Some(l) = self.length {
+                self.done = body.len() >= l;
+            }
+            return;
+        }
+        loop {
+            let Some(line_end) = find(raw, b"\r\n") else {
+                return;
+            };
+            let size = usize::from_str_radix(
+                std::str::from_utf8(&raw[..line_end])
+                    .unwrap()
+                    .split(';')
+                    .next()
+                    .unwrap()
+                    .trim(),
+                16,
+            )
+            .unwrap();
+            if size == 0 {
+                if raw.len() >= line_end + 4 {
+                    self.done = true;
+                }
+                return;
+            }
+            if raw.len() < line_end + 2 + size + 2 {
+                return;
+            }
+            body.extend_from_slice(&raw[line_end + 2..line_end + 2 + size]);
+            raw.drain(..line_end + 2 + size + 2);
+        }
+    }
+}
+
+/// The JSON body of an OpenAI chat request.
+pub fn chat_body(stream: bool, include_usage: bool) -> Vec<u8> {
+    let mut v = serde_json::json!({
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "Say hello"}],
+        "stream": stream,
+    });
+    if include_usage {
+        v["stream_options"] = serde_json::json!({"include_usage": true});
+    }
+    v.to_string().into_bytes()
+}
+
+pub fn anthropic_body(stream: bool) -> Vec<u8> {
+    serde_json::json!({
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 64,
+        "messages": [{"role": "user", "content": "Say hello"}],
+        "stream": stream,
+    })
+    .to_string()
+    .into_bytes()
+}
