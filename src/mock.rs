@@ -9,7 +9,7 @@
 //! send time in nanoseconds since the Unix epoch, for latency measurement).
 //!
 //! With `expected_key` set, a request must carry it (`Authorization: Bearer`, `x-api-key`
-//! or `api-key`) or it gets 401. `GET /mock/stats` returns counters as JSON: requests,
+//! or `api-key`) or it gets 401. `GET /mock/stats` (or any path ending so) returns counters as JSON: requests,
 //! completed, cancelled (the client went away before the answer ended), cut, auth
 //! failures, and the headers of the last model request.
 
@@ -143,7 +143,7 @@ impl Mock {
         pending: &mut Vec<u8>,
         req: Request,
     ) -> Flow {
-        if req.path == "/mock/stats" {
+        if req.path.ends_with("/mock/stats") {
             let body = self.stats.to_json().to_string();
             return write_full(stream, 200, "application/json", body.as_bytes()).await;
         }

@@ -35,8 +35,9 @@ pub struct RequestCtx {
     pub tenant: Option<Arc<str>>,
     /// Index of the first upstream tried (round robin).
     first_upstream: usize,
-    /// Upstream attempts made so far.
+    /// Upstream attempts made so far, and how many are allowed.
     pub attempts: usize,
+    max_attempts: usize,
     /// A refusal the relay answered itself.
     pub refusal: Option<RelayError>,
     pub upstream_status: Option<u16>,
@@ -54,6 +55,7 @@ impl RequestCtx {
             tenant: None,
             first_upstream: 0,
             attempts: 0,
+            max_attempts: 1,
             refusal: None,
             upstream_status: None,
             ttfb: None,
@@ -231,6 +233,7 @@ impl ProxyHttp for RelayProxy {
             Ok(a) => {
                 ctx.shape = ErrorShape::for_provider(a.route.provider);
                 ctx.first_upstream = a.route.first_upstream();
+                ctx.max_attempts = a.route.attempt_budget();
                 ctx.route = Some(a.route);
                 ctx.tenant = Some(a.tenant);
                 Ok(false)
@@ -265,7 +268,7 @@ impl ProxyHttp for RelayProxy {
                         route.upstreams[index].url.host
                     ),
                 );
-                e.set_retry(ctx.attempts < n);
+                e.set_retry(ctx.attempts < ctx.max_attempts);
                 e.as_up();
                 Err(e)
             }
@@ -334,7 +337,7 @@ impl ProxyHttp for RelayProxy {
         let route = ctx.route.as_ref().expect("admitted");
         self.metrics.upstream_failure(&route.name, "connect");
         // Nothing reached the upstream: moving on to the next one is always safe.
-        e.set_retry(ctx.attempts < route.upstreams.len());
+        e.set_retry(ctx.attempts < ctx.max_attempts);
         e
     }
 

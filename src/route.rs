@@ -8,6 +8,9 @@ use crate::config::{KeyConfig, ProviderKind, RouteConfig, Timeouts, UpstreamUrl}
 use crate::secret::SecretState;
 use crate::upstream::Upstream;
 
+/// Upper bound on connection attempts per request when names resolve to many addresses.
+pub const MAX_ATTEMPTS: usize = 4;
+
 /// A route ready for the request path: its key header is prebuilt once at load time.
 #[derive(Debug)]
 pub struct Route {
@@ -78,6 +81,14 @@ impl Route {
     /// The first upstream index for a new request (round robin).
     pub fn first_upstream(&self) -> usize {
         self.next.fetch_add(1, Ordering::Relaxed) % self.upstreams.len()
+    }
+
+    /// How many connection attempts one request may make: one per resolved address
+    /// (as each address of a name is a server of its own), at least one per upstream,
+    /// at most [`MAX_ATTEMPTS`].
+    pub fn attempt_budget(&self) -> usize {
+        let addresses: usize = self.upstreams.iter().map(|u| u.addr_count().max(1)).sum();
+        addresses.clamp(1, MAX_ATTEMPTS.max(self.upstreams.len()))
     }
 
     /// Builds the upstream request target: the upstream's base path, then the request

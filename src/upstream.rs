@@ -34,6 +34,8 @@ pub struct Upstream {
     addrs: RwLock<Arc<[SocketAddr]>>,
     next_addr: AtomicUsize,
     ca: Option<Arc<[WrappedX509]>>,
+    /// Pool key part for the trust configuration; see [`Upstream::peer`].
+    trust_group: u64,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -49,7 +51,11 @@ impl std::fmt::Debug for Upstream {
 impl Upstream {
     /// An upstream whose host is an IP literal needs no resolution; a name starts
     /// unresolved until [`Upstream::resolve_now`] runs.
-    pub fn new(url: UpstreamUrl, ca: Option<Arc<[WrappedX509]>>) -> Upstream {
+    pub fn new(url: UpstreamUrl, ca: Option<(Arc<[WrappedX509]>, u64)>) -> Upstream {
+        let (ca, trust_group) = match ca {
+            Some((certs, group)) => (Some(certs), group),
+            None => (None, 0),
+        };
         let addrs: Arc<[SocketAddr]> = match url.host.parse::<std::net::IpAddr>() {
             Ok(ip) => Arc::from([SocketAddr::new(ip, url.port)]),
             Err(_) => Arc::from([]),
@@ -59,6 +65,7 @@ impl Upstream {
             addrs: RwLock::new(addrs),
             next_addr: AtomicUsize::new(0),
             ca,
+            trust_group,
         }
     }
 
@@ -86,6 +93,10 @@ impl Upstream {
         }
     }
 
+    pub fn addr_count(&self) -> usize {
+        self.addrs.read().expect("addrs lock").len()
+    }
+
     /// One of the resolved addresses, rotating between them.
     pub fn pick_addr(&self) -> Option<SocketAddr> {
         let addrs = self.addrs.read().expect("addrs lock").clone();
@@ -109,6 +120,10 @@ impl Upstream {
         o.idle_timeout = Some(POOL_IDLE);
         o.alpn = ALPN::H1;
         o.ca = self.ca.clone();
+        // Pingora's connection pool key leaves the per-peer CA out: without this, a
+        // connection verified against one route's private CA could be reused by a route
+        // that trusts only the system roots.
+        peer.group_key = self.trust_group;
         Some(peer)
     }
 }
@@ -122,8 +137,9 @@ pub fn parse_ca_pem(pem: &[u8]) -> Option<Vec<Vec<u8>>> {
     Some(out)
 }
 
-/// Loads a route's CA file into the form Pingora's rustls connector takes per peer.
-pub fn load_ca(path: &std::path::Path) -> Result<Arc<[WrappedX509]>, String> {
+/// Loads a route's CA file into the form Pingora's rustls connector takes per peer,
+/// with a non-zero key that tells its trust configuration apart in the connection pool.
+pub fn load_ca(path: &std::path::Path) -> Result<(Arc<[WrappedX509]>, u64), String> {
     let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let ders = parse_ca_pem(&pem).ok_or_else(|| format!("{}: bad PEM", path.display()))?;
     if ders.is_empty() {
@@ -135,11 +151,15 @@ pub fn load_ca(path: &std::path::Path) -> Result<Arc<[WrappedX509]>, String> {
             return Err(format!("{}: a certificate does not parse", path.display()));
         }
     }
-    Ok(ders
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    std::hash::Hash::hash(&ders, &mut hasher);
+    let group = std::hash::Hasher::finish(&hasher) | 1;
+    let certs = ders
         .into_iter()
         .map(|der| WrappedX509::new(der, parse_x509))
         .collect::<Vec<_>>()
-        .into())
+        .into();
+    Ok((certs, group))
 }
 
 fn x509_parser_ok(der: &[u8]) -> Result<(), ()> {

@@ -1,0 +1,111 @@
+//! The command line: configuration checks that name the offending key, key hashing, and
+//! the shipped configuration serving a first stream from the built-in mock.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn check(yaml: &str) -> (i32, String) {
+    let dir = temp_dir("check");
+    let path = dir.join("relay.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let out = Command::new(BIN).arg("-t").arg("-c").arg(&path).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout),
+    )
+}
+
+const GOOD: &str = "listen: { proxy: 127.0.0.1:8080 }\nroutes:\n  - { name: a, prefix: /a, provider: openai, upstreams: [http://127.0.0.1:1] }\n";
+
+#[test]
+fn check_accepts_a_valid_file_and_names_the_bad_key() {
+    assert_eq!(check(GOOD).0, 0);
+    let cases = [
+        (GOOD.replace("provider: openai", "provider: gemini"), "routes[0].provider"),
+        (GOOD.replace("http://127.0.0.1:1", "127.0.0.1:1"), "routes[0].upstreams[0]"),
+        (
+            GOOD.replace("upstreams: [http://127.0.0.1:1]", "upstreams: [http://127.0.0.1:1], key: sk-live-inline"),
+            "routes[0].key",
+        ),
+        (
+            GOOD.replace("upstreams: [http://127.0.0.1:1]", "upstreams: [http://127.0.0.1:1], timeouts: { total: 0s }"),
+            "routes[0].timeouts.total",
+        ),
+        (GOOD.replace("proxy: 127.0.0.1:8080", "proxy: 127.0.0.1:8080, admin: 127.0.0.1:8080"), "listen.admin"),
+        (format!("{GOOD}tenants:\n  - {{ id: t, key_sha256: [zz] }}\n"), "tenants[0].key_sha256[0]"),
+        (format!("{GOOD}extra: 1\n"), "extra"),
+    ];
+    for (yaml, key) in cases {
+        let (code, out) = check(&yaml);
+        assert_eq!(code, 2, "{yaml}\n{out}");
+        assert!(out.contains(key), "expected `{key}` in: {out}");
+    }
+    // The shipped configuration is valid, also through the `check` subcommand.
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/relay.yaml");
+    let out = Command::new(BIN).args(["check", "-c", shipped]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn hash_key_matches_the_library_and_reads_stdin() {
+    let out = Command::new(BIN).args(["hash-key", "sk-relay-demo"]).output().unwrap();
+    assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), hash("sk-relay-demo"));
+    let mut child = Command::new(BIN)
+        .arg("hash-key")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"sk-relay-demo\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), hash("sk-relay-demo"));
+
+    let out = Command::new(BIN).arg("new-key").output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let key = text.lines().next().unwrap().trim_start_matches("key:").trim();
+    assert!(key.starts_with("sk-relay-") && key.len() == 57, "{key}");
+    assert!(text.contains(&hash(key)));
+}
+
+/// The shipped file, with only its ports and paths moved so tests can run side by side,
+/// serves the demo tenant a stream from the built-in mock; real provider routes answer 503.
+#[test]
+fn shipped_configuration_serves_a_first_stream() {
+    let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/conf/relay.yaml")).unwrap();
+    let mock_port = free_port().to_string();
+    let body_start = shipped.find("\nroutes:").unwrap();
+    let mut body = shipped[body_start..].replace("18080", &mock_port);
+    body.insert_str(0, &format!("mock:\n  listen: 127.0.0.1:{mock_port}\n"));
+    let relay = RelayProc::start(&body, &[]);
+    // The mock inside the relay may start a moment after the proxy.
+    let mut r = None;
+    for _ in 0..50 {
+        let resp = request(
+            relay.addr,
+            "POST",
+            "/mock/openai/v1/chat/completions",
+            &[("authorization", "Bearer sk-relay-demo")],
+            &chat_body(true, true),
+        );
+        if resp.status == 200 {
+            r = Some(resp);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let r = r.expect("the demo stream never came through");
+    assert!(r.complete);
+    assert!(String::from_utf8_lossy(&r.body).contains("\"content\":\"Hello\""));
+    let r = request(
+        relay.addr,
+        "POST",
+        "/openai/v1/chat/completions",
+        &[("authorization", "Bearer sk-relay-demo")],
+        &chat_body(true, false),
+    );
+    assert_eq!(r.status, 403, "the demo key may only use the mock routes");
+}
