@@ -411,7 +411,7 @@ pub fn chat_body(stream: bool, include_usage: bool) -> Vec<u8> {
 
 pub fn anthropic_body(stream: bool) -> Vec<u8> {
     serde_json::json!({
-        "model": "claude-sonnet-4-5",
+        "model": "mock-claude",
         "max_tokens": 64,
         "messages": [{"role": "user", "content": "Say hello"}],
         "stream": stream,
