@@ -83,6 +83,15 @@ pub struct RawListen {
     /// Default `127.0.0.1:9090`.
     #[serde(default = "default_admin")]
     pub admin: Option<String>,
+    /// Read buffer per client connection, in bytes. Pingora's default is 64 KiB, zeroed
+    /// at accept, which is most of an open stream's memory; requests to LLM APIs are
+    /// small, so a few KiB cost no extra reads. Default 4096; 0 reads unbuffered.
+    #[serde(default = "default_read_buffer")]
+    pub read_buffer_bytes: usize,
+}
+
+fn default_read_buffer() -> usize {
+    4096
 }
 
 fn default_admin() -> Option<String> {
@@ -199,6 +208,7 @@ fn all_routes() -> Vec<String> {
 pub struct Config {
     pub server: RawServerSettings,
     pub proxy_listen: String,
+    pub proxy_read_buffer: usize,
     pub admin_listen: Option<String>,
     pub mock_listen: Option<String>,
     pub routes: Vec<RouteConfig>,
@@ -364,6 +374,9 @@ impl RawConfig {
             return Err(err("server.upgrade_sock", "must not be empty"));
         }
         check_socket_addr("listen.proxy", &self.listen.proxy)?;
+        if self.listen.read_buffer_bytes > 1 << 20 {
+            return Err(err("listen.read_buffer_bytes", "must be at most 1048576"));
+        }
         if let Some(admin) = &self.listen.admin {
             check_socket_addr("listen.admin", admin)?;
             if admin == &self.listen.proxy {
@@ -471,6 +484,7 @@ impl RawConfig {
                 work_stealing: s.work_stealing,
             },
             proxy_listen: self.listen.proxy,
+            proxy_read_buffer: self.listen.read_buffer_bytes,
             admin_listen: self.listen.admin,
             mock_listen: self.mock.map(|m| m.listen),
             routes,

@@ -8,6 +8,9 @@ use std::process::ExitCode;
 use pingora_core::server::configuration::Opt;
 use stream_relay::{auth, config::Config, mock, server};
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const USAGE: &str = "\
 usage:
   stream-relay [-c FILE] [-d] [-u]     run the relay (default FILE: conf/relay.yaml)

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use log::{info, warn};
 use pingora_core::apps::http_app::HttpServer;
+use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::{Server, ShutdownWatch};
 use pingora_core::services::background::{background_service, BackgroundService};
@@ -69,7 +70,10 @@ pub fn build(config: &Config, opt: Opt) -> Result<Server, String> {
     };
     let mut proxy_service =
         http_proxy_service_with_name(&server.configuration, proxy, "stream-relay proxy");
-    proxy_service.add_tcp(&config.proxy_listen);
+    proxy_service.add_listener(
+        ListenerConfig::tcp(config.proxy_listen.as_str())
+            .l4_buffer(L4BufferSettings::default().read(config.proxy_read_buffer)),
+    );
     server.add_service(proxy_service);
 
     if let Some(admin_addr) = &config.admin_listen {

@@ -11,7 +11,12 @@ fn check(yaml: &str) -> (i32, String) {
     let dir = temp_dir("check");
     let path = dir.join("relay.yaml");
     std::fs::write(&path, yaml).unwrap();
-    let out = Command::new(BIN).arg("-t").arg("-c").arg(&path).output().unwrap();
+    let out = Command::new(BIN)
+        .arg("-t")
+        .arg("-c")
+        .arg(&path)
+        .output()
+        .unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout),
@@ -24,18 +29,39 @@ const GOOD: &str = "listen: { proxy: 127.0.0.1:8080 }\nroutes:\n  - { name: a, p
 fn check_accepts_a_valid_file_and_names_the_bad_key() {
     assert_eq!(check(GOOD).0, 0);
     let cases = [
-        (GOOD.replace("provider: openai", "provider: gemini"), "routes[0].provider"),
-        (GOOD.replace("http://127.0.0.1:1", "127.0.0.1:1"), "routes[0].upstreams[0]"),
         (
-            GOOD.replace("upstreams: [http://127.0.0.1:1]", "upstreams: [http://127.0.0.1:1], key: sk-live-inline"),
+            GOOD.replace("provider: openai", "provider: gemini"),
+            "routes[0].provider",
+        ),
+        (
+            GOOD.replace("http://127.0.0.1:1", "127.0.0.1:1"),
+            "routes[0].upstreams[0]",
+        ),
+        (
+            GOOD.replace(
+                "upstreams: [http://127.0.0.1:1]",
+                "upstreams: [http://127.0.0.1:1], key: sk-live-inline",
+            ),
             "routes[0].key",
         ),
         (
-            GOOD.replace("upstreams: [http://127.0.0.1:1]", "upstreams: [http://127.0.0.1:1], timeouts: { total: 0s }"),
+            GOOD.replace(
+                "upstreams: [http://127.0.0.1:1]",
+                "upstreams: [http://127.0.0.1:1], timeouts: { total: 0s }",
+            ),
             "routes[0].timeouts.total",
         ),
-        (GOOD.replace("proxy: 127.0.0.1:8080", "proxy: 127.0.0.1:8080, admin: 127.0.0.1:8080"), "listen.admin"),
-        (format!("{GOOD}tenants:\n  - {{ id: t, key_sha256: [zz] }}\n"), "tenants[0].key_sha256[0]"),
+        (
+            GOOD.replace(
+                "proxy: 127.0.0.1:8080",
+                "proxy: 127.0.0.1:8080, admin: 127.0.0.1:8080",
+            ),
+            "listen.admin",
+        ),
+        (
+            format!("{GOOD}tenants:\n  - {{ id: t, key_sha256: [zz] }}\n"),
+            "tenants[0].key_sha256[0]",
+        ),
         (format!("{GOOD}extra: 1\n"), "extra"),
     ];
     for (yaml, key) in cases {
@@ -45,14 +71,27 @@ fn check_accepts_a_valid_file_and_names_the_bad_key() {
     }
     // The shipped configuration is valid, also through the `check` subcommand.
     let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/relay.yaml");
-    let out = Command::new(BIN).args(["check", "-c", shipped]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(BIN)
+        .args(["check", "-c", shipped])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
 fn hash_key_matches_the_library_and_reads_stdin() {
-    let out = Command::new(BIN).args(["hash-key", "sk-relay-demo"]).output().unwrap();
-    assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), hash("sk-relay-demo"));
+    let out = Command::new(BIN)
+        .args(["hash-key", "sk-relay-demo"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().trim(),
+        hash("sk-relay-demo")
+    );
     let mut child = Command::new(BIN)
         .arg("hash-key")
         .stdin(std::process::Stdio::piped())
@@ -60,13 +99,26 @@ fn hash_key_matches_the_library_and_reads_stdin() {
         .spawn()
         .unwrap();
     use std::io::Write;
-    child.stdin.take().unwrap().write_all(b"sk-relay-demo\n").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"sk-relay-demo\n")
+        .unwrap();
     let out = child.wait_with_output().unwrap();
-    assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), hash("sk-relay-demo"));
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().trim(),
+        hash("sk-relay-demo")
+    );
 
     let out = Command::new(BIN).arg("new-key").output().unwrap();
     let text = String::from_utf8(out.stdout).unwrap();
-    let key = text.lines().next().unwrap().trim_start_matches("key:").trim();
+    let key = text
+        .lines()
+        .next()
+        .unwrap()
+        .trim_start_matches("key:")
+        .trim();
     assert!(key.starts_with("sk-relay-") && key.len() == 57, "{key}");
     assert!(text.contains(&hash(key)));
 }
@@ -75,7 +127,8 @@ fn hash_key_matches_the_library_and_reads_stdin() {
 /// serves the demo tenant a stream from the built-in mock; real provider routes answer 503.
 #[test]
 fn shipped_configuration_serves_a_first_stream() {
-    let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/conf/relay.yaml")).unwrap();
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/conf/relay.yaml")).unwrap();
     let mock_port = free_port().to_string();
     let body_start = shipped.find("\nroutes:").unwrap();
     let mut body = shipped[body_start..].replace("18080", &mock_port);

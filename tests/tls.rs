@@ -61,7 +61,13 @@ tenants:
     assert!(ok.complete);
     assert!(String::from_utf8_lossy(&ok.body).ends_with("data: [DONE]\n\n"));
     let stats = || {
-        let r = request(relay.addr, "GET", "/tls/v1/mock/stats", &[("authorization", &auth)], b"");
+        let r = request(
+            relay.addr,
+            "GET",
+            "/tls/v1/mock/stats",
+            &[("authorization", &auth)],
+            b"",
+        );
         assert_eq!(r.status, 200);
         r.json()
     };
