@@ -144,6 +144,8 @@ def main():
     ap.add_argument("--streams", type=int, default=1000)
     ap.add_argument("--events", type=int, default=50)
     ap.add_argument("--interval-ms", type=int, default=20)
+    ap.add_argument("--ramp-ms", type=int, default=500,
+                    help="streams start spread over this; keep it under events x interval so all are open at once")
     ap.add_argument("--threads", type=int, default=2, help="relay threads and nginx workers")
     a = ap.parse_args()
     relay_bin = os.path.join(a.bindir, "stream-relay")
@@ -229,7 +231,7 @@ http {{
             sampler.start()
             out = subprocess.run(
                 [load_bin, "--target", f"127.0.0.1:{port}", "--path", PATH, "--streams", str(a.streams),
-                 "--events", str(a.events), "--interval-ms", str(a.interval_ms), "--ramp-ms", "2000",
+                 "--events", str(a.events), "--interval-ms", str(a.interval_ms), "--ramp-ms", str(a.ramp_ms),
                  "--header", f"authorization: Bearer {key}", "--timeout-s", "120"],
                 capture_output=True, text=True, timeout=300,
             )
@@ -239,7 +241,7 @@ http {{
             s["rss_base"] = base
             s["rss_peak_sampled"] = sampler.peak
             s["rss_hwm"] = rss_bytes(pids, "VmHWM")
-            s["rss_per_stream"] = max(sampler.peak - base, 0) / max(a.streams, 1)
+            s["rss_per_stream"] = max(sampler.peak - base, 0) / max(s["peak_open"], 1)
             results[name]["streams"] = s
             print(f"{name}: {s['complete']}/{s['streams']} streams complete, first event p50 "
                   f"{s['first_event_us']['p50']} us, event delay p50/p99 {s['event_delay_us']['p50']}/"
@@ -252,14 +254,14 @@ http {{
     print(f"\nstream-relay bench: {a.streams} streams x {a.events} events, {a.interval_ms} ms apart; "
           f"wrk -c{a.conns} {a.seconds}s; {a.threads} relay threads / nginx workers; "
           f"{os.cpu_count()} cores\n")
-    print("| target | req/s | CPU us/req | streams ok | TTFE p50 / p99 (ms) | added TTFE p50 / p99 (ms) "
+    print("| target | req/s | CPU us/req | streams ok (peak open) | TTFE p50 / p99 (ms) | added TTFE p50 / p99 (ms) "
           "| event delay p50 / p99 (ms) | added per-event p50 / p99 (ms) | peak RSS (MB) | RSS per stream (KB) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, _, _ in [("direct", 0, 0), ("nginx", 0, 0), ("stream-relay", 0, 0)]:
         j, s = results[name]["json"], results[name]["streams"]
         ms = lambda us: us / 1000.0  # noqa: E731
         added = lambda k, q: ms(s[k][q] - d[k][q])  # noqa: E731
-        print(f"| {name} | {j['rps']:.0f} | {j['cpu_us_per_request']:.1f} | {s['complete']}/{s['streams']} "
+        print(f"| {name} | {j['rps']:.0f} | {j['cpu_us_per_request']:.1f} | {s['complete']}/{s['streams']} ({s['peak_open']}) "
               f"| {ms(s['first_event_us']['p50']):.2f} / {ms(s['first_event_us']['p99']):.2f} "
               f"| {added('first_event_us', 'p50'):.2f} / {added('first_event_us', 'p99'):.2f} "
               f"| {ms(s['event_delay_us']['p50']):.2f} / {ms(s['event_delay_us']['p99']):.2f} "

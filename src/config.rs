@@ -33,7 +33,7 @@ pub struct RawConfig {
     pub tenants: Vec<RawTenant>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawServer {
     /// Worker threads of the proxy service. Default 2.
@@ -206,27 +206,14 @@ fn all_routes() -> Vec<String> {
 
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub server: RawServerSettings,
+    /// Pingora's process settings, validated.
+    pub server: RawServer,
     pub proxy_listen: String,
     pub proxy_read_buffer: usize,
     pub admin_listen: Option<String>,
     pub mock_listen: Option<String>,
     pub routes: Vec<RouteConfig>,
     pub tenants: Vec<TenantConfig>,
-}
-
-/// Pingora process settings, copied from [`RawServer`] after validation.
-#[derive(Debug, Clone)]
-pub struct RawServerSettings {
-    pub threads: usize,
-    pub daemon: bool,
-    pub pid_file: String,
-    pub upgrade_sock: String,
-    pub error_log: Option<String>,
-    pub grace_period_seconds: u64,
-    pub graceful_shutdown_timeout_seconds: u64,
-    pub upstream_keepalive_pool_size: usize,
-    pub work_stealing: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -472,17 +459,7 @@ impl RawConfig {
         }
 
         Ok(Config {
-            server: RawServerSettings {
-                threads: s.threads,
-                daemon: s.daemon,
-                pid_file: s.pid_file.clone(),
-                upgrade_sock: s.upgrade_sock.clone(),
-                error_log: s.error_log.clone(),
-                grace_period_seconds: s.grace_period_seconds,
-                graceful_shutdown_timeout_seconds: s.graceful_shutdown_timeout_seconds,
-                upstream_keepalive_pool_size: s.upstream_keepalive_pool_size,
-                work_stealing: s.work_stealing,
-            },
+            server: self.server,
             proxy_listen: self.listen.proxy,
             proxy_read_buffer: self.listen.read_buffer_bytes,
             admin_listen: self.listen.admin,

@@ -583,6 +583,19 @@ async fn write_full<S: AsyncWrite + Unpin>(
     }
 }
 
+/// Parsed headers as owned (lower-case name, value) pairs.
+pub fn owned_headers(headers: &[httparse::Header]) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_ascii_lowercase(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
+        .collect()
+}
+
 /// Reads one request (head and body) from `stream`, starting with bytes already in `buf`.
 async fn read_request<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>) -> Option<Request> {
     let mut chunk = [0u8; 8192];
@@ -591,16 +604,7 @@ async fn read_request<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>) -
         let mut req = httparse::Request::new(&mut slots);
         match req.parse(buf) {
             Ok(httparse::Status::Complete(n)) => {
-                let headers: Vec<(String, String)> = req
-                    .headers
-                    .iter()
-                    .map(|h| {
-                        (
-                            h.name.to_ascii_lowercase(),
-                            String::from_utf8_lossy(h.value).into_owned(),
-                        )
-                    })
-                    .collect();
+                let headers = owned_headers(req.headers);
                 break (n, req.path.unwrap_or("/").to_string(), headers);
             }
             Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {}

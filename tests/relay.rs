@@ -253,84 +253,74 @@ fn refusals_use_the_provider_error_shape() {
     let before = mock.stats()["requests"].as_u64().unwrap();
     let auth = bearer(TENANT_KEY);
     let wrong = bearer("sk-wrong");
+    let anthropic = ("anthropic-version", "2023-06-01");
     let openai = "/openai/v1/chat/completions";
-    let body = chat_body(false, false);
-
-    let r = request(relay.addr, "POST", openai, &[], &body);
-    assert_eq!(r.status, 401);
-    assert_eq!(r.json()["error"]["code"], "missing_api_key");
-    assert_eq!(r.json()["error"]["type"], "invalid_request_error");
-    assert!(r.header("x-request-id").is_some());
-
-    let r = request(
-        relay.addr,
-        "POST",
-        openai,
-        &[("authorization", &wrong)],
-        &body,
-    );
-    assert_eq!(r.status, 401);
-    assert_eq!(r.json()["error"]["code"], "invalid_api_key");
-
-    let r = request(
-        relay.addr,
-        "POST",
-        "/anthropic/v1/messages",
-        &[
-            ("x-api-key", "sk-wrong"),
-            ("anthropic-version", "2023-06-01"),
-        ],
-        &body,
-    );
-    assert_eq!(r.status, 401);
-    assert_eq!(r.json()["type"], "error");
-    assert_eq!(r.json()["error"]["type"], "authentication_error");
-
-    let r = request(
-        relay.addr,
-        "POST",
-        openai,
-        &[("x-api-key", LIMITED_KEY)],
-        &body,
-    );
-    assert_eq!(r.status, 403);
-    assert_eq!(r.json()["error"]["type"], "permission_error");
-
-    let r = request(
-        relay.addr,
-        "POST",
-        "/nowhere/v1/chat",
-        &[("authorization", &auth)],
-        &body,
-    );
-    assert_eq!(r.status, 404);
-    assert!(r.json()["error"]["message"].is_string());
-    let r = request(
-        relay.addr,
-        "POST",
-        "/nowhere/v1/messages",
-        &[
-            ("x-api-key", TENANT_KEY),
-            ("anthropic-version", "2023-06-01"),
-        ],
-        &body,
-    );
-    assert_eq!(r.status, 404);
-    assert_eq!(r.json()["error"]["type"], "not_found_error");
-
-    let r = request(
-        relay.addr,
-        "POST",
-        "/unset/v1/chat/completions",
-        &[("authorization", &auth)],
-        &body,
-    );
-    assert_eq!(r.status, 503);
-    assert_eq!(r.json()["error"]["code"], "provider_key_missing");
-    assert!(r.json()["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("unset"));
+    // (path, headers, status, JSON pointer, expected value at the pointer)
+    let cases: [(&str, Vec<(&str, &str)>, u16, &str, &str); 8] = [
+        (openai, vec![], 401, "/error/code", "missing_api_key"),
+        (
+            openai,
+            vec![("authorization", &wrong)],
+            401,
+            "/error/code",
+            "invalid_api_key",
+        ),
+        (
+            "/anthropic/v1/messages",
+            vec![("x-api-key", "sk-wrong"), anthropic],
+            401,
+            "/error/type",
+            "authentication_error",
+        ),
+        (
+            openai,
+            vec![("x-api-key", LIMITED_KEY)],
+            403,
+            "/error/type",
+            "permission_error",
+        ),
+        (
+            "/nowhere/v1/chat",
+            vec![("authorization", &auth)],
+            404,
+            "/error/code",
+            "unknown_url",
+        ),
+        (
+            "/nowhere/v1/messages",
+            vec![("x-api-key", TENANT_KEY), anthropic],
+            404,
+            "/error/type",
+            "not_found_error",
+        ),
+        (
+            "/unset/v1/chat/completions",
+            vec![("authorization", &auth)],
+            503,
+            "/error/code",
+            "provider_key_missing",
+        ),
+        (
+            "/anthropic/v1/messages",
+            vec![anthropic],
+            401,
+            "/type",
+            "error",
+        ),
+    ];
+    for (path, headers, status, pointer, expected) in cases {
+        let r = request(relay.addr, "POST", path, &headers, &chat_body(false, false));
+        assert_eq!(r.status, status, "{path} {headers:?}");
+        let body = r.json();
+        assert_eq!(
+            body.pointer(pointer).and_then(|v| v.as_str()),
+            Some(expected),
+            "{body}"
+        );
+        let message = body.pointer("/error/message").and_then(|m| m.as_str());
+        assert!(message.is_some_and(|m| !m.is_empty()), "{body}");
+        assert!(r.header("x-request-id").is_some());
+    }
 
     // None of these reached the provider.
     assert_eq!(mock.stats()["requests"].as_u64().unwrap(), before);

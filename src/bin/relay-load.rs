@@ -4,10 +4,11 @@
 //! (`x-mock-stamp: 1`) to its arrival here. Prints one JSON object.
 //!
 //! usage: relay-load --target 127.0.0.1:8080 --path /mock/openai/v1/chat/completions
-//!        [--streams 1000] [--events 50] [--interval-ms 20] [--ramp-ms 1000]
+//!        [--streams 1000] [--events 50] [--interval-ms 20] [--ramp-ms 500]
 //!        [--header 'name: value']... [--timeout-s 120]
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -32,7 +33,7 @@ fn parse_args() -> Result<Args, String> {
         streams: 1000,
         events: 50,
         interval_ms: 20,
-        ramp: Duration::from_millis(1000),
+        ramp: Duration::from_millis(500),
         headers: Vec::new(),
         timeout: Duration::from_secs(120),
     };
@@ -73,9 +74,30 @@ fn now_ns() -> u128 {
         .map_or(0, |d| d.as_nanos())
 }
 
+/// Streams open now, and the most open at once.
+static OPEN: AtomicUsize = AtomicUsize::new(0);
+static PEAK_OPEN: AtomicUsize = AtomicUsize::new(0);
+
+struct OpenGuard;
+
+impl OpenGuard {
+    fn new() -> OpenGuard {
+        let now = OPEN.fetch_add(1, Ordering::Relaxed) + 1;
+        PEAK_OPEN.fetch_max(now, Ordering::Relaxed);
+        OpenGuard
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        OPEN.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 async fn one_stream(args: Arc<Args>, request: Arc<Vec<u8>>) -> StreamResult {
     let mut r = StreamResult::default();
     let run = async {
+        let _open = OpenGuard::new();
         let mut s = TcpStream::connect(args.target)
             .await
             .map_err(|e| e.to_string())?;
@@ -247,6 +269,7 @@ fn main() {
         "{}",
         serde_json::json!({
             "streams": args.streams,
+            "peak_open": PEAK_OPEN.load(Ordering::Relaxed),
             "complete": complete,
             "events": delays.len(),
             "seconds": elapsed.as_secs_f64(),

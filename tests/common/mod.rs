@@ -310,16 +310,7 @@ pub fn read_response(
             let mut slots = [httparse::EMPTY_HEADER; 64];
             let mut resp = httparse::Response::new(&mut slots);
             if let Ok(httparse::Status::Complete(len)) = resp.parse(&raw) {
-                let headers: Vec<(String, String)> = resp
-                    .headers
-                    .iter()
-                    .map(|h| {
-                        (
-                            h.name.to_ascii_lowercase(),
-                            String::from_utf8_lossy(h.value).into_owned(),
-                        )
-                    })
-                    .collect();
+                let headers = stream_relay::mock::owned_headers(resp.headers);
                 let h = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
                 decoder.chunked = h("transfer-encoding").is_some_and(|v| v.contains("chunked"));
                 decoder.length = h("content-length").and_then(|v| v.parse().ok());
