@@ -568,7 +568,7 @@ fn validate_route(
                     format!("cannot read {}: {e}", path.display()),
                 )
             })?;
-            if crate::upstream::parse_ca_pem(&text).map_or(true, |c| c.is_empty()) {
+            if crate::upstream::parse_ca_pem(&text).is_none_or(|c| c.is_empty()) {
                 return Err(err(
                     format!("{at}.ca_file"),
                     format!("{} holds no PEM certificate", path.display()),

@@ -442,10 +442,13 @@ enum Step {
     Audio(usize),
 }
 
+/// Renders one event's bytes; the flag asks for a send-time stamp as content.
+type Render = Box<dyn Fn(&Event, bool) -> Vec<u8> + Send>;
+
 /// The ordered events of one streamed answer and how to render them.
 struct EventPlan {
     steps: std::vec::IntoIter<Event>,
-    render: Box<dyn Fn(&Event, bool) -> Vec<u8> + Send>,
+    render: Render,
 }
 
 impl EventPlan {

@@ -127,7 +127,7 @@ impl RouteTable {
             .iter()
             .map(|c| Route::from_config(c).map(Arc::new))
             .collect::<Result<Vec<_>, String>>()?;
-        routes.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
         Ok(RouteTable { routes })
     }
 

@@ -2,6 +2,7 @@
 //! services, built from a validated [`Config`]. `main.rs` only parses the command line.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use log::{info, warn};
@@ -39,8 +40,8 @@ pub fn server_conf(config: &Config) -> ServerConf {
     }
 }
 
-/// Builds the server. Blocking DNS for upstream names happens here, once, before any
-/// runtime starts; the resolver service refreshes it afterwards.
+/// Builds the server. Upstream names are resolved here once, waiting at most 3 s, before any
+/// runtime starts; the resolver service refreshes them afterwards.
 pub fn build(config: &Config, opt: Opt) -> Result<Server, String> {
     let routes = Arc::new(RouteTable::new(&config.routes)?);
     for route in routes.iter() {
@@ -54,8 +55,16 @@ pub fn build(config: &Config, opt: Opt) -> Result<Server, String> {
     let resolver = Resolver {
         upstreams: routes.all_upstreams(),
     };
-    for failure in resolver.resolve_all() {
-        warn!("upstream resolution at start: {failure}");
+    match resolver.resolve_at_start(Duration::from_secs(3)) {
+        Ok(failures) => {
+            for failure in failures {
+                warn!("upstream resolution at start: {failure}");
+            }
+        }
+        Err(pending) => warn!(
+            "upstream resolution still running after 3s, continuing in the background: {}",
+            pending.join(", ")
+        ),
     }
 
     let mut server = Server::new_with_opt_and_conf(opt, server_conf(config));

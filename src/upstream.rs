@@ -178,6 +178,26 @@ pub struct Resolver {
 }
 
 impl Resolver {
+    /// Resolves all named hosts once, waiting at most `wait`: a slow resolver does not
+    /// hold the relay's start; names still unresolved then fill in as their answers come.
+    /// Returns the failures seen, or `Err` with the names not answered in time.
+    pub fn resolve_at_start(&self, wait: Duration) -> Result<Vec<String>, Vec<String>> {
+        let this = Resolver {
+            upstreams: self.upstreams.clone(),
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(this.resolve_all());
+        });
+        rx.recv_timeout(wait).map_err(|_| {
+            self.upstreams
+                .iter()
+                .filter(|u| u.addr_count() == 0)
+                .map(|u| u.url.host.clone())
+                .collect()
+        })
+    }
+
     /// Resolves all named hosts once; returns the failures to report.
     pub fn resolve_all(&self) -> Vec<String> {
         self.upstreams

@@ -256,7 +256,8 @@ fn refusals_use_the_provider_error_shape() {
     let anthropic = ("anthropic-version", "2023-06-01");
     let openai = "/openai/v1/chat/completions";
     // (path, headers, status, JSON pointer, expected value at the pointer)
-    let cases: [(&str, Vec<(&str, &str)>, u16, &str, &str); 8] = [
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, u16, &'a str, &'a str);
+    let cases: [Case; 8] = [
         (openai, vec![], 401, "/error/code", "missing_api_key"),
         (
             openai,

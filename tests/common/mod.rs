@@ -198,11 +198,13 @@ impl RelayProc {
     }
 }
 
+pub type Headers = Vec<(String, String)>;
+
 /// A response with the arrival time of every read of its body.
 #[derive(Debug)]
 pub struct Response {
     pub status: u16,
-    pub headers: Vec<(String, String)>,
+    pub headers: Headers,
     /// The body with any chunked framing removed.
     pub body: Vec<u8>,
     /// True when the body ended properly (terminal chunk, full length, or close for
@@ -290,7 +292,7 @@ pub fn read_response(
     let deadline = sent_at + limit;
     let mut raw: Vec<u8> = Vec::new();
     let mut buf = [0u8; 65536];
-    let mut head: Option<(u16, Vec<(String, String)>, usize)> = None;
+    let mut head: Option<(u16, Headers)> = None;
     let mut body = Vec::new();
     let mut reads = Vec::new();
     let mut decoder = Decoder::default();
@@ -314,7 +316,7 @@ pub fn read_response(
                 let h = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
                 decoder.chunked = h("transfer-encoding").is_some_and(|v| v.contains("chunked"));
                 decoder.length = h("content-length").and_then(|v| v.parse().ok());
-                head = Some((resp.code.unwrap(), headers, len));
+                head = Some((resp.code.unwrap(), headers));
                 raw.drain(..len);
             } else {
                 continue;
@@ -326,7 +328,7 @@ pub fn read_response(
             break;
         }
     }
-    let (status, headers, _) = head.unwrap_or((0, Vec::new(), 0));
+    let (status, headers) = head.unwrap_or((0, Vec::new()));
     let complete = decoder.done || (!decoder.chunked && decoder.length.is_none() && status != 0);
     Response {
         status,
