@@ -73,7 +73,7 @@ tenants:
     };
     let seen = stats();
     assert_eq!(seen["auth_failures"], 0);
-    assert_eq!(seen["completed"], 1);
+    assert_eq!(seen["requests"], 1);
 
     // The test CA is not among the system roots: the relay must refuse the upstream.
     let r = request(

@@ -193,6 +193,25 @@ impl RelayProc {
         panic!("relay did not start:\n{}", self.stderr());
     }
 
+    /// The metrics text once it contains `line`: `logging()` runs after the response
+    /// has gone out, so a client can be a moment ahead of the counters. Panics with the
+    /// last text after 5 s.
+    pub fn metrics_with(&self, line: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let r = request(self.admin, "GET", "/metrics", &[], b"");
+            let text = String::from_utf8(r.body).unwrap();
+            if text.contains(line) {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "metrics never showed `{line}`:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
