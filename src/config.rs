@@ -31,7 +31,36 @@ pub struct RawConfig {
     /// Tenants and their relay keys.
     #[serde(default)]
     pub tenants: Vec<RawTenant>,
+    /// Prices per model, USD per million tokens; models not listed get no cost.
+    #[serde(default)]
+    pub pricing: std::collections::BTreeMap<String, RawPrice>,
+    /// Prometheus label choices.
+    #[serde(default)]
+    pub metrics: RawMetrics,
 }
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPrice {
+    /// USD per million input (prompt) tokens.
+    pub input: f64,
+    /// USD per million input tokens read from the provider's cache. Default: `input`.
+    #[serde(default)]
+    pub cached_input: Option<f64>,
+    /// USD per million output (completion, including reasoning) tokens.
+    pub output: f64,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawMetrics {
+    /// Add a `tenant` label to the token and cost counters. Only for short tenant lists
+    /// (at most 200): every tenant multiplies those series. Default false.
+    pub tenant_label: bool,
+}
+
+/// Most tenants allowed with `metrics.tenant_label`.
+pub const MAX_LABELLED_TENANTS: usize = 200;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -214,6 +243,8 @@ pub struct Config {
     pub mock_listen: Option<String>,
     pub routes: Vec<RouteConfig>,
     pub tenants: Vec<TenantConfig>,
+    pub pricing: crate::cost::Pricing,
+    pub metrics: RawMetrics,
 }
 
 #[derive(Debug, Clone)]
@@ -458,7 +489,32 @@ impl RawConfig {
             });
         }
 
+        for (model, p) in &self.pricing {
+            let at = format!("pricing.{model}");
+            for (name, v) in [
+                ("input", Some(p.input)),
+                ("cached_input", p.cached_input),
+                ("output", Some(p.output)),
+            ] {
+                if let Some(v) = v {
+                    if !v.is_finite() || v < 0.0 {
+                        return Err(err(format!("{at}.{name}"), "must be a price of 0 or more"));
+                    }
+                }
+            }
+        }
+        if self.metrics.tenant_label && tenants.len() > MAX_LABELLED_TENANTS {
+            return Err(err(
+                "metrics.tenant_label",
+                format!(
+                    "{} tenants are too many for a label (at most {MAX_LABELLED_TENANTS})",
+                    tenants.len()
+                ),
+            ));
+        }
         Ok(Config {
+            pricing: crate::cost::Pricing::new(&self.pricing),
+            metrics: self.metrics,
             server: self.server,
             proxy_listen: self.listen.proxy,
             proxy_read_buffer: self.listen.read_buffer_bytes,

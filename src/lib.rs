@@ -7,12 +7,16 @@
 pub mod admin;
 pub mod auth;
 pub mod config;
+pub mod cost;
 pub mod error;
 pub mod metrics;
 pub mod mock;
 pub mod proxy;
 pub mod request_id;
+pub mod request_info;
 pub mod route;
 pub mod secret;
 pub mod server;
+pub mod sse;
+pub mod tap;
 pub mod upstream;

@@ -1,81 +1,209 @@
-//! Observation stage (`logging`): Prometheus metric families owned by the proxy, with
-//! bounded labels (route names come from the configuration, outcomes from a fixed set).
+//! Observation stage (`upstream_response_filter`, `response_body_filter`, `logging`):
+//! Prometheus metric families owned by the proxy. Labels stay bounded: routes come from
+//! the configuration, models are the priced ones (others are `other`), outcomes and
+//! error kinds from fixed sets, and tenants only when `metrics.tenant_label` is set for
+//! a short tenant list. Handles are resolved once per request, never per chunk.
+
+use std::time::Duration;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
+
+use crate::tap::Usage;
+
+/// Latency buckets (seconds) for first byte / first token: 5 ms to 2 minutes.
+const FIRST_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 13.0, 20.0,
+    30.0, 60.0, 120.0,
+];
+/// Gaps between events: 1 ms to 30 s.
+const GAP_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.0, 5.0,
+    10.0, 30.0,
+];
+const DURATION_BUCKETS: &[f64] = &[
+    0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
 
 pub struct Metrics {
     registry: Registry,
     requests: IntCounterVec,
     duration: HistogramVec,
+    ttfb: HistogramVec,
+    ttft: HistogramVec,
+    ttfa: HistogramVec,
+    gap: HistogramVec,
+    tokens: IntCounterVec,
+    cost: prometheus::CounterVec,
+    cost_unknown: IntCounterVec,
+    errors: IntCounterVec,
+    open_streams: IntGaugeVec,
+    response_bytes: IntCounterVec,
     upstream_failures: IntCounterVec,
+    tenant_label: bool,
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
+/// Everything `logging()` knows about a finished request.
+pub struct Finished<'a> {
+    pub route: &'a str,
+    pub status: u16,
+    pub outcome: &'a str,
+    /// A bounded model label (a priced model, or `other`).
+    pub model: &'a str,
+    pub tenant: &'a str,
+    pub duration: Duration,
+    pub ttfb: Option<Duration>,
+    pub first_output: Option<Duration>,
+    /// True when `first_output` is time to first audio rather than first token.
+    pub audio: bool,
+    pub usage: Usage,
+    pub cost: Option<f64>,
+    pub response_bytes: u64,
+    /// A bounded error kind, when the request failed or its stream carried an error.
+    pub error: Option<&'a str>,
+}
+
+/// Handles a streaming response keeps: its route's gap histogram, and its place in the
+/// open-streams gauge, released when dropped (also on errors and disconnects).
+pub struct StreamHandles {
+    pub gap: Histogram,
+    open: IntGauge,
+}
+
+impl Drop for StreamHandles {
+    fn drop(&mut self) {
+        self.open.dec();
     }
 }
 
 impl Metrics {
-    pub fn new() -> Metrics {
+    pub fn new(tenant_label: bool) -> Metrics {
         let registry = Registry::new();
-        let requests = IntCounterVec::new(
+        let hist = |name: &str, help: &str, buckets: &[f64], labels: &[&str]| {
+            let h = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+                labels,
+            )
+            .expect("metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
+            h
+        };
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let with_tenant = |labels: &[&'static str]| -> Vec<&'static str> {
+            let mut l = labels.to_vec();
+            if tenant_label {
+                l.push("tenant");
+            }
+            l
+        };
+        let cost = prometheus::CounterVec::new(
             Opts::new(
-                "stream_relay_requests_total",
-                "Requests finished, by route, status class and outcome.",
+                "stream_relay_cost_usd_total",
+                "Cost of answered requests in US dollars, from the price table.",
             ),
-            &["route", "status_class", "outcome"],
+            &with_tenant(&["route", "model"]),
         )
         .expect("metric");
-        let duration = HistogramVec::new(
-            HistogramOpts::new(
-                "stream_relay_request_duration_seconds",
-                "Time from request head to the end of the response, by route.",
-            )
-            .buckets(vec![
-                0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
-            ]),
+        registry
+            .register(Box::new(cost.clone()))
+            .expect("unique metric");
+        let open_streams = IntGaugeVec::new(
+            Opts::new(
+                "stream_relay_open_streams",
+                "Responses being streamed to clients now, by route.",
+            ),
             &["route"],
         )
         .expect("metric");
-        let upstream_failures = IntCounterVec::new(
-            Opts::new(
+        registry
+            .register(Box::new(open_streams.clone()))
+            .expect("unique metric");
+        Metrics {
+            requests: counter(
+                "stream_relay_requests_total",
+                "Requests finished, by route, status class and outcome.",
+                &["route", "status_class", "outcome"],
+            ),
+            duration: hist(
+                "stream_relay_request_duration_seconds",
+                "Request head received to response end, by route.",
+                DURATION_BUCKETS,
+                &["route"],
+            ),
+            ttfb: hist(
+                "stream_relay_ttfb_seconds",
+                "Request head received to the upstream's response head.",
+                FIRST_BUCKETS,
+                &["route", "model"],
+            ),
+            ttft: hist(
+                "stream_relay_ttft_seconds",
+                "Request head received to the first event carrying generated output.",
+                FIRST_BUCKETS,
+                &["route", "model"],
+            ),
+            ttfa: hist(
+                "stream_relay_ttfa_seconds",
+                "Request head received to the first audio byte.",
+                FIRST_BUCKETS,
+                &["route", "model"],
+            ),
+            gap: hist(
+                "stream_relay_event_gap_seconds",
+                "Time between consecutive output events of a stream.",
+                GAP_BUCKETS,
+                &["route"],
+            ),
+            tokens: counter(
+                "stream_relay_tokens_total",
+                "Tokens as the provider counted them; direction is input, cached_input (part of input), output or reasoning (part of output).",
+                &with_tenant(&["route", "model", "direction"]),
+            ),
+            cost,
+            cost_unknown: counter(
+                "stream_relay_cost_unknown_requests_total",
+                "Answered requests whose cost is unknown (model without a price, or no usage from the provider).",
+                &["route"],
+            ),
+            errors: counter(
+                "stream_relay_errors_total",
+                "Failed requests and streams, by route and error kind.",
+                &["route", "kind"],
+            ),
+            open_streams,
+            response_bytes: counter(
+                "stream_relay_response_bytes_total",
+                "Response body bytes relayed to clients.",
+                &["route"],
+            ),
+            upstream_failures: counter(
                 "stream_relay_upstream_failures_total",
                 "Upstream attempts that failed before a response, by route and kind.",
+                &["route", "kind"],
             ),
-            &["route", "kind"],
-        )
-        .expect("metric");
-        for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(duration.clone()),
-            Box::new(upstream_failures.clone()),
-        ] {
-            registry.register(c).expect("unique metric names");
-        }
-        Metrics {
             registry,
-            requests,
-            duration,
-            upstream_failures,
+            tenant_label,
         }
     }
 
-    pub fn request_done(&self, route: &str, status: u16, outcome: &str, seconds: f64) {
-        let class = match status {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            500..=599 => "5xx",
-            _ => "none",
-        };
-        self.requests
-            .with_label_values(&[route, class, outcome])
-            .inc();
-        self.duration.with_label_values(&[route]).observe(seconds);
+    /// Called once when a response starts streaming.
+    pub fn stream_started(&self, route: &str) -> StreamHandles {
+        let open = self.open_streams.with_label_values(&[route]);
+        open.inc();
+        StreamHandles {
+            gap: self.gap.with_label_values(&[route]),
+            open,
+        }
     }
 
     pub fn upstream_failure(&self, route: &str, kind: &str) {
@@ -84,9 +212,66 @@ impl Metrics {
             .inc();
     }
 
+    pub fn request_done(&self, f: &Finished<'_>) {
+        self.requests
+            .with_label_values(&[f.route, status_class(f.status), f.outcome])
+            .inc();
+        self.duration
+            .with_label_values(&[f.route])
+            .observe(f.duration.as_secs_f64());
+        if let Some(t) = f.ttfb {
+            self.ttfb
+                .with_label_values(&[f.route, f.model])
+                .observe(t.as_secs_f64());
+        }
+        if let Some(t) = f.first_output {
+            let h = if f.audio { &self.ttfa } else { &self.ttft };
+            h.with_label_values(&[f.route, f.model])
+                .observe(t.as_secs_f64());
+        }
+        let u = &f.usage;
+        for (direction, n) in [
+            ("input", u.input),
+            ("cached_input", u.cached_input),
+            ("output", u.output),
+            ("reasoning", u.reasoning),
+        ] {
+            if let Some(n) = n.filter(|n| *n > 0) {
+                self.tokens
+                    .with_label_values(&self.labels(&[f.route, f.model, direction], f.tenant))
+                    .inc_by(n);
+            }
+        }
+        let answered = (200..300).contains(&f.status);
+        match f.cost {
+            Some(c) => self
+                .cost
+                .with_label_values(&self.labels(&[f.route, f.model], f.tenant))
+                .inc_by(c),
+            None if answered => self.cost_unknown.with_label_values(&[f.route]).inc(),
+            None => {}
+        }
+        if let Some(kind) = f.error {
+            self.errors.with_label_values(&[f.route, kind]).inc();
+        }
+        if f.response_bytes > 0 {
+            self.response_bytes
+                .with_label_values(&[f.route])
+                .inc_by(f.response_bytes);
+        }
+    }
+
+    fn labels<'a>(&self, base: &[&'a str], tenant: &'a str) -> Vec<&'a str> {
+        let mut l = base.to_vec();
+        if self.tenant_label {
+            l.push(tenant);
+        }
+        l
+    }
+
     /// Prometheus text exposition of every family.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(4096);
+        let mut out = Vec::with_capacity(16 * 1024);
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut out)
             .expect("text encoding to a Vec does not fail");
@@ -94,22 +279,83 @@ impl Metrics {
     }
 }
 
+fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "none",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn finished<'a>(model: &'a str, tenant: &'a str) -> Finished<'a> {
+        Finished {
+            route: "openai",
+            status: 200,
+            outcome: "ok",
+            model,
+            tenant,
+            duration: Duration::from_millis(900),
+            ttfb: Some(Duration::from_millis(80)),
+            first_output: Some(Duration::from_millis(120)),
+            audio: false,
+            usage: Usage {
+                input: Some(30),
+                output: Some(8),
+                cached_input: Some(0),
+                reasoning: None,
+            },
+            cost: Some(0.5),
+            response_bytes: 2000,
+            error: None,
+        }
+    }
+
     #[test]
-    fn exposition_carries_labels() {
-        let m = Metrics::new();
-        m.request_done("openai", 200, "ok", 0.2);
-        m.request_done("openai", 401, "invalid_key", 0.001);
+    fn exposition_carries_timings_tokens_and_cost() {
+        let m = Metrics::new(false);
+        {
+            let s = m.stream_started("openai");
+            s.gap.observe(0.02);
+            let text = String::from_utf8(m.encode()).unwrap();
+            assert!(text.contains(r#"stream_relay_open_streams{route="openai"} 1"#));
+        }
+        m.request_done(&finished("gpt-4o-mini", "acme"));
         m.upstream_failure("openai", "connect");
         let text = String::from_utf8(m.encode()).unwrap();
+        for line in [
+            r#"stream_relay_requests_total{outcome="ok",route="openai",status_class="2xx"} 1"#,
+            r#"stream_relay_open_streams{route="openai"} 0"#,
+            r#"stream_relay_ttft_seconds_sum{model="gpt-4o-mini",route="openai"} 0.12"#,
+            r#"stream_relay_ttfb_seconds_count{model="gpt-4o-mini",route="openai"} 1"#,
+            r#"stream_relay_tokens_total{direction="input",model="gpt-4o-mini",route="openai"} 30"#,
+            r#"stream_relay_tokens_total{direction="output",model="gpt-4o-mini",route="openai"} 8"#,
+            r#"stream_relay_cost_usd_total{model="gpt-4o-mini",route="openai"} 0.5"#,
+            r#"stream_relay_event_gap_seconds_count{route="openai"} 1"#,
+            r#"stream_relay_response_bytes_total{route="openai"} 2000"#,
+            r#"stream_relay_upstream_failures_total{kind="connect",route="openai"} 1"#,
+        ] {
+            assert!(text.contains(line), "missing {line}\n{text}");
+        }
+        assert!(!text.contains("acme"), "no tenant label unless configured");
+    }
+
+    #[test]
+    fn tenant_label_only_when_asked_and_unknown_cost_counted() {
+        let m = Metrics::new(true);
+        let mut f = finished("other", "acme");
+        f.cost = None;
+        m.request_done(&f);
+        let text = String::from_utf8(m.encode()).unwrap();
         assert!(text.contains(
-            r#"stream_relay_requests_total{outcome="ok",route="openai",status_class="2xx"} 1"#
+            r#"stream_relay_tokens_total{direction="input",model="other",route="openai",tenant="acme"} 30"#
         ));
-        assert!(text
-            .contains(r#"stream_relay_upstream_failures_total{kind="connect",route="openai"} 1"#));
-        assert!(text.contains("stream_relay_request_duration_seconds_count{route=\"openai\"} 2"));
+        assert!(text.contains(r#"stream_relay_cost_unknown_requests_total{route="openai"} 1"#));
     }
 }

@@ -4,8 +4,10 @@
 //! 1. `request_filter`: request id, route, tenant; local 401/403/404/503 answers.
 //! 2. `upstream_peer`: next upstream of the route (round robin, then failover).
 //! 3. `upstream_request_filter`: tenant credentials out, provider key in, Host, path.
-//! 4. `upstream_response_filter`: status and time to first byte.
-//! 5. `response_body_filter`: bytes pass untouched; the total deadline is checked.
+//! 3b. `request_body_filter`: the body is copied (up to a cap) to learn the model.
+//! 4. `upstream_response_filter`: status, time to first byte, which tap reads the body.
+//! 5. `upstream_response_body_filter`: bytes pass untouched into the tap; the total
+//!    deadline is checked.
 //! 6. `fail_to_connect` / `error_while_proxy`: which failures move to the next upstream.
 //! 7. `fail_to_proxy`: the error answer in the provider's shape.
 //! 8. `logging`: the one end-of-request sink, also for refusals and disconnects.
@@ -22,10 +24,13 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::auth::{AuthFailure, TenantTable};
+use crate::cost::Pricing;
 use crate::error::{ErrorShape, RelayError};
-use crate::metrics::Metrics;
+use crate::metrics::{Finished, Metrics, StreamHandles};
 use crate::request_id;
+use crate::request_info::{BodyCollector, RequestInfo};
 use crate::route::{Route, RouteKey, RouteTable};
+use crate::tap::{Tap, TapKind};
 
 /// Per-request state shared by the hooks.
 pub struct RequestCtx {
@@ -44,6 +49,12 @@ pub struct RequestCtx {
     pub ttfb: Option<Duration>,
     pub response_bytes: u64,
     shape: ErrorShape,
+    /// Time the relay spent before choosing an upstream.
+    admitted_after: Duration,
+    body: BodyCollector,
+    pub request_info: Option<RequestInfo>,
+    pub tap: Option<Tap>,
+    stream: Option<StreamHandles>,
 }
 
 impl RequestCtx {
@@ -61,6 +72,11 @@ impl RequestCtx {
             ttfb: None,
             response_bytes: 0,
             shape: ErrorShape::OpenAi,
+            admitted_after: Duration::ZERO,
+            body: BodyCollector::default(),
+            request_info: None,
+            tap: None,
+            stream: None,
         }
     }
 }
@@ -194,6 +210,26 @@ pub struct RelayProxy {
     pub routes: Arc<RouteTable>,
     pub tenants: Arc<TenantTable>,
     pub metrics: Arc<Metrics>,
+    pub pricing: Arc<Pricing>,
+}
+
+/// The response header a non-streaming answer carries: the relay's own time, in
+/// milliseconds (routing, authentication and header handling; not the upstream's).
+pub const OVERHEAD_HEADER: &str = "x-relay-overhead-ms";
+
+/// The model a request is accounted to: the one the client asked for when it has a
+/// price, else the one the provider says answered.
+pub fn accounted_model<'a>(
+    pricing: &'a Pricing,
+    requested: Option<&'a str>,
+    answered: Option<&'a str>,
+) -> (Option<&'a str>, &'a str) {
+    for m in [requested, answered].into_iter().flatten() {
+        if let Some(known) = pricing.known(m) {
+            return (Some(m), known);
+        }
+    }
+    (requested.or(answered), "other")
 }
 
 impl RelayProxy {
@@ -236,6 +272,7 @@ impl ProxyHttp for RelayProxy {
                 ctx.max_attempts = a.route.attempt_budget();
                 ctx.route = Some(a.route);
                 ctx.tenant = Some(a.tenant);
+                ctx.admitted_after = ctx.start.elapsed();
                 Ok(false)
             }
             Err(refusal) => {
@@ -287,6 +324,22 @@ impl ProxyHttp for RelayProxy {
         prepare_upstream_request(upstream_request, route, upstream, &ctx.request_id)
     }
 
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(b) = body {
+            ctx.body.push(b);
+        }
+        if end_of_stream {
+            ctx.request_info = ctx.body.finish();
+        }
+        Ok(())
+    }
+
     async fn upstream_response_filter(
         &self,
         _session: &mut Session,
@@ -295,6 +348,19 @@ impl ProxyHttp for RelayProxy {
     ) -> Result<()> {
         ctx.upstream_status = Some(upstream_response.status.as_u16());
         ctx.ttfb = Some(ctx.start.elapsed());
+        let route = ctx.route.as_ref().expect("admitted");
+        let content_type = upstream_response
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .map_or(&b""[..], |v| v.as_bytes());
+        let kind = TapKind::choose(route.provider, content_type);
+        if matches!(
+            kind,
+            TapKind::OpenAiSse | TapKind::AnthropicSse | TapKind::Audio
+        ) {
+            ctx.stream = Some(self.metrics.stream_started(&route.name));
+        }
+        ctx.tap = Some(Tap::new(kind, ctx.start));
         Ok(())
     }
 
@@ -304,18 +370,39 @@ impl ProxyHttp for RelayProxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        upstream_response.insert_header(request_id::HEADER, ctx.request_id.as_str())
+        upstream_response.insert_header(request_id::HEADER, ctx.request_id.as_str())?;
+        if ctx.stream.is_none() {
+            let after_upstream = ctx.ttfb.map_or(Duration::ZERO, |t| ctx.start.elapsed() - t);
+            let overhead = ctx.admitted_after + after_upstream;
+            upstream_response.insert_header(
+                OVERHEAD_HEADER,
+                format!("{:.3}", overhead.as_secs_f64() * 1000.0),
+            )?;
+        }
+        Ok(())
     }
 
     fn upstream_response_body_filter(
         &self,
         _session: &mut Session,
         body: &mut Option<Bytes>,
-        _end_of_stream: bool,
+        end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Option<Duration>> {
         if let Some(b) = body {
             ctx.response_bytes += b.len() as u64;
+            if let Some(tap) = &mut ctx.tap {
+                let now = Instant::now();
+                match &ctx.stream {
+                    Some(s) => tap.feed(b, now, &mut |gap| s.gap.observe(gap.as_secs_f64())),
+                    None => tap.feed(b, now, &mut |_| {}),
+                }
+            }
+        }
+        if end_of_stream {
+            if let Some(tap) = &mut ctx.tap {
+                tap.finish();
+            }
         }
         if let Some(route) = &ctx.route {
             if ctx.start.elapsed() > route.timeouts.total {
@@ -405,22 +492,68 @@ impl ProxyHttp for RelayProxy {
             .unwrap_or(0);
         let outcome = outcome(ctx, e);
         let route = ctx.route.as_ref().map(|r| r.name.as_str()).unwrap_or("-");
-        self.metrics
-            .request_done(route, status, outcome, ctx.start.elapsed().as_secs_f64());
+        let measure = ctx.tap.as_ref().map(|t| &t.measure);
+        let usage = measure.map(|m| m.usage).unwrap_or_default();
+        let requested = ctx.request_info.as_ref().and_then(|i| i.model.as_deref());
+        let answered = measure.and_then(|m| m.model.as_deref());
+        let (model, model_label) = accounted_model(&self.pricing, requested, answered);
+        let cost = model.and_then(|m| self.pricing.cost(m, &usage));
+        let audio = ctx.tap.as_ref().is_some_and(|t| t.kind() == TapKind::Audio);
+        let first_output = measure.and_then(|m| m.first_output);
+        let stream_error = measure.and_then(|m| m.stream_error.as_deref());
+        let error = if outcome != "ok" {
+            Some(outcome)
+        } else if ctx.upstream_status.is_some_and(|s| s >= 500) {
+            Some("upstream_5xx")
+        } else if ctx.upstream_status.is_some_and(|s| s >= 400) {
+            Some("upstream_4xx")
+        } else if stream_error.is_some() {
+            Some("stream_error")
+        } else {
+            None
+        };
+        let tenant = ctx.tenant.as_deref().unwrap_or("-");
+        self.metrics.request_done(&Finished {
+            route,
+            status,
+            outcome,
+            model: model_label,
+            tenant,
+            duration: ctx.start.elapsed(),
+            ttfb: ctx.ttfb,
+            first_output,
+            audio,
+            usage,
+            cost,
+            response_bytes: ctx.response_bytes,
+            error,
+        });
+        let ms = |d: Option<Duration>| d.map_or(-1.0, |d| d.as_secs_f64() * 1000.0);
+        let n = |v: Option<u64>| v.map_or(-1, |v| v as i64);
         info!(
             target: "access",
-            "{} tenant={} route={} status={} outcome={} upstream_status={} attempts={} ttfb_ms={} duration_ms={} bytes={}",
+            "{} tenant={} route={} model={} status={} outcome={} upstream_status={} attempts={} ttfb_ms={:.1} ttft_ms={:.1} duration_ms={:.1} tokens_in={} tokens_out={} tokens_cached={} tokens_reasoning={} cost_usd={} finish={} bytes={}",
             ctx.request_id,
-            ctx.tenant.as_deref().unwrap_or("-"),
+            tenant,
             route,
+            model.unwrap_or("-"),
             status,
             outcome,
             ctx.upstream_status.unwrap_or(0),
             ctx.attempts,
-            ctx.ttfb.map_or(-1, |d| d.as_millis() as i64),
-            ctx.start.elapsed().as_millis(),
+            ms(ctx.ttfb),
+            ms(first_output),
+            ctx.start.elapsed().as_secs_f64() * 1000.0,
+            n(usage.input),
+            n(usage.output),
+            n(usage.cached_input),
+            n(usage.reasoning),
+            cost.map_or("unknown".to_string(), |c| format!("{c:.8}")),
+            measure.and_then(|m| m.finish_reason.as_deref()).unwrap_or("-"),
             ctx.response_bytes,
         );
+        // The open-stream gauge is released here, whatever ended the request.
+        ctx.stream = None;
     }
 }
 

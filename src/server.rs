@@ -70,12 +70,13 @@ pub fn build(config: &Config, opt: Opt) -> Result<Server, String> {
     let mut server = Server::new_with_opt_and_conf(opt, server_conf(config));
     server.bootstrap();
 
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::new(config.metrics.tenant_label));
     let draining = Arc::new(Draining::default());
     let proxy = RelayProxy {
         routes: routes.clone(),
         tenants: Arc::new(TenantTable::new(&config.tenants)),
         metrics: metrics.clone(),
+        pricing: Arc::new(config.pricing.clone()),
     };
     let mut proxy_service =
         http_proxy_service_with_name(&server.configuration, proxy, "stream-relay proxy");

@@ -33,13 +33,23 @@ pub struct SseReader {
     state: EventState,
 }
 
-#[derive(Default)]
 struct EventState {
     name: [u8; MAX_NAME],
     name_len: usize,
     data: Data,
     /// Data assembled across lines or chunks.
     owned: Vec<u8>,
+}
+
+impl Default for EventState {
+    fn default() -> Self {
+        EventState {
+            name: [0; MAX_NAME],
+            name_len: 0,
+            data: Data::None,
+            owned: Vec::new(),
+        }
+    }
 }
 
 #[derive(Default, Clone, Copy)]
@@ -60,7 +70,7 @@ impl SseReader {
     /// Feeds one chunk; `on_event` is called for every event it completes.
     pub fn feed<F: FnMut(Event<'_>)>(&mut self, chunk: &[u8], mut on_event: F) {
         let mut pos = 0;
-        if self.skip_lf {
+        if self.skip_lf && !chunk.is_empty() {
             self.skip_lf = false;
             if chunk.first() == Some(&b'\n') {
                 pos = 1;
@@ -199,7 +209,11 @@ mod tests {
     fn same_at_every_split(stream: &[u8]) -> Vec<(String, String)> {
         let whole = collect(&[stream]);
         for i in 0..=stream.len() {
-            assert_eq!(collect(&[&stream[..i], &stream[i..]]), whole, "split at {i}");
+            assert_eq!(
+                collect(&[&stream[..i], &stream[i..]]),
+                whole,
+                "split at {i}"
+            );
             for j in i..=stream.len() {
                 assert_eq!(
                     collect(&[&stream[..i], &stream[i..j], &stream[j..]]),
@@ -240,14 +254,12 @@ mod tests {
 
     #[test]
     fn multi_line_data_comments_lone_cr_and_no_space() {
-        let s = b": keep-alive\r\rdata:a\rdata: b\r\rid: 7\nretry: 10\ndata\n\nevent: only-name\n\n";
+        let s =
+            b": keep-alive\r\rdata:a\rdata: b\r\rid: 7\nretry: 10\ndata\n\nevent: only-name\n\n";
         let events = same_at_every_split(s);
         // An empty `data` line gives an event with empty data; a name without data is
         // not dispatched.
-        assert_eq!(
-            events,
-            [("".into(), "a\nb".into()), ("".into(), "".into())]
-        );
+        assert_eq!(events, [("".into(), "a\nb".into()), ("".into(), "".into())]);
     }
 
     #[test]
@@ -263,6 +275,10 @@ mod tests {
         let mut r = SseReader::new();
         let mut seen = None;
         r.feed(&chunk, |e| seen = Some(e.data.as_ptr()));
-        assert_eq!(seen, Some(chunk[6..].as_ptr()), "data should be a slice of the chunk");
+        assert_eq!(
+            seen,
+            Some(chunk[6..].as_ptr()),
+            "data should be a slice of the chunk"
+        );
     }
 }
