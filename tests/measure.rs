@@ -1,0 +1,208 @@
+//! What the relay measures for each stream equals what the mock sent: first token
+//! time, tokens (from the provider's own counts) and cost, in the access log line and
+//! in `/metrics`.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn config(mock: &MockProc) -> String {
+    let u = mock.url();
+    format!(
+        r#"routes:
+  - {{ name: openai, prefix: /openai/v1, provider: openai, upstreams: ["{u}/v1"] }}
+  - {{ name: anthropic, prefix: /anthropic, provider: anthropic, upstreams: ["{u}"] }}
+  - {{ name: audio, prefix: /audio/v1, provider: audio, upstreams: ["{u}/v1"] }}
+tenants:
+  - {{ id: acme, key_sha256: ["{h}"] }}
+pricing:
+  gpt-4o-mini: {{ input: 0.15, cached_input: 0.075, output: 0.60 }}
+  mock-claude: {{ input: 3.0, output: 15.0 }}
+"#,
+        h = hash(TENANT_KEY)
+    )
+}
+
+/// The access log fields of one request, once `logging()` has written them.
+fn access_line(relay: &RelayProc, request_id: &str) -> HashMap<String, String> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(line) = relay.stderr().lines().find(|l| l.contains(request_id)) {
+            return line
+                .split_whitespace()
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+        }
+        assert!(Instant::now() < deadline, "no access line for {request_id}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The JSON of every `data:` line of a stream the client received that parses, in
+/// order: what the mock sent, as the client saw it.
+fn data_events(body: &[u8]) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(body)
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str(d).ok())
+        .collect()
+}
+
+#[test]
+fn openai_stream_ttft_tokens_and_cost() {
+    let mock = MockProc::start(None);
+    let relay = RelayProc::start(&config(&mock), &[]);
+    let auth = format!("Bearer {TENANT_KEY}");
+    let body = chat_body(true, true);
+    let r = request(
+        relay.addr,
+        "POST",
+        "/openai/v1/chat/completions",
+        &[
+            ("authorization", &auth),
+            ("x-request-id", "measure-openai-1"),
+            ("x-mock-first-delay-ms", "300"),
+            ("x-mock-chunks", "5"),
+            ("x-mock-interval-ms", "30"),
+        ],
+        &body,
+    );
+    assert_eq!(r.status, 200);
+    // The usage chunk the mock sent, as the client received it.
+    let sent = data_events(&r.body)
+        .into_iter()
+        .find_map(|e| e.get("usage").filter(|u| u.is_object()).cloned())
+        .expect("usage chunk");
+    let f = access_line(&relay, "measure-openai-1");
+    let ttft: f64 = f["ttft_ms"].parse().unwrap();
+    let ttfb: f64 = f["ttfb_ms"].parse().unwrap();
+    // The mock sends headers and the role chunk after 300 ms, then the first content
+    // delta at once: TTFT is at least the delay and not before the first byte.
+    assert!(ttft >= 300.0 && ttft >= ttfb, "ttft {ttft} ttfb {ttfb}");
+    assert!(ttft < 5000.0, "ttft {ttft}");
+    let prompt = sent["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(sent["completion_tokens"], 5);
+    assert_eq!(f["tokens_in"], prompt.to_string());
+    assert_eq!(f["tokens_out"], "5");
+    assert_eq!(f["tokens_cached"], "0");
+    assert_eq!(f["model"], "gpt-4o-mini");
+    assert_eq!(f["finish"], "stop");
+    let cost: f64 = f["cost_usd"].parse().unwrap();
+    let want = prompt as f64 * 0.15e-6 + 5.0 * 0.60e-6;
+    assert!((cost - want).abs() < 1e-9, "cost {cost} want {want}");
+
+    let text = relay.metrics_with(
+        r#"stream_relay_tokens_total{direction="output",model="gpt-4o-mini",route="openai"} 5"#,
+    );
+    assert!(text.contains(&format!(
+        r#"stream_relay_tokens_total{{direction="input",model="gpt-4o-mini",route="openai"}} {prompt}"#
+    )));
+    assert!(
+        text.contains(r#"stream_relay_ttft_seconds_count{model="gpt-4o-mini",route="openai"} 1"#)
+    );
+    // Five content deltas: four gaps between them.
+    assert!(
+        text.contains(r#"stream_relay_event_gap_seconds_count{route="openai"} 4"#),
+        "{text}"
+    );
+    assert!(text.contains(r#"stream_relay_open_streams{route="openai"} 0"#));
+}
+
+#[test]
+fn usage_not_asked_for_is_unknown_not_zero() {
+    let mock = MockProc::start(None);
+    let relay = RelayProc::start(&config(&mock), &[]);
+    let auth = format!("Bearer {TENANT_KEY}");
+    let r = request(
+        relay.addr,
+        "POST",
+        "/openai/v1/chat/completions",
+        &[
+            ("authorization", &auth),
+            ("x-request-id", "measure-no-usage"),
+        ],
+        &chat_body(true, false),
+    );
+    assert_eq!(r.status, 200);
+    let f = access_line(&relay, "measure-no-usage");
+    assert_eq!(
+        (f["tokens_in"].as_str(), f["tokens_out"].as_str()),
+        ("-1", "-1")
+    );
+    assert_eq!(f["cost_usd"], "unknown");
+    relay.metrics_with(r#"stream_relay_cost_unknown_requests_total{route="openai"} 1"#);
+}
+
+#[test]
+fn anthropic_stream_json_and_audio() {
+    let mock = MockProc::start(None);
+    let relay = RelayProc::start(&config(&mock), &[]);
+    let body = anthropic_body(true);
+    let r = request(
+        relay.addr,
+        "POST",
+        "/anthropic/v1/messages",
+        &[
+            ("x-api-key", TENANT_KEY),
+            ("x-request-id", "measure-anthropic-1"),
+            ("x-mock-chunks", "6"),
+        ],
+        &body,
+    );
+    assert_eq!(r.status, 200);
+    let f = access_line(&relay, "measure-anthropic-1");
+    let events = data_events(&r.body);
+    let input = events[0]["message"]["usage"]["input_tokens"]
+        .as_u64()
+        .unwrap();
+    let delta = events
+        .iter()
+        .find(|e| e["type"] == "message_delta")
+        .unwrap();
+    assert_eq!(delta["usage"]["output_tokens"], 6);
+    assert_eq!(f["tokens_in"], input.to_string());
+    assert_eq!(f["tokens_out"], "6");
+    assert_eq!(f["finish"], "end_turn");
+    let cost: f64 = f["cost_usd"].parse().unwrap();
+    assert!((cost - (input as f64 * 3e-6 + 6.0 * 15e-6)).abs() < 1e-9);
+
+    // Non-streaming JSON: usage from the body, and the relay's overhead header.
+    let auth = format!("Bearer {TENANT_KEY}");
+    let r = request(
+        relay.addr,
+        "POST",
+        "/openai/v1/chat/completions",
+        &[("authorization", &auth), ("x-request-id", "measure-json-1")],
+        &chat_body(false, false),
+    );
+    assert_eq!(r.status, 200);
+    let overhead: f64 = r.header("x-relay-overhead-ms").unwrap().parse().unwrap();
+    assert!((0.0..1000.0).contains(&overhead), "{overhead}");
+    let f = access_line(&relay, "measure-json-1");
+    assert_eq!(f["tokens_out"], "8");
+    assert_eq!(f["ttft_ms"], "-1.0", "a JSON answer has no first token");
+
+    // Audio: time to first audio, in its own histogram.
+    let r = request(
+        relay.addr,
+        "POST",
+        "/audio/v1/audio/speech",
+        &[
+            ("authorization", &auth),
+            ("x-mock-first-delay-ms", "100"),
+            ("x-mock-chunks", "3"),
+        ],
+        br#"{"model":"tts-1","input":"hi","voice":"alloy"}"#,
+    );
+    assert_eq!(r.status, 200);
+    let text =
+        relay.metrics_with(r#"stream_relay_ttfa_seconds_count{model="other",route="audio"} 1"#);
+    assert!(
+        text.contains(r#"stream_relay_response_bytes_total{route="audio"} 12288"#),
+        "{text}"
+    );
+}
