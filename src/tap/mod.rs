@@ -166,6 +166,9 @@ impl Tap {
             }
         }
         // Events that arrive in the same chunk are zero apart.
+        if n > 1 {
+            m.max_gap = Some(m.max_gap.unwrap_or(Duration::ZERO));
+        }
         for _ in 1..n {
             on_gap(Duration::ZERO);
         }
