@@ -167,6 +167,12 @@ pub struct RawRoute {
     /// Upstream timeouts.
     #[serde(default)]
     pub timeouts: RawTimeouts,
+    /// OpenAI-style routes: when a client streams chat completions without
+    /// `stream_options.include_usage`, ask the upstream for usage anyway and remove the
+    /// usage chunk from what the client receives, so every stream's tokens are known.
+    /// Default true for openai and openai_compatible routes; not allowed on others.
+    #[serde(default)]
+    pub ensure_usage: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -256,6 +262,7 @@ pub struct RouteConfig {
     pub key: KeyConfig,
     pub ca_pem: Option<PathBuf>,
     pub timeouts: Timeouts,
+    pub ensure_usage: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -657,7 +664,18 @@ fn validate_route(
         }
     }
 
+    let openai_style = matches!(
+        r.provider,
+        ProviderKind::Openai | ProviderKind::OpenaiCompatible
+    );
+    if r.ensure_usage == Some(true) && !openai_style {
+        return Err(err(
+            format!("{at}.ensure_usage"),
+            "only openai and openai_compatible routes stream OpenAI usage chunks",
+        ));
+    }
     Ok(RouteConfig {
+        ensure_usage: r.ensure_usage.unwrap_or(openai_style),
         name: r.name,
         prefix,
         provider: r.provider,

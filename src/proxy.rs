@@ -28,8 +28,9 @@ use crate::cost::Pricing;
 use crate::error::{ErrorShape, RelayError};
 use crate::metrics::{Finished, Metrics, StreamHandles};
 use crate::request_id;
-use crate::request_info::{BodyCollector, RequestInfo};
+use crate::request_info::{BodyCollector, BodyStep, RequestInfo};
 use crate::route::{Route, RouteKey, RouteTable};
+use crate::tap::strip::UsageStripper;
 use crate::tap::{Tap, TapKind};
 
 /// Per-request state shared by the hooks.
@@ -55,6 +56,9 @@ pub struct RequestCtx {
     pub request_info: Option<RequestInfo>,
     pub tap: Option<Tap>,
     stream: Option<StreamHandles>,
+    /// Set when the relay added `include_usage` to the request: the response's usage
+    /// chunk is removed on its way to the client.
+    strip_usage: Option<UsageStripper>,
 }
 
 impl RequestCtx {
@@ -77,6 +81,7 @@ impl RequestCtx {
             request_info: None,
             tap: None,
             stream: None,
+            strip_usage: None,
         }
     }
 }
@@ -321,7 +326,20 @@ impl ProxyHttp for RelayProxy {
         let route = ctx.route.as_ref().expect("admitted");
         let n = route.upstreams.len();
         let upstream = &route.upstreams[(ctx.first_upstream + ctx.attempts - 1) % n].url;
-        prepare_upstream_request(upstream_request, route, upstream, &ctx.request_id)
+        prepare_upstream_request(upstream_request, route, upstream, &ctx.request_id)?;
+        // A chat request's body is held and may grow by `stream_options`: its length is
+        // not known yet, so it goes upstream chunked.
+        let hold = route.ensure_usage
+            && upstream_request.method == http::Method::POST
+            && upstream_request.uri.path().ends_with("/chat/completions");
+        if hold {
+            upstream_request.remove_header(&http::header::CONTENT_LENGTH);
+            upstream_request.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
+        }
+        // Each attempt (a retry replays the body) starts the body over.
+        ctx.body.reset(hold);
+        ctx.strip_usage = None;
+        Ok(())
     }
 
     async fn request_body_filter(
@@ -331,11 +349,15 @@ impl ProxyHttp for RelayProxy {
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if let Some(b) = body {
-            ctx.body.push(b);
+        let (step, end) = ctx
+            .body
+            .step(body.as_deref().unwrap_or_default(), end_of_stream);
+        if let BodyStep::Replace(b) = step {
+            *body = Some(b);
         }
-        if end_of_stream {
-            ctx.request_info = ctx.body.finish();
+        if let Some(end) = end {
+            ctx.request_info = end.info;
+            ctx.strip_usage = end.usage_added.then(UsageStripper::default);
         }
         Ok(())
     }
@@ -410,6 +432,25 @@ impl ProxyHttp for RelayProxy {
                 e.as_up();
                 return Err(e);
             }
+        }
+        Ok(None)
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
+        let is_sse = ctx
+            .tap
+            .as_ref()
+            .is_some_and(|t| t.kind() == TapKind::OpenAiSse);
+        if let (Some(stripper), true) = (&mut ctx.strip_usage, is_sse) {
+            let out = stripper.feed(body.as_deref().unwrap_or_default(), end_of_stream);
+            // Nothing to send yet is `None`: an empty chunk would end a chunked body.
+            *body = (!out.is_empty()).then_some(out);
         }
         Ok(None)
     }

@@ -20,6 +20,8 @@ pub struct Route {
     pub upstreams: Vec<Arc<Upstream>>,
     pub key: RouteKey,
     pub timeouts: Timeouts,
+    /// Ask OpenAI-style upstreams for usage the client did not ask for (see config).
+    pub ensure_usage: bool,
     /// Round-robin cursor: each request starts one upstream further.
     next: AtomicUsize,
 }
@@ -74,6 +76,7 @@ impl Route {
                 .collect(),
             key,
             timeouts: c.timeouts,
+            ensure_usage: c.ensure_usage,
             next: AtomicUsize::new(0),
         })
     }

@@ -16,6 +16,7 @@ fn config(mock: &MockProc) -> String {
   - {{ name: openai, prefix: /openai/v1, provider: openai, upstreams: ["{u}/v1"] }}
   - {{ name: anthropic, prefix: /anthropic, provider: anthropic, upstreams: ["{u}"] }}
   - {{ name: audio, prefix: /audio/v1, provider: audio, upstreams: ["{u}/v1"] }}
+  - {{ name: plain, prefix: /plain/v1, provider: openai, upstreams: ["{u}/v1"], ensure_usage: false }}
 tenants:
   - {{ id: acme, key_sha256: ["{h}"] }}
 pricing:
@@ -113,14 +114,14 @@ fn openai_stream_ttft_tokens_and_cost() {
 }
 
 #[test]
-fn usage_not_asked_for_is_unknown_not_zero() {
+fn usage_not_asked_for_and_not_ensured_is_unknown_not_zero() {
     let mock = MockProc::start(None);
     let relay = RelayProc::start(&config(&mock), &[]);
     let auth = format!("Bearer {TENANT_KEY}");
     let r = request(
         relay.addr,
         "POST",
-        "/openai/v1/chat/completions",
+        "/plain/v1/chat/completions",
         &[
             ("authorization", &auth),
             ("x-request-id", "measure-no-usage"),
@@ -134,7 +135,7 @@ fn usage_not_asked_for_is_unknown_not_zero() {
         ("-1", "-1")
     );
     assert_eq!(f["cost_usd"], "unknown");
-    relay.metrics_with(r#"stream_relay_cost_unknown_requests_total{route="openai"} 1"#);
+    relay.metrics_with(r#"stream_relay_cost_unknown_requests_total{route="plain"} 1"#);
 }
 
 #[test]
@@ -205,4 +206,38 @@ fn anthropic_stream_json_and_audio() {
         text.contains(r#"stream_relay_response_bytes_total{route="audio"} 12288"#),
         "{text}"
     );
+}
+
+/// A client streaming without `include_usage` gets exactly the stream it asked for, and
+/// the relay still knows the tokens; a client that asked gets its usage chunk.
+#[test]
+fn usage_is_asked_for_and_hidden_from_clients_that_did_not_ask() {
+    let mock = MockProc::start(None);
+    let relay = RelayProc::start(&config(&mock), &[]);
+    let auth = format!("Bearer {TENANT_KEY}");
+    for (asked, id) in [(false, "ensure-usage-no"), (true, "ensure-usage-yes")] {
+        let body = chat_body(true, asked);
+        let direct = request(mock.addr, "POST", "/v1/chat/completions", &[], &body);
+        let via = request(
+            relay.addr,
+            "POST",
+            "/openai/v1/chat/completions",
+            &[("authorization", &auth), ("x-request-id", id)],
+            &body,
+        );
+        assert_eq!(via.status, 200);
+        assert!(via.complete);
+        assert_eq!(
+            String::from_utf8_lossy(&via.body),
+            String::from_utf8_lossy(&direct.body),
+            "asked={asked}"
+        );
+        let f = access_line(&relay, id);
+        assert_eq!(f["tokens_out"], "8", "asked={asked}");
+        assert_ne!(f["tokens_in"], "-1");
+        assert_ne!(f["cost_usd"], "unknown");
+    }
+    // The upstream saw the usage request in the first call.
+    let seen = mock.stats();
+    assert_eq!(seen["requests"], 4);
 }

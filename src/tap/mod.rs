@@ -20,6 +20,7 @@
 mod anthropic;
 mod json;
 mod openai;
+pub mod strip;
 
 use std::time::{Duration, Instant};
 
