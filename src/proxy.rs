@@ -3,8 +3,9 @@
 //! A request's path through the hooks:
 //! 1. `request_filter`: request id, route, tenant; local 401/403/404/503 answers.
 //! 2. `upstream_peer`: next upstream of the route (round robin, then failover).
-//! 3. `upstream_request_filter`: tenant credentials out, provider key in, Host, path.
-//! 3b. `request_body_filter`: the body is copied (up to a cap) to learn the model.
+//! 3. `upstream_request_filter`: tenant credentials out, provider key in, Host, path;
+//!    `request_body_filter`: the body is copied (up to a cap) to learn the model, and a
+//!    chat stream's body asks for usage (`ensure_usage`).
 //! 4. `upstream_response_filter`: status, time to first byte, which tap reads the body.
 //! 5. `upstream_response_body_filter`: bytes pass untouched into the tap; the total
 //!    deadline is checked.

@@ -115,23 +115,17 @@ impl Tap {
     /// events as it is seen (for a histogram).
     pub fn feed(&mut self, chunk: &[u8], now: Instant, on_gap: &mut dyn FnMut(Duration)) {
         match self.kind {
-            TapKind::OpenAiSse => {
+            TapKind::OpenAiSse | TapKind::AnthropicSse => {
+                let is_anthropic = self.kind == TapKind::AnthropicSse;
                 let mut outputs = 0u64;
                 let m = &mut self.measure;
                 self.sse.feed(chunk, |e| {
-                    if openai::event(e.data, m) {
-                        outputs += 1;
-                    }
-                });
-                self.outputs(outputs, now, on_gap);
-            }
-            TapKind::AnthropicSse => {
-                let mut outputs = 0u64;
-                let m = &mut self.measure;
-                self.sse.feed(chunk, |e| {
-                    if anthropic::event(e.name, e.data, m) {
-                        outputs += 1;
-                    }
+                    let output = if is_anthropic {
+                        anthropic::event(e.name, e.data, m)
+                    } else {
+                        openai::event(e.data, m)
+                    };
+                    outputs += u64::from(output);
                 });
                 self.outputs(outputs, now, on_gap);
             }

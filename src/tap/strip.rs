@@ -18,10 +18,7 @@ impl UsageStripper {
     pub fn feed(&mut self, chunk: &[u8], end_of_stream: bool) -> Bytes {
         self.carry.extend_from_slice(chunk);
         let mut out = BytesMut::with_capacity(self.carry.len());
-        loop {
-            let Some(end) = event_end(&self.carry) else {
-                break;
-            };
+        while let Some(end) = event_end(&self.carry) {
             let event = self.carry.split_to(end);
             strip_event(&event, &mut out);
         }
