@@ -29,7 +29,7 @@ use crate::cost::Pricing;
 use crate::error::{ErrorShape, RelayError};
 use crate::metrics::{Finished, Metrics, StreamHandles};
 use crate::request_id;
-use crate::request_info::{BodyCollector, BodyStep, RequestInfo};
+use crate::request_info::{self, BodyCollector, BodyStep, RequestInfo};
 use crate::route::{Route, RouteKey, RouteTable};
 use crate::tap::strip::UsageStripper;
 use crate::tap::{Tap, TapKind};
@@ -60,6 +60,8 @@ pub struct RequestCtx {
     /// Set when the relay added `include_usage` to the request: the response's usage
     /// chunk is removed on its way to the client.
     strip_usage: Option<UsageStripper>,
+    /// The body was read in `request_filter`; `Some` holds what is sent instead of it.
+    early_body: Option<Option<Bytes>>,
 }
 
 impl RequestCtx {
@@ -83,6 +85,7 @@ impl RequestCtx {
             tap: None,
             stream: None,
             strip_usage: None,
+            early_body: None,
         }
     }
 }
@@ -238,6 +241,38 @@ pub fn accounted_model<'a>(
     (requested.or(answered), "other")
 }
 
+/// Reads a body announced as `len` bytes (at most [`request_info::EARLY_READ_MAX`]) into
+/// Pingora's retry buffer, from which Pingora sends it upstream.
+async fn read_small_body(session: &mut Session, len: usize) -> Result<Vec<u8>> {
+    let downstream = session.as_mut();
+    downstream.enable_retry_buffering();
+    let mut body = Vec::with_capacity(len);
+    while let Some(chunk) = downstream.read_request_body().await? {
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// Whether a route asks for usage on this request's path.
+fn wants_usage(route: &Route, req: &RequestHeader) -> bool {
+    route.ensure_usage
+        && req.method == http::Method::POST
+        && req.uri.path().ends_with("/chat/completions")
+}
+
+/// Reads the early body's fields and, when `usage` is wanted and missing, the body to
+/// send instead.
+fn prepare_early_body(ctx: &mut RequestCtx, body: &[u8], usage: bool) {
+    let info = request_info::parse(body);
+    let rewritten = match &info {
+        Some(i) if usage => request_info::with_usage_requested(body, i),
+        _ => None,
+    };
+    ctx.strip_usage = rewritten.as_ref().map(|_| UsageStripper::default());
+    ctx.early_body = Some(rewritten.map(Bytes::from));
+    ctx.request_info = info;
+}
+
 impl RelayProxy {
     async fn answer_locally(
         &self,
@@ -278,6 +313,11 @@ impl ProxyHttp for RelayProxy {
                 ctx.max_attempts = a.route.attempt_budget();
                 ctx.route = Some(a.route);
                 ctx.tenant = Some(a.tenant);
+                if let Some(len) = request_info::early_read_len(session.req_header()) {
+                    let usage = wants_usage(ctx.route.as_ref().expect("set"), session.req_header());
+                    let body = read_small_body(session, len).await?;
+                    prepare_early_body(ctx, &body, usage);
+                }
                 ctx.admitted_after = ctx.start.elapsed();
                 Ok(false)
             }
@@ -328,11 +368,16 @@ impl ProxyHttp for RelayProxy {
         let n = route.upstreams.len();
         let upstream = &route.upstreams[(ctx.first_upstream + ctx.attempts - 1) % n].url;
         prepare_upstream_request(upstream_request, route, upstream, &ctx.request_id)?;
-        // A chat request's body is held and may grow by `stream_options`: its length is
-        // not known yet, so it goes upstream chunked.
-        let hold = route.ensure_usage
-            && upstream_request.method == http::Method::POST
-            && upstream_request.uri.path().ends_with("/chat/completions");
+        if let Some(early) = &ctx.early_body {
+            // Read in request_filter: the new length is known.
+            if let Some(rewritten) = early {
+                upstream_request.insert_header(http::header::CONTENT_LENGTH, rewritten.len())?;
+            }
+            return Ok(());
+        }
+        // A larger chat request's body is held and may grow by `stream_options`: its
+        // length is not known yet, so it goes upstream chunked.
+        let hold = wants_usage(route, upstream_request);
         if hold {
             upstream_request.remove_header(&http::header::CONTENT_LENGTH);
             upstream_request.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
@@ -350,6 +395,13 @@ impl ProxyHttp for RelayProxy {
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if let Some(early) = &ctx.early_body {
+            // Pingora replays the body read in request_filter as one piece.
+            if let (Some(rewritten), Some(_)) = (early, body.as_ref()) {
+                *body = Some(rewritten.clone());
+            }
+            return Ok(());
+        }
         let (step, end) = ctx
             .body
             .step(body.as_deref().unwrap_or_default(), end_of_stream);

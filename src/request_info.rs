@@ -8,6 +8,27 @@ use serde::Deserialize;
 /// Request bodies up to this size are read for their fields.
 pub const MAX_READ: usize = 1 << 20;
 
+/// A body announced at most this long is read whole before the upstream is chosen, so
+/// its fields are known at once and a rewrite keeps `content-length` framing. Pingora
+/// replays such a body from its retry buffer (64 KiB), which this stays under.
+pub const EARLY_READ_MAX: usize = 60 * 1024;
+
+/// The announced length of a POST body that can be read early, if any.
+pub fn early_read_len(req: &pingora_http::RequestHeader) -> Option<usize> {
+    if req.method != http::Method::POST {
+        return None;
+    }
+    let len: usize = req
+        .headers
+        .get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    (len <= EARLY_READ_MAX).then_some(len)
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RequestInfo {
     pub model: Option<String>,

@@ -241,3 +241,60 @@ fn usage_is_asked_for_and_hidden_from_clients_that_did_not_ask() {
     let seen = mock.stats();
     assert_eq!(seen["requests"], 4);
 }
+
+/// Bodies too large to read before choosing the upstream (over 60 KiB), and bodies sent
+/// chunked, are held as they flow and sent chunked, with the same result.
+#[test]
+fn large_and_chunked_request_bodies_get_usage_too() {
+    let mock = MockProc::start(None);
+    let relay = RelayProc::start(&config(&mock), &[]);
+    let auth = format!("Bearer {TENANT_KEY}");
+    let big = serde_json::json!({
+        "model": "gpt-4o-mini",
+        "stream": true,
+        "messages": [{"role": "user", "content": "x".repeat(100 * 1024)}],
+    })
+    .to_string()
+    .into_bytes();
+    let direct = request(mock.addr, "POST", "/v1/chat/completions", &[], &big);
+    let via = request(
+        relay.addr,
+        "POST",
+        "/openai/v1/chat/completions",
+        &[("authorization", &auth), ("x-request-id", "big-body-1")],
+        &big,
+    );
+    assert_eq!(via.status, 200);
+    assert_eq!(via.body, direct.body);
+    let f = access_line(&relay, "big-body-1");
+    // The mock counts a quarter of the bytes it received: the body plus the relay's
+    // `,"stream_options":{"include_usage":true}`.
+    let added = r#","stream_options":{"include_usage":true}"#.len();
+    assert_eq!(f["tokens_in"], ((big.len() + added) / 4).to_string());
+    assert_eq!(f["tokens_out"], "8");
+
+    // A chunked request body (no content-length).
+    let body = chat_body(true, false);
+    let mut raw = format!(
+        "POST /openai/v1/chat/completions HTTP/1.1\r\nhost: t\r\nauthorization: {auth}\r\nx-request-id: chunked-body-1\r\ntransfer-encoding: chunked\r\n\r\n"
+    )
+    .into_bytes();
+    for part in body.chunks(20) {
+        raw.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
+        raw.extend_from_slice(part);
+        raw.extend_from_slice(b"\r\n");
+    }
+    raw.extend_from_slice(b"0\r\n\r\n");
+    let mut s = std::net::TcpStream::connect(relay.addr).unwrap();
+    std::io::Write::write_all(&mut s, &raw).unwrap();
+    let via = read_response(&mut s, Instant::now(), Duration::from_secs(30), usize::MAX);
+    let direct = request(mock.addr, "POST", "/v1/chat/completions", &[], &body);
+    assert_eq!(via.status, 200);
+    assert_eq!(
+        String::from_utf8_lossy(&via.body),
+        String::from_utf8_lossy(&direct.body)
+    );
+    let f = access_line(&relay, "chunked-body-1");
+    assert_eq!(f["tokens_out"], "8");
+    assert_ne!(f["tokens_in"], "-1");
+}

@@ -357,10 +357,17 @@ fn unreachable_upstreams_give_502_and_failover_uses_the_next() {
             "POST",
             "/failover/v1/chat/completions",
             &[("authorization", &auth)],
-            &chat_body(true, true),
+            &chat_body(true, false),
         );
         assert_eq!(r.status, 200);
         assert!(r.complete);
+        // The body replayed to the second upstream still asked for usage, and the
+        // usage chunk was still removed for this client.
+        let text = String::from_utf8_lossy(&r.body);
+        assert!(
+            text.ends_with("data: [DONE]\n\n") && !text.contains("usage"),
+            "{text}"
+        );
     }
     // The mock counts a stream after its last write, a moment after the client has it.
     let completed = mock.wait_stat("completed", before + 4, Duration::from_secs(5));
