@@ -18,6 +18,7 @@ use crate::config::TenantConfig;
 pub struct Tenant {
     pub id: Arc<str>,
     routes: Option<std::collections::HashSet<String>>,
+    pub limits: crate::config::Limits,
 }
 
 impl Tenant {
@@ -48,6 +49,7 @@ impl TenantTable {
             table.tenants.push(Tenant {
                 id: Arc::from(t.id.as_str()),
                 routes: t.routes.clone(),
+                limits: t.limits,
             });
             for digest in &t.key_hashes {
                 table.by_digest.insert(*digest, index);
@@ -121,11 +123,13 @@ mod tests {
                 id: "acme".into(),
                 key_hashes: vec![digest("sk-acme-1"), digest("sk-acme-2")],
                 routes: None,
+                limits: Default::default(),
             },
             TenantConfig {
                 id: "small".into(),
                 key_hashes: vec![digest("sk-small")],
                 routes: Some(HashSet::from(["anthropic".to_string()])),
+                limits: Default::default(),
             },
         ])
     }

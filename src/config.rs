@@ -37,6 +37,54 @@ pub struct RawConfig {
     /// Prometheus label choices.
     #[serde(default)]
     pub metrics: RawMetrics,
+    /// Tenant limits: the default, and how tokens are estimated at admission.
+    #[serde(default)]
+    pub limits: RawLimitsSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLimitsSection {
+    /// Limits of tenants that set none. Default: none.
+    pub default: Limits,
+    /// Output tokens assumed for a request that sets no `max_tokens`, when admitting it
+    /// against a tokens-per-minute limit. Default 1024.
+    pub default_max_tokens: Option<u64>,
+}
+
+/// Per-tenant limits; each is optional (absent: no limit).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub requests_per_second: Option<u64>,
+    pub requests_per_minute: Option<u64>,
+    /// Input plus output tokens per minute.
+    pub tokens_per_minute: Option<u64>,
+    /// Requests in flight at once (streams included).
+    pub concurrent_requests: Option<u64>,
+}
+
+impl Limits {
+    pub fn is_empty(&self) -> bool {
+        *self == Limits::default()
+    }
+
+    fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        for (name, v) in [
+            ("requests_per_second", self.requests_per_second),
+            ("requests_per_minute", self.requests_per_minute),
+            ("tokens_per_minute", self.tokens_per_minute),
+            ("concurrent_requests", self.concurrent_requests),
+        ] {
+            if v == Some(0) {
+                return Err(err(
+                    format!("{at}.{name}"),
+                    "must be at least 1 (leave it out for no limit)",
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -229,6 +277,9 @@ pub struct RawTenant {
     /// Route names this tenant may use; `["*"]` for all. Default all.
     #[serde(default = "all_routes")]
     pub routes: Vec<String>,
+    /// This tenant's limits, replacing `limits.default` as a whole.
+    #[serde(default)]
+    pub limits: Option<Limits>,
 }
 
 fn all_routes() -> Vec<String> {
@@ -251,6 +302,8 @@ pub struct Config {
     pub tenants: Vec<TenantConfig>,
     pub pricing: crate::cost::Pricing,
     pub metrics: RawMetrics,
+    /// Output tokens assumed when a request sets no `max_tokens`.
+    pub default_max_tokens: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -326,6 +379,7 @@ pub struct TenantConfig {
     pub key_hashes: Vec<[u8; 32]>,
     /// None means every route.
     pub routes: Option<HashSet<String>>,
+    pub limits: Limits,
 }
 
 /// A configuration error that names the offending key.
@@ -489,10 +543,14 @@ impl RawConfig {
                 }
                 Some(t.routes.iter().cloned().collect())
             };
+            if let Some(l) = &t.limits {
+                l.validate(&format!("{at}.limits"))?;
+            }
             tenants.push(TenantConfig {
                 id: t.id,
                 key_hashes,
                 routes: routes_allowed,
+                limits: t.limits.unwrap_or(self.limits.default),
             });
         }
 
@@ -519,7 +577,12 @@ impl RawConfig {
                 ),
             ));
         }
+        self.limits.default.validate("limits.default")?;
+        if self.limits.default_max_tokens == Some(0) {
+            return Err(err("limits.default_max_tokens", "must be at least 1"));
+        }
         Ok(Config {
+            default_max_tokens: self.limits.default_max_tokens.unwrap_or(1024),
             pricing: crate::cost::Pricing::new(&self.pricing),
             metrics: self.metrics,
             server: self.server,

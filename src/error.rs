@@ -41,8 +41,18 @@ pub enum RelayError {
     NoRoute,
     MissingKey,
     InvalidKey,
-    RouteForbidden { route: String },
-    ProviderKeyMissing { route: String },
+    RouteForbidden {
+        route: String,
+    },
+    /// A tenant limit refused the request; `tokens` tells a token limit from a request
+    /// or concurrency limit.
+    RateLimited {
+        limit: &'static str,
+        tokens: bool,
+    },
+    ProviderKeyMissing {
+        route: String,
+    },
     UpstreamUnavailable,
     UpstreamTimeout,
     Internal,
@@ -55,6 +65,7 @@ impl RelayError {
             RelayError::NoRoute => 404,
             RelayError::MissingKey | RelayError::InvalidKey => 401,
             RelayError::RouteForbidden { .. } => 403,
+            RelayError::RateLimited { .. } => 429,
             RelayError::ProviderKeyMissing { .. } => 503,
             RelayError::UpstreamUnavailable => 502,
             RelayError::UpstreamTimeout => 504,
@@ -70,6 +81,7 @@ impl RelayError {
             RelayError::MissingKey => "missing_key",
             RelayError::InvalidKey => "invalid_key",
             RelayError::RouteForbidden { .. } => "route_forbidden",
+            RelayError::RateLimited { .. } => "rate_limited",
             RelayError::ProviderKeyMissing { .. } => "provider_key_missing",
             RelayError::UpstreamUnavailable => "upstream_unavailable",
             RelayError::UpstreamTimeout => "upstream_timeout",
@@ -89,6 +101,9 @@ impl RelayError {
             RelayError::RouteForbidden { route } => {
                 format!("This API key may not use the route `{route}`.")
             }
+            RelayError::RateLimited { limit, .. } => format!(
+                "Rate limit reached for this API key ({limit}); retry after the time in the Retry-After header."
+            ),
             RelayError::ProviderKeyMissing { route } => format!(
                 "The route `{route}` is not available: the relay has no provider key configured for it."
             ),
@@ -107,6 +122,8 @@ impl RelayError {
             RelayError::MissingKey => ("invalid_request_error", "missing_api_key"),
             RelayError::InvalidKey => ("invalid_request_error", "invalid_api_key"),
             RelayError::RouteForbidden { .. } => ("permission_error", "route_not_allowed"),
+            RelayError::RateLimited { tokens: true, .. } => ("tokens", "rate_limit_exceeded"),
+            RelayError::RateLimited { tokens: false, .. } => ("requests", "rate_limit_exceeded"),
             RelayError::ProviderKeyMissing { .. } => ("api_error", "provider_key_missing"),
             RelayError::UpstreamUnavailable => ("api_error", "upstream_unavailable"),
             RelayError::UpstreamTimeout => ("api_error", "upstream_timeout"),
@@ -120,6 +137,7 @@ impl RelayError {
             RelayError::NoRoute => "not_found_error",
             RelayError::MissingKey | RelayError::InvalidKey => "authentication_error",
             RelayError::RouteForbidden { .. } => "permission_error",
+            RelayError::RateLimited { .. } => "rate_limit_error",
             RelayError::ProviderKeyMissing { .. }
             | RelayError::UpstreamUnavailable
             | RelayError::UpstreamTimeout
@@ -180,13 +198,17 @@ mod tests {
             RelayError::MissingKey,
             RelayError::InvalidKey,
             RelayError::RouteForbidden { route: "r".into() },
+            RelayError::RateLimited {
+                limit: "requests_per_minute",
+                tokens: false,
+            },
             RelayError::ProviderKeyMissing { route: "r".into() },
             RelayError::UpstreamUnavailable,
             RelayError::UpstreamTimeout,
             RelayError::Internal,
         ];
         let statuses: Vec<u16> = all.iter().map(|e| e.status()).collect();
-        assert_eq!(statuses, [400, 404, 401, 401, 403, 503, 502, 504, 500]);
+        assert_eq!(statuses, [400, 404, 401, 401, 403, 429, 503, 502, 504, 500]);
         let mut kinds: Vec<&str> = all.iter().map(|e| e.kind()).collect();
         kinds.dedup();
         assert_eq!(kinds.len(), all.len());

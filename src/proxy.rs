@@ -25,8 +25,10 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::auth::{AuthFailure, TenantTable};
+use crate::config::Limits;
 use crate::cost::Pricing;
 use crate::error::{ErrorShape, RelayError};
+use crate::limits::{self, Admission, Limiter};
 use crate::metrics::{Finished, Metrics, StreamHandles};
 use crate::request_id;
 use crate::request_info::{self, BodyCollector, BodyStep, RequestInfo};
@@ -62,6 +64,9 @@ pub struct RequestCtx {
     strip_usage: Option<UsageStripper>,
     /// The body was read in `request_filter`; `Some` holds what is sent instead of it.
     early_body: Option<Option<Bytes>>,
+    /// The tenant's limits and what admission reserved (tokens, a concurrency slot).
+    limits: Limits,
+    admission: Option<Admission>,
 }
 
 impl RequestCtx {
@@ -86,6 +91,8 @@ impl RequestCtx {
             stream: None,
             strip_usage: None,
             early_body: None,
+            limits: Limits::default(),
+            admission: None,
         }
     }
 }
@@ -94,6 +101,7 @@ impl RequestCtx {
 pub struct Admitted {
     pub route: Arc<Route>,
     pub tenant: Arc<str>,
+    pub limits: Limits,
 }
 
 /// A request the relay answers itself, with what was learned before refusing it.
@@ -145,6 +153,7 @@ pub fn admit(
     Ok(Admitted {
         route: route.clone(),
         tenant: tenant.id.clone(),
+        limits: tenant.limits,
     })
 }
 
@@ -220,6 +229,9 @@ pub struct RelayProxy {
     pub tenants: Arc<TenantTable>,
     pub metrics: Arc<Metrics>,
     pub pricing: Arc<Pricing>,
+    pub limiter: Arc<dyn Limiter>,
+    /// Output tokens assumed for a request without `max_tokens`.
+    pub default_max_tokens: u64,
 }
 
 /// The response header a non-streaming answer carries: the relay's own time, in
@@ -253,6 +265,16 @@ async fn read_small_body(session: &mut Session, len: usize) -> Result<Vec<u8>> {
     Ok(body)
 }
 
+fn content_length(req: &RequestHeader) -> Option<usize> {
+    req.headers
+        .get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// Whether a route asks for usage on this request's path.
 fn wants_usage(route: &Route, req: &RequestHeader) -> bool {
     route.ensure_usage
@@ -274,17 +296,60 @@ fn prepare_early_body(ctx: &mut RequestCtx, body: &[u8], usage: bool) {
 }
 
 impl RelayProxy {
+    /// Checks the tenant's limits; answers 429 itself and returns false when refused.
+    async fn admit_within_limits(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        body_bytes: usize,
+    ) -> Result<bool> {
+        let max_tokens = ctx.request_info.as_ref().and_then(|i| i.max_tokens);
+        let estimate = limits::estimate_tokens(max_tokens, self.default_max_tokens, body_bytes);
+        let tenant = ctx.tenant.clone().expect("admitted");
+        match self.limiter.admit(&tenant, &ctx.limits, estimate) {
+            Ok(admission) => {
+                ctx.admission = Some(admission);
+                Ok(true)
+            }
+            Err(refused) => {
+                let mut headers =
+                    limits::headers(refused.requests.as_ref(), refused.tokens.as_ref());
+                let secs = refused.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+                headers.push(("retry-after", secs.to_string()));
+                let e = RelayError::RateLimited {
+                    limit: refused.kind.label(),
+                    tokens: refused.kind.is_tokens(),
+                };
+                self.answer_locally_with(session, ctx, e, &headers).await?;
+                Ok(false)
+            }
+        }
+    }
+
     async fn answer_locally(
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
         e: RelayError,
     ) -> Result<()> {
+        self.answer_locally_with(session, ctx, e, &[]).await
+    }
+
+    async fn answer_locally_with(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        e: RelayError,
+        headers: &[(&'static str, String)],
+    ) -> Result<()> {
         let body = e.body(ctx.shape);
-        let mut resp = ResponseHeader::build(e.status(), Some(4))?;
+        let mut resp = ResponseHeader::build(e.status(), Some(4 + headers.len()))?;
         resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
         resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
         resp.insert_header(request_id::HEADER, ctx.request_id.as_str())?;
+        for (name, value) in headers {
+            resp.insert_header(*name, value.as_str())?;
+        }
         ctx.refusal = Some(e);
         session.write_response_header(Box::new(resp), false).await?;
         session.write_response_body(Some(body), true).await
@@ -313,10 +378,18 @@ impl ProxyHttp for RelayProxy {
                 ctx.max_attempts = a.route.attempt_budget();
                 ctx.route = Some(a.route);
                 ctx.tenant = Some(a.tenant);
+                ctx.limits = a.limits;
+                let mut body_bytes = content_length(session.req_header()).unwrap_or(0);
                 if let Some(len) = request_info::early_read_len(session.req_header()) {
                     let usage = wants_usage(ctx.route.as_ref().expect("set"), session.req_header());
                     let body = read_small_body(session, len).await?;
+                    body_bytes = body.len();
                     prepare_early_body(ctx, &body, usage);
+                }
+                if !ctx.limits.is_empty()
+                    && !self.admit_within_limits(session, ctx, body_bytes).await?
+                {
+                    return Ok(true);
                 }
                 ctx.admitted_after = ctx.start.elapsed();
                 Ok(false)
@@ -446,6 +519,11 @@ impl ProxyHttp for RelayProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         upstream_response.insert_header(request_id::HEADER, ctx.request_id.as_str())?;
+        if let Some(a) = &ctx.admission {
+            for (name, value) in limits::headers(a.requests.as_ref(), a.tokens.as_ref()) {
+                upstream_response.insert_header(name, value)?;
+            }
+        }
         if ctx.stream.is_none() {
             let after_upstream = ctx.ttfb.map_or(Duration::ZERO, |t| ctx.start.elapsed() - t);
             let overhead = ctx.admitted_after + after_upstream;
@@ -648,6 +726,21 @@ impl ProxyHttp for RelayProxy {
         );
         // The open-stream gauge is released here, whatever ended the request.
         ctx.stream = None;
+        if let Some(admission) = ctx.admission.take() {
+            // Settle the token reservation: with the provider's count when it gave one;
+            // all of it back when no upstream could be reached; otherwise the estimate
+            // stands (the upstream may have worked for a client that went away).
+            let actual = match (usage.input, usage.output) {
+                (Some(i), Some(o)) => Some(i + o),
+                _ if outcome == "upstream_unavailable" => Some(0),
+                _ => None,
+            };
+            if let Some(tenant) = &ctx.tenant {
+                self.limiter
+                    .settle(tenant, &ctx.limits, admission.reserved_tokens, actual);
+            }
+            // The concurrency slot is freed as `admission` drops here.
+        }
     }
 }
 

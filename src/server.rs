@@ -77,6 +77,8 @@ pub fn build(config: &Config, opt: Opt) -> Result<Server, String> {
         tenants: Arc::new(TenantTable::new(&config.tenants)),
         metrics: metrics.clone(),
         pricing: Arc::new(config.pricing.clone()),
+        limiter: Arc::new(crate::limits::local::LocalLimiter::default()),
+        default_max_tokens: config.default_max_tokens,
     };
     let mut proxy_service =
         http_proxy_service_with_name(&server.configuration, proxy, "stream-relay proxy");

@@ -1,0 +1,262 @@
+//! The limiter of one relay process: pingora-limits `Rate` estimators (sliding windows
+//! made of two fixed ones) for the rates, and an `Inflight` counter whose guard frees a
+//! concurrency slot when dropped. Counts are approximate by design (count-min sketches:
+//! a collision can only over-count), and each relay of a fleet counts alone.
+
+use std::time::Duration;
+
+use pingora_limits::inflight::Inflight;
+use pingora_limits::rate::{Rate, RateComponents};
+
+use super::{Admission, Budget, LimitKind, Limiter, Refused};
+use crate::config::Limits;
+
+pub struct LocalLimiter {
+    per_second: Rate,
+    per_minute: Rate,
+    tokens_per_minute: Rate,
+    inflight: Inflight,
+}
+
+impl Default for LocalLimiter {
+    fn default() -> Self {
+        LocalLimiter {
+            per_second: Rate::new(Duration::from_secs(1)),
+            per_minute: Rate::new(Duration::from_secs(60)),
+            tokens_per_minute: Rate::new(Duration::from_secs(60)),
+            inflight: Inflight::new(),
+        }
+    }
+}
+
+/// Events in the sliding window ending now: the current window plus the part of the
+/// previous one that the sliding window still covers.
+fn sliding(c: RateComponents) -> f64 {
+    c.prev_samples as f64 * (1.0 - c.current_interval_fraction) + c.curr_samples as f64
+}
+
+/// Time until a sliding window over `rate` has room for `need` more events under
+/// `limit`, estimated from how its count decays (the previous window's part fades
+/// linearly over the current one).
+fn wait_for_room(c: &RateComponents, limit: f64, need: f64) -> Duration {
+    let over = sliding(*c) + need - limit;
+    if over <= 0.0 {
+        return Duration::ZERO;
+    }
+    let interval = c.interval.as_secs_f64();
+    let left_in_window = interval * (1.0 - c.current_interval_fraction);
+    let prev_rate = c.prev_samples as f64 / interval;
+    if prev_rate > 0.0 && over <= prev_rate * left_in_window {
+        return Duration::from_secs_f64(over / prev_rate);
+    }
+    // The current window's own events leave over the next window.
+    let curr_rate = (c.curr_samples.max(1)) as f64 / interval;
+    Duration::from_secs_f64(
+        left_in_window + (over - prev_rate * left_in_window).max(0.0) / curr_rate,
+    )
+    .min(c.interval * 2)
+}
+
+/// One rate check: count `n` events for `key`, or refuse and count nothing.
+fn take(rate: &Rate, key: &str, n: u64, limit: u64) -> Result<Budget, Duration> {
+    let n = n as isize;
+    rate.observe(&key, n);
+    let c = rate.rate_with(&key, |c| c);
+    let used = sliding(c);
+    if used > limit as f64 {
+        rate.observe(&key, -n);
+        let c = rate.rate_with(&key, |c| c);
+        let wait = wait_for_room(&c, limit as f64, n as f64);
+        return Err(wait.max(Duration::from_millis(1)));
+    }
+    Ok(Budget {
+        limit,
+        remaining: (limit as f64 - used).max(0.0) as u64,
+        reset: c.interval.mul_f64(1.0 - c.current_interval_fraction),
+    })
+}
+
+impl Limiter for LocalLimiter {
+    fn admit(&self, tenant: &str, limits: &Limits, tokens: u64) -> Result<Admission, Refused> {
+        let mut requests = None;
+        let mut token_budget = None;
+        // Each check that passes is undone if a later one refuses.
+        let mut undo: Vec<(&Rate, isize)> = Vec::with_capacity(3);
+        let refuse = |kind, wait, requests, tokens, undo: Vec<(&Rate, isize)>| {
+            for (rate, n) in undo {
+                rate.observe(&tenant, -n);
+            }
+            Err(Refused {
+                kind,
+                retry_after: wait,
+                requests,
+                tokens,
+            })
+        };
+        for (rate, limit, kind) in [
+            (
+                &self.per_second,
+                limits.requests_per_second,
+                LimitKind::RequestsPerSecond,
+            ),
+            (
+                &self.per_minute,
+                limits.requests_per_minute,
+                LimitKind::RequestsPerMinute,
+            ),
+        ] {
+            if let Some(limit) = limit {
+                match take(rate, tenant, 1, limit) {
+                    Ok(b) => {
+                        // The tighter budget is the one a client should see.
+                        if requests
+                            .as_ref()
+                            .is_none_or(|r: &Budget| b.remaining < r.remaining)
+                        {
+                            requests = Some(b);
+                        }
+                        undo.push((rate, 1));
+                    }
+                    Err(wait) => {
+                        let b = Budget {
+                            limit,
+                            remaining: 0,
+                            reset: wait,
+                        };
+                        return refuse(kind, wait, Some(b), None, undo);
+                    }
+                }
+            }
+        }
+        if let Some(limit) = limits.tokens_per_minute {
+            match take(&self.tokens_per_minute, tenant, tokens, limit) {
+                Ok(b) => {
+                    token_budget = Some(b);
+                    undo.push((&self.tokens_per_minute, tokens as isize));
+                }
+                Err(wait) => {
+                    let b = Budget {
+                        limit,
+                        remaining: 0,
+                        reset: wait,
+                    };
+                    return refuse(LimitKind::TokensPerMinute, wait, requests, Some(b), undo);
+                }
+            }
+        }
+        let slot = match limits.concurrent_requests {
+            Some(limit) => {
+                let (guard, now_open) = self.inflight.incr(tenant, 1);
+                if now_open as u64 > limit {
+                    drop(guard);
+                    // A slot frees when a request ends; there is no schedule to point to.
+                    return refuse(
+                        LimitKind::Concurrency,
+                        Duration::from_secs(1),
+                        requests,
+                        token_budget,
+                        undo,
+                    );
+                }
+                Some(guard)
+            }
+            None => None,
+        };
+        Ok(Admission {
+            reserved_tokens: if limits.tokens_per_minute.is_some() {
+                tokens
+            } else {
+                0
+            },
+            slot,
+            requests,
+            tokens: token_budget,
+        })
+    }
+
+    fn settle(&self, tenant: &str, limits: &Limits, reserved: u64, actual: Option<u64>) {
+        if limits.tokens_per_minute.is_none() || reserved == 0 {
+            return;
+        }
+        if let Some(actual) = actual {
+            let delta = actual as isize - reserved as isize;
+            if delta != 0 {
+                self.tokens_per_minute.observe(&tenant, delta);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(rpm: Option<u64>, tpm: Option<u64>, conc: Option<u64>) -> Limits {
+        Limits {
+            requests_per_second: None,
+            requests_per_minute: rpm,
+            tokens_per_minute: tpm,
+            concurrent_requests: conc,
+        }
+    }
+
+    #[test]
+    fn requests_per_minute_hold() {
+        let l = LocalLimiter::default();
+        let lim = limits(Some(5), None, None);
+        let admitted = (0..8).filter(|_| l.admit("t", &lim, 0).is_ok()).count();
+        assert_eq!(admitted, 5);
+        let r = l.admit("t", &lim, 0).err().unwrap();
+        assert_eq!(r.kind, LimitKind::RequestsPerMinute);
+        assert!(r.retry_after > Duration::ZERO && r.retry_after <= Duration::from_secs(120));
+        // Another tenant has its own budget.
+        assert!(l.admit("u", &lim, 0).is_ok());
+    }
+
+    #[test]
+    fn token_reservations_are_settled() {
+        let l = LocalLimiter::default();
+        let lim = limits(None, Some(1000), None);
+        let a = l.admit("t", &lim, 600).ok().unwrap();
+        assert_eq!(a.reserved_tokens, 600);
+        assert_eq!(a.tokens.unwrap().remaining, 400);
+        // A second request of the same estimate does not fit.
+        assert_eq!(
+            l.admit("t", &lim, 600).err().unwrap().kind,
+            LimitKind::TokensPerMinute
+        );
+        // The first used only 100: 900 are free again.
+        l.settle("t", &lim, 600, Some(100));
+        let b = l.admit("t", &lim, 600).ok().unwrap();
+        assert_eq!(b.tokens.unwrap().remaining, 300);
+    }
+
+    #[test]
+    fn a_refused_request_takes_nothing() {
+        let l = LocalLimiter::default();
+        let lim = limits(Some(10), Some(100), None);
+        assert!(l.admit("t", &lim, 90).is_ok());
+        // Refused on tokens: its request count is given back.
+        for _ in 0..20 {
+            assert!(l.admit("t", &lim, 50).is_err());
+        }
+        let ok = l.admit("t", &lim, 5).ok().unwrap();
+        assert_eq!(ok.requests.unwrap().remaining, 8);
+    }
+
+    #[test]
+    fn concurrency_slots_free_on_drop() {
+        let l = LocalLimiter::default();
+        let lim = limits(None, None, Some(2));
+        let a = l.admit("t", &lim, 0).ok().unwrap();
+        let b = l.admit("t", &lim, 0).ok().unwrap();
+        assert_eq!(
+            l.admit("t", &lim, 0).err().unwrap().kind,
+            LimitKind::Concurrency
+        );
+        drop(a);
+        let c = l.admit("t", &lim, 0);
+        assert!(c.is_ok());
+        drop((b, c));
+    }
+}

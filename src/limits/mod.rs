@@ -1,0 +1,169 @@
+//! Admission stage (`request_filter`, `logging`): per-tenant limits on requests per
+//! second and per minute, tokens per minute and concurrent open requests.
+//!
+//! A flow that spans hooks:
+//! 1. `request_filter` asks [`Limiter::admit`] with the request's token estimate (its
+//!    `max_tokens`, or the configured default, plus a quarter of its body bytes for the
+//!    input). Admission counts the request and reserves the estimate.
+//! 2. Success and refusal answers both carry the OpenAI-style `x-ratelimit-*` headers.
+//! 3. `logging` settles the reservation with the provider's actual count, also after
+//!    errors and disconnects (then the estimate stands, as the upstream may have worked).
+//!    The concurrency slot is released when the request's context is dropped.
+
+pub mod local;
+
+use std::time::Duration;
+
+use pingora_limits::inflight::Guard;
+
+use crate::config::Limits;
+
+/// Which limit refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitKind {
+    RequestsPerSecond,
+    RequestsPerMinute,
+    TokensPerMinute,
+    Concurrency,
+}
+
+impl LimitKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            LimitKind::RequestsPerSecond => "requests_per_second",
+            LimitKind::RequestsPerMinute => "requests_per_minute",
+            LimitKind::TokensPerMinute => "tokens_per_minute",
+            LimitKind::Concurrency => "concurrent_requests",
+        }
+    }
+
+    pub fn is_tokens(self) -> bool {
+        self == LimitKind::TokensPerMinute
+    }
+}
+
+/// The state of one limit after a decision, for the `x-ratelimit-*` headers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Budget {
+    pub limit: u64,
+    pub remaining: u64,
+    /// Until the budget is whole again.
+    pub reset: Duration,
+}
+
+/// What an admitted request holds until it ends.
+pub struct Admission {
+    /// Tokens reserved for it, settled at its end.
+    pub reserved_tokens: u64,
+    /// Its concurrency slot, released on drop.
+    pub slot: Option<Guard>,
+    pub requests: Option<Budget>,
+    pub tokens: Option<Budget>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refused {
+    pub kind: LimitKind,
+    pub retry_after: Duration,
+    pub requests: Option<Budget>,
+    pub tokens: Option<Budget>,
+}
+
+/// The header values OpenAI sends with every answer, in its own formats: counts as
+/// integers, resets as durations like `1s`, `6m0s` or `250ms`.
+pub fn headers(requests: Option<&Budget>, tokens: Option<&Budget>) -> Vec<(&'static str, String)> {
+    let mut out = Vec::with_capacity(6);
+    for (b, names) in [
+        (
+            requests,
+            [
+                "x-ratelimit-limit-requests",
+                "x-ratelimit-remaining-requests",
+                "x-ratelimit-reset-requests",
+            ],
+        ),
+        (
+            tokens,
+            [
+                "x-ratelimit-limit-tokens",
+                "x-ratelimit-remaining-tokens",
+                "x-ratelimit-reset-tokens",
+            ],
+        ),
+    ] {
+        if let Some(b) = b {
+            out.push((names[0], b.limit.to_string()));
+            out.push((names[1], b.remaining.to_string()));
+            out.push((names[2], openai_duration(b.reset)));
+        }
+    }
+    out
+}
+
+/// `250ms`, `1s`, `6m0s`, `1h2m3s`.
+pub fn openai_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let s = d.as_secs_f64().ceil() as u64;
+    let (h, m, s) = (s / 3600, (s / 60) % 60, s % 60);
+    if h > 0 {
+        format!("{h}h{m}m{s}s")
+    } else if m > 0 {
+        format!("{m}m{s}s")
+    } else {
+        format!("{s}s")
+    }
+}
+
+/// The token estimate a request is admitted against: its output cap (or the default)
+/// plus a quarter of its body bytes for the input.
+pub fn estimate_tokens(max_tokens: Option<u64>, default_max: u64, body_bytes: usize) -> u64 {
+    max_tokens.unwrap_or(default_max) + (body_bytes as u64).div_ceil(4)
+}
+
+/// Limits are checked by one of these; the local one works alone.
+pub trait Limiter: Send + Sync {
+    fn admit(&self, tenant: &str, limits: &Limits, tokens: u64) -> Result<Admission, Refused>;
+    /// The request ended having used `actual` tokens (`None`: unknown, keep the
+    /// reservation).
+    fn settle(&self, tenant: &str, limits: &Limits, reserved: u64, actual: Option<u64>);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_in_openai_format() {
+        assert_eq!(openai_duration(Duration::from_millis(250)), "250ms");
+        assert_eq!(openai_duration(Duration::from_millis(1200)), "2s");
+        assert_eq!(openai_duration(Duration::from_secs(360)), "6m0s");
+        assert_eq!(openai_duration(Duration::from_secs(3723)), "1h2m3s");
+    }
+
+    #[test]
+    fn header_names_and_values() {
+        let b = Budget {
+            limit: 60,
+            remaining: 59,
+            reset: Duration::from_secs(1),
+        };
+        let h = headers(Some(&b), None);
+        assert_eq!(
+            h,
+            [
+                ("x-ratelimit-limit-requests", "60".to_string()),
+                ("x-ratelimit-remaining-requests", "59".to_string()),
+                ("x-ratelimit-reset-requests", "1s".to_string())
+            ]
+        );
+    }
+
+    #[test]
+    fn estimates() {
+        assert_eq!(estimate_tokens(Some(100), 1024, 400), 200);
+        assert_eq!(estimate_tokens(None, 1024, 1), 1025);
+    }
+}
