@@ -1,0 +1,155 @@
+//! Tenant limits on one relay: refusals before the upstream is paid, their headers and
+//! error shape, token reservations settled with the real usage, and concurrency slots
+//! freed when a client goes away.
+
+mod common;
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const RPM_KEY: &str = "sk-tenant-rpm";
+const TPM_KEY: &str = "sk-tenant-tpm";
+const CONC_KEY: &str = "sk-tenant-conc";
+
+fn start() -> (MockProc, RelayProc) {
+    let mock = MockProc::start(None);
+    let u = mock.url();
+    let config = format!(
+        r#"routes:
+  - {{ name: openai, prefix: /openai/v1, provider: openai, upstreams: ["{u}/v1"] }}
+  - {{ name: anthropic, prefix: /anthropic, provider: anthropic, upstreams: ["{u}"] }}
+limits:
+  default_max_tokens: 100
+tenants:
+  - {{ id: rpm, key_sha256: ["{h1}"], limits: {{ requests_per_minute: 3 }} }}
+  - {{ id: tpm, key_sha256: ["{h2}"], limits: {{ tokens_per_minute: 300 }} }}
+  - {{ id: conc, key_sha256: ["{h3}"], limits: {{ concurrent_requests: 1 }} }}
+"#,
+        h1 = hash(RPM_KEY),
+        h2 = hash(TPM_KEY),
+        h3 = hash(CONC_KEY),
+    );
+    let relay = RelayProc::start(&config, &[]);
+    (mock, relay)
+}
+
+fn chat(relay: &RelayProc, key: &str, body: &[u8]) -> Response {
+    let auth = format!("Bearer {key}");
+    request(
+        relay.addr,
+        "POST",
+        "/openai/v1/chat/completions",
+        &[("authorization", &auth)],
+        body,
+    )
+}
+
+#[test]
+fn requests_per_minute_refuse_with_headers_and_provider_shape() {
+    let (mock, relay) = start();
+    let body = chat_body(false, false);
+    for i in 0..3 {
+        let r = chat(&relay, RPM_KEY, &body);
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-ratelimit-limit-requests"), Some("3"));
+        assert_eq!(
+            r.header("x-ratelimit-remaining-requests"),
+            Some((2 - i).to_string().as_str())
+        );
+        assert!(r.header("x-ratelimit-reset-requests").is_some());
+    }
+    let r = chat(&relay, RPM_KEY, &body);
+    assert_eq!(r.status, 429);
+    assert_eq!(r.json()["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(r.json()["error"]["type"], "requests");
+    let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=120).contains(&retry), "{retry}");
+    assert_eq!(r.header("x-ratelimit-remaining-requests"), Some("0"));
+
+    let r = request(
+        relay.addr,
+        "POST",
+        "/anthropic/v1/messages",
+        &[("x-api-key", RPM_KEY), ("anthropic-version", "2023-06-01")],
+        &anthropic_body(false),
+    );
+    assert_eq!(r.status, 429);
+    assert_eq!(r.json()["error"]["type"], "rate_limit_error");
+    // Only the three admitted requests reached the provider.
+    assert_eq!(mock.stats()["requests"], 3);
+    relay.metrics_with(
+        r#"stream_relay_requests_total{outcome="rate_limited",route="openai",status_class="4xx"} 1"#,
+    );
+}
+
+#[test]
+fn token_reservations_are_settled_with_actual_usage() {
+    let (mock, relay) = start();
+    // Each request is admitted against 100 (default max_tokens) + body/4 tokens, about
+    // 125, but uses about 25 + 8: with settlement five fit in 300 tokens, without it
+    // only two would.
+    let body = chat_body(false, false);
+    for i in 0..5 {
+        let r = chat(&relay, TPM_KEY, &body);
+        assert_eq!(
+            r.status,
+            200,
+            "request {i}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    // A request asking for more than the budget is refused before the upstream.
+    let before = mock.stats()["requests"].as_u64().unwrap();
+    let greedy = serde_json::json!({
+        "model": "gpt-4o-mini",
+        "max_tokens": 1000,
+        "messages": [{"role": "user", "content": "Say hello"}],
+    })
+    .to_string();
+    let r = chat(&relay, TPM_KEY, greedy.as_bytes());
+    assert_eq!(r.status, 429);
+    assert_eq!(r.json()["error"]["type"], "tokens");
+    assert_eq!(r.header("x-ratelimit-limit-tokens"), Some("300"));
+    assert_eq!(mock.stats()["requests"].as_u64().unwrap(), before);
+}
+
+#[test]
+fn concurrency_slot_is_freed_when_the_client_goes_away() {
+    let (mock, relay) = start();
+    let auth = format!("Bearer {CONC_KEY}");
+    // A long stream holds the tenant's only slot.
+    let mut s = TcpStream::connect(relay.addr).unwrap();
+    s.write_all(&build_request(
+        "POST",
+        "/openai/v1/chat/completions",
+        &[
+            ("authorization", &auth),
+            ("x-mock-chunks", "400"),
+            ("x-mock-interval-ms", "50"),
+        ],
+        &chat_body(true, false),
+    ))
+    .unwrap();
+    let first = read_response(&mut s, Instant::now(), Duration::from_secs(10), 2);
+    assert_eq!(first.status, 200);
+
+    let r = chat(&relay, CONC_KEY, &chat_body(false, false));
+    assert_eq!(r.status, 429);
+    assert_eq!(r.json()["error"]["code"], "rate_limit_exceeded");
+
+    // The client hangs up: the upstream request is cancelled and the slot freed.
+    drop(s);
+    assert_eq!(mock.wait_stat("cancelled", 1, Duration::from_secs(5)), 1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = chat(&relay, CONC_KEY, &chat_body(false, false));
+        if r.status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "slot never freed: {}", r.status);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
