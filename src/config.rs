@@ -40,6 +40,82 @@ pub struct RawConfig {
     /// Tenant limits: the default, and how tokens are estimated at admission.
     #[serde(default)]
     pub limits: RawLimitsSection,
+    /// Redis for limits shared by a fleet of relays; absent: limits per relay.
+    #[serde(default)]
+    pub redis: Option<RawRedis>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRedis {
+    /// `redis://[:password@]host:port[/db]`, or `env:NAME` / `file:/path` holding it.
+    pub url: String,
+    /// Longest wait for Redis on the request path. Default `50ms`.
+    #[serde(default)]
+    pub timeout: Option<String>,
+    /// What to do while Redis is down or slow: `local` (serve under this relay's own
+    /// limits) or `refuse` (503 for tenants that have limits). Default `local`.
+    #[serde(default)]
+    pub on_failure: Option<String>,
+    /// Key prefix, before the script version. Default `stream-relay`.
+    #[serde(default)]
+    pub key_prefix: Option<String>,
+    /// A concurrency slot whose relay died is freed after this. Default `30m`.
+    #[serde(default)]
+    pub slot_ttl: Option<String>,
+}
+
+/// Validated Redis settings.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    pub url: crate::secret::Secret,
+    pub timeout: Duration,
+    pub refuse_when_down: bool,
+    pub key_prefix: String,
+    pub slot_ttl: Duration,
+}
+
+fn validate_redis(
+    r: &RawRedis,
+    lookup_env: &dyn Fn(&str) -> Option<String>,
+) -> Result<RedisConfig, ConfigError> {
+    let url = if r.url.starts_with("env:") || r.url.starts_with("file:") {
+        let reference = SecretRef::parse(&r.url).map_err(|m| err("redis.url", m))?;
+        match reference.resolve(lookup_env) {
+            SecretState::Present(s) => s,
+            SecretState::Missing { reference } => {
+                return Err(err("redis.url", format!("{reference} is not set")))
+            }
+        }
+    } else {
+        crate::secret::Secret::new(r.url.clone())
+    };
+    if !url.expose().starts_with("redis://") && !url.expose().starts_with("rediss://") {
+        return Err(err("redis.url", "must start with redis:// or rediss://"));
+    }
+    let dur = |key: &str, v: &Option<String>, default: &str| {
+        parse_duration(v.as_deref().unwrap_or(default)).map_err(|m| err(format!("redis.{key}"), m))
+    };
+    let refuse_when_down = match r.on_failure.as_deref().unwrap_or("local") {
+        "local" => false,
+        "refuse" => true,
+        other => {
+            return Err(err(
+                "redis.on_failure",
+                format!("`{other}`: must be `local` or `refuse`"),
+            ))
+        }
+    };
+    Ok(RedisConfig {
+        url,
+        timeout: dur("timeout", &r.timeout, "50ms")?,
+        refuse_when_down,
+        key_prefix: r
+            .key_prefix
+            .clone()
+            .unwrap_or_else(|| "stream-relay".into()),
+        slot_ttl: dur("slot_ttl", &r.slot_ttl, "30m")?,
+    })
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -304,6 +380,7 @@ pub struct Config {
     pub metrics: RawMetrics,
     /// Output tokens assumed when a request sets no `max_tokens`.
     pub default_max_tokens: u64,
+    pub redis: Option<RedisConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -581,7 +658,12 @@ impl RawConfig {
         if self.limits.default_max_tokens == Some(0) {
             return Err(err("limits.default_max_tokens", "must be at least 1"));
         }
+        let redis = match &self.redis {
+            Some(r) => Some(validate_redis(r, lookup_env)?),
+            None => None,
+        };
         Ok(Config {
+            redis,
             default_max_tokens: self.limits.default_max_tokens.unwrap_or(1024),
             pricing: crate::cost::Pricing::new(&self.pricing),
             metrics: self.metrics,

@@ -53,6 +53,8 @@ pub enum RelayError {
     ProviderKeyMissing {
         route: String,
     },
+    /// Redis could not be asked and the policy is to refuse.
+    LimiterUnavailable,
     UpstreamUnavailable,
     UpstreamTimeout,
     Internal,
@@ -66,7 +68,7 @@ impl RelayError {
             RelayError::MissingKey | RelayError::InvalidKey => 401,
             RelayError::RouteForbidden { .. } => 403,
             RelayError::RateLimited { .. } => 429,
-            RelayError::ProviderKeyMissing { .. } => 503,
+            RelayError::ProviderKeyMissing { .. } | RelayError::LimiterUnavailable => 503,
             RelayError::UpstreamUnavailable => 502,
             RelayError::UpstreamTimeout => 504,
             RelayError::Internal => 500,
@@ -83,6 +85,7 @@ impl RelayError {
             RelayError::RouteForbidden { .. } => "route_forbidden",
             RelayError::RateLimited { .. } => "rate_limited",
             RelayError::ProviderKeyMissing { .. } => "provider_key_missing",
+            RelayError::LimiterUnavailable => "limiter_unavailable",
             RelayError::UpstreamUnavailable => "upstream_unavailable",
             RelayError::UpstreamTimeout => "upstream_timeout",
             RelayError::Internal => "internal",
@@ -107,6 +110,9 @@ impl RelayError {
             RelayError::ProviderKeyMissing { route } => format!(
                 "The route `{route}` is not available: the relay has no provider key configured for it."
             ),
+            RelayError::LimiterUnavailable => {
+                "The relay cannot check this key's limits right now; retry shortly.".into()
+            }
             RelayError::UpstreamUnavailable => {
                 "The upstream provider could not be reached.".into()
             }
@@ -125,6 +131,7 @@ impl RelayError {
             RelayError::RateLimited { tokens: true, .. } => ("tokens", "rate_limit_exceeded"),
             RelayError::RateLimited { tokens: false, .. } => ("requests", "rate_limit_exceeded"),
             RelayError::ProviderKeyMissing { .. } => ("api_error", "provider_key_missing"),
+            RelayError::LimiterUnavailable => ("api_error", "limiter_unavailable"),
             RelayError::UpstreamUnavailable => ("api_error", "upstream_unavailable"),
             RelayError::UpstreamTimeout => ("api_error", "upstream_timeout"),
             RelayError::Internal => ("api_error", "internal_error"),
@@ -139,6 +146,7 @@ impl RelayError {
             RelayError::RouteForbidden { .. } => "permission_error",
             RelayError::RateLimited { .. } => "rate_limit_error",
             RelayError::ProviderKeyMissing { .. }
+            | RelayError::LimiterUnavailable
             | RelayError::UpstreamUnavailable
             | RelayError::UpstreamTimeout
             | RelayError::Internal => "api_error",
@@ -203,12 +211,16 @@ mod tests {
                 tokens: false,
             },
             RelayError::ProviderKeyMissing { route: "r".into() },
+            RelayError::LimiterUnavailable,
             RelayError::UpstreamUnavailable,
             RelayError::UpstreamTimeout,
             RelayError::Internal,
         ];
         let statuses: Vec<u16> = all.iter().map(|e| e.status()).collect();
-        assert_eq!(statuses, [400, 404, 401, 401, 403, 429, 503, 502, 504, 500]);
+        assert_eq!(
+            statuses,
+            [400, 404, 401, 401, 403, 429, 503, 503, 502, 504, 500]
+        );
         let mut kinds: Vec<&str> = all.iter().map(|e| e.kind()).collect();
         kinds.dedup();
         assert_eq!(kinds.len(), all.len());

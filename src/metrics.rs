@@ -42,6 +42,8 @@ pub struct Metrics {
     open_streams: IntGaugeVec,
     response_bytes: IntCounterVec,
     upstream_failures: IntCounterVec,
+    limiter_redis_failures: prometheus::IntCounter,
+    limiter_redis_up: IntGauge,
     tenant_label: bool,
 }
 
@@ -128,7 +130,26 @@ impl Metrics {
         registry
             .register(Box::new(open_streams.clone()))
             .expect("unique metric");
+        let limiter_redis_failures = prometheus::IntCounter::new(
+            "stream_relay_limiter_redis_failures_total",
+            "Limit decisions or settlements that Redis did not answer in time; each fell back to the configured policy.",
+        )
+        .expect("metric");
+        registry
+            .register(Box::new(limiter_redis_failures.clone()))
+            .expect("unique metric");
+        let limiter_redis_up = IntGauge::new(
+            "stream_relay_limiter_redis_up",
+            "Whether the Redis limiter answers: 1 while it does (or is not configured), 0 while the relay falls back.",
+        )
+        .expect("metric");
+        limiter_redis_up.set(1);
+        registry
+            .register(Box::new(limiter_redis_up.clone()))
+            .expect("unique metric");
         Metrics {
+            limiter_redis_failures,
+            limiter_redis_up,
             requests: counter(
                 "stream_relay_requests_total",
                 "Requests finished, by route, status class and outcome.",
@@ -204,6 +225,14 @@ impl Metrics {
             gap: self.gap.with_label_values(&[route]),
             open,
         }
+    }
+
+    pub fn limiter_redis_failure(&self) {
+        self.limiter_redis_failures.inc();
+    }
+
+    pub fn limiter_redis_up(&self, up: bool) {
+        self.limiter_redis_up.set(i64::from(up));
     }
 
     pub fn upstream_failure(&self, route: &str, kind: &str) {

@@ -306,7 +306,11 @@ impl RelayProxy {
         let max_tokens = ctx.request_info.as_ref().and_then(|i| i.max_tokens);
         let estimate = limits::estimate_tokens(max_tokens, self.default_max_tokens, body_bytes);
         let tenant = ctx.tenant.clone().expect("admitted");
-        match self.limiter.admit(&tenant, &ctx.limits, estimate) {
+        match self
+            .limiter
+            .admit(&tenant, &ctx.request_id, &ctx.limits, estimate)
+            .await
+        {
             Ok(admission) => {
                 ctx.admission = Some(admission);
                 Ok(true)
@@ -316,9 +320,13 @@ impl RelayProxy {
                     limits::headers(refused.requests.as_ref(), refused.tokens.as_ref());
                 let secs = refused.retry_after.as_secs_f64().ceil().max(1.0) as u64;
                 headers.push(("retry-after", secs.to_string()));
-                let e = RelayError::RateLimited {
-                    limit: refused.kind.label(),
-                    tokens: refused.kind.is_tokens(),
+                let e = if refused.kind == limits::LimitKind::Unavailable {
+                    RelayError::LimiterUnavailable
+                } else {
+                    RelayError::RateLimited {
+                        limit: refused.kind.label(),
+                        tokens: refused.kind.is_tokens(),
+                    }
                 };
                 self.answer_locally_with(session, ctx, e, &headers).await?;
                 Ok(false)
@@ -736,10 +744,11 @@ impl ProxyHttp for RelayProxy {
                 _ => None,
             };
             if let Some(tenant) = &ctx.tenant {
+                // The concurrency slot is freed here (or as `admission` drops).
                 self.limiter
-                    .settle(tenant, &ctx.limits, admission.reserved_tokens, actual);
+                    .settle(tenant, &ctx.limits, admission, actual)
+                    .await;
             }
-            // The concurrency slot is freed as `admission` drops here.
         }
     }
 }

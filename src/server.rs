@@ -77,7 +77,10 @@ pub fn build(config: &Config, opt: Opt) -> Result<Server, String> {
         tenants: Arc::new(TenantTable::new(&config.tenants)),
         metrics: metrics.clone(),
         pricing: Arc::new(config.pricing.clone()),
-        limiter: Arc::new(crate::limits::local::LocalLimiter::default()),
+        limiter: match &config.redis {
+            Some(r) => Arc::new(crate::limits::redis::RedisLimiter::new(r, metrics.clone())?),
+            None => Arc::new(crate::limits::local::LocalLimiter::default()),
+        },
         default_max_tokens: config.default_max_tokens,
     };
     let mut proxy_service =

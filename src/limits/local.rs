@@ -8,6 +8,8 @@ use std::time::Duration;
 use pingora_limits::inflight::Inflight;
 use pingora_limits::rate::{Rate, RateComponents};
 
+use async_trait::async_trait;
+
 use super::{Admission, Budget, LimitKind, Limiter, Refused};
 use crate::config::Limits;
 
@@ -76,8 +78,36 @@ fn take(rate: &Rate, key: &str, n: u64, limit: u64) -> Result<Budget, Duration> 
     })
 }
 
+#[async_trait]
 impl Limiter for LocalLimiter {
-    fn admit(&self, tenant: &str, limits: &Limits, tokens: u64) -> Result<Admission, Refused> {
+    async fn admit(
+        &self,
+        tenant: &str,
+        _request_id: &str,
+        limits: &Limits,
+        tokens: u64,
+    ) -> Result<Admission, Refused> {
+        self.admit_now(tenant, limits, tokens)
+    }
+
+    async fn settle(
+        &self,
+        tenant: &str,
+        limits: &Limits,
+        admission: Admission,
+        actual: Option<u64>,
+    ) {
+        self.settle_now(tenant, limits, admission.reserved_tokens, actual);
+    }
+}
+
+impl LocalLimiter {
+    pub fn admit_now(
+        &self,
+        tenant: &str,
+        limits: &Limits,
+        tokens: u64,
+    ) -> Result<Admission, Refused> {
         let mut requests = None;
         let mut token_budget = None;
         // Each check that passes is undone if a later one refuses.
@@ -169,12 +199,13 @@ impl Limiter for LocalLimiter {
                 0
             },
             slot,
+            shared: None,
             requests,
             tokens: token_budget,
         })
     }
 
-    fn settle(&self, tenant: &str, limits: &Limits, reserved: u64, actual: Option<u64>) {
+    pub fn settle_now(&self, tenant: &str, limits: &Limits, reserved: u64, actual: Option<u64>) {
         if limits.tokens_per_minute.is_none() || reserved == 0 {
             return;
         }
@@ -204,30 +235,30 @@ mod tests {
     fn requests_per_minute_hold() {
         let l = LocalLimiter::default();
         let lim = limits(Some(5), None, None);
-        let admitted = (0..8).filter(|_| l.admit("t", &lim, 0).is_ok()).count();
+        let admitted = (0..8).filter(|_| l.admit_now("t", &lim, 0).is_ok()).count();
         assert_eq!(admitted, 5);
-        let r = l.admit("t", &lim, 0).err().unwrap();
+        let r = l.admit_now("t", &lim, 0).err().unwrap();
         assert_eq!(r.kind, LimitKind::RequestsPerMinute);
         assert!(r.retry_after > Duration::ZERO && r.retry_after <= Duration::from_secs(120));
         // Another tenant has its own budget.
-        assert!(l.admit("u", &lim, 0).is_ok());
+        assert!(l.admit_now("u", &lim, 0).is_ok());
     }
 
     #[test]
     fn token_reservations_are_settled() {
         let l = LocalLimiter::default();
         let lim = limits(None, Some(1000), None);
-        let a = l.admit("t", &lim, 600).ok().unwrap();
+        let a = l.admit_now("t", &lim, 600).ok().unwrap();
         assert_eq!(a.reserved_tokens, 600);
         assert_eq!(a.tokens.unwrap().remaining, 400);
         // A second request of the same estimate does not fit.
         assert_eq!(
-            l.admit("t", &lim, 600).err().unwrap().kind,
+            l.admit_now("t", &lim, 600).err().unwrap().kind,
             LimitKind::TokensPerMinute
         );
         // The first used only 100: 900 are free again.
-        l.settle("t", &lim, 600, Some(100));
-        let b = l.admit("t", &lim, 600).ok().unwrap();
+        l.settle_now("t", &lim, 600, Some(100));
+        let b = l.admit_now("t", &lim, 600).ok().unwrap();
         assert_eq!(b.tokens.unwrap().remaining, 300);
     }
 
@@ -235,12 +266,12 @@ mod tests {
     fn a_refused_request_takes_nothing() {
         let l = LocalLimiter::default();
         let lim = limits(Some(10), Some(100), None);
-        assert!(l.admit("t", &lim, 90).is_ok());
+        assert!(l.admit_now("t", &lim, 90).is_ok());
         // Refused on tokens: its request count is given back.
         for _ in 0..20 {
-            assert!(l.admit("t", &lim, 50).is_err());
+            assert!(l.admit_now("t", &lim, 50).is_err());
         }
-        let ok = l.admit("t", &lim, 5).ok().unwrap();
+        let ok = l.admit_now("t", &lim, 5).ok().unwrap();
         assert_eq!(ok.requests.unwrap().remaining, 8);
     }
 
@@ -248,14 +279,14 @@ mod tests {
     fn concurrency_slots_free_on_drop() {
         let l = LocalLimiter::default();
         let lim = limits(None, None, Some(2));
-        let a = l.admit("t", &lim, 0).ok().unwrap();
-        let b = l.admit("t", &lim, 0).ok().unwrap();
+        let a = l.admit_now("t", &lim, 0).ok().unwrap();
+        let b = l.admit_now("t", &lim, 0).ok().unwrap();
         assert_eq!(
-            l.admit("t", &lim, 0).err().unwrap().kind,
+            l.admit_now("t", &lim, 0).err().unwrap().kind,
             LimitKind::Concurrency
         );
         drop(a);
-        let c = l.admit("t", &lim, 0);
+        let c = l.admit_now("t", &lim, 0);
         assert!(c.is_ok());
         drop((b, c));
     }

@@ -11,9 +11,11 @@
 //!    The concurrency slot is released when the request's context is dropped.
 
 pub mod local;
+pub mod redis;
 
 use std::time::Duration;
 
+use async_trait::async_trait;
 use pingora_limits::inflight::Guard;
 
 use crate::config::Limits;
@@ -25,6 +27,8 @@ pub enum LimitKind {
     RequestsPerMinute,
     TokensPerMinute,
     Concurrency,
+    /// The shared limiter could not be asked and the policy is to refuse.
+    Unavailable,
 }
 
 impl LimitKind {
@@ -34,6 +38,7 @@ impl LimitKind {
             LimitKind::RequestsPerMinute => "requests_per_minute",
             LimitKind::TokensPerMinute => "tokens_per_minute",
             LimitKind::Concurrency => "concurrent_requests",
+            LimitKind::Unavailable => "limiter_unavailable",
         }
     }
 
@@ -55,10 +60,20 @@ pub struct Budget {
 pub struct Admission {
     /// Tokens reserved for it, settled at its end.
     pub reserved_tokens: u64,
-    /// Its concurrency slot, released on drop.
+    /// Its local concurrency slot, released on drop.
     pub slot: Option<Guard>,
+    /// What the shared (Redis) limiter must be told at the end.
+    pub shared: Option<SharedHold>,
     pub requests: Option<Budget>,
     pub tokens: Option<Budget>,
+}
+
+/// A reservation held in Redis: the token window it was counted in and the in-flight
+/// set member holding its concurrency slot.
+#[derive(Debug, Clone)]
+pub struct SharedHold {
+    pub tokens_key: String,
+    pub member: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -123,12 +138,26 @@ pub fn estimate_tokens(max_tokens: Option<u64>, default_max: u64, body_bytes: us
     max_tokens.unwrap_or(default_max) + (body_bytes as u64).div_ceil(4)
 }
 
-/// Limits are checked by one of these; the local one works alone.
+/// Limits are checked by one of these: the local one alone, or Redis shared by a fleet.
+#[async_trait]
 pub trait Limiter: Send + Sync {
-    fn admit(&self, tenant: &str, limits: &Limits, tokens: u64) -> Result<Admission, Refused>;
+    /// `request_id` names the request's concurrency slot where slots are shared.
+    async fn admit(
+        &self,
+        tenant: &str,
+        request_id: &str,
+        limits: &Limits,
+        tokens: u64,
+    ) -> Result<Admission, Refused>;
     /// The request ended having used `actual` tokens (`None`: unknown, keep the
-    /// reservation).
-    fn settle(&self, tenant: &str, limits: &Limits, reserved: u64, actual: Option<u64>);
+    /// reservation); its concurrency slot is released.
+    async fn settle(
+        &self,
+        tenant: &str,
+        limits: &Limits,
+        admission: Admission,
+        actual: Option<u64>,
+    );
 }
 
 #[cfg(test)]

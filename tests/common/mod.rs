@@ -431,3 +431,51 @@ pub fn anthropic_body(stream: bool) -> Vec<u8> {
     .to_string()
     .into_bytes()
 }
+
+/// A `redis-server` of the test's own, on a free loopback port with a temporary data
+/// directory, stopped by pid. Under CI a missing server is a failure, not a skip.
+pub struct RedisProc {
+    pub proc: Proc,
+    pub port: u16,
+    pub dir: PathBuf,
+}
+
+impl RedisProc {
+    pub fn start() -> RedisProc {
+        RedisProc::start_on(free_port())
+    }
+
+    pub fn start_on(port: u16) -> RedisProc {
+        let dir = temp_dir("redis");
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (scripts/test.sh installs it)");
+        let redis = RedisProc {
+            proc: Proc {
+                child,
+                signal: "-TERM",
+            },
+            port,
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not start on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+}
