@@ -13,6 +13,7 @@ pub mod limits;
 pub mod metrics;
 pub mod mock;
 pub mod proxy;
+pub mod reload;
 pub mod request_id;
 pub mod request_info;
 pub mod route;

@@ -72,7 +72,7 @@ fn run_relay(args: &[String], mut check_only: bool) -> ExitCode {
         daemon,
         ..Opt::default()
     };
-    match server::build(&config, opt) {
+    match server::build(&config, &conf, opt) {
         Ok(s) => s.run_forever(),
         Err(e) => {
             eprintln!("{}: {e}", conf.display());

@@ -44,6 +44,7 @@ pub struct Metrics {
     upstream_failures: IntCounterVec,
     limiter_redis_failures: prometheus::IntCounter,
     limiter_redis_up: IntGauge,
+    config_reloads: IntCounterVec,
     tenant_label: bool,
 }
 
@@ -148,6 +149,11 @@ impl Metrics {
             .register(Box::new(limiter_redis_up.clone()))
             .expect("unique metric");
         Metrics {
+            config_reloads: counter(
+                "stream_relay_config_reloads_total",
+                "Configuration reloads (tenants and limits), by result: ok or refused.",
+                &["result"],
+            ),
             limiter_redis_failures,
             limiter_redis_up,
             requests: counter(
@@ -225,6 +231,12 @@ impl Metrics {
             gap: self.gap.with_label_values(&[route]),
             open,
         }
+    }
+
+    pub fn config_reload(&self, ok: bool) {
+        self.config_reloads
+            .with_label_values(&[if ok { "ok" } else { "refused" }])
+            .inc();
     }
 
     pub fn limiter_redis_failure(&self) {

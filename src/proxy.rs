@@ -226,7 +226,8 @@ pub fn outcome(ctx: &RequestCtx, e: Option<&Error>) -> &'static str {
 
 pub struct RelayProxy {
     pub routes: Arc<RouteTable>,
-    pub tenants: Arc<TenantTable>,
+    /// Swapped whole when the configuration is reloaded.
+    pub tenants: Arc<crate::reload::Tenants>,
     pub metrics: Arc<Metrics>,
     pub pricing: Arc<Pricing>,
     pub limiter: Arc<dyn Limiter>,
@@ -379,7 +380,8 @@ impl ProxyHttp for RelayProxy {
             .get(request_id::HEADER)
             .and_then(|v| request_id::accept_client_id(v.as_bytes()))
             .unwrap_or_else(request_id::new_id);
-        match admit(&self.routes, &self.tenants, req) {
+        let tenants = self.tenants.current();
+        match admit(&self.routes, &tenants, req) {
             Ok(a) => {
                 ctx.shape = ErrorShape::for_provider(a.route.provider);
                 ctx.first_upstream = a.route.first_upstream();

@@ -20,6 +20,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::mock::Mock;
 use crate::proxy::RelayProxy;
+use crate::reload::{Reloader, Tenants};
 use crate::route::{RouteKey, RouteTable};
 use crate::upstream::Resolver;
 
@@ -42,7 +43,7 @@ pub fn server_conf(config: &Config) -> ServerConf {
 
 /// Builds the server. Upstream names are resolved here once, waiting at most 3 s, before any
 /// runtime starts; the resolver service refreshes them afterwards.
-pub fn build(config: &Config, opt: Opt) -> Result<Server, String> {
+pub fn build(config: &Config, config_path: &std::path::Path, opt: Opt) -> Result<Server, String> {
     let routes = Arc::new(RouteTable::new(&config.routes)?);
     for route in routes.iter() {
         if let RouteKey::Missing { reference } = &route.key {
@@ -71,10 +72,12 @@ pub fn build(config: &Config, opt: Opt) -> Result<Server, String> {
     server.bootstrap();
 
     let metrics = Arc::new(Metrics::new(config.metrics.tenant_label));
+    let reload_metrics = metrics.clone();
     let draining = Arc::new(Draining::default());
+    let tenants = Arc::new(Tenants::new(TenantTable::new(&config.tenants)));
     let proxy = RelayProxy {
         routes: routes.clone(),
-        tenants: Arc::new(TenantTable::new(&config.tenants)),
+        tenants: tenants.clone(),
         metrics: metrics.clone(),
         pricing: Arc::new(config.pricing.clone()),
         limiter: match &config.redis {
@@ -105,6 +108,15 @@ pub fn build(config: &Config, opt: Opt) -> Result<Server, String> {
     }
     server.add_service(background_service("drain watch", DrainWatch(draining)));
     server.add_service(background_service("upstream resolver", resolver));
+    server.add_service(background_service(
+        "config reload",
+        Reloader {
+            path: config_path.to_path_buf(),
+            tenants,
+            metrics: reload_metrics,
+            route_names: config.route_names().map(str::to_string).collect(),
+        },
+    ));
     if let Some(mock_addr) = &config.mock_listen {
         server.add_service(background_service(
             "mock provider",

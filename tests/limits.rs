@@ -153,3 +153,60 @@ fn concurrency_slot_is_freed_when_the_client_goes_away() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Tenants and limits reload without a restart: on SIGHUP and when the file changes; a
+/// broken file is refused and the running tenants stay.
+#[test]
+fn tenants_reload_on_sighup_and_file_change_and_broken_files_are_refused() {
+    let (_mock, relay) = start();
+    let conf_path = relay.dir.join("relay.yaml");
+    let original = std::fs::read_to_string(&conf_path).unwrap();
+    let new_key = "sk-tenant-added-later";
+    assert_eq!(chat(&relay, new_key, &chat_body(false, false)).status, 401);
+
+    // Added by editing the file and sending SIGHUP.
+    let added = format!(
+        "{original}  - {{ id: later, key_sha256: [\"{}\"], limits: {{ requests_per_minute: 1 }} }}\n",
+        hash(new_key)
+    );
+    std::fs::write(&conf_path, &added).unwrap();
+    std::process::Command::new("kill")
+        .args(["-HUP", &relay.proc.pid().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = chat(&relay, new_key, &chat_body(false, false));
+        if r.status == 200 {
+            break;
+        }
+        assert_eq!(r.status, 401);
+        assert!(Instant::now() < deadline, "the new tenant never appeared");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Its limit came with it.
+    assert_eq!(chat(&relay, new_key, &chat_body(false, false)).status, 429);
+
+    // A broken file is refused; the tenants that run stay.
+    std::fs::write(
+        &conf_path,
+        added.replace("requests_per_minute: 1", "requests_per_minute: 0"),
+    )
+    .unwrap();
+    relay.metrics_with(r#"stream_relay_config_reloads_total{result="refused"} 1"#);
+    assert!(relay
+        .stderr()
+        .contains("reload refused, the running tenants stay"));
+    assert!(relay
+        .stderr()
+        .contains("requests_per_minute: must be at least 1"));
+    assert_eq!(chat(&relay, RPM_KEY, &chat_body(false, false)).status, 200);
+
+    // Removing the tenant from the file (no signal: the change is noticed) locks it out.
+    std::fs::write(&conf_path, &original).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while chat(&relay, new_key, &chat_body(false, false)).status != 401 {
+        assert!(Instant::now() < deadline, "the removed tenant still works");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
