@@ -22,6 +22,8 @@ redis:
   url: "{redis_url}"
   timeout: 200ms
   on_failure: {on_failure}
+limits:
+  default_max_tokens: 100
 tenants:
   - {{ id: fleet, key_sha256: ["{h}"], limits: {limits} }}
 "#,
@@ -160,4 +162,31 @@ fn redis_down_keeps_serving_then_recovers() {
         &log[log.len().saturating_sub(3000)..]
     );
     drop(redis);
+}
+
+/// Token reservations taken on one relay are settled in Redis with the real usage, so a
+/// budget that holds two estimates serves five short answers across two relays.
+#[test]
+fn token_reservations_settle_in_redis() {
+    let redis = RedisProc::start();
+    let mock = MockProc::start(None);
+    let conf = config(&mock, &redis.url(), "{ tokens_per_minute: 300 }", "local");
+    let relays = [RelayProc::start(&conf, &[]), RelayProc::start(&conf, &[])];
+    for i in 0..5 {
+        let r = chat(&relays[i % 2]);
+        assert_eq!(r.status, 200, "request {i}");
+        assert_eq!(r.header("x-ratelimit-limit-tokens"), Some("300"));
+    }
+    let auth = format!("Bearer {KEY}");
+    let greedy = r#"{"model":"m","max_tokens":1000,"messages":[]}"#;
+    let r = request(
+        relays[0].addr,
+        "POST",
+        "/openai/v1/chat/completions",
+        &[("authorization", &auth)],
+        greedy.as_bytes(),
+    );
+    assert_eq!(r.status, 429);
+    assert_eq!(r.json()["error"]["type"], "tokens");
+    assert_eq!(mock.stats()["requests"], 5);
 }
