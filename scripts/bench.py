@@ -175,6 +175,21 @@ tenants:
         env = dict(os.environ, BENCH_PROVIDER_KEY=PROVIDER_KEY, RUST_LOG="warn")
         relay = start([relay_bin, "-c", os.path.join(tmp, "relay.yaml")], env=env)
         procs.append(relay)
+        # The same relay with local limits on (high enough never to refuse): what a limit
+        # decision costs in throughput.
+        limited_port, limited_admin = free_port(), free_port()
+        with open(os.path.join(tmp, "relay.yaml")) as f:
+            limited_conf = f.read()
+        limited_conf = (limited_conf.replace(f"127.0.0.1:{relay_port}", f"127.0.0.1:{limited_port}")
+                        .replace(f"127.0.0.1:{admin_port}", f"127.0.0.1:{limited_admin}")
+                        .replace(f"{tmp}/relay.pid", f"{tmp}/limited.pid")
+                        .replace(f"{tmp}/upgrade.sock", f"{tmp}/limited.sock")
+                        + "limits:\n  default: { requests_per_second: 1000000000, requests_per_minute: 1000000000,"
+                        " tokens_per_minute: 1000000000000, concurrent_requests: 1000000 }\n")
+        with open(os.path.join(tmp, "limited.yaml"), "w") as f:
+            f.write(limited_conf)
+        limited = start([relay_bin, "-c", os.path.join(tmp, "limited.yaml")], env=env)
+        procs.append(limited)
 
         nginx_port = free_port()
         with open(os.path.join(tmp, "nginx.conf"), "w") as f:
@@ -203,7 +218,7 @@ http {{
 """)
         nginx = start(["nginx", "-p", tmp, "-c", os.path.join(tmp, "nginx.conf"), "-g", "daemon off;"])
         procs.append(nginx)
-        for p in (relay_port, nginx_port, mock_port):
+        for p in (relay_port, nginx_port, mock_port, limited_port):
             wait_port(p)
         time.sleep(0.5)
 
@@ -211,7 +226,7 @@ http {{
         targets = [("direct", mock_port, mock.pid, PROVIDER_KEY), ("nginx", nginx_port, nginx.pid, TENANT_KEY),
                    ("stream-relay", relay_port, relay.pid, TENANT_KEY)]
         results = {}
-        for name, port, pid, key in targets:
+        for name, port, pid, key in targets + [("stream-relay+limits", limited_port, limited.pid, TENANT_KEY)]:
             pids = tree(pid)
             wrk(port, 2, a.conns, tmp, key)  # warm-up: connections, pools, caches
             c0 = cpu_seconds(pids)
@@ -267,6 +282,11 @@ http {{
               f"| {ms(s['first_event_us']['p50'] - d['first_event_us']['p50']):.2f} / "
               f"{ms(s['event_delay_us']['p50'] - d['event_delay_us']['p50']):.2f} "
               f"| {s['rss_hwm'] / 1e6:.1f} | {s['rss_per_stream'] / 1024:.1f} |")
+    lj = results["stream-relay+limits"]["json"]
+    rj = results["stream-relay"]["json"]
+    print(f"\nwith local limits on: {lj['rps']:.0f} req/s, {lj['cpu_us_per_request']:.1f} us CPU/request "
+          f"({100.0 * (lj['rps'] / rj['rps'] - 1):+.1f}% throughput, "
+          f"{100.0 * (lj['cpu_us_per_request'] / rj['cpu_us_per_request'] - 1):+.1f}% CPU per request; target: under 2% cost)")
     r, n = results["stream-relay"], results["nginx"]
     cpu_ratio = r["json"]["cpu_us_per_request"] / max(n["json"]["cpu_us_per_request"], 1e-9)
     p99_gap = ms(r["streams"]["event_delay_us"]["p99"] - n["streams"]["event_delay_us"]["p99"])
