@@ -33,16 +33,32 @@ fn bench(c: &mut Criterion) {
     c.bench_function("limit decision/local (admit + settle)", |b| {
         b.iter(|| {
             i = (i + 1) % tenants.len();
-            let a = local.admit_now(black_box(&tenants[i]), &l, 500).ok().unwrap();
+            let a = local
+                .admit_now(black_box(&tenants[i]), &l, 500)
+                .ok()
+                .unwrap();
             local.settle_now(&tenants[i], &l, a.reserved_tokens, Some(120));
         })
     });
 
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let dir = std::env::temp_dir().join(format!("stream-relay-bench-redis-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let Ok(mut server) = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
         .arg("--dir")
         .arg(&dir)
         .stdout(Stdio::null())
@@ -63,19 +79,29 @@ fn bench(c: &mut Criterion) {
         slot_ttl: Duration::from_secs(60),
     };
     let redis = RedisLimiter::new(&config, Arc::new(Metrics::new(false))).unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let mut n = 0u64;
-    c.bench_function("limit decision/redis (admit + settle, one round trip each)", |b| {
-        b.iter(|| {
-            rt.block_on(async {
-                n += 1;
-                let t = &tenants[(n as usize) % tenants.len()];
-                let id = n.to_string();
-                let a = redis.admit(t, &id, &l, 500).await.ok().expect("redis answered");
-                redis.settle(t, &l, a, Some(120)).await;
+    c.bench_function(
+        "limit decision/redis (admit + settle, one round trip each)",
+        |b| {
+            b.iter(|| {
+                rt.block_on(async {
+                    n += 1;
+                    let t = &tenants[(n as usize) % tenants.len()];
+                    let id = n.to_string();
+                    let a = redis
+                        .admit(t, &id, &l, 500)
+                        .await
+                        .ok()
+                        .expect("redis answered");
+                    redis.settle(t, &l, a, Some(120)).await;
+                })
             })
-        })
-    });
+        },
+    );
     let _ = server.kill();
     let _ = server.wait();
     let _ = std::fs::remove_dir_all(&dir);

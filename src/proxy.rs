@@ -530,9 +530,7 @@ impl ProxyHttp for RelayProxy {
     ) -> Result<()> {
         upstream_response.insert_header(request_id::HEADER, ctx.request_id.as_str())?;
         if let Some(a) = &ctx.admission {
-            for (name, value) in limits::headers(a.requests.as_ref(), a.tokens.as_ref()) {
-                upstream_response.insert_header(name, value)?;
-            }
+            limits::append_headers(upstream_response, a.requests.as_ref(), a.tokens.as_ref())?;
         }
         if ctx.stream.is_none() {
             let after_upstream = ctx.ttfb.map_or(Duration::ZERO, |t| ctx.start.elapsed() - t);

@@ -115,6 +115,40 @@ pub fn headers(requests: Option<&Budget>, tokens: Option<&Budget>) -> Vec<(&'sta
     out
 }
 
+/// Adds the `x-ratelimit-*` headers of an admitted request to its response, without the
+/// string building of [`headers`] (this runs on every answered request).
+pub fn append_headers(
+    resp: &mut pingora_http::ResponseHeader,
+    requests: Option<&Budget>,
+    tokens: Option<&Budget>,
+) -> pingora_core::Result<()> {
+    for (b, names) in [
+        (
+            requests,
+            [
+                "x-ratelimit-limit-requests",
+                "x-ratelimit-remaining-requests",
+                "x-ratelimit-reset-requests",
+            ],
+        ),
+        (
+            tokens,
+            [
+                "x-ratelimit-limit-tokens",
+                "x-ratelimit-remaining-tokens",
+                "x-ratelimit-reset-tokens",
+            ],
+        ),
+    ] {
+        if let Some(b) = b {
+            resp.append_header(names[0], http::HeaderValue::from(b.limit))?;
+            resp.append_header(names[1], http::HeaderValue::from(b.remaining))?;
+            resp.append_header(names[2], openai_duration(b.reset))?;
+        }
+    }
+    Ok(())
+}
+
 /// `250ms`, `1s`, `6m0s`, `1h2m3s`.
 pub fn openai_duration(d: Duration) -> String {
     let ms = d.as_millis();
