@@ -92,11 +92,9 @@ fn bench(c: &mut Criterion) {
                     n += 1;
                     let t = &tenants[(n as usize) % tenants.len()];
                     let id = n.to_string();
-                    let a = redis
-                        .admit(t, &id, &l, 500)
-                        .await
-                        .ok()
-                        .expect("redis answered");
+                    let Ok(a) = redis.admit(t, &id, &l, 500).await else {
+                        panic!("redis refused or did not answer");
+                    };
                     redis.settle(t, &l, a, Some(120)).await;
                 })
             })
