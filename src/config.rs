@@ -43,6 +43,40 @@ pub struct RawConfig {
     /// Redis for limits shared by a fleet of relays; absent: limits per relay.
     #[serde(default)]
     pub redis: Option<RawRedis>,
+    /// Where the one row per request goes.
+    #[serde(default)]
+    pub rows: RawRows,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRows {
+    pub file: RawRowsFile,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRowsFile {
+    /// JSON-lines file of request rows. Default `/tmp/stream-relay/rows.jsonl`.
+    pub path: String,
+    /// Rotate past this many bytes. Default 104857600 (100 MiB).
+    pub max_bytes: u64,
+    /// Rotated files kept (`.1` newest). Default 5.
+    pub keep: usize,
+    /// Rows that may wait for the writer before new ones are dropped (and counted).
+    /// Default 65536.
+    pub queue: usize,
+}
+
+impl Default for RawRowsFile {
+    fn default() -> Self {
+        RawRowsFile {
+            path: "/tmp/stream-relay/rows.jsonl".into(),
+            max_bytes: 100 << 20,
+            keep: 5,
+            queue: 65536,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -209,6 +243,8 @@ pub struct RawServer {
     pub upstream_keepalive_pool_size: usize,
     /// Let tokio move tasks between worker threads. Default true.
     pub work_stealing: bool,
+    /// This relay's name in request rows. Default: the host name.
+    pub instance: Option<String>,
 }
 
 impl Default for RawServer {
@@ -223,6 +259,7 @@ impl Default for RawServer {
             graceful_shutdown_timeout_seconds: 5,
             upstream_keepalive_pool_size: 256,
             work_stealing: true,
+            instance: None,
         }
     }
 }
@@ -381,6 +418,9 @@ pub struct Config {
     /// Output tokens assumed when a request sets no `max_tokens`.
     pub default_max_tokens: u64,
     pub redis: Option<RedisConfig>,
+    pub rows_file: crate::sink::FileSinkConfig,
+    /// This relay's name in rows.
+    pub instance: String,
 }
 
 #[derive(Debug, Clone)]
@@ -662,7 +702,30 @@ impl RawConfig {
             Some(r) => Some(validate_redis(r, lookup_env)?),
             None => None,
         };
+        let f = &self.rows.file;
+        if f.path.is_empty() {
+            return Err(err("rows.file.path", "must not be empty"));
+        }
+        if f.max_bytes < 4096 {
+            return Err(err("rows.file.max_bytes", "must be at least 4096"));
+        }
+        if f.queue == 0 {
+            return Err(err("rows.file.queue", "must be at least 1"));
+        }
+        let rows_file = crate::sink::FileSinkConfig {
+            path: base_dir.join(&f.path),
+            max_bytes: f.max_bytes,
+            keep: f.keep,
+            queue: f.queue,
+        };
+        let instance = self.server.instance.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "stream-relay".into())
+        });
         Ok(Config {
+            rows_file,
+            instance,
             redis,
             default_max_tokens: self.limits.default_max_tokens.unwrap_or(1024),
             pricing: crate::cost::Pricing::new(&self.pricing),

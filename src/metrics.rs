@@ -45,6 +45,9 @@ pub struct Metrics {
     limiter_redis_failures: prometheus::IntCounter,
     limiter_redis_up: IntGauge,
     config_reloads: IntCounterVec,
+    rows_written: IntCounterVec,
+    rows_dropped: prometheus::IntCounter,
+    rows_queue: IntGauge,
     tenant_label: bool,
 }
 
@@ -148,7 +151,30 @@ impl Metrics {
         registry
             .register(Box::new(limiter_redis_up.clone()))
             .expect("unique metric");
+        let rows_dropped = prometheus::IntCounter::new(
+            "stream_relay_rows_dropped_total",
+            "Request rows lost: the queue was full or the sink could not write them.",
+        )
+        .expect("metric");
+        registry
+            .register(Box::new(rows_dropped.clone()))
+            .expect("unique metric");
+        let rows_queue = IntGauge::new(
+            "stream_relay_rows_queue",
+            "Request rows waiting for the sink.",
+        )
+        .expect("metric");
+        registry
+            .register(Box::new(rows_queue.clone()))
+            .expect("unique metric");
         Metrics {
+            rows_written: counter(
+                "stream_relay_rows_written_total",
+                "Request rows written, by sink.",
+                &["sink"],
+            ),
+            rows_dropped,
+            rows_queue,
             config_reloads: counter(
                 "stream_relay_config_reloads_total",
                 "Configuration reloads (tenants and limits), by result: ok or refused.",
@@ -231,6 +257,22 @@ impl Metrics {
             gap: self.gap.with_label_values(&[route]),
             open,
         }
+    }
+
+    pub fn rows_queued(&self, n: i64) {
+        self.rows_queue.add(n);
+    }
+
+    pub fn rows_dequeued(&self, n: i64) {
+        self.rows_queue.sub(n);
+    }
+
+    pub fn rows_written(&self, sink: &str, n: u64) {
+        self.rows_written.with_label_values(&[sink]).inc_by(n);
+    }
+
+    pub fn rows_dropped(&self, n: u64) {
+        self.rows_dropped.inc_by(n);
     }
 
     pub fn config_reload(&self, ok: bool) {

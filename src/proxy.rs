@@ -14,7 +14,7 @@
 //! 8. `logging`: the one end-of-request sink, also for refusals and disconnects.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -30,6 +30,7 @@ use crate::cost::Pricing;
 use crate::error::{ErrorShape, RelayError};
 use crate::limits::{self, Admission, Limiter};
 use crate::metrics::{Finished, Metrics, StreamHandles};
+use crate::record::Row;
 use crate::request_id;
 use crate::request_info::{self, BodyCollector, BodyStep, RequestInfo};
 use crate::route::{Route, RouteKey, RouteTable};
@@ -39,6 +40,10 @@ use crate::tap::{Tap, TapKind};
 /// Per-request state shared by the hooks.
 pub struct RequestCtx {
     pub start: Instant,
+    /// Wall-clock time of the request head, for its row.
+    started_at: SystemTime,
+    /// Request body bytes received from the client.
+    pub request_bytes: u64,
     pub request_id: String,
     pub route: Option<Arc<Route>>,
     pub tenant: Option<Arc<str>>,
@@ -73,6 +78,8 @@ impl RequestCtx {
     fn new(now: Instant) -> RequestCtx {
         RequestCtx {
             start: now,
+            started_at: SystemTime::now(),
+            request_bytes: 0,
             request_id: String::new(),
             route: None,
             tenant: None,
@@ -233,6 +240,10 @@ pub struct RelayProxy {
     pub limiter: Arc<dyn Limiter>,
     /// Output tokens assumed for a request without `max_tokens`.
     pub default_max_tokens: u64,
+    /// Hand-off of each request's row to the background writer.
+    pub rows: crate::sink::RowSender,
+    /// This relay's name in rows.
+    pub instance: Arc<str>,
 }
 
 /// The response header a non-streaming answer carries: the relay's own time, in
@@ -394,6 +405,7 @@ impl ProxyHttp for RelayProxy {
                     let usage = wants_usage(ctx.route.as_ref().expect("set"), session.req_header());
                     let body = read_small_body(session, len).await?;
                     body_bytes = body.len();
+                    ctx.request_bytes = body.len() as u64;
                     prepare_early_body(ctx, &body, usage);
                 }
                 if !ctx.limits.is_empty()
@@ -478,6 +490,9 @@ impl ProxyHttp for RelayProxy {
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if ctx.early_body.is_none() {
+            ctx.request_bytes += body.as_ref().map_or(0, |b| b.len() as u64);
+        }
         if let Some(early) = &ctx.early_body {
             // Pingora replays the body read in request_filter as one piece.
             if let (Some(rewritten), Some(_)) = (early, body.as_ref()) {
@@ -732,6 +747,49 @@ impl ProxyHttp for RelayProxy {
             measure.and_then(|m| m.finish_reason.as_deref()).unwrap_or("-"),
             ctx.response_bytes,
         );
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let req = session.req_header();
+        let user_agent = req
+            .headers
+            .get(http::header::USER_AGENT)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        let route_ref = ctx.route.as_ref();
+        self.rows.send(Row {
+            request_id: ctx.request_id.clone(),
+            time_ms: ctx
+                .started_at
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            instance: self.instance.to_string(),
+            tenant: ctx.tenant.as_deref().map(str::to_string),
+            route: route_ref.map(|r| r.name.clone()),
+            provider: route_ref.map(|r| r.provider.as_str()),
+            model: model.map(str::to_string),
+            stream: ctx.request_info.as_ref().is_some_and(|i| i.stream),
+            status,
+            upstream_status: ctx.upstream_status,
+            outcome,
+            error: error.map(|kind| match e {
+                Some(e) => format!("{kind}: {e}"),
+                None => kind.to_string(),
+            }),
+            attempts: ctx.attempts as u32,
+            ttfb_ms: ctx.ttfb.map(ms),
+            ttft_ms: first_output.filter(|_| !audio).map(ms),
+            ttfa_ms: first_output.filter(|_| audio).map(ms),
+            max_gap_ms: measure.and_then(|m| m.max_gap).map(ms),
+            duration_ms: ms(ctx.start.elapsed()),
+            tokens_in: usage.input,
+            tokens_out: usage.output,
+            tokens_cached: usage.cached_input,
+            tokens_reasoning: usage.reasoning,
+            cost_usd: cost,
+            request_bytes: ctx.request_bytes,
+            response_bytes: ctx.response_bytes,
+            finish_reason: measure.and_then(|m| m.finish_reason.clone()),
+            client_addr: session.client_addr().map(|a| a.to_string()),
+            user_agent,
+        });
         // The open-stream gauge is released here, whatever ended the request.
         ctx.stream = None;
         if let Some(admission) = ctx.admission.take() {

@@ -75,6 +75,9 @@ pub fn build(config: &Config, config_path: &std::path::Path, opt: Opt) -> Result
     let reload_metrics = metrics.clone();
     let draining = Arc::new(Draining::default());
     let tenants = Arc::new(Tenants::new(TenantTable::new(&config.tenants)));
+    let (row_sender, row_writer) =
+        crate::sink::file_sink(config.rows_file.clone(), metrics.clone());
+    server.add_service(background_service("row writer", row_writer));
     let proxy = RelayProxy {
         routes: routes.clone(),
         tenants: tenants.clone(),
@@ -85,6 +88,8 @@ pub fn build(config: &Config, config_path: &std::path::Path, opt: Opt) -> Result
             None => Arc::new(crate::limits::local::LocalLimiter::default()),
         },
         default_max_tokens: config.default_max_tokens,
+        rows: row_sender,
+        instance: Arc::from(config.instance.as_str()),
     };
     let mut proxy_service =
         http_proxy_service_with_name(&server.configuration, proxy, "stream-relay proxy");

@@ -152,7 +152,7 @@ impl RelayProc {
         let port = free_port();
         let admin_port = free_port();
         let yaml = format!(
-            "server:\n  threads: 2\n  pid_file: {d}/relay.pid\n  upgrade_sock: {d}/upgrade.sock\n  grace_period_seconds: 1\n  graceful_shutdown_timeout_seconds: 1\nlisten:\n  proxy: 127.0.0.1:{port}\n  admin: 127.0.0.1:{admin_port}\n{body}",
+            "server:\n  threads: 2\n  pid_file: {d}/relay.pid\n  upgrade_sock: {d}/upgrade.sock\n  grace_period_seconds: 1\n  graceful_shutdown_timeout_seconds: 1\n  instance: test-relay\nlisten:\n  proxy: 127.0.0.1:{port}\n  admin: 127.0.0.1:{admin_port}\nrows:\n  file: {{ path: {d}/rows.jsonl }}\n{body}",
             d = dir.display()
         );
         let conf = dir.join("relay.yaml");
@@ -209,6 +209,27 @@ impl RelayProc {
                 "metrics never showed `{line}`:\n{text}"
             );
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The rows written so far, parsed.
+    pub fn rows(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.join("rows.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("each row is one JSON line"))
+            .collect()
+    }
+
+    /// The rows once there are at least `n` (the writer flushes every 200 ms).
+    pub fn rows_at_least(&self, n: usize) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let rows = self.rows();
+            if rows.len() >= n || Instant::now() > deadline {
+                return rows;
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 

@@ -1,0 +1,95 @@
+//! Observation stage (`logging`): the one row every request yields (refusals, errors and
+//! disconnects included), built from what the hooks learned. Pure; the sink writes it.
+
+use serde::Serialize;
+
+/// A request's row. Times are milliseconds; `None` fields were not known (a token count
+/// the provider did not give is `null`, never 0).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Row {
+    pub request_id: String,
+    /// Unix time of the request head, in milliseconds.
+    pub time_ms: u64,
+    pub instance: String,
+    pub tenant: Option<String>,
+    pub route: Option<String>,
+    pub provider: Option<&'static str>,
+    pub model: Option<String>,
+    pub stream: bool,
+    /// Status sent to the client (0: none could be sent).
+    pub status: u16,
+    pub upstream_status: Option<u16>,
+    /// ok, a refusal kind, upstream_unavailable, upstream_timeout, client_disconnect...
+    pub outcome: &'static str,
+    pub error: Option<String>,
+    pub attempts: u32,
+    pub ttfb_ms: Option<f64>,
+    pub ttft_ms: Option<f64>,
+    pub ttfa_ms: Option<f64>,
+    pub max_gap_ms: Option<f64>,
+    pub duration_ms: f64,
+    pub tokens_in: Option<u64>,
+    pub tokens_out: Option<u64>,
+    pub tokens_cached: Option<u64>,
+    pub tokens_reasoning: Option<u64>,
+    pub cost_usd: Option<f64>,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    pub finish_reason: Option<String>,
+    pub client_addr: Option<String>,
+    pub user_agent: Option<String>,
+}
+
+impl Row {
+    /// One JSON line (with its newline).
+    pub fn to_json_line(&self) -> Vec<u8> {
+        let mut line = serde_json::to_vec(self).expect("a row always serializes");
+        line.push(b'\n');
+        line
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_counts_are_null_not_zero() {
+        let row = Row {
+            request_id: "r1".into(),
+            time_ms: 1_700_000_000_000,
+            instance: "relay-a".into(),
+            tenant: Some("acme".into()),
+            route: Some("openai".into()),
+            provider: Some("openai"),
+            model: Some("gpt-4o-mini".into()),
+            stream: true,
+            status: 200,
+            upstream_status: Some(200),
+            outcome: "ok",
+            error: None,
+            attempts: 1,
+            ttfb_ms: Some(80.5),
+            ttft_ms: Some(120.0),
+            ttfa_ms: None,
+            max_gap_ms: Some(30.0),
+            duration_ms: 900.0,
+            tokens_in: None,
+            tokens_out: None,
+            tokens_cached: None,
+            tokens_reasoning: None,
+            cost_usd: None,
+            request_bytes: 120,
+            response_bytes: 2000,
+            finish_reason: Some("stop".into()),
+            client_addr: Some("127.0.0.1:5000".into()),
+            user_agent: None,
+        };
+        let line = row.to_json_line();
+        assert_eq!(*line.last().unwrap(), b'\n');
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert!(v["tokens_in"].is_null() && v["cost_usd"].is_null());
+        assert_eq!(v["ttft_ms"], 120.0);
+        assert_eq!(v["outcome"], "ok");
+    }
+}

@@ -1,0 +1,263 @@
+//! Row stage (`logging` hands off, a background service writes): request rows go to a
+//! local JSON-lines file with size-based rotation. The request path only puts the row
+//! in a bounded queue and never waits; a full queue is counted and logged, never silent.
+//! The writer flushes every 200 ms and drains the queue on shutdown, also a fast one
+//! (the drain runs when its task is dropped).
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use log::{error, warn};
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+use tokio::sync::mpsc;
+
+use crate::metrics::Metrics;
+use crate::record::Row;
+
+const FLUSH_EVERY: Duration = Duration::from_millis(200);
+
+/// Where rows go, from the configuration.
+#[derive(Debug, Clone)]
+pub struct FileSinkConfig {
+    pub path: PathBuf,
+    /// Rotate when the file passes this size.
+    pub max_bytes: u64,
+    /// Rotated files kept (`rows.jsonl.1` is the newest).
+    pub keep: usize,
+    /// Rows that may wait for the writer.
+    pub queue: usize,
+}
+
+/// The hand-off the proxy holds.
+pub struct RowSender {
+    tx: mpsc::Sender<Row>,
+    metrics: Arc<Metrics>,
+    full_logged: AtomicBool,
+}
+
+impl RowSender {
+    /// Never waits. A row that finds the queue full is counted as dropped.
+    pub fn send(&self, row: Row) {
+        match self.tx.try_send(row) {
+            Ok(()) => {
+                self.metrics.rows_queued(1);
+                self.full_logged.store(false, Ordering::Relaxed);
+            }
+            Err(_) => {
+                self.metrics.rows_dropped(1);
+                if !self.full_logged.swap(true, Ordering::Relaxed) {
+                    warn!("row queue full: rows are being dropped (counted in stream_relay_rows_dropped_total)");
+                }
+            }
+        }
+    }
+}
+
+/// The background writer.
+pub struct FileSink {
+    rx: Mutex<Option<mpsc::Receiver<Row>>>,
+    config: FileSinkConfig,
+    metrics: Arc<Metrics>,
+}
+
+pub fn file_sink(config: FileSinkConfig, metrics: Arc<Metrics>) -> (RowSender, FileSink) {
+    let (tx, rx) = mpsc::channel(config.queue.max(1));
+    (
+        RowSender {
+            tx,
+            metrics: metrics.clone(),
+            full_logged: AtomicBool::new(false),
+        },
+        FileSink {
+            rx: Mutex::new(Some(rx)),
+            config,
+            metrics,
+        },
+    )
+}
+
+/// An open rows file that knows its size and rotates itself.
+struct RowFile {
+    config: FileSinkConfig,
+    out: Option<BufWriter<File>>,
+    size: u64,
+}
+
+impl RowFile {
+    fn open(config: FileSinkConfig) -> std::io::Result<RowFile> {
+        if let Some(dir) = config.path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&config.path)?;
+        let size = file.metadata()?.len();
+        Ok(RowFile {
+            config,
+            out: Some(BufWriter::with_capacity(64 * 1024, file)),
+            size,
+        })
+    }
+
+    fn write(&mut self, line: &[u8]) -> std::io::Result<()> {
+        if self.size + line.len() as u64 > self.config.max_bytes && self.size > 0 {
+            self.rotate()?;
+        }
+        self.out
+            .as_mut()
+            .expect("open until dropped")
+            .write_all(line)?;
+        self.size += line.len() as u64;
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.as_mut().expect("open until dropped").flush()
+    }
+
+    fn rotate(&mut self) -> std::io::Result<()> {
+        self.flush()?;
+        self.out = None;
+        let numbered = |n: usize| rotated_path(&self.config.path, n);
+        if self.config.keep == 0 {
+            std::fs::remove_file(&self.config.path)?;
+        } else {
+            let _ = std::fs::remove_file(numbered(self.config.keep));
+            for n in (1..self.config.keep).rev() {
+                let _ = std::fs::rename(numbered(n), numbered(n + 1));
+            }
+            std::fs::rename(&self.config.path, numbered(1))?;
+        }
+        *self = RowFile::open(self.config.clone())?;
+        Ok(())
+    }
+}
+
+pub fn rotated_path(path: &Path, n: usize) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{n}"));
+    PathBuf::from(name)
+}
+
+/// Owns the queue's receiving end; whatever is still queued when it is dropped (the
+/// service's task ending, also at a fast shutdown) is written before the file closes.
+struct Writer {
+    rx: mpsc::Receiver<Row>,
+    file: RowFile,
+    metrics: Arc<Metrics>,
+}
+
+impl Writer {
+    fn write(&mut self, row: &Row) {
+        self.metrics.rows_dequeued(1);
+        match self.file.write(&row.to_json_line()) {
+            Ok(()) => self.metrics.rows_written("file", 1),
+            Err(e) => {
+                self.metrics.rows_dropped(1);
+                error!(
+                    "cannot write a row to {}: {e}",
+                    self.file.config.path.display()
+                );
+            }
+        }
+    }
+
+    fn drain(&mut self) {
+        while let Ok(row) = self.rx.try_recv() {
+            self.write(&row);
+        }
+        if let Err(e) = self.file.flush() {
+            error!("cannot flush {}: {e}", self.file.config.path.display());
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.drain();
+    }
+}
+
+#[async_trait]
+impl BackgroundService for FileSink {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let Some(rx) = self.rx.lock().expect("sink lock").take() else {
+            return;
+        };
+        let file = match RowFile::open(self.config.clone()) {
+            Ok(f) => f,
+            Err(e) => {
+                error!(
+                    "cannot open the rows file {}: {e}; rows are dropped and counted",
+                    self.config.path.display()
+                );
+                let mut rx = rx;
+                while rx.recv().await.is_some() {
+                    self.metrics.rows_dequeued(1);
+                    self.metrics.rows_dropped(1);
+                }
+                return;
+            }
+        };
+        let mut w = Writer {
+            rx,
+            file,
+            metrics: self.metrics.clone(),
+        };
+        let mut tick = tokio::time::interval(FLUSH_EVERY);
+        loop {
+            tokio::select! {
+                row = w.rx.recv() => match row {
+                    Some(row) => w.write(&row),
+                    None => return,
+                },
+                _ = tick.tick() => {
+                    if let Err(e) = w.file.flush() {
+                        error!("cannot flush {}: {e}", w.file.config.path.display());
+                    }
+                }
+                // Graceful shutdown: keep writing while requests finish; the last rows
+                // are drained when the runtime drops this task.
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &Path, max_bytes: u64) -> FileSinkConfig {
+        FileSinkConfig {
+            path: dir.join("rows.jsonl"),
+            max_bytes,
+            keep: 2,
+            queue: 16,
+        }
+    }
+
+    #[test]
+    fn rotates_by_size_and_keeps_n() {
+        let dir = std::env::temp_dir().join(format!("sr-sink-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut f = RowFile::open(config(&dir, 100)).unwrap();
+        for i in 0..10 {
+            f.write(format!("{{\"n\":{i:040}}}\n").as_bytes()).unwrap();
+        }
+        f.flush().unwrap();
+        let current = std::fs::read_to_string(dir.join("rows.jsonl")).unwrap();
+        assert!(current.len() <= 100);
+        assert!(rotated_path(&dir.join("rows.jsonl"), 1).exists());
+        assert!(rotated_path(&dir.join("rows.jsonl"), 2).exists());
+        assert!(!rotated_path(&dir.join("rows.jsonl"), 3).exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,180 @@
+//! One row per request, whatever became of it, with what the relay measured; none lost
+//! when the relay stops at once.
+
+mod common;
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn config(mock: &MockProc) -> String {
+    let u = mock.url();
+    let dead = free_port();
+    format!(
+        r#"routes:
+  - {{ name: openai, prefix: /openai/v1, provider: openai, upstreams: ["{u}/v1"] }}
+  - {{ name: dead, prefix: /dead/v1, provider: openai, upstreams: ["http://127.0.0.1:{dead}/v1"] }}
+pricing:
+  gpt-4o-mini: {{ input: 0.15, output: 0.60 }}
+tenants:
+  - {{ id: acme, key_sha256: ["{h}"] }}
+  - {{ id: small, key_sha256: ["{h2}"], routes: [dead], limits: {{ requests_per_minute: 1 }} }}
+"#,
+        h = hash(TENANT_KEY),
+        h2 = hash("sk-small")
+    )
+}
+
+#[test]
+fn every_outcome_yields_exactly_one_row() {
+    let mock = MockProc::start(None);
+    let relay = RelayProc::start(&config(&mock), &[]);
+    let auth = format!("Bearer {TENANT_KEY}");
+    let small = "Bearer sk-small";
+    let send = |id: &str, path: &str, key: &str, body: &[u8], extra: &[(&str, &str)]| {
+        let mut h: Vec<(&str, &str)> = vec![("x-request-id", id), ("user-agent", "rows-test/1")];
+        if !key.is_empty() {
+            h.push(("authorization", key));
+        }
+        h.extend_from_slice(extra);
+        request(relay.addr, "POST", path, &h, body).status
+    };
+    let chat = "/openai/v1/chat/completions";
+    let expected = [
+        (
+            "row-stream",
+            send("row-stream", chat, &auth, &chat_body(true, false), &[]),
+            "ok",
+        ),
+        (
+            "row-json",
+            send("row-json", chat, &auth, &chat_body(false, false), &[]),
+            "ok",
+        ),
+        (
+            "row-401",
+            send("row-401", chat, "", &chat_body(false, false), &[]),
+            "missing_key",
+        ),
+        (
+            "row-403",
+            send("row-403", chat, small, &chat_body(false, false), &[]),
+            "route_forbidden",
+        ),
+        (
+            "row-404",
+            send("row-404", "/nope", &auth, b"{}", &[]),
+            "no_route",
+        ),
+        (
+            "row-502",
+            send("row-502", "/dead/v1/chat/completions", small, b"{}", &[]),
+            "upstream_unavailable",
+        ),
+        (
+            "row-429",
+            send("row-429", "/dead/v1/chat/completions", small, b"{}", &[]),
+            "rate_limited",
+        ),
+        (
+            "row-500",
+            send(
+                "row-500",
+                chat,
+                &auth,
+                &chat_body(false, false),
+                &[("x-mock-status", "500")],
+            ),
+            "ok",
+        ),
+    ];
+    let statuses: Vec<u16> = expected.iter().map(|e| e.1).collect();
+    assert_eq!(statuses, [200, 200, 401, 403, 404, 502, 429, 500]);
+
+    // A client that hangs up mid-stream.
+    let mut s = TcpStream::connect(relay.addr).unwrap();
+    s.write_all(&build_request(
+        "POST",
+        chat,
+        &[
+            ("authorization", &auth),
+            ("x-request-id", "row-gone"),
+            ("x-mock-chunks", "100"),
+            ("x-mock-interval-ms", "50"),
+        ],
+        &chat_body(true, false),
+    ))
+    .unwrap();
+    read_response(&mut s, Instant::now(), Duration::from_secs(10), 3);
+    drop(s);
+
+    let rows = relay.rows_at_least(expected.len() + 1);
+    assert_eq!(rows.len(), expected.len() + 1, "{rows:#?}");
+    for (id, status, outcome) in expected {
+        let matching: Vec<_> = rows.iter().filter(|r| r["request_id"] == id).collect();
+        assert_eq!(matching.len(), 1, "{id}");
+        let r = matching[0];
+        assert_eq!(r["status"], status, "{id}");
+        assert_eq!(r["outcome"], outcome, "{id}");
+        assert_eq!(r["instance"], "test-relay");
+        assert_eq!(r["user_agent"], "rows-test/1");
+        assert!(r["client_addr"].as_str().unwrap().starts_with("127.0.0.1:"));
+    }
+    let by_id = |id: &str| rows.iter().find(|r| r["request_id"] == id).unwrap().clone();
+    let stream = by_id("row-stream");
+    assert_eq!(stream["tenant"], "acme");
+    assert_eq!(stream["route"], "openai");
+    assert_eq!(stream["provider"], "openai");
+    assert_eq!(stream["model"], "gpt-4o-mini");
+    assert_eq!(stream["stream"], true);
+    assert_eq!(stream["tokens_out"], 8);
+    assert!(stream["ttft_ms"].as_f64().unwrap() > 0.0);
+    assert!(stream["cost_usd"].as_f64().unwrap() > 0.0);
+    assert_eq!(stream["finish_reason"], "stop");
+    assert!(stream["request_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(by_id("row-500")["upstream_status"], 500);
+    assert_eq!(by_id("row-401")["tokens_in"], serde_json::Value::Null);
+    let gone = by_id("row-gone");
+    assert_eq!(gone["outcome"], "client_disconnect");
+    assert!(
+        gone["response_bytes"].as_u64().unwrap() > 0,
+        "what was streamed until then"
+    );
+    relay.metrics_with(&format!(
+        "stream_relay_rows_written_total{{sink=\"file\"}} {}",
+        expected.len() + 1
+    ));
+    relay.metrics_with("\nstream_relay_rows_dropped_total 0\n");
+}
+
+#[test]
+fn a_relay_stopped_at_once_leaves_no_row_behind() {
+    let mock = MockProc::start(None);
+    let mut relay = RelayProc::start(&config(&mock), &[]);
+    let auth = format!("Bearer {TENANT_KEY}");
+    for i in 0..40 {
+        let id = format!("stop-{i}");
+        let r = request(
+            relay.addr,
+            "POST",
+            "/openai/v1/chat/completions",
+            &[("authorization", &auth), ("x-request-id", &id)],
+            &chat_body(false, false),
+        );
+        assert_eq!(r.status, 200);
+    }
+    // SIGINT: Pingora's fast shutdown, no grace period.
+    std::process::Command::new("kill")
+        .args(["-INT", &relay.proc.pid().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while relay.proc.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "relay did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let rows = relay.rows();
+    assert_eq!(rows.len(), 40, "rows lost at shutdown");
+}
