@@ -269,6 +269,16 @@ pub fn accounted_model<'a>(
 /// Pingora's retry buffer, from which Pingora sends it upstream.
 async fn read_small_body(session: &mut Session, len: usize) -> Result<Vec<u8>> {
     let downstream = session.as_mut();
+    // A client that waits for `100 Continue` gets it from the relay, which is the one
+    // reading the body now (the upstream request goes without `expect`).
+    if downstream
+        .req_header()
+        .headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+    {
+        downstream.write_continue_response().await?;
+    }
     downstream.enable_retry_buffering();
     let mut body = Vec::with_capacity(len);
     while let Some(chunk) = downstream.read_request_body().await? {
@@ -464,7 +474,9 @@ impl ProxyHttp for RelayProxy {
         let upstream = &route.upstreams[(ctx.first_upstream + ctx.attempts - 1) % n].url;
         prepare_upstream_request(upstream_request, route, upstream, &ctx.request_id)?;
         if let Some(early) = &ctx.early_body {
-            // Read in request_filter: the new length is known.
+            // Read in request_filter (and `100 Continue` answered): the body goes at
+            // once, and the new length is known.
+            upstream_request.remove_header(&http::header::EXPECT);
             if let Some(rewritten) = early {
                 upstream_request.insert_header(http::header::CONTENT_LENGTH, rewritten.len())?;
             }

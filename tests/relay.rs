@@ -529,3 +529,35 @@ fn admin_endpoints_answer() {
         r#"stream_relay_requests_total{outcome="ok",route="openai",status_class="2xx"} 1"#,
     );
 }
+
+/// A client that sends `Expect: 100-continue` and waits gets `100 Continue` from the
+/// relay at once (the relay reads small bodies itself before choosing the upstream).
+#[test]
+fn expect_continue_is_answered_without_waiting() {
+    use std::io::Read;
+    let (_mock, relay) = start();
+    let body = chat_body(false, false);
+    let head = format!(
+        "POST /openai/v1/chat/completions HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {TENANT_KEY}\r\ncontent-length: {}\r\nexpect: 100-continue\r\n\r\n",
+        body.len()
+    );
+    let mut s = TcpStream::connect(relay.addr).unwrap();
+    s.write_all(head.as_bytes()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 64];
+    let t = Instant::now();
+    let n = s.read(&mut buf).unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 100 Continue\r\n"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(900),
+        "the client was made to wait"
+    );
+    s.write_all(&body).unwrap();
+    let r = read_response(&mut s, Instant::now(), Duration::from_secs(10), usize::MAX);
+    assert_eq!(r.status, 200);
+    assert!(r.complete);
+}
