@@ -182,6 +182,25 @@ impl RelayProc {
         relay
     }
 
+    /// Starts a second relay on the same configuration in upgrade mode (`-u`): it takes
+    /// the listening sockets over when this one gets SIGQUIT.
+    pub fn start_upgrade(&self) -> Proc {
+        let stderr = std::fs::File::create(self.dir.join("stderr-upgrade.log")).unwrap();
+        let child = Command::new(BIN)
+            .arg("-c")
+            .arg(self.dir.join("relay.yaml"))
+            .arg("-u")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("start upgrading relay");
+        Proc {
+            child,
+            signal: "-INT",
+        }
+    }
+
     fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
