@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::io::Write;
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -128,22 +126,8 @@ fn token_reservations_are_settled_with_actual_usage() {
 #[test]
 fn concurrency_slot_is_freed_when_the_client_goes_away() {
     let (mock, relay) = start();
-    let auth = format!("Bearer {CONC_KEY}");
     // A long stream holds the tenant's only slot.
-    let mut s = TcpStream::connect(relay.addr).unwrap();
-    s.write_all(&build_request(
-        "POST",
-        "/openai/v1/chat/completions",
-        &[
-            ("authorization", &auth),
-            ("x-mock-chunks", "400"),
-            ("x-mock-interval-ms", "50"),
-        ],
-        &chat_body(true, false),
-    ))
-    .unwrap();
-    let first = read_response(&mut s, Instant::now(), Duration::from_secs(10), 2);
-    assert_eq!(first.status, 200);
+    let s = open_long_stream(&relay, CONC_KEY, 400);
 
     let r = chat(&relay, CONC_KEY, &chat_body(false, false));
     assert_eq!(r.status, 429);

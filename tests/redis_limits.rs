@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::io::Write;
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -68,23 +66,7 @@ fn three_relays_share_one_budget_and_one_concurrency_cap() {
     let conf = config(&mock, &redis.url(), "{ concurrent_requests: 1 }", "local");
     let a = RelayProc::start(&conf, &[]);
     let b = RelayProc::start(&conf, &[]);
-    let auth = format!("Bearer {KEY}");
-    let mut s = TcpStream::connect(a.addr).unwrap();
-    s.write_all(&build_request(
-        "POST",
-        "/openai/v1/chat/completions",
-        &[
-            ("authorization", &auth),
-            ("x-mock-chunks", "400"),
-            ("x-mock-interval-ms", "50"),
-        ],
-        &chat_body(true, false),
-    ))
-    .unwrap();
-    assert_eq!(
-        read_response(&mut s, Instant::now(), Duration::from_secs(10), 2).status,
-        200
-    );
+    let s = open_long_stream(&a, KEY, 400);
     assert_eq!(chat(&b).status, 429);
     drop(s);
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -84,28 +84,22 @@ pub struct Refused {
     pub tokens: Option<Budget>,
 }
 
+const REQUEST_HEADERS: [&str; 3] = [
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-reset-requests",
+];
+const TOKEN_HEADERS: [&str; 3] = [
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
+];
+
 /// The header values OpenAI sends with every answer, in its own formats: counts as
 /// integers, resets as durations like `1s`, `6m0s` or `250ms`.
 pub fn headers(requests: Option<&Budget>, tokens: Option<&Budget>) -> Vec<(&'static str, String)> {
     let mut out = Vec::with_capacity(6);
-    for (b, names) in [
-        (
-            requests,
-            [
-                "x-ratelimit-limit-requests",
-                "x-ratelimit-remaining-requests",
-                "x-ratelimit-reset-requests",
-            ],
-        ),
-        (
-            tokens,
-            [
-                "x-ratelimit-limit-tokens",
-                "x-ratelimit-remaining-tokens",
-                "x-ratelimit-reset-tokens",
-            ],
-        ),
-    ] {
+    for (b, names) in [(requests, REQUEST_HEADERS), (tokens, TOKEN_HEADERS)] {
         if let Some(b) = b {
             out.push((names[0], b.limit.to_string()));
             out.push((names[1], b.remaining.to_string()));
@@ -122,24 +116,7 @@ pub fn append_headers(
     requests: Option<&Budget>,
     tokens: Option<&Budget>,
 ) -> pingora_core::Result<()> {
-    for (b, names) in [
-        (
-            requests,
-            [
-                "x-ratelimit-limit-requests",
-                "x-ratelimit-remaining-requests",
-                "x-ratelimit-reset-requests",
-            ],
-        ),
-        (
-            tokens,
-            [
-                "x-ratelimit-limit-tokens",
-                "x-ratelimit-remaining-tokens",
-                "x-ratelimit-reset-tokens",
-            ],
-        ),
-    ] {
+    for (b, names) in [(requests, REQUEST_HEADERS), (tokens, TOKEN_HEADERS)] {
         if let Some(b) = b {
             resp.append_header(names[0], http::HeaderValue::from(b.limit))?;
             resp.append_header(names[1], http::HeaderValue::from(b.remaining))?;

@@ -519,3 +519,25 @@ impl RedisProc {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 }
+
+/// Opens a long OpenAI stream through `relay` (`chunks` events 50 ms apart) and reads
+/// its first two events; the stream stays open until the returned connection drops.
+pub fn open_long_stream(relay: &RelayProc, key: &str, chunks: usize) -> TcpStream {
+    let auth = format!("Bearer {key}");
+    let chunks = chunks.to_string();
+    let mut s = TcpStream::connect(relay.addr).unwrap();
+    s.write_all(&build_request(
+        "POST",
+        "/openai/v1/chat/completions",
+        &[
+            ("authorization", &auth),
+            ("x-mock-chunks", &chunks),
+            ("x-mock-interval-ms", "50"),
+        ],
+        &chat_body(true, false),
+    ))
+    .unwrap();
+    let first = read_response(&mut s, Instant::now(), Duration::from_secs(10), 2);
+    assert_eq!(first.status, 200);
+    s
+}
