@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 need_build_tools
-need_packages python3:python3 pip3:python3-pip redis-server:redis-server systemd-analyze:systemd haproxy:haproxy
+need_packages python3:python3 pip3:python3-pip redis-server:redis-server systemd-analyze:systemd haproxy:haproxy prometheus:prometheus
 if ! python3 -c 'import openai, anthropic' 2>/dev/null; then
   python3 -m pip install -q --disable-pip-version-check openai anthropic \
     || python3 -m pip install -q --disable-pip-version-check --break-system-packages openai anthropic

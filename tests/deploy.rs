@@ -12,7 +12,10 @@ fn tool_missing(name: &str) -> bool {
         .output()
         .map_or(true, |o| !o.status.success());
     if missing {
-        assert!(std::env::var_os("CI").is_none(), "{name} is required under CI");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{name} is required under CI"
+        );
         eprintln!("SKIPPED: {name} is not installed (scripts/test.sh installs it)");
     }
     missing
@@ -23,13 +26,26 @@ fn systemd_unit_verifies() {
     if tool_missing("systemd-analyze") {
         return;
     }
-    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/conf/stream-relay.service")).unwrap();
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/conf/stream-relay.service"
+    ))
+    .unwrap();
     // The unit names the installed binary; verify it against the one just built.
     let dir = common::temp_dir("systemd");
     let path = dir.join("stream-relay.service");
-    std::fs::write(&path, unit.replace("/usr/local/bin/stream-relay", common::BIN)).unwrap();
-    let out = Command::new("systemd-analyze").arg("verify").arg(&path).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    std::fs::write(
+        &path,
+        unit.replace("/usr/local/bin/stream-relay", common::BIN),
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.trim().is_empty(), "{text}");
 }
 
@@ -39,8 +55,16 @@ fn haproxy_example_is_valid() {
         return;
     }
     let out = Command::new("haproxy")
-        .args(["-c", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/conf/haproxy.cfg")])
+        .args([
+            "-c",
+            "-f",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/conf/haproxy.cfg"),
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -51,6 +51,11 @@ impl Proc {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// Takes charge of a child started elsewhere; it gets `signal` when dropped.
+    pub fn wrap(child: Child, signal: &'static str) -> Proc {
+        Proc { child, signal }
+    }
 }
 
 impl Drop for Proc {
