@@ -142,3 +142,66 @@ fn two_upgrades_in_a_row_drop_nothing() {
     drop(procs);
     assert!(t.elapsed() < Duration::from_secs(10));
 }
+
+/// SIGTERM: new connections are refused at once (a balancer's check fails and sends
+/// them elsewhere) while the streams already open complete within the grace period.
+#[test]
+fn sigterm_refuses_new_connections_and_finishes_open_streams() {
+    let mock = MockProc::start(None);
+    let mut relay = RelayProc::start_with_grace(&config(&mock), &[], 5);
+    let addr = relay.addr;
+    let expected = request(
+        mock.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[("x-mock-chunks", "30"), ("x-mock-interval-ms", "50")],
+        &chat_body(true, false),
+    )
+    .body;
+    let streams: Vec<_> = (0..4)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let auth = format!("Bearer {TENANT_KEY}");
+                request(
+                    addr,
+                    "POST",
+                    "/openai/v1/chat/completions",
+                    &[
+                        ("authorization", &auth),
+                        ("x-mock-chunks", "30"),
+                        ("x-mock-interval-ms", "50"),
+                    ],
+                    &chat_body(true, false),
+                )
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    std::process::Command::new("kill")
+        .args(["-TERM", &relay.proc.pid().to_string()])
+        .status()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "still accepting after SIGTERM"
+    );
+    assert!(
+        std::net::TcpStream::connect(relay.admin).is_err(),
+        "admin still accepting"
+    );
+    for s in streams {
+        let r = s.join().unwrap();
+        assert_eq!(r.status, 200);
+        assert!(r.complete, "an open stream was cut by SIGTERM");
+        assert!(r.body == expected);
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while relay.proc.child.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the relay did not exit after its grace period"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -153,11 +153,16 @@ impl RelayProc {
     /// `body` holds the `routes:` and `tenants:` sections. `env` is added to the
     /// relay's environment.
     pub fn start(body: &str, env: &[(&str, &str)]) -> RelayProc {
+        RelayProc::start_with_grace(body, env, 1)
+    }
+
+    /// As [`RelayProc::start`], with `server.grace_period_seconds` set.
+    pub fn start_with_grace(body: &str, env: &[(&str, &str)], grace_seconds: u64) -> RelayProc {
         let dir = temp_dir("relay");
         let port = free_port();
         let admin_port = free_port();
         let yaml = format!(
-            "server:\n  threads: 2\n  pid_file: {d}/relay.pid\n  upgrade_sock: {d}/upgrade.sock\n  grace_period_seconds: 1\n  graceful_shutdown_timeout_seconds: 1\n  instance: test-relay\nlisten:\n  proxy: 127.0.0.1:{port}\n  admin: 127.0.0.1:{admin_port}\nrows:\n  file: {{ path: {d}/rows.jsonl }}\n{body}",
+            "server:\n  threads: 2\n  pid_file: {d}/relay.pid\n  upgrade_sock: {d}/upgrade.sock\n  grace_period_seconds: {grace_seconds}\n  graceful_shutdown_timeout_seconds: 1\n  instance: test-relay\nlisten:\n  proxy: 127.0.0.1:{port}\n  admin: 127.0.0.1:{admin_port}\nrows:\n  file: {{ path: {d}/rows.jsonl }}\n{body}",
             d = dir.display()
         );
         let conf = dir.join("relay.yaml");
