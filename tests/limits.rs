@@ -91,22 +91,8 @@ fn token_reservations_are_settled_with_actual_usage() {
     // only two would.
     let body = chat_body(false, false);
     for i in 0..5 {
-        // The previous request is settled in logging(), a moment after its answer went
-        // out: a client can be that moment ahead, so a refusal is retried briefly.
-        // Without settlement no retry would help (the window is a minute).
-        let deadline = Instant::now() + Duration::from_secs(2);
-        loop {
-            let r = chat(&relay, TPM_KEY, &body);
-            if r.status == 200 {
-                break;
-            }
-            assert_eq!(r.status, 429, "request {i}");
-            assert!(
-                Instant::now() < deadline,
-                "request {i} stays refused: not settled"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let r = admitted_after_settlement(&format!("request {i}"), || chat(&relay, TPM_KEY, &body));
+        assert_eq!(r.status, 200, "request {i}");
     }
     // A request asking for more than the budget is refused before the upstream.
     let before = mock.stats()["requests"].as_u64().unwrap();

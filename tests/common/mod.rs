@@ -551,3 +551,22 @@ pub fn open_long_stream(relay: &RelayProc, key: &str, chunks: usize) -> TcpStrea
     assert_eq!(first.status, 200);
     s
 }
+
+/// Sends with `send` until it is admitted, for up to 2 s: a token reservation is
+/// settled in `logging()` a moment after its answer went out, and a client can be that
+/// moment ahead. Only 429 is retried; without settlement no retry would help (token
+/// windows are a minute long).
+pub fn admitted_after_settlement(what: &str, mut send: impl FnMut() -> Response) -> Response {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let r = send();
+        if r.status != 429 {
+            return r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} stays refused: not settled"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
