@@ -1,6 +1,8 @@
 # Build stage: the same steps as scripts/run.sh (build tools from scripts/lib.sh, then a
 # locked release build).
 FROM rust:1-bookworm AS build
+# scripts/lib.sh is bash.
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 WORKDIR /src
 COPY . .
 RUN . scripts/lib.sh \
@@ -14,13 +16,14 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin relay \
-    && mkdir -p /etc/stream-relay /run/stream-relay \
-    && chown relay /run/stream-relay
+    && mkdir -p /etc/stream-relay /run/stream-relay /var/lib/stream-relay \
+    && chown relay /run/stream-relay /var/lib/stream-relay
 COPY --from=build /stream-relay /usr/local/bin/stream-relay
-# The shipped configuration, listening on every interface of the container and keeping
-# its pid file and upgrade socket in a folder the relay user owns.
+# The shipped configuration, listening on every interface of the container, with its pid
+# file, upgrade socket and request rows in folders the relay user owns.
 COPY conf/relay.yaml /etc/stream-relay/relay.yaml
 RUN sed -i -e 's|proxy: 127.0.0.1:8080|proxy: 0.0.0.0:8080|' \
+           -e 's|/tmp/stream-relay/rows.jsonl|/var/lib/stream-relay/rows.jsonl|' \
            -e 's|/tmp/stream-relay|/run/stream-relay/stream-relay|' /etc/stream-relay/relay.yaml \
     && stream-relay -t -c /etc/stream-relay/relay.yaml
 USER relay
