@@ -287,16 +287,6 @@ async fn read_small_body(session: &mut Session, len: usize) -> Result<Vec<u8>> {
     Ok(body)
 }
 
-fn content_length(req: &RequestHeader) -> Option<usize> {
-    req.headers
-        .get(http::header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-}
-
 /// Whether a route asks for usage on this request's path.
 fn wants_usage(route: &Route, req: &RequestHeader) -> bool {
     route.ensure_usage
@@ -410,7 +400,8 @@ impl ProxyHttp for RelayProxy {
                 ctx.route = Some(a.route);
                 ctx.tenant = Some(a.tenant);
                 ctx.limits = a.limits;
-                let mut body_bytes = content_length(session.req_header()).unwrap_or(0);
+                let mut body_bytes =
+                    request_info::content_length(session.req_header()).unwrap_or(0);
                 if let Some(len) = request_info::early_read_len(session.req_header()) {
                     let usage = wants_usage(ctx.route.as_ref().expect("set"), session.req_header());
                     let body = read_small_body(session, len).await?;

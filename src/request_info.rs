@@ -13,20 +13,23 @@ pub const MAX_READ: usize = 1 << 20;
 /// replays such a body from its retry buffer (64 KiB), which this stays under.
 pub const EARLY_READ_MAX: usize = 60 * 1024;
 
-/// The announced length of a POST body that can be read early, if any.
-pub fn early_read_len(req: &pingora_http::RequestHeader) -> Option<usize> {
-    if req.method != http::Method::POST {
-        return None;
-    }
-    let len: usize = req
-        .headers
+/// The body length a request announces in `content-length`, if it does.
+pub fn content_length(req: &pingora_http::RequestHeader) -> Option<usize> {
+    req.headers
         .get(http::header::CONTENT_LENGTH)?
         .to_str()
         .ok()?
         .trim()
         .parse()
-        .ok()?;
-    (len <= EARLY_READ_MAX).then_some(len)
+        .ok()
+}
+
+/// The announced length of a POST body that can be read early, if any.
+pub fn early_read_len(req: &pingora_http::RequestHeader) -> Option<usize> {
+    if req.method != http::Method::POST {
+        return None;
+    }
+    content_length(req).filter(|len| *len <= EARLY_READ_MAX)
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
