@@ -52,6 +52,132 @@ pub struct RawConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct RawRows {
     pub file: RawRowsFile,
+    /// Rows to ClickHouse instead of the file. Absent: the file.
+    pub clickhouse: Option<RawClickHouse>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawClickHouse {
+    /// HTTP interface, `http://host:8123`, or `env:NAME` / `file:/path` holding it.
+    pub url: String,
+    /// Database of the `stream_logs` table, created when missing. Default `stream_relay`.
+    #[serde(default)]
+    pub database: Option<String>,
+    #[serde(default)]
+    pub user: Option<String>,
+    /// `env:NAME` or `file:/path`.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// A batch is sent at this many rows... Default 10000.
+    #[serde(default)]
+    pub batch_rows: Option<usize>,
+    /// ...or this many bytes... Default 4194304 (4 MiB).
+    #[serde(default)]
+    pub batch_bytes: Option<usize>,
+    /// ...or when its first row is this old. Default `1s`.
+    #[serde(default)]
+    pub batch_interval: Option<String>,
+    /// Longest wait for one ClickHouse request. Default `10s`.
+    #[serde(default)]
+    pub timeout: Option<String>,
+    /// Pause between probes while ClickHouse is down. Default `1s`.
+    #[serde(default)]
+    pub retry_interval: Option<String>,
+    /// Where batches wait while ClickHouse cannot take them. Default
+    /// `/tmp/stream-relay/spool`.
+    #[serde(default)]
+    pub spool_dir: Option<String>,
+    /// Spool size cap; past it new rows are dropped (counted). Default 1073741824 (1 GiB).
+    #[serde(default)]
+    pub spool_max_bytes: Option<u64>,
+    /// Rows that may wait for the writer. Default 65536.
+    #[serde(default)]
+    pub queue: Option<usize>,
+    /// ClickHouse settings sent with every insert, e.g. `async_insert: 1` (servers that
+    /// know them only).
+    #[serde(default)]
+    pub settings: std::collections::BTreeMap<String, serde_yaml::Value>,
+}
+
+fn validate_clickhouse(
+    c: &RawClickHouse,
+    base_dir: &std::path::Path,
+    lookup_env: &dyn Fn(&str) -> Option<String>,
+) -> Result<crate::rows::clickhouse::ClickHouseConfig, ConfigError> {
+    let resolve = |key: &str, text: &str| -> Result<crate::secret::Secret, ConfigError> {
+        let reference = SecretRef::parse(text).map_err(|m| err(key, m))?;
+        match reference.resolve(lookup_env) {
+            SecretState::Present(s) => Ok(s),
+            SecretState::Missing { reference } => Err(err(key, format!("{reference} is not set"))),
+        }
+    };
+    let url = if c.url.starts_with("env:") || c.url.starts_with("file:") {
+        resolve("rows.clickhouse.url", &c.url)?.expose().to_string()
+    } else {
+        c.url.clone()
+    };
+    if !url.starts_with("http://") && !url.starts_with("https://") {
+        return Err(err(
+            "rows.clickhouse.url",
+            "must start with http:// (ClickHouse's HTTP interface)",
+        ));
+    }
+    if url.starts_with("https://") {
+        return Err(err(
+            "rows.clickhouse.url",
+            "https is not built in; reach ClickHouse over http on a private network",
+        ));
+    }
+    let database = c.database.clone().unwrap_or_else(|| "stream_relay".into());
+    if !crate::rows::schema::valid_database(&database) {
+        return Err(err(
+            "rows.clickhouse.database",
+            "letters, digits and _ only, not starting with a digit",
+        ));
+    }
+    let password = match &c.password {
+        Some(p) => Some(resolve("rows.clickhouse.password", p)?),
+        None => None,
+    };
+    let dur = |key: &str, v: &Option<String>, default: &str| {
+        parse_duration(v.as_deref().unwrap_or(default))
+            .map_err(|m| err(format!("rows.clickhouse.{key}"), m))
+    };
+    let at_least_one = |key: &str, v: Option<usize>, default: usize| match v {
+        Some(0) => Err(err(format!("rows.clickhouse.{key}"), "must be at least 1")),
+        v => Ok(v.unwrap_or(default)),
+    };
+    let mut settings = Vec::new();
+    for (k, v) in &c.settings {
+        let value = match v {
+            serde_yaml::Value::String(s) => s.clone(),
+            serde_yaml::Value::Number(n) => n.to_string(),
+            serde_yaml::Value::Bool(b) => u8::from(*b).to_string(),
+            _ => {
+                return Err(err(
+                    format!("rows.clickhouse.settings.{k}"),
+                    "must be a string, number or boolean",
+                ))
+            }
+        };
+        settings.push((k.clone(), value));
+    }
+    Ok(crate::rows::clickhouse::ClickHouseConfig {
+        url,
+        database,
+        user: c.user.clone(),
+        password,
+        batch_rows: at_least_one("batch_rows", c.batch_rows, 10_000)?,
+        batch_bytes: at_least_one("batch_bytes", c.batch_bytes, 4 << 20)?,
+        batch_interval: dur("batch_interval", &c.batch_interval, "1s")?,
+        timeout: dur("timeout", &c.timeout, "10s")?,
+        retry_interval: dur("retry_interval", &c.retry_interval, "1s")?,
+        spool_dir: base_dir.join(c.spool_dir.as_deref().unwrap_or("/tmp/stream-relay/spool")),
+        spool_max_bytes: c.spool_max_bytes.unwrap_or(1 << 30),
+        queue: at_least_one("queue", c.queue, 65536)?,
+        settings,
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -418,7 +544,11 @@ pub struct Config {
     /// Output tokens assumed when a request sets no `max_tokens`.
     pub default_max_tokens: u64,
     pub redis: Option<RedisConfig>,
-    pub rows_file: crate::sink::FileSinkConfig,
+    pub rows_file: crate::rows::file::FileSinkConfig,
+    /// Rows to ClickHouse instead of the file.
+    pub rows_clickhouse: Option<crate::rows::clickhouse::ClickHouseConfig>,
+    /// Rows that may wait for the file writer.
+    pub rows_file_queue: usize,
     /// This relay's name in rows.
     pub instance: String,
 }
@@ -712,11 +842,14 @@ impl RawConfig {
         if f.queue == 0 {
             return Err(err("rows.file.queue", "must be at least 1"));
         }
-        let rows_file = crate::sink::FileSinkConfig {
+        let rows_file = crate::rows::file::FileSinkConfig {
             path: base_dir.join(&f.path),
             max_bytes: f.max_bytes,
             keep: f.keep,
-            queue: f.queue,
+        };
+        let rows_clickhouse = match &self.rows.clickhouse {
+            Some(c) => Some(validate_clickhouse(c, base_dir, lookup_env)?),
+            None => None,
         };
         let instance = self.server.instance.clone().unwrap_or_else(|| {
             std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -724,7 +857,9 @@ impl RawConfig {
                 .unwrap_or_else(|_| "stream-relay".into())
         });
         Ok(Config {
+            rows_file_queue: f.queue,
             rows_file,
+            rows_clickhouse,
             instance,
             redis,
             default_max_tokens: self.limits.default_max_tokens.unwrap_or(1024),

@@ -4,6 +4,7 @@
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use pingora_core::server::configuration::Opt;
 use stream_relay::{auth, config::Config, mock, server};
@@ -73,7 +74,14 @@ fn run_relay(args: &[String], mut check_only: bool) -> ExitCode {
         ..Opt::default()
     };
     match server::build(&config, &conf, opt) {
-        Ok(s) => s.run_forever(),
+        Ok((server, rows_flushed)) => {
+            server.run(pingora_core::server::RunArgs::default());
+            // A fast shutdown does not wait for the row writer to save what it holds.
+            if !rows_flushed.wait(Duration::from_secs(10)) {
+                log::error!("the row writer did not finish saving its rows within 10s");
+            }
+            std::process::exit(0)
+        }
         Err(e) => {
             eprintln!("{}: {e}", conf.display());
             ExitCode::from(2)

@@ -48,6 +48,11 @@ pub struct Metrics {
     rows_written: IntCounterVec,
     rows_dropped: prometheus::IntCounter,
     rows_queue: IntGauge,
+    rows_spool: prometheus::IntCounterVec,
+    spool_bytes: IntGauge,
+    clickhouse_up: IntGauge,
+    clickhouse_batch: HistogramVec,
+    clickhouse_failures: IntCounterVec,
     tenant_label: bool,
 }
 
@@ -167,7 +172,41 @@ impl Metrics {
         registry
             .register(Box::new(rows_queue.clone()))
             .expect("unique metric");
-        Metrics {
+        let spool_bytes = IntGauge::new(
+            "stream_relay_rows_spool_bytes",
+            "Bytes of request rows waiting in the ClickHouse writer's disk spool.",
+        )
+        .expect("metric");
+        registry
+            .register(Box::new(spool_bytes.clone()))
+            .expect("unique metric");
+        let clickhouse_up = IntGauge::new(
+            "stream_relay_clickhouse_up",
+            "Whether the last ClickHouse write or probe succeeded (1), or rows go to the spool (0).",
+        )
+        .expect("metric");
+        registry
+            .register(Box::new(clickhouse_up.clone()))
+            .expect("unique metric");
+        let metrics = Metrics {
+            rows_spool: counter(
+                "stream_relay_rows_spool_total",
+                "Request rows through the ClickHouse writer's spool, by event: spooled (ClickHouse could not take them), replayed (written later), dead_lettered (refused as malformed, kept in dead_letter.jsonl).",
+                &["event"],
+            ),
+            spool_bytes,
+            clickhouse_up,
+            clickhouse_batch: hist(
+                "stream_relay_clickhouse_batch_seconds",
+                "Time to write one batch of rows to ClickHouse, by result (ok, failed).",
+                DURATION_BUCKETS,
+                &["result"],
+            ),
+            clickhouse_failures: counter(
+                "stream_relay_clickhouse_failures_total",
+                "ClickHouse requests that failed, by kind: unavailable (network, timeout, server error; retried from the spool), malformed (rows refused; bisected to the dead letter), migration.",
+                &["kind"],
+            ),
             rows_written: counter(
                 "stream_relay_rows_written_total",
                 "Request rows written, by sink.",
@@ -246,7 +285,12 @@ impl Metrics {
             ),
             registry,
             tenant_label,
+        };
+        // Present from the start, so dashboards and alerts see 0 rather than no data.
+        for event in ["spooled", "replayed", "dead_lettered"] {
+            metrics.rows_spool.with_label_values(&[event]);
         }
+        metrics
     }
 
     /// Called once when a response starts streaming.
@@ -273,6 +317,38 @@ impl Metrics {
 
     pub fn rows_dropped(&self, n: u64) {
         self.rows_dropped.inc_by(n);
+    }
+
+    pub fn rows_spooled(&self, n: u64) {
+        self.rows_spool.with_label_values(&["spooled"]).inc_by(n);
+    }
+
+    pub fn rows_replayed(&self, n: u64) {
+        self.rows_spool.with_label_values(&["replayed"]).inc_by(n);
+    }
+
+    pub fn rows_dead_lettered(&self, n: u64) {
+        self.rows_spool
+            .with_label_values(&["dead_lettered"])
+            .inc_by(n);
+    }
+
+    pub fn spool_bytes(&self, bytes: u64) {
+        self.spool_bytes.set(bytes as i64);
+    }
+
+    pub fn clickhouse_up(&self, up: bool) {
+        self.clickhouse_up.set(i64::from(up));
+    }
+
+    pub fn clickhouse_batch(&self, ok: bool, took: Duration) {
+        self.clickhouse_batch
+            .with_label_values(&[if ok { "ok" } else { "failed" }])
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn clickhouse_failure(&self, kind: &str) {
+        self.clickhouse_failures.with_label_values(&[kind]).inc();
     }
 
     pub fn config_reload(&self, ok: bool) {

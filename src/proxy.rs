@@ -241,7 +241,7 @@ pub struct RelayProxy {
     /// Output tokens assumed for a request without `max_tokens`.
     pub default_max_tokens: u64,
     /// Hand-off of each request's row to the background writer.
-    pub rows: crate::sink::RowSender,
+    pub rows: crate::rows::RowSender,
     /// This relay's name in rows.
     pub instance: Arc<str>,
 }
@@ -766,12 +766,12 @@ impl ProxyHttp for RelayProxy {
             instance: self.instance.to_string(),
             tenant: ctx.tenant.as_deref().map(str::to_string),
             route: route_ref.map(|r| r.name.clone()),
-            provider: route_ref.map(|r| r.provider.as_str()),
+            provider: route_ref.map(|r| r.provider.as_str().into()),
             model: model.map(str::to_string),
             stream: ctx.request_info.as_ref().is_some_and(|i| i.stream),
             status,
             upstream_status: ctx.upstream_status,
-            outcome,
+            outcome: outcome.into(),
             error: error.map(|kind| match e {
                 Some(e) => format!("{kind}: {e}"),
                 None => kind.to_string(),
@@ -792,6 +792,8 @@ impl ProxyHttp for RelayProxy {
             finish_reason: measure.and_then(|m| m.finish_reason.clone()),
             client_addr: session.client_addr().map(|a| a.to_string()),
             user_agent,
+            request_body: None,
+            response_body: None,
         });
         // The open-stream gauge is released here, whatever ended the request.
         ctx.stream = None;

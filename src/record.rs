@@ -1,11 +1,13 @@
 //! Observation stage (`logging`): the one row every request yields (refusals, errors and
 //! disconnects included), built from what the hooks learned. Pure; the sink writes it.
 
-use serde::Serialize;
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
 
 /// A request's row. Times are milliseconds; `None` fields were not known (a token count
 /// the provider did not give is `null`, never 0).
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Row {
     pub request_id: String,
     /// Unix time of the request head, in milliseconds.
@@ -13,14 +15,14 @@ pub struct Row {
     pub instance: String,
     pub tenant: Option<String>,
     pub route: Option<String>,
-    pub provider: Option<&'static str>,
+    pub provider: Option<Cow<'static, str>>,
     pub model: Option<String>,
     pub stream: bool,
     /// Status sent to the client (0: none could be sent).
     pub status: u16,
     pub upstream_status: Option<u16>,
     /// ok, a refusal kind, upstream_unavailable, upstream_timeout, client_disconnect...
-    pub outcome: &'static str,
+    pub outcome: Cow<'static, str>,
     pub error: Option<String>,
     pub attempts: u32,
     pub ttfb_ms: Option<f64>,
@@ -38,9 +40,42 @@ pub struct Row {
     pub finish_reason: Option<String>,
     pub client_addr: Option<String>,
     pub user_agent: Option<String>,
+    /// The request body as received, when the route captures it (`capture.request`);
+    /// cut at the route's cap. Bytes that are not UTF-8 are replaced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_body: Option<String>,
+    /// The response body as sent to the client, when the route captures it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_body: Option<String>,
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn text_len(s: &Option<String>) -> usize {
+    s.as_ref().map_or(0, String::len)
 }
 
 impl Row {
+    /// Roughly what the row weighs in a batch: fixed columns plus its strings.
+    pub fn approx_bytes(&self) -> usize {
+        160 + self.request_id.len()
+            + self.instance.len()
+            + text_len(&self.tenant)
+            + text_len(&self.route)
+            + text_len(&self.model)
+            + text_len(&self.error)
+            + text_len(&self.finish_reason)
+            + text_len(&self.client_addr)
+            + text_len(&self.user_agent)
+            + text_len(&self.request_body)
+            + text_len(&self.response_body)
+    }
+
     /// One JSON line (with its newline).
     pub fn to_json_line(&self) -> Vec<u8> {
         let mut line = serde_json::to_vec(self).expect("a row always serializes");
@@ -50,23 +85,22 @@ impl Row {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    #[test]
-    fn unknown_counts_are_null_not_zero() {
-        let row = Row {
+    pub(crate) fn sample_row() -> Row {
+        Row {
             request_id: "r1".into(),
             time_ms: 1_700_000_000_000,
             instance: "relay-a".into(),
             tenant: Some("acme".into()),
             route: Some("openai".into()),
-            provider: Some("openai"),
+            provider: Some("openai".into()),
             model: Some("gpt-4o-mini".into()),
             stream: true,
             status: 200,
             upstream_status: Some(200),
-            outcome: "ok",
+            outcome: "ok".into(),
             error: None,
             attempts: 1,
             ttfb_ms: Some(80.5),
@@ -84,12 +118,21 @@ mod tests {
             finish_reason: Some("stop".into()),
             client_addr: Some("127.0.0.1:5000".into()),
             user_agent: None,
-        };
+            request_body: None,
+            response_body: None,
+        }
+    }
+
+    #[test]
+    fn unknown_counts_are_null_not_zero() {
+        let row = sample_row();
         let line = row.to_json_line();
         assert_eq!(*line.last().unwrap(), b'\n');
         let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
         assert!(v["tokens_in"].is_null() && v["cost_usd"].is_null());
         assert_eq!(v["ttft_ms"], 120.0);
         assert_eq!(v["outcome"], "ok");
+        let back: Row = serde_json::from_slice(&line).unwrap();
+        assert_eq!(back, row);
     }
 }

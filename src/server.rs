@@ -43,7 +43,11 @@ pub fn server_conf(config: &Config) -> ServerConf {
 
 /// Builds the server. Upstream names are resolved here once, waiting at most 3 s, before any
 /// runtime starts; the resolver service refreshes them afterwards.
-pub fn build(config: &Config, config_path: &std::path::Path, opt: Opt) -> Result<Server, String> {
+pub fn build(
+    config: &Config,
+    config_path: &std::path::Path,
+    opt: Opt,
+) -> Result<(Server, crate::rows::Flushed), String> {
     let routes = Arc::new(RouteTable::new(&config.routes)?);
     for route in routes.iter() {
         if let RouteKey::Missing { reference } = &route.key {
@@ -75,9 +79,31 @@ pub fn build(config: &Config, config_path: &std::path::Path, opt: Opt) -> Result
     let reload_metrics = metrics.clone();
     let draining = Arc::new(Draining::default());
     let tenants = Arc::new(Tenants::new(TenantTable::new(&config.tenants)));
-    let (row_sender, row_writer) =
-        crate::sink::file_sink(config.rows_file.clone(), metrics.clone());
-    server.add_service(background_service("row writer", row_writer));
+    let flushed = crate::rows::Flushed::default();
+    let row_sender = match &config.rows_clickhouse {
+        Some(ch) => {
+            let (sender, rx) = crate::rows::channel(ch.queue, metrics.clone());
+            let sink = crate::rows::clickhouse::ClickHouseSink::new(
+                ch.clone(),
+                rx,
+                metrics.clone(),
+                &flushed,
+            );
+            server.add_service(background_service("row writer", sink));
+            sender
+        }
+        None => {
+            let (sender, rx) = crate::rows::channel(config.rows_file_queue, metrics.clone());
+            let sink = crate::rows::file::FileSink::new(
+                config.rows_file.clone(),
+                rx,
+                metrics.clone(),
+                &flushed,
+            );
+            server.add_service(background_service("row writer", sink));
+            sender
+        }
+    };
     let proxy = RelayProxy {
         routes: routes.clone(),
         tenants: tenants.clone(),
@@ -137,7 +163,7 @@ pub fn build(config: &Config, config_path: &std::path::Path, opt: Opt) -> Result
         config.routes.len(),
         config.tenants.len()
     );
-    Ok(server)
+    Ok((server, flushed))
 }
 
 /// The built-in mock provider as a background service of the relay (first-run demo).

@@ -161,8 +161,14 @@ impl RelayProc {
         let dir = temp_dir("relay");
         let port = free_port();
         let admin_port = free_port();
+        // Rows to a file in the relay's directory, unless `body` says where they go.
+        let rows = if body.lines().any(|l| l.starts_with("rows:")) {
+            String::new()
+        } else {
+            format!("rows:\n  file: {{ path: {}/rows.jsonl }}\n", dir.display())
+        };
         let yaml = format!(
-            "server:\n  threads: 2\n  pid_file: {d}/relay.pid\n  upgrade_sock: {d}/upgrade.sock\n  grace_period_seconds: {grace_seconds}\n  graceful_shutdown_timeout_seconds: 1\n  instance: test-relay\nlisten:\n  proxy: 127.0.0.1:{port}\n  admin: 127.0.0.1:{admin_port}\nrows:\n  file: {{ path: {d}/rows.jsonl }}\n{body}",
+            "server:\n  threads: 2\n  pid_file: {d}/relay.pid\n  upgrade_sock: {d}/upgrade.sock\n  grace_period_seconds: {grace_seconds}\n  graceful_shutdown_timeout_seconds: 1\n  instance: test-relay\nlisten:\n  proxy: 127.0.0.1:{port}\n  admin: 127.0.0.1:{admin_port}\n{rows}{body}",
             d = dir.display()
         );
         let conf = dir.join("relay.yaml");
@@ -568,5 +574,150 @@ pub fn admitted_after_settlement(what: &str, mut send: impl FnMut() -> Response)
             "{what} stays refused: not settled"
         );
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A `clickhouse-server` of its own: temporary data dir, free loopback ports. It can be
+/// stopped and started again on the same ports and data ([`ClickHouseProc::stop`],
+/// [`ClickHouseProc::restart`]).
+pub struct ClickHouseProc {
+    pub proc: Option<Proc>,
+    pub http_port: u16,
+    pub dir: PathBuf,
+}
+
+impl ClickHouseProc {
+    pub fn start() -> ClickHouseProc {
+        let dir = temp_dir("clickhouse");
+        let http_port = free_port();
+        let tcp_port = free_port();
+        std::fs::write(
+            dir.join("config.xml"),
+            format!(
+                r#"<yandex>
+  <logger><level>warning</level><log>{d}/server.log</log><errorlog>{d}/error.log</errorlog><console>0</console></logger>
+  <http_port>{http_port}</http_port>
+  <tcp_port>{tcp_port}</tcp_port>
+  <listen_host>127.0.0.1</listen_host>
+  <path>{d}/data/</path>
+  <tmp_path>{d}/tmp/</tmp_path>
+  <user_files_path>{d}/user_files/</user_files_path>
+  <users_config>{d}/users.xml</users_config>
+  <default_profile>default</default_profile>
+  <default_database>default</default_database>
+  <mark_cache_size>5368709</mark_cache_size>
+  <max_concurrent_queries>50</max_concurrent_queries>
+</yandex>
+"#,
+                d = dir.display()
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("users.xml"),
+            r#"<yandex>
+  <profiles><default></default></profiles>
+  <users><default><password></password><networks><ip>127.0.0.1</ip><ip>::1</ip></networks><profile>default</profile><quota>default</quota></default></users>
+  <quotas><default></default></quotas>
+</yandex>
+"#,
+        )
+        .unwrap();
+        let mut ch = ClickHouseProc {
+            proc: None,
+            http_port,
+            dir,
+        };
+        ch.restart();
+        ch
+    }
+
+    /// Starts the server (again) and waits until it answers a query.
+    pub fn restart(&mut self) {
+        assert!(self.proc.is_none(), "already running");
+        // Debian puts it in /usr/sbin, which a user's PATH may not have.
+        let bin = if Path::new("/usr/sbin/clickhouse-server").exists() {
+            "/usr/sbin/clickhouse-server"
+        } else {
+            "clickhouse-server"
+        };
+        let child = Command::new(bin)
+            .arg(format!(
+                "--config-file={}",
+                self.dir.join("config.xml").display()
+            ))
+            .current_dir(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("clickhouse-server must be installed (scripts/test.sh installs it)");
+        self.proc = Some(Proc {
+            child,
+            signal: "-TERM",
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(v) = self.try_query("SELECT 1") {
+                if v.trim() == "1" {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "clickhouse-server did not answer on {} (see {}/error.log)",
+                self.http_port,
+                self.dir.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the server (SIGTERM, then waits for it to exit).
+    pub fn stop(&mut self) {
+        self.proc = None;
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    /// Runs a query; the answer's body as text (TabSeparated unless the query says).
+    pub fn try_query(&self, sql: &str) -> Result<String, String> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.http_port)).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let head = format!(
+            "POST /?output_format_json_quote_64bit_integers=0 HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n",
+            sql.len()
+        );
+        s.write_all(head.as_bytes()).map_err(|e| e.to_string())?;
+        s.write_all(sql.as_bytes()).map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&out).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").ok_or("no HTTP answer")?;
+        if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+            return Err(format!("{}: {body}", head.lines().next().unwrap_or("")));
+        }
+        Ok(body.to_string())
+    }
+
+    pub fn query(&self, sql: &str) -> String {
+        self.try_query(sql)
+            .unwrap_or_else(|e| panic!("query `{sql}` failed: {e}"))
+    }
+
+    /// Each answer row as a JSON object (`FORMAT JSONEachRow`).
+    pub fn rows(&self, sql: &str) -> Vec<serde_json::Value> {
+        self.query(&format!("{sql} FORMAT JSONEachRow"))
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+impl Drop for ClickHouseProc {
+    fn drop(&mut self) {
+        self.proc = None;
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

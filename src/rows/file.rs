@@ -1,22 +1,20 @@
-//! Row stage (`logging` hands off, a background service writes): request rows go to a
-//! local JSON-lines file with size-based rotation. The request path only puts the row
-//! in a bounded queue and never waits; a full queue is counted and logged, never silent.
-//! The writer flushes every 200 ms and drains the queue on shutdown, also a fast one
-//! (the drain runs when its task is dropped).
+//! The embedded row sink: request rows go to a local JSON-lines file with size-based
+//! rotation, when no ClickHouse is configured. The writer flushes every 200 ms and drains
+//! the queue on shutdown, also a fast one (the drain runs when its task is dropped).
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use log::{error, warn};
+use log::error;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use tokio::sync::mpsc;
 
+use super::{FlushGuard, Flushed};
 use crate::metrics::Metrics;
 use crate::record::Row;
 
@@ -30,56 +28,28 @@ pub struct FileSinkConfig {
     pub max_bytes: u64,
     /// Rotated files kept (`rows.jsonl.1` is the newest).
     pub keep: usize,
-    /// Rows that may wait for the writer.
-    pub queue: usize,
-}
-
-/// The hand-off the proxy holds.
-pub struct RowSender {
-    tx: mpsc::Sender<Row>,
-    metrics: Arc<Metrics>,
-    full_logged: AtomicBool,
-}
-
-impl RowSender {
-    /// Never waits. A row that finds the queue full is counted as dropped.
-    pub fn send(&self, row: Row) {
-        match self.tx.try_send(row) {
-            Ok(()) => {
-                self.metrics.rows_queued(1);
-                self.full_logged.store(false, Ordering::Relaxed);
-            }
-            Err(_) => {
-                self.metrics.rows_dropped(1);
-                if !self.full_logged.swap(true, Ordering::Relaxed) {
-                    warn!("row queue full: rows are being dropped (counted in stream_relay_rows_dropped_total)");
-                }
-            }
-        }
-    }
 }
 
 /// The background writer.
 pub struct FileSink {
-    rx: Mutex<Option<mpsc::Receiver<Row>>>,
+    parts: Mutex<Option<(mpsc::Receiver<Row>, FlushGuard)>>,
     config: FileSinkConfig,
     metrics: Arc<Metrics>,
 }
 
-pub fn file_sink(config: FileSinkConfig, metrics: Arc<Metrics>) -> (RowSender, FileSink) {
-    let (tx, rx) = mpsc::channel(config.queue.max(1));
-    (
-        RowSender {
-            tx,
-            metrics: metrics.clone(),
-            full_logged: AtomicBool::new(false),
-        },
+impl FileSink {
+    pub fn new(
+        config: FileSinkConfig,
+        rx: mpsc::Receiver<Row>,
+        metrics: Arc<Metrics>,
+        flushed: &Flushed,
+    ) -> FileSink {
         FileSink {
-            rx: Mutex::new(Some(rx)),
+            parts: Mutex::new(Some((rx, flushed.hold()))),
             config,
             metrics,
-        },
-    )
+        }
+    }
 }
 
 /// An open rows file that knows its size and rotates itself.
@@ -152,6 +122,8 @@ struct Writer {
     rx: mpsc::Receiver<Row>,
     file: RowFile,
     metrics: Arc<Metrics>,
+    /// Last field: released after `drop` has written what was left.
+    _flushed: FlushGuard,
 }
 
 impl Writer {
@@ -188,7 +160,7 @@ impl Drop for Writer {
 #[async_trait]
 impl BackgroundService for FileSink {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let Some(rx) = self.rx.lock().expect("sink lock").take() else {
+        let Some((rx, guard)) = self.parts.lock().expect("sink lock").take() else {
             return;
         };
         let file = match RowFile::open(self.config.clone()) {
@@ -210,6 +182,7 @@ impl BackgroundService for FileSink {
             rx,
             file,
             metrics: self.metrics.clone(),
+            _flushed: guard,
         };
         let mut tick = tokio::time::interval(FLUSH_EVERY);
         loop {
@@ -240,7 +213,6 @@ mod tests {
             path: dir.join("rows.jsonl"),
             max_bytes,
             keep: 2,
-            queue: 16,
         }
     }
 

@@ -1,0 +1,673 @@
+//! The ClickHouse row sink: two tasks on the row writer's own runtime.
+//!
+//! The batcher takes rows from the request path's queue and cuts batches by count, bytes
+//! or age. The shipper writes each batch with one `INSERT ... FORMAT RowBinary` (the
+//! `clickhouse` crate, validation off, which 18.16 needs). A batch ClickHouse cannot take
+//! (down, slow, a server error) goes to the disk spool and is replayed oldest first once
+//! ClickHouse answers; while it is down, batches go straight to the spool and a probe runs
+//! every `retry_interval`. A batch keeps its id from first attempt to replay and every row
+//! carries it (`batch_id`), so a replay first asks whether an attempt that timed out got
+//! in after all: a row is never written twice. A batch refused as malformed is split in
+//! halves until the refused rows stand alone; those go to the dead letter file.
+//!
+//! Nothing in memory is lost at exit: the batcher and the shipper spool what they hold
+//! when the runtime drops them (also on a fast shutdown), and the next relay replays it.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use clickhouse::Client;
+use log::{error, info, warn};
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use super::schema;
+use super::spool::{Batch, Spool, Spooled};
+use super::{FlushGuard, Flushed};
+use crate::metrics::Metrics;
+use crate::record::Row;
+
+/// Validated `rows.clickhouse` settings.
+#[derive(Debug, Clone)]
+pub struct ClickHouseConfig {
+    /// `http://host:8123`.
+    pub url: String,
+    pub database: String,
+    pub user: Option<String>,
+    pub password: Option<crate::secret::Secret>,
+    pub batch_rows: usize,
+    pub batch_bytes: usize,
+    pub batch_interval: Duration,
+    /// Longest wait for one ClickHouse request.
+    pub timeout: Duration,
+    /// Pause between probes while ClickHouse is down.
+    pub retry_interval: Duration,
+    pub spool_dir: std::path::PathBuf,
+    pub spool_max_bytes: u64,
+    /// Rows that may wait for the writer.
+    pub queue: usize,
+    /// Sent with every insert (for example `async_insert`, on servers that know it).
+    pub settings: Vec<(String, String)>,
+}
+
+/// A row as the table takes it. Column names come from the field names.
+#[derive(clickhouse::Row, Serialize)]
+struct ChRow<'a> {
+    time: u32,
+    time_ms: u64,
+    request_id: &'a str,
+    batch_id: &'a str,
+    instance: &'a str,
+    tenant: Option<&'a str>,
+    route: Option<&'a str>,
+    provider: Option<&'a str>,
+    model: Option<&'a str>,
+    stream: u8,
+    status: u16,
+    upstream_status: Option<u16>,
+    outcome: &'a str,
+    error: Option<&'a str>,
+    attempts: u32,
+    ttfb_ms: Option<f64>,
+    ttft_ms: Option<f64>,
+    ttfa_ms: Option<f64>,
+    max_gap_ms: Option<f64>,
+    duration_ms: f64,
+    tokens_in: Option<u64>,
+    tokens_out: Option<u64>,
+    tokens_cached: Option<u64>,
+    tokens_reasoning: Option<u64>,
+    cost_usd: Option<f64>,
+    request_bytes: u64,
+    response_bytes: u64,
+    finish_reason: Option<&'a str>,
+    client_addr: Option<&'a str>,
+    user_agent: Option<&'a str>,
+    request_body: Option<&'a str>,
+    response_body: Option<&'a str>,
+}
+
+impl<'a> ChRow<'a> {
+    fn new(r: &'a Row, batch_id: &'a str) -> ChRow<'a> {
+        ChRow {
+            time: (r.time_ms / 1000) as u32,
+            time_ms: r.time_ms,
+            request_id: &r.request_id,
+            batch_id,
+            instance: &r.instance,
+            tenant: r.tenant.as_deref(),
+            route: r.route.as_deref(),
+            provider: r.provider.as_deref(),
+            model: r.model.as_deref(),
+            stream: u8::from(r.stream),
+            status: r.status,
+            upstream_status: r.upstream_status,
+            outcome: &r.outcome,
+            error: r.error.as_deref(),
+            attempts: r.attempts,
+            ttfb_ms: r.ttfb_ms,
+            ttft_ms: r.ttft_ms,
+            ttfa_ms: r.ttfa_ms,
+            max_gap_ms: r.max_gap_ms,
+            duration_ms: r.duration_ms,
+            tokens_in: r.tokens_in,
+            tokens_out: r.tokens_out,
+            tokens_cached: r.tokens_cached,
+            tokens_reasoning: r.tokens_reasoning,
+            cost_usd: r.cost_usd,
+            request_bytes: r.request_bytes,
+            response_bytes: r.response_bytes,
+            finish_reason: r.finish_reason.as_deref(),
+            client_addr: r.client_addr.as_deref(),
+            user_agent: r.user_agent.as_deref(),
+            request_body: r.request_body.as_deref(),
+            response_body: r.response_body.as_deref(),
+        }
+    }
+}
+
+/// Why a ClickHouse request failed, and so what happens to its rows.
+#[derive(Debug, PartialEq)]
+enum Failure {
+    /// It may pass later (network, timeout, overload, a missing table): spool and retry.
+    Unavailable(String),
+    /// The server refused the rows themselves: retrying cannot help.
+    Malformed(String),
+}
+
+/// Server error codes that refuse the data rather than the moment: parse and type errors,
+/// and `throwIf` / constraint checks an operator put on the table.
+const MALFORMED_CODES: &[u32] = &[
+    6, 26, 27, 32, 33, 38, 41, 53, 69, 70, 72, 117, 131, 395, 469,
+];
+/// The table or database is missing: run the migrations again before the next write.
+const MISSING_CODES: &[u32] = &[60, 81];
+
+/// The `Code: N` of a server error message.
+fn server_code(message: &str) -> Option<u32> {
+    let at = message.find("Code: ")? + "Code: ".len();
+    let digits: String = message[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+fn classify(e: &clickhouse::error::Error) -> Failure {
+    let text = e.to_string();
+    match e {
+        clickhouse::error::Error::BadResponse(m)
+            if server_code(m).is_some_and(|c| MALFORMED_CODES.contains(&c)) =>
+        {
+            Failure::Malformed(text)
+        }
+        _ => Failure::Unavailable(text),
+    }
+}
+
+fn is_missing_table(f: &Failure) -> bool {
+    match f {
+        Failure::Unavailable(m) => server_code(m).is_some_and(|c| MISSING_CODES.contains(&c)),
+        Failure::Malformed(_) => false,
+    }
+}
+
+/// The background service: owns the queue's receiving end until it starts.
+pub struct ClickHouseSink {
+    /// The queue's receiving end and the exit guards, taken when the service starts.
+    parts: Mutex<Option<(mpsc::Receiver<Row>, FlushGuard, FlushGuard)>>,
+    config: ClickHouseConfig,
+    metrics: Arc<Metrics>,
+}
+
+impl ClickHouseSink {
+    pub fn new(
+        config: ClickHouseConfig,
+        rx: mpsc::Receiver<Row>,
+        metrics: Arc<Metrics>,
+        flushed: &Flushed,
+    ) -> ClickHouseSink {
+        ClickHouseSink {
+            parts: Mutex::new(Some((rx, flushed.hold(), flushed.hold()))),
+            config,
+            metrics,
+        }
+    }
+}
+
+fn client(config: &ClickHouseConfig) -> Client {
+    let mut c = Client::default()
+        .with_url(&config.url)
+        .with_validation(false);
+    if let Some(user) = &config.user {
+        c = c.with_user(user);
+    }
+    if let Some(password) = &config.password {
+        c = c.with_password(password.expose());
+    }
+    c
+}
+
+#[async_trait]
+impl BackgroundService for ClickHouseSink {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let Some((rx, batcher_guard, shipper_guard)) = self.parts.lock().expect("sink lock").take()
+        else {
+            return;
+        };
+        let spool = match Spool::open(
+            &self.config.spool_dir,
+            self.config.spool_max_bytes,
+            self.metrics.clone(),
+        ) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                error!(
+                    "cannot open the row spool {}: {e}; rows ClickHouse cannot take now are dropped (counted)",
+                    self.config.spool_dir.display()
+                );
+                None
+            }
+        };
+        let spool = Arc::new(Mutex::new(spool));
+        // Room for a few batches: beyond that the shipper is behind and batches go to disk.
+        let (batch_tx, batch_rx) = mpsc::channel(4);
+        let mut shipper = Shipper {
+            admin: client(&self.config),
+            client: {
+                let mut c = client(&self.config).with_database(&self.config.database);
+                for (k, v) in &self.config.settings {
+                    c = c.with_setting(k, v);
+                }
+                c
+            },
+            config: self.config.clone(),
+            rx: batch_rx,
+            spool: spool.clone(),
+            metrics: self.metrics.clone(),
+            in_flight: None,
+            up: false,
+            migrated: false,
+            next_try: Instant::now(),
+            _flushed: shipper_guard,
+        };
+        self.metrics.clickhouse_up(false);
+        tokio::spawn(async move { shipper.run().await });
+
+        let mut batcher = Batcher {
+            rx,
+            rows: Vec::new(),
+            bytes: 0,
+            started: Instant::now(),
+            out: batch_tx,
+            spool,
+            metrics: self.metrics.clone(),
+            config: self.config.clone(),
+            _flushed: batcher_guard,
+        };
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            tokio::select! {
+                row = batcher.rx.recv() => match row {
+                    Some(row) => batcher.push(row),
+                    None => return,
+                },
+                _ = tick.tick() => {
+                    if !batcher.rows.is_empty()
+                        && batcher.started.elapsed() >= batcher.config.batch_interval
+                    {
+                        batcher.ship();
+                    }
+                }
+                // Graceful shutdown: keep writing while requests finish; what is left is
+                // spooled when the runtime drops the tasks.
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+}
+
+fn spool_batch(spool: &Mutex<Option<Spool>>, metrics: &Metrics, batch: &Batch) {
+    match spool.lock().expect("spool lock").as_mut() {
+        Some(s) => {
+            s.append(batch);
+        }
+        None => metrics.rows_dropped(batch.rows.len() as u64),
+    }
+}
+
+struct Batcher {
+    rx: mpsc::Receiver<Row>,
+    rows: Vec<Row>,
+    bytes: usize,
+    started: Instant,
+    out: mpsc::Sender<Batch>,
+    spool: Arc<Mutex<Option<Spool>>>,
+    metrics: Arc<Metrics>,
+    config: ClickHouseConfig,
+    /// Last field: released after `drop` has spooled what was left.
+    _flushed: FlushGuard,
+}
+
+impl Batcher {
+    fn push(&mut self, row: Row) {
+        self.metrics.rows_dequeued(1);
+        if self.rows.is_empty() {
+            self.started = Instant::now();
+        }
+        self.bytes += row.approx_bytes();
+        self.rows.push(row);
+        if self.rows.len() >= self.config.batch_rows || self.bytes >= self.config.batch_bytes {
+            self.ship();
+        }
+    }
+
+    fn ship(&mut self) {
+        let batch = Batch::new(std::mem::take(&mut self.rows));
+        self.bytes = 0;
+        if let Err(e) = self.out.try_send(batch) {
+            // The shipper is behind (or gone): the batch waits on disk instead.
+            let batch = match e {
+                mpsc::error::TrySendError::Full(b) | mpsc::error::TrySendError::Closed(b) => b,
+            };
+            spool_batch(&self.spool, &self.metrics, &batch);
+        }
+    }
+}
+
+impl Drop for Batcher {
+    fn drop(&mut self) {
+        while let Ok(row) = self.rx.try_recv() {
+            self.metrics.rows_dequeued(1);
+            self.rows.push(row);
+        }
+        if !self.rows.is_empty() {
+            let batch = Batch::new(std::mem::take(&mut self.rows));
+            spool_batch(&self.spool, &self.metrics, &batch);
+        }
+    }
+}
+
+struct Shipper {
+    /// No default database: it may not exist yet.
+    admin: Client,
+    client: Client,
+    config: ClickHouseConfig,
+    rx: mpsc::Receiver<Batch>,
+    spool: Arc<Mutex<Option<Spool>>>,
+    metrics: Arc<Metrics>,
+    /// The batch being written, spooled if the task is dropped meanwhile.
+    in_flight: Option<Batch>,
+    up: bool,
+    migrated: bool,
+    next_try: Instant,
+    /// Last field: released after `drop` has spooled what was left.
+    _flushed: FlushGuard,
+}
+
+/// What became of a replayed file.
+enum Replay {
+    Done,
+    /// ClickHouse is down: stop replaying for now.
+    Stop,
+}
+
+impl Shipper {
+    async fn run(&mut self) {
+        loop {
+            if self.may_try() && self.ensure_migrated().await && self.has_spool_work() {
+                if let Replay::Stop = self.replay_oldest().await {
+                    continue;
+                }
+                // Take new batches between replayed ones so the queue never waits long.
+                if let Ok(batch) = self.rx.try_recv() {
+                    self.deliver(batch).await;
+                }
+                continue;
+            }
+            let wait = if self.up {
+                self.config.retry_interval
+            } else {
+                self.next_try.saturating_duration_since(Instant::now())
+            };
+            tokio::select! {
+                batch = self.rx.recv() => match batch {
+                    Some(batch) => self.deliver(batch).await,
+                    None => return,
+                },
+                _ = tokio::time::sleep(wait.max(Duration::from_millis(10))) => {}
+            }
+        }
+    }
+
+    /// Up, or down with its probe due.
+    fn may_try(&self) -> bool {
+        self.up || Instant::now() >= self.next_try
+    }
+
+    fn set_up(&mut self, up: bool, why: Option<&str>) {
+        if up != self.up {
+            match why {
+                Some(why) => warn!("ClickHouse is unavailable, rows go to the spool: {why}"),
+                None => info!("ClickHouse answers: writing rows and replaying the spool"),
+            }
+        }
+        self.up = up;
+        self.metrics.clickhouse_up(up);
+        if !up {
+            self.next_try = Instant::now() + self.config.retry_interval;
+        }
+    }
+
+    fn unavailable(&mut self, failure: &Failure) {
+        if is_missing_table(failure) {
+            self.migrated = false;
+        }
+        let text = match failure {
+            Failure::Unavailable(m) | Failure::Malformed(m) => m.as_str(),
+        };
+        self.metrics.clickhouse_failure("unavailable");
+        self.set_up(false, Some(text));
+    }
+
+    async fn ensure_migrated(&mut self) -> bool {
+        if self.migrated {
+            return true;
+        }
+        let run = schema::migrate(&self.admin, &self.config.database);
+        match tokio::time::timeout(self.config.timeout, run).await {
+            Ok(Ok(applied)) => {
+                if !applied.is_empty() {
+                    info!(
+                        "ClickHouse migrations applied to `{}`: {applied:?}",
+                        self.config.database
+                    );
+                }
+                self.migrated = true;
+                true
+            }
+            Ok(Err(e)) => {
+                self.metrics.clickhouse_failure("migration");
+                self.set_up(false, Some(&format!("migrations: {e}")));
+                false
+            }
+            Err(_) => {
+                self.metrics.clickhouse_failure("migration");
+                self.set_up(false, Some("migrations: timed out"));
+                false
+            }
+        }
+    }
+
+    fn has_spool_work(&mut self) -> bool {
+        let mut guard = self.spool.lock().expect("spool lock");
+        let Some(spool) = guard.as_mut() else {
+            return false;
+        };
+        spool.try_lock() && spool.has_batches()
+    }
+
+    /// A new batch: to ClickHouse when it is up, to the spool otherwise.
+    async fn deliver(&mut self, batch: Batch) {
+        if !(self.may_try() && self.ensure_migrated().await) {
+            spool_batch(&self.spool, &self.metrics, &batch);
+            return;
+        }
+        self.in_flight = Some(batch);
+        let batch = self.in_flight.as_ref().expect("just set");
+        let result = self.insert(batch).await;
+        let batch = self.in_flight.take().expect("still set");
+        match result {
+            Ok(()) => {
+                self.metrics
+                    .rows_written("clickhouse", batch.rows.len() as u64);
+                self.set_up(true, None);
+            }
+            Err(failure) => {
+                match &failure {
+                    // The spool's replay bisects it and keeps the bad rows aside.
+                    Failure::Malformed(m) => {
+                        self.metrics.clickhouse_failure("malformed");
+                        warn!(
+                            "ClickHouse refused a batch of {} rows: {m}",
+                            batch.rows.len()
+                        );
+                        self.set_up(true, None);
+                    }
+                    Failure::Unavailable(_) => self.unavailable(&failure),
+                }
+                spool_batch(&self.spool, &self.metrics, &batch);
+            }
+        }
+    }
+
+    async fn insert(&self, batch: &Batch) -> Result<(), Failure> {
+        let started = Instant::now();
+        let result = self.try_insert(batch).await;
+        self.metrics
+            .clickhouse_batch(result.is_ok(), started.elapsed());
+        result
+    }
+
+    async fn try_insert(&self, batch: &Batch) -> Result<(), Failure> {
+        let t = Some(self.config.timeout);
+        let write = async {
+            let mut insert = self
+                .client
+                .insert::<ChRow<'_>>(schema::TABLE)
+                .await?
+                .with_timeouts(t, t);
+            for row in &batch.rows {
+                insert.write(&ChRow::new(row, &batch.id)).await?;
+            }
+            insert.end().await
+        };
+        // The crate's timeouts cover sending and the answer; this one also the connect.
+        match tokio::time::timeout(self.config.timeout * 2, write).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(classify(&e)),
+            Err(_) => Err(Failure::Unavailable("timed out".into())),
+        }
+    }
+
+    /// How many of a batch's rows ClickHouse already has (an earlier attempt may have got
+    /// in although its answer was lost).
+    async fn rows_present(&self, batch: &Batch) -> Result<u64, Failure> {
+        let (lo, hi) = batch.rows.iter().fold((u64::MAX, 0), |(lo, hi), r| {
+            (lo.min(r.time_ms), hi.max(r.time_ms))
+        });
+        let query = self
+            .client
+            .query(&format!(
+                "SELECT count() FROM {} WHERE time >= toDateTime(?) AND time <= toDateTime(?) AND batch_id = ?",
+                schema::TABLE
+            ))
+            .bind(lo / 1000)
+            .bind(hi / 1000)
+            .bind(batch.id.as_str());
+        match tokio::time::timeout(self.config.timeout, query.fetch_one::<u64>()).await {
+            Ok(Ok(n)) => Ok(n),
+            Ok(Err(e)) => Err(classify(&e)),
+            Err(_) => Err(Failure::Unavailable("timed out".into())),
+        }
+    }
+
+    async fn replay_oldest(&mut self) -> Replay {
+        let oldest = self
+            .spool
+            .lock()
+            .expect("spool lock")
+            .as_mut()
+            .and_then(Spool::oldest);
+        let Some(spooled) = oldest else {
+            return Replay::Done;
+        };
+        let n = spooled.batch.rows.len() as u64;
+        let present = match self.rows_present(&spooled.batch).await {
+            Ok(p) => p,
+            Err(f) => {
+                self.unavailable(&f);
+                return Replay::Stop;
+            }
+        };
+        if present == n {
+            info!(
+                "spooled batch {} ({n} rows) was already written; not sending it again",
+                spooled.batch.id
+            );
+            self.metrics.rows_replayed(n);
+            self.with_spool(|s| s.remove(&spooled));
+            return Replay::Done;
+        }
+        if present > 0 {
+            // A single INSERT block is atomic; a partial batch means someone else wrote
+            // rows with this id. Keep the batch aside rather than guess.
+            error!(
+                "spooled batch {} has {present} of {n} rows in ClickHouse already; moving it to the dead letter",
+                spooled.batch.id
+            );
+            self.dead_letter(spooled, "partly present in ClickHouse already");
+            return Replay::Done;
+        }
+        match self.insert(&spooled.batch).await {
+            Ok(()) => {
+                self.set_up(true, None);
+                self.metrics.rows_written("clickhouse", n);
+                self.metrics.rows_replayed(n);
+                self.with_spool(|s| s.remove(&spooled));
+                Replay::Done
+            }
+            Err(Failure::Malformed(m)) => {
+                self.metrics.clickhouse_failure("malformed");
+                self.set_up(true, None);
+                if n > 1 {
+                    self.with_spool(|s| s.split(spooled));
+                } else {
+                    warn!("ClickHouse refused a row; kept in the dead letter: {m}");
+                    self.dead_letter(spooled, &m);
+                }
+                Replay::Done
+            }
+            Err(f) => {
+                self.unavailable(&f);
+                Replay::Stop
+            }
+        }
+    }
+
+    fn dead_letter(&mut self, spooled: Spooled, reason: &str) {
+        self.with_spool(|s| {
+            if spooled.batch.rows.iter().all(|r| s.dead_letter(r, reason)) {
+                s.remove(&spooled);
+            }
+        });
+    }
+
+    fn with_spool(&self, f: impl FnOnce(&mut Spool)) {
+        if let Some(s) = self.spool.lock().expect("spool lock").as_mut() {
+            f(s);
+        }
+    }
+}
+
+impl Drop for Shipper {
+    fn drop(&mut self) {
+        if let Some(batch) = self.in_flight.take() {
+            spool_batch(&self.spool, &self.metrics, &batch);
+        }
+        while let Ok(batch) = self.rx.try_recv() {
+            spool_batch(&self.spool, &self.metrics, &batch);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_codes_decide_what_happens_to_rows() {
+        let bad = |m: &str| classify(&clickhouse::error::Error::BadResponse(m.into()));
+        assert!(matches!(
+            bad("Code: 395, e.displayText() = DB::Exception: Value passed to 'throwIf' function is non zero"),
+            Failure::Malformed(_)
+        ));
+        assert!(matches!(
+            bad("Code: 33. DB::Exception: Cannot read all data"),
+            Failure::Malformed(_)
+        ));
+        let missing =
+            bad("Code: 60, e.displayText() = DB::Exception: Table x.stream_logs doesn't exist.");
+        assert!(matches!(missing, Failure::Unavailable(_)) && is_missing_table(&missing));
+        assert!(matches!(
+            bad("Code: 252, Too many parts"),
+            Failure::Unavailable(_)
+        ));
+        assert!(matches!(bad("502 Bad Gateway"), Failure::Unavailable(_)));
+        assert_eq!(server_code("Code: 241. DB::Exception"), Some(241));
+        assert_eq!(server_code("no code"), None);
+    }
+}

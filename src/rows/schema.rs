@@ -1,0 +1,121 @@
+//! The `stream_logs` table and its migrations: SQL files in `src/rows/migrations/`,
+//! applied in order at start (and again whenever ClickHouse says the table is missing),
+//! each recorded in `stream_relay_migrations`. Every statement is idempotent
+//! (`IF NOT EXISTS`), so relays of a fleet starting together may all run them.
+
+use clickhouse::Client;
+
+pub const TABLE: &str = "stream_logs";
+pub const MIGRATIONS_TABLE: &str = "stream_relay_migrations";
+
+pub struct Migration {
+    pub version: u32,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "stream_logs",
+    sql: include_str!("migrations/0001_stream_logs.sql"),
+}];
+
+/// A migration's statements for `database`: comment lines dropped, split at `;`.
+pub fn statements(sql: &str, database: &str) -> Vec<String> {
+    let text: String = sql
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    text.split(';')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.replace("{database}", database))
+        .collect()
+}
+
+/// Creates the database and applies the migrations it has not seen. Returns the versions
+/// applied now. `client` has no default database (it may not exist yet).
+pub async fn migrate(
+    client: &Client,
+    database: &str,
+) -> Result<Vec<u32>, clickhouse::error::Error> {
+    client
+        .query(&format!("CREATE DATABASE IF NOT EXISTS {database}"))
+        .execute()
+        .await?;
+    client
+        .query(&format!(
+            "CREATE TABLE IF NOT EXISTS {database}.{MIGRATIONS_TABLE} \
+             (version UInt32, name String, applied_at DateTime) \
+             ENGINE = MergeTree ORDER BY version"
+        ))
+        .execute()
+        .await?;
+    let done: Vec<u32> = client
+        .query(&format!(
+            "SELECT DISTINCT version FROM {database}.{MIGRATIONS_TABLE}"
+        ))
+        .fetch_all()
+        .await?;
+    let mut applied = Vec::new();
+    for m in MIGRATIONS.iter().filter(|m| !done.contains(&m.version)) {
+        for statement in statements(m.sql, database) {
+            client.query(&statement).execute().await?;
+        }
+        client
+            .query(&format!(
+                "INSERT INTO {database}.{MIGRATIONS_TABLE} (version, name, applied_at) \
+                 VALUES ({}, '{}', now())",
+                m.version, m.name
+            ))
+            .execute()
+            .await?;
+        applied.push(m.version);
+    }
+    Ok(applied)
+}
+
+/// A database name that needs no quoting.
+pub fn valid_database(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && !name.as_bytes()[0].is_ascii_digit()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_are_numbered_in_order_and_idempotent() {
+        for (i, m) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(m.version as usize, i + 1);
+            for s in statements(m.sql, "db") {
+                assert!(s.contains("IF NOT EXISTS"), "not idempotent: {s}");
+                assert!(!s.contains("{database}"));
+            }
+        }
+    }
+
+    #[test]
+    fn the_table_has_every_row_column() {
+        let sql = statements(MIGRATIONS[0].sql, "db").join("\n");
+        let row = serde_json::to_value(crate::record::tests::sample_row()).unwrap();
+        for column in row.as_object().unwrap().keys() {
+            let column = if column == "time_ms" { "time" } else { column };
+            assert!(
+                sql.contains(&format!("    {column} ")),
+                "no column {column}"
+            );
+        }
+        assert!(sql.contains("    batch_id String"));
+    }
+
+    #[test]
+    fn database_names() {
+        assert!(valid_database("stream_relay"));
+        assert!(!valid_database("a;b") && !valid_database("") && !valid_database("1x"));
+    }
+}
