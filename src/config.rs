@@ -460,6 +460,44 @@ pub struct RawRoute {
     /// Default true for openai and openai_compatible routes; not allowed on others.
     #[serde(default)]
     pub ensure_usage: Option<bool>,
+    /// Keep request and response bodies in the request's row: each `off` (default),
+    /// `whole`, or a number of bytes to keep from the start.
+    #[serde(default)]
+    pub capture: RawCapture,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawCapture {
+    pub request: Option<CaptureSize>,
+    pub response: Option<CaptureSize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum CaptureSize {
+    Bytes(usize),
+    Word(String),
+}
+
+/// Bytes of a body kept in its row: 0 is off, `usize::MAX` the whole body.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Capture {
+    pub request: usize,
+    pub response: usize,
+}
+
+fn capture_size(at: &str, c: &Option<CaptureSize>) -> Result<usize, ConfigError> {
+    match c {
+        None => Ok(0),
+        Some(CaptureSize::Bytes(n)) => Ok(*n),
+        Some(CaptureSize::Word(w)) if w == "off" => Ok(0),
+        Some(CaptureSize::Word(w)) if w == "whole" => Ok(usize::MAX),
+        Some(CaptureSize::Word(w)) => Err(err(
+            at,
+            format!("`{w}`: must be off, whole or a number of bytes"),
+        )),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -563,6 +601,7 @@ pub struct RouteConfig {
     pub ca_pem: Option<PathBuf>,
     pub timeouts: Timeouts,
     pub ensure_usage: bool,
+    pub capture: Capture,
 }
 
 #[derive(Debug, Clone)]
@@ -1017,7 +1056,12 @@ fn validate_route(
             "only openai and openai_compatible routes stream OpenAI usage chunks",
         ));
     }
+    let capture = Capture {
+        request: capture_size(&format!("{at}.capture.request"), &r.capture.request)?,
+        response: capture_size(&format!("{at}.capture.response"), &r.capture.response)?,
+    };
     Ok(RouteConfig {
+        capture,
         ensure_usage: r.ensure_usage.unwrap_or(openai_style),
         name: r.name,
         prefix,

@@ -72,6 +72,15 @@ pub struct RequestCtx {
     /// The tenant's limits and what admission reserved (tokens, a concurrency slot).
     limits: Limits,
     admission: Option<Admission>,
+    /// Body bytes kept for the row (the route's `capture`).
+    captured_request: Vec<u8>,
+    captured_response: Vec<u8>,
+}
+
+/// Appends what fits under `limit` of `chunk` to `kept`.
+fn keep_bytes(kept: &mut Vec<u8>, chunk: &[u8], limit: usize) {
+    let room = limit.saturating_sub(kept.len());
+    kept.extend_from_slice(&chunk[..room.min(chunk.len())]);
 }
 
 impl RequestCtx {
@@ -98,6 +107,8 @@ impl RequestCtx {
             stream: None,
             strip_usage: None,
             early_body: None,
+            captured_request: Vec::new(),
+            captured_response: Vec::new(),
             limits: Limits::default(),
             admission: None,
         }
@@ -407,6 +418,8 @@ impl ProxyHttp for RelayProxy {
                     let body = read_small_body(session, len).await?;
                     body_bytes = body.len();
                     ctx.request_bytes = body.len() as u64;
+                    let limit = ctx.route.as_ref().expect("set").capture.request;
+                    keep_bytes(&mut ctx.captured_request, &body, limit);
                     prepare_early_body(ctx, &body, usage);
                 }
                 if !ctx.limits.is_empty()
@@ -495,6 +508,10 @@ impl ProxyHttp for RelayProxy {
     ) -> Result<()> {
         if ctx.early_body.is_none() {
             ctx.request_bytes += body.as_ref().map_or(0, |b| b.len() as u64);
+            // The first attempt's body is the client's; a retry replays it.
+            if let (Some(route), Some(b), true) = (&ctx.route, body.as_ref(), ctx.attempts <= 1) {
+                keep_bytes(&mut ctx.captured_request, b, route.capture.request);
+            }
         }
         if let Some(early) = &ctx.early_body {
             // Pingora replays the body read in request_filter as one piece.
@@ -608,6 +625,9 @@ impl ProxyHttp for RelayProxy {
             let out = stripper.feed(body.as_deref().unwrap_or_default(), end_of_stream);
             // Nothing to send yet is `None`: an empty chunk would end a chunked body.
             *body = (!out.is_empty()).then_some(out);
+        }
+        if let (Some(route), Some(b)) = (&ctx.route, body.as_ref()) {
+            keep_bytes(&mut ctx.captured_response, b, route.capture.response);
         }
         Ok(None)
     }
@@ -792,8 +812,12 @@ impl ProxyHttp for RelayProxy {
             finish_reason: measure.and_then(|m| m.finish_reason.clone()),
             client_addr: session.client_addr().map(|a| a.to_string()),
             user_agent,
-            request_body: None,
-            response_body: None,
+            request_body: route_ref
+                .filter(|r| r.capture.request > 0)
+                .map(|_| String::from_utf8_lossy(&ctx.captured_request).into_owned()),
+            response_body: route_ref
+                .filter(|r| r.capture.response > 0)
+                .map(|_| String::from_utf8_lossy(&ctx.captured_response).into_owned()),
         });
         // The open-stream gauge is released here, whatever ended the request.
         ctx.stream = None;

@@ -22,6 +22,8 @@ pub struct Route {
     pub timeouts: Timeouts,
     /// Ask OpenAI-style upstreams for usage the client did not ask for (see config).
     pub ensure_usage: bool,
+    /// Body bytes kept in the request's row.
+    pub capture: crate::config::Capture,
     /// Round-robin cursor: each request starts one upstream further.
     next: AtomicUsize,
 }
@@ -77,6 +79,7 @@ impl Route {
             key,
             timeouts: c.timeouts,
             ensure_usage: c.ensure_usage,
+            capture: c.capture,
             next: AtomicUsize::new(0),
         })
     }

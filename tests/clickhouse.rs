@@ -20,7 +20,8 @@ fn config(mock: &MockProc, ch: &ClickHouseProc, spool: &Path, batch: &str) -> St
     let dead = free_port();
     format!(
         r#"routes:
-  - {{ name: openai, prefix: /openai/v1, provider: openai, upstreams: ["{u}/v1"] }}
+  - {{ name: openai, prefix: /openai/v1, provider: openai, upstreams: ["{u}/v1"],
+      capture: {{ request: whole, response: 64 }} }}
   - {{ name: dead, prefix: /dead/v1, provider: openai, upstreams: ["http://127.0.0.1:{dead}/v1"] }}
 pricing:
   gpt-4o-mini: {{ input: 0.15, output: 0.60 }}
@@ -225,6 +226,15 @@ fn every_outcome_lands_once_with_its_values_and_the_seed_queries_answer() {
     let t = stream["time_ms"].as_u64().unwrap();
     assert!(t <= now_ms && now_ms - t < 120_000, "time_ms {t}");
     assert_eq!(by_id("row-500")["upstream_status"], 500);
+    // The route keeps whole requests and the first 64 bytes of responses.
+    let json = by_id("row-json");
+    assert_eq!(
+        json["request_body"].as_str().unwrap().as_bytes(),
+        &chat_body(false, false)[..]
+    );
+    let answer = json["response_body"].as_str().unwrap();
+    assert!(answer.len() == 64 && answer.starts_with('{'), "{answer}");
+    assert_eq!(by_id("row-502")["request_body"], serde_json::Value::Null);
     assert_eq!(by_id("row-401")["tokens_in"], serde_json::Value::Null);
     assert_eq!(by_id("row-401")["tenant"], serde_json::Value::Null);
     let gone = by_id("row-gone");
