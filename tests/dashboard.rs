@@ -1,6 +1,7 @@
 //! The Grafana dashboard is tested, not just written: a real Prometheus (the Debian
-//! package, installed by scripts/test.sh) scrapes a relay under mixed traffic, and every
-//! PromQL expression of grafana/dashboards/stream-relay.json must return data.
+//! package, installed by scripts/test.sh) scrapes a relay under mixed traffic whose rows
+//! go to a real ClickHouse; every PromQL expression of grafana/dashboards/stream-relay.json
+//! must return data from Prometheus, and every SQL panel rows from ClickHouse.
 
 mod common;
 
@@ -37,6 +38,8 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         return;
     }
     let mock = MockProc::start(None);
+    let ch = ClickHouseProc::start();
+    let spool = temp_dir("spool");
     let u = mock.url();
     let dead = free_port();
     let config = format!(
@@ -48,8 +51,14 @@ pricing:
   gpt-4o-mini: {{ input: 0.15, output: 0.60 }}
 tenants:
   - {{ id: acme, key_sha256: ["{h}"] }}
+  - {{ id: small, key_sha256: ["{h2}"], limits: {{ requests_per_minute: 1 }} }}
+rows:
+  clickhouse: {{ url: "{ch_url}", batch_interval: 200ms, spool_dir: "{spool}" }}
 "#,
-        h = hash(TENANT_KEY)
+        h = hash(TENANT_KEY),
+        h2 = hash("sk-small"),
+        ch_url = ch.url(),
+        spool = spool.display(),
     );
     let relay = RelayProc::start(&config, &[]);
 
@@ -114,6 +123,11 @@ tenants:
                         chat_body(false, false),
                     ),
                     ("/dead/v1/chat/completions", h(&[]), chat_body(false, false)),
+                    (
+                        "/openai/v1/chat/completions",
+                        vec![("authorization", "Bearer sk-small".to_string())],
+                        chat_body(false, false),
+                    ),
                 ] {
                     let hs: Vec<(&str, &str)> =
                         headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -132,24 +146,28 @@ tenants:
         .unwrap(),
     )
     .unwrap();
-    let exprs: Vec<(String, String)> = dashboard["panels"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|p| {
-            let title = p["title"].as_str().unwrap().to_string();
-            p["targets"].as_array().unwrap().iter().map(move |t| {
-                (
-                    title.clone(),
-                    t["expr"]
-                        .as_str()
-                        .unwrap()
-                        .replace("$__rate_interval", "30s"),
-                )
+    let targets = |field: &'static str| -> Vec<(String, String)> {
+        dashboard["panels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|p| {
+                let title = p["title"].as_str().unwrap().to_string();
+                p["targets"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter_map(move |t| Some((title.clone(), t[field].as_str()?.to_string())))
             })
-        })
+            .collect()
+    };
+    let exprs: Vec<(String, String)> = targets("expr")
+        .into_iter()
+        .map(|(t, e)| (t, e.replace("$__rate_interval", "30s")))
         .collect();
-    assert!(exprs.len() >= 12);
+    assert!(exprs.len() >= 16);
+    let sqls = targets("rawSql");
+    assert!(sqls.len() >= 3);
 
     let prom_addr: std::net::SocketAddr = format!("127.0.0.1:{prom_port}").parse().unwrap();
     let query = |expr: &str| -> serde_json::Value {
@@ -185,4 +203,16 @@ tenants:
     stop.store(true, Ordering::Relaxed);
     traffic.join().unwrap();
     assert!(missing.is_empty(), "panels without data: {missing:#?}");
+
+    // The ClickHouse panels, with Grafana's macros as the plugin expands them for the
+    // last hour and the dashboard's default database.
+    for (title, sql) in sqls {
+        let sql = sql.replace("${database}", "stream_relay").replace(
+            "$__timeFilter(time)",
+            "time >= now() - INTERVAL 1 HOUR AND time <= now() + INTERVAL 1 MINUTE",
+        );
+        assert!(!sql.contains('$'), "{title}: a macro left in {sql}");
+        let rows = ch.rows(&sql);
+        assert!(!rows.is_empty(), "{title}: no rows from\n{sql}");
+    }
 }
