@@ -201,6 +201,7 @@ tenants:
             stop(p)
         if ch is not None:
             stop(ch, signal.SIGTERM)
+        shutil.rmtree(tmp, ignore_errors=True)
 
     def med(rs, k):
         return sorted(r[k] for r in rs)[len(rs) // 2]
