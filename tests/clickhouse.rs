@@ -465,3 +465,56 @@ fn rows_clickhouse_refuses_are_kept_aside_and_the_rest_written() {
     );
     relay.metrics_with("\nstream_relay_rows_dropped_total 0\n");
 }
+
+#[test]
+fn a_graceful_upgrade_loses_no_row_and_doubles_none() {
+    let ch = ClickHouseProc::start();
+    let mock = MockProc::start(None);
+    let spool = temp_dir("spool");
+    let relay = RelayProc::start(&config(&mock, &ch, &spool, "batch_interval: 500ms"), &[]);
+    let addr = relay.addr;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flow = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let auth = format!("Bearer {TENANT_KEY}");
+            let mut sent = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let id = format!("up-{sent}");
+                let r = request(
+                    addr,
+                    "POST",
+                    CHAT,
+                    &[("authorization", &auth), ("x-request-id", &id)],
+                    &chat_body(false, false),
+                );
+                assert_eq!(r.status, 200, "{id}");
+                sent += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            sent
+        })
+    };
+    std::thread::sleep(Duration::from_millis(700));
+    let mut new = relay.start_upgrade();
+    std::thread::sleep(Duration::from_millis(500));
+    std::process::Command::new("kill")
+        .args(["-QUIT", &relay.proc.pid().to_string()])
+        .status()
+        .unwrap();
+    // The old relay exits after its grace period; traffic goes on through the new one.
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = flow.join().unwrap();
+    assert!(sent > 50, "{sent}");
+    wait_count(&ch, COUNT, sent);
+    assert_eq!(
+        ch.query("SELECT uniqExact(request_id) FROM relay_test.stream_logs")
+            .trim(),
+        sent.to_string()
+    );
+    assert!(
+        new.child.try_wait().unwrap().is_none(),
+        "the new relay serves"
+    );
+}
