@@ -57,6 +57,8 @@ pub enum RelayError {
     LimiterUnavailable,
     UpstreamUnavailable,
     UpstreamTimeout,
+    /// A route deadline (first byte, gap between chunks, total) passed.
+    Stalled(crate::stall::Deadline),
     Internal,
 }
 
@@ -70,7 +72,7 @@ impl RelayError {
             RelayError::RateLimited { .. } => 429,
             RelayError::ProviderKeyMissing { .. } | RelayError::LimiterUnavailable => 503,
             RelayError::UpstreamUnavailable => 502,
-            RelayError::UpstreamTimeout => 504,
+            RelayError::UpstreamTimeout | RelayError::Stalled(_) => 504,
             RelayError::Internal => 500,
         }
     }
@@ -88,6 +90,7 @@ impl RelayError {
             RelayError::LimiterUnavailable => "limiter_unavailable",
             RelayError::UpstreamUnavailable => "upstream_unavailable",
             RelayError::UpstreamTimeout => "upstream_timeout",
+            RelayError::Stalled(d) => d.outcome(),
             RelayError::Internal => "internal",
         }
     }
@@ -117,6 +120,15 @@ impl RelayError {
                 "The upstream provider could not be reached.".into()
             }
             RelayError::UpstreamTimeout => "The upstream provider did not answer in time.".into(),
+            RelayError::Stalled(crate::stall::Deadline::FirstByte) => {
+                "The upstream provider did not start answering within the route's first-byte deadline.".into()
+            }
+            RelayError::Stalled(crate::stall::Deadline::Gap) => {
+                "The upstream provider's stream stalled: no data within the route's gap deadline.".into()
+            }
+            RelayError::Stalled(crate::stall::Deadline::Total) => {
+                "The request exceeded the route's total deadline.".into()
+            }
             RelayError::Internal => "The relay failed to handle the request.".into(),
         }
     }
@@ -134,6 +146,7 @@ impl RelayError {
             RelayError::LimiterUnavailable => ("api_error", "limiter_unavailable"),
             RelayError::UpstreamUnavailable => ("api_error", "upstream_unavailable"),
             RelayError::UpstreamTimeout => ("api_error", "upstream_timeout"),
+            RelayError::Stalled(d) => ("api_error", d.outcome()),
             RelayError::Internal => ("api_error", "internal_error"),
         }
     }
@@ -149,6 +162,7 @@ impl RelayError {
             | RelayError::LimiterUnavailable
             | RelayError::UpstreamUnavailable
             | RelayError::UpstreamTimeout
+            | RelayError::Stalled(_)
             | RelayError::Internal => "api_error",
         }
     }
@@ -165,6 +179,20 @@ impl RelayError {
             }
         };
         Bytes::from(value.to_string())
+    }
+
+    /// The error as a server-sent event that ends a stream: OpenAI's SDKs raise on a
+    /// `data:` chunk holding `error`, Anthropic's on an `error` event.
+    pub fn sse_event(&self, shape: ErrorShape) -> Bytes {
+        let body = self.body(shape);
+        let mut out = Vec::with_capacity(body.len() + 24);
+        if shape == ErrorShape::Anthropic {
+            out.extend_from_slice(b"event: error\n");
+        }
+        out.extend_from_slice(b"data: ");
+        out.extend_from_slice(&body);
+        out.extend_from_slice(b"\n\n");
+        Bytes::from(out)
     }
 }
 
@@ -214,12 +242,13 @@ mod tests {
             RelayError::LimiterUnavailable,
             RelayError::UpstreamUnavailable,
             RelayError::UpstreamTimeout,
+            RelayError::Stalled(crate::stall::Deadline::Gap),
             RelayError::Internal,
         ];
         let statuses: Vec<u16> = all.iter().map(|e| e.status()).collect();
         assert_eq!(
             statuses,
-            [400, 404, 401, 401, 403, 429, 503, 503, 502, 504, 500]
+            [400, 404, 401, 401, 403, 429, 503, 503, 502, 504, 504, 500]
         );
         let mut kinds: Vec<&str> = all.iter().map(|e| e.kind()).collect();
         kinds.dedup();

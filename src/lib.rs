@@ -22,5 +22,6 @@ pub mod rows;
 pub mod secret;
 pub mod server;
 pub mod sse;
+pub mod stall;
 pub mod tap;
 pub mod upstream;

@@ -5,7 +5,8 @@
 //! `x-mock-chunks` (content events or audio chunks), `x-mock-interval-ms` (pacing),
 //! `x-mock-first-delay-ms` (before the first byte), `x-mock-chunk-bytes` (audio chunk
 //! size), `x-mock-status` (answer this error status), `x-mock-cut-after` (drop the
-//! connection after N content events), `x-mock-stamp: 1` (each content delta is the
+//! connection after N content events), `x-mock-stall-after` (after N content events,
+//! send nothing more and keep the connection open), `x-mock-stamp: 1` (each content delta is the
 //! send time in nanoseconds since the Unix epoch, for latency measurement).
 //!
 //! With `expected_key` set, a request must carry it (`Authorization: Bearer`, `x-api-key`
@@ -33,6 +34,7 @@ pub struct Knobs {
     pub chunk_bytes: usize,
     pub status: Option<u16>,
     pub cut_after: Option<usize>,
+    pub stall_after: Option<usize>,
     pub stamp: bool,
 }
 
@@ -45,6 +47,7 @@ impl Default for Knobs {
             chunk_bytes: 4096,
             status: None,
             cut_after: None,
+            stall_after: None,
             stamp: false,
         }
     }
@@ -226,6 +229,14 @@ impl Mock {
                     self.stats.cut.fetch_add(1, Ordering::Relaxed);
                     return Flow::Close;
                 }
+                if knobs.stall_after == Some(content_sent) {
+                    // Silent, connection open, until the client gives up (at most 10 min).
+                    let _ = stream.flush().await;
+                    let until = Instant::now() + Duration::from_secs(600);
+                    let _ = self.wait_until(stream, pending, until).await;
+                    self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                    return Flow::Close;
+                }
                 let due = start + knobs.first_delay + knobs.interval * content_sent as u32;
                 if self.wait_until(stream, pending, due).await.is_err() {
                     self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
@@ -327,6 +338,9 @@ fn knobs_from(headers: &[(String, String)], mut k: Knobs) -> Knobs {
     }
     if let Some(v) = num("x-mock-cut-after") {
         k.cut_after = Some(v as usize);
+    }
+    if let Some(v) = num("x-mock-stall-after") {
+        k.stall_after = Some(v as usize);
     }
     if let Some(v) = num("x-mock-stamp") {
         k.stamp = v == 1;

@@ -34,6 +34,7 @@ use crate::record::Row;
 use crate::request_id;
 use crate::request_info::{self, BodyCollector, BodyStep, RequestInfo};
 use crate::route::{Route, RouteKey, RouteTable};
+use crate::stall::{Deadline, StallGuard};
 use crate::tap::strip::UsageStripper;
 use crate::tap::{Tap, TapKind};
 
@@ -72,6 +73,8 @@ pub struct RequestCtx {
     /// The tenant's limits and what admission reserved (tokens, a concurrency slot).
     limits: Limits,
     admission: Option<Admission>,
+    /// First-byte, gap and total deadlines, armed when an upstream connection is made.
+    stall: Option<StallGuard>,
     /// Body bytes kept for the row (the route's `capture`).
     captured_request: Vec<u8>,
     captured_response: Vec<u8>,
@@ -107,6 +110,7 @@ impl RequestCtx {
             stream: None,
             strip_usage: None,
             early_body: None,
+            stall: None,
             captured_request: Vec::new(),
             captured_response: Vec::new(),
             limits: Limits::default(),
@@ -233,6 +237,9 @@ pub fn outcome(ctx: &RequestCtx, e: Option<&Error>) -> &'static str {
     if let Some(r) = &ctx.refusal {
         return r.kind();
     }
+    if let Some(deadline) = ctx.stall.as_ref().and_then(StallGuard::fired) {
+        return deadline.outcome();
+    }
     match e {
         None => "ok",
         Some(e) => match classify_failure(e) {
@@ -319,6 +326,54 @@ fn prepare_early_body(ctx: &mut RequestCtx, body: &[u8], usage: bool) {
 }
 
 impl RelayProxy {
+    /// A deadline passed: before the response head, a 504 in the provider's shape; in
+    /// an SSE stream, an error event in the provider's shape and a clean end, so the
+    /// client's SDK raises an error instead of waiting or seeing a cut; otherwise (JSON
+    /// or audio already under way) the connection is closed mid-body.
+    async fn end_stalled(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        deadline: Deadline,
+    ) -> FailToProxy {
+        let error = RelayError::Stalled(deadline);
+        let downstream = session.as_downstream_mut();
+        let code = if downstream.response_written().is_none() {
+            let body = error.body(ctx.shape);
+            if let Ok(mut resp) = ResponseHeader::build(error.status(), Some(4)) {
+                let _ = resp.insert_header(http::header::CONTENT_TYPE, "application/json");
+                let _ = resp.insert_header(http::header::CONTENT_LENGTH, body.len());
+                let _ = resp.insert_header(request_id::HEADER, ctx.request_id.as_str());
+                if let Err(we) = downstream.write_error_response(resp, body).await {
+                    warn!("{}: cannot write the error answer: {we}", ctx.request_id);
+                }
+            }
+            error.status()
+        } else {
+            let sse = ctx
+                .tap
+                .as_ref()
+                .is_some_and(|t| matches!(t.kind(), TapKind::OpenAiSse | TapKind::AnthropicSse));
+            if sse {
+                let event = error.sse_event(ctx.shape);
+                if let Err(we) = downstream.write_response_body(event, true).await {
+                    warn!("{}: cannot write the stall event: {we}", ctx.request_id);
+                }
+            }
+            0
+        };
+        warn!(
+            "{}: upstream {} after {:.1}s; the request was ended",
+            ctx.request_id,
+            deadline.outcome(),
+            ctx.start.elapsed().as_secs_f64()
+        );
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
     /// Checks the tenant's limits; answers 429 itself and returns false when refused.
     async fn admit_within_limits(
         &self,
@@ -541,6 +596,9 @@ impl ProxyHttp for RelayProxy {
     ) -> Result<()> {
         ctx.upstream_status = Some(upstream_response.status.as_u16());
         ctx.ttfb = Some(ctx.start.elapsed());
+        if let Some(g) = &ctx.stall {
+            g.response_started(Instant::now());
+        }
         let route = ctx.route.as_ref().expect("admitted");
         let content_type = upstream_response
             .headers
@@ -587,8 +645,11 @@ impl ProxyHttp for RelayProxy {
     ) -> Result<Option<Duration>> {
         if let Some(b) = body {
             ctx.response_bytes += b.len() as u64;
+            let now = Instant::now();
+            if let Some(g) = &ctx.stall {
+                g.chunk(now);
+            }
             if let Some(tap) = &mut ctx.tap {
-                let now = Instant::now();
                 match &ctx.stream {
                     Some(s) => tap.feed(b, now, &mut |gap| s.gap.observe(gap.as_secs_f64())),
                     None => tap.feed(b, now, &mut |_| {}),
@@ -596,15 +657,11 @@ impl ProxyHttp for RelayProxy {
             }
         }
         if end_of_stream {
+            if let Some(g) = &ctx.stall {
+                g.done();
+            }
             if let Some(tap) = &mut ctx.tap {
                 tap.finish();
-            }
-        }
-        if let Some(route) = &ctx.route {
-            if ctx.start.elapsed() > route.timeouts.total {
-                let mut e = Error::explain(ErrorType::ReadTimedout, "total request deadline");
-                e.as_up();
-                return Err(e);
             }
         }
         Ok(None)
@@ -630,6 +687,22 @@ impl ProxyHttp for RelayProxy {
             keep_bytes(&mut ctx.captured_response, b, route.capture.response);
         }
         Ok(None)
+    }
+
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        _reused: bool,
+        _peer: &HttpPeer,
+        fd: std::os::unix::io::RawFd,
+        _digest: Option<&pingora_core::protocols::Digest>,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let route = ctx.route.as_ref().expect("admitted");
+        ctx.stall
+            .get_or_insert_with(|| StallGuard::new(ctx.start, &route.timeouts))
+            .attempt(fd, Instant::now());
+        Ok(())
     }
 
     fn fail_to_connect(
@@ -660,7 +733,8 @@ impl ProxyHttp for RelayProxy {
         // Anything else may have started paid work upstream: never sent twice.
         let stale_pooled = client_reused
             && ctx.upstream_status.is_none()
-            && !session.as_ref().retry_buffer_truncated();
+            && !session.as_ref().retry_buffer_truncated()
+            && ctx.stall.as_ref().and_then(StallGuard::fired).is_none();
         if stale_pooled {
             e.retry.decide_reuse(true);
         } else {
@@ -675,6 +749,9 @@ impl ProxyHttp for RelayProxy {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
+        if let Some(deadline) = ctx.stall.as_ref().and_then(StallGuard::fired) {
+            return self.end_stalled(session, ctx, deadline).await;
+        }
         let code = match classify_failure(e) {
             None => 0,
             Some(relay_error) => {

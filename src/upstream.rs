@@ -25,6 +25,8 @@ use crate::config::{Timeouts, UpstreamUrl};
 
 /// How long an idle pooled upstream connection is kept.
 const POOL_IDLE: Duration = Duration::from_secs(90);
+/// How long Pingora's own read timeout waits past the stall guard's deadlines.
+const READ_TIMEOUT_MARGIN: Duration = Duration::from_secs(2);
 /// How often upstream host names are resolved again.
 pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -113,9 +115,10 @@ impl Upstream {
         let o = &mut peer.options;
         o.connection_timeout = Some(timeouts.connect);
         o.total_connection_timeout = Some(timeouts.connect);
-        // Pingora applies one read timeout to every read: it bounds the wait for the
-        // first byte and every gap after it, so it is the larger of the two deadlines.
-        o.read_timeout = Some(timeouts.first_byte.max(timeouts.idle));
+        // Pingora applies one read timeout to every read, so it cannot tell the first
+        // byte from a gap; the stall guard (src/stall.rs) enforces each. This is only a
+        // backstop behind it.
+        o.read_timeout = Some(timeouts.first_byte.max(timeouts.idle) + READ_TIMEOUT_MARGIN);
         o.write_timeout = Some(timeouts.idle);
         o.idle_timeout = Some(POOL_IDLE);
         o.alpn = ALPN::H1;
@@ -254,7 +257,10 @@ mod tests {
         let u = Upstream::new(parse_upstream_url("http://127.0.0.1:9").unwrap(), None);
         assert!(u.is_literal());
         let p = u.peer(&timeouts()).unwrap();
-        assert_eq!(p.options.read_timeout, Some(Duration::from_secs(30)));
+        assert_eq!(
+            p.options.read_timeout,
+            Some(Duration::from_secs(30) + READ_TIMEOUT_MARGIN)
+        );
         assert_eq!(p.options.connection_timeout, Some(Duration::from_secs(1)));
     }
 

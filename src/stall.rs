@@ -1,0 +1,306 @@
+//! Stall protection (`connected_to_upstream` arms it, the response hooks feed it): three
+//! deadlines per route, checked by one small task per request.
+//!
+//! - first byte: from the upstream connection to the response head;
+//! - gap: between two response chunks (a stream that stops after its first event);
+//! - total: from the request head to the response's end.
+//!
+//! Pingora 0.9 has a single read timeout for every upstream read, which cannot tell
+//! these apart. So the guard keeps its own clock and, when a deadline passes, shuts the
+//! upstream socket down (through a duplicate of its descriptor, so the number can never
+//! point at another socket). Pingora's read then fails at once; the proxy sees the guard
+//! fired and ends the request the way its client expects (see `proxy::fail_to_proxy`).
+//! Only HTTP/1 upstreams are used, so the socket carries this request alone.
+
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::{BorrowedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+use crate::config::Timeouts;
+
+/// Which deadline ended a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deadline {
+    FirstByte,
+    Gap,
+    Total,
+}
+
+impl Deadline {
+    /// The request's outcome label.
+    pub fn outcome(self) -> &'static str {
+        match self {
+            Deadline::FirstByte => "first_byte_timeout",
+            Deadline::Gap => "stream_stalled",
+            Deadline::Total => "total_timeout",
+        }
+    }
+
+    fn from_u8(v: u8) -> Option<Deadline> {
+        match v {
+            1 => Some(Deadline::FirstByte),
+            2 => Some(Deadline::Gap),
+            3 => Some(Deadline::Total),
+            _ => None,
+        }
+    }
+
+    fn as_u8(self) -> u8 {
+        match self {
+            Deadline::FirstByte => 1,
+            Deadline::Gap => 2,
+            Deadline::Total => 3,
+        }
+    }
+}
+
+const WAITING: u8 = 0;
+const STREAMING: u8 = 1;
+const DONE: u8 = 2;
+
+struct Inner {
+    origin: Instant,
+    first_byte: Duration,
+    gap: Duration,
+    total: Duration,
+    /// Nanoseconds after `origin`: the current attempt's connection, the last chunk.
+    attempt_at: AtomicU64,
+    last_chunk: AtomicU64,
+    phase: AtomicU8,
+    fired: AtomicU8,
+    watching: AtomicBool,
+    /// A duplicate of the current attempt's upstream socket.
+    socket: Mutex<Option<TcpStream>>,
+    wake: Notify,
+}
+
+impl Inner {
+    fn since(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.origin).as_nanos() as u64
+    }
+
+    /// The next deadline and which one it is.
+    fn next(&self) -> (Duration, Deadline) {
+        let total = (self.total, Deadline::Total);
+        let other = match self.phase.load(Ordering::Acquire) {
+            WAITING => (
+                Duration::from_nanos(self.attempt_at.load(Ordering::Acquire)) + self.first_byte,
+                Deadline::FirstByte,
+            ),
+            _ => (
+                Duration::from_nanos(self.last_chunk.load(Ordering::Acquire)) + self.gap,
+                Deadline::Gap,
+            ),
+        };
+        if other.0 < total.0 {
+            other
+        } else {
+            total
+        }
+    }
+
+    fn fire(&self, which: Deadline) {
+        let socket = self.socket.lock().expect("stall lock");
+        if self.phase.load(Ordering::Acquire) == DONE {
+            return;
+        }
+        if self
+            .fired
+            .compare_exchange(0, which.as_u8(), Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            if let Some(s) = socket.as_ref() {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+        }
+    }
+}
+
+/// One request's guard. Dropping it ends the watch.
+pub struct StallGuard {
+    inner: Arc<Inner>,
+}
+
+impl StallGuard {
+    pub fn new(start: Instant, timeouts: &Timeouts) -> StallGuard {
+        StallGuard {
+            inner: Arc::new(Inner {
+                origin: start,
+                first_byte: timeouts.first_byte,
+                gap: timeouts.idle,
+                total: timeouts.total,
+                attempt_at: AtomicU64::new(0),
+                last_chunk: AtomicU64::new(0),
+                phase: AtomicU8::new(WAITING),
+                fired: AtomicU8::new(0),
+                watching: AtomicBool::new(false),
+                socket: Mutex::new(None),
+                wake: Notify::new(),
+            }),
+        }
+    }
+
+    /// An attempt connected (or reused a connection) on socket `fd`: the first-byte
+    /// clock starts. Starts the watch on the first attempt.
+    pub fn attempt(&self, fd: RawFd, now: Instant) {
+        let inner = &self.inner;
+        // SAFETY: Pingora hands over the descriptor of the connection it is about to use
+        // for this request; it stays open during this call, and only a duplicate is kept.
+        let dup = unsafe { BorrowedFd::borrow_raw(fd) }
+            .try_clone_to_owned()
+            .ok()
+            .map(TcpStream::from);
+        *inner.socket.lock().expect("stall lock") = dup;
+        inner.attempt_at.store(inner.since(now), Ordering::Release);
+        inner.phase.store(WAITING, Ordering::Release);
+        inner.wake.notify_one();
+        if !inner.watching.swap(true, Ordering::AcqRel) {
+            tokio::spawn(watch(inner.clone()));
+        }
+    }
+
+    /// The response head arrived: the gap clock starts.
+    pub fn response_started(&self, now: Instant) {
+        self.inner
+            .last_chunk
+            .store(self.inner.since(now), Ordering::Release);
+        self.inner.phase.store(STREAMING, Ordering::Release);
+    }
+
+    /// A response chunk passed.
+    pub fn chunk(&self, now: Instant) {
+        self.inner
+            .last_chunk
+            .store(self.inner.since(now), Ordering::Release);
+    }
+
+    /// The response ended (or the request did): no deadline applies any more.
+    pub fn done(&self) {
+        self.inner.phase.store(DONE, Ordering::Release);
+        self.inner.socket.lock().expect("stall lock").take();
+        self.inner.wake.notify_one();
+    }
+
+    /// The deadline that ended this request, if one did.
+    pub fn fired(&self) -> Option<Deadline> {
+        Deadline::from_u8(self.inner.fired.load(Ordering::Acquire))
+    }
+}
+
+impl Drop for StallGuard {
+    fn drop(&mut self) {
+        self.done();
+    }
+}
+
+async fn watch(inner: Arc<Inner>) {
+    loop {
+        if inner.phase.load(Ordering::Acquire) == DONE || inner.fired.load(Ordering::Acquire) != 0 {
+            return;
+        }
+        let (at, which) = inner.next();
+        let deadline = tokio::time::Instant::from_std(inner.origin + at);
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => {
+                // Fire only if no chunk or phase change moved the deadline meanwhile.
+                let (again, which_again) = inner.next();
+                if again <= at && which_again == which
+                    && inner.since(Instant::now()) >= at.as_nanos() as u64
+                {
+                    inner.fire(which);
+                    return;
+                }
+            }
+            _ = inner.wake.notified() => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::net::TcpListener;
+    use std::os::fd::AsRawFd;
+
+    fn timeouts(first_byte: u64, idle: u64, total: u64) -> Timeouts {
+        Timeouts {
+            connect: Duration::from_secs(1),
+            first_byte: Duration::from_millis(first_byte),
+            idle: Duration::from_millis(idle),
+            total: Duration::from_millis(total),
+        }
+    }
+
+    /// A connected pair: the guard watches `client`; reading it ends when it fires.
+    fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (server, _) = l.accept().unwrap();
+        (client, server)
+    }
+
+    /// Waits (up to 10 s, the machine may be loaded) for the guard to fire.
+    async fn fired_within(g: &StallGuard) -> Option<Deadline> {
+        for _ in 0..1000 {
+            if g.fired().is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        g.fired()
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_stops_is_cut_by_the_gap_deadline() {
+        let (mut client, _server) = pair();
+        let start = Instant::now();
+        let g = StallGuard::new(start, &timeouts(60_000, 1_000, 60_000));
+        g.attempt(client.as_raw_fd(), Instant::now());
+        g.response_started(Instant::now());
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            g.chunk(Instant::now());
+        }
+        assert_eq!(g.fired(), None, "chunks keep it alive");
+        let read = tokio::task::spawn_blocking(move || {
+            let mut b = [0u8; 1];
+            client.read(&mut b)
+        });
+        let n = read.await.unwrap().unwrap();
+        assert_eq!(n, 0, "the socket was shut down");
+        assert_eq!(g.fired(), Some(Deadline::Gap));
+    }
+
+    #[tokio::test]
+    async fn the_first_byte_deadline_and_done() {
+        let (client, _server) = pair();
+        let g = StallGuard::new(Instant::now(), &timeouts(100, 5_000, 60_000));
+        g.attempt(client.as_raw_fd(), Instant::now());
+        assert_eq!(fired_within(&g).await, Some(Deadline::FirstByte));
+
+        let (client, _server) = pair();
+        let g = StallGuard::new(Instant::now(), &timeouts(100, 100, 100));
+        g.attempt(client.as_raw_fd(), Instant::now());
+        g.done();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(g.fired(), None, "a finished request is never cut");
+    }
+
+    #[tokio::test]
+    async fn the_total_deadline_wins_over_a_steady_stream() {
+        let (client, _server) = pair();
+        let g = StallGuard::new(Instant::now(), &timeouts(5_000, 5_000, 200));
+        g.attempt(client.as_raw_fd(), Instant::now());
+        g.response_started(Instant::now());
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_millis(40)).await;
+            g.chunk(Instant::now());
+        }
+        assert_eq!(fired_within(&g).await, Some(Deadline::Total));
+    }
+}
