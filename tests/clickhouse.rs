@@ -518,3 +518,27 @@ fn a_graceful_upgrade_loses_no_row_and_doubles_none() {
         "the new relay serves"
     );
 }
+
+#[test]
+fn a_table_dropped_by_hand_comes_back_with_every_row() {
+    let ch = ClickHouseProc::start();
+    let mock = MockProc::start(None);
+    let spool = temp_dir("spool");
+    let relay = RelayProc::start(&config(&mock, &ch, &spool, "batch_interval: 100ms"), &[]);
+    let auth = format!("Bearer {TENANT_KEY}");
+    assert_eq!(
+        send(&relay, "first", CHAT, &auth, &chat_body(false, false), &[]),
+        200
+    );
+    wait_count(&ch, COUNT, 1);
+    ch.query("DROP TABLE relay_test.stream_logs");
+    for i in 0..5 {
+        let id = format!("after-drop-{i}");
+        assert_eq!(
+            send(&relay, &id, CHAT, &auth, &chat_body(false, false), &[]),
+            200
+        );
+    }
+    wait_count(&ch, COUNT, 5);
+    relay.metrics_with("\nstream_relay_rows_dropped_total 0\n");
+}

@@ -132,10 +132,22 @@ impl<'a> ChRow<'a> {
 /// Why a ClickHouse request failed, and so what happens to its rows.
 #[derive(Debug, PartialEq)]
 enum Failure {
-    /// It may pass later (network, timeout, overload, a missing table): spool and retry.
+    /// No answer, or an answer saying "not now" (network, timeout, overload, the same
+    /// batch still being written): spool and retry.
     Unavailable(String),
+    /// The server answered with another error (a missing table, a setting it does not
+    /// know, a memory limit): spool and retry, but not forever (see `MAX_REFUSALS`).
+    Refused(String),
     /// The server refused the rows themselves: retrying cannot help.
     Malformed(String),
+}
+
+impl Failure {
+    fn message(&self) -> &str {
+        match self {
+            Failure::Unavailable(m) | Failure::Refused(m) | Failure::Malformed(m) => m,
+        }
+    }
 }
 
 /// Server error codes that refuse the data rather than the moment: parse and type errors,
@@ -145,6 +157,9 @@ const MALFORMED_CODES: &[u32] = &[
 ];
 /// The table or database is missing: run the migrations again before the next write.
 const MISSING_CODES: &[u32] = &[60, 81];
+/// Passing trouble: timeouts, too many parts or queries, the same query id (batch) still
+/// running, a replica or the server shutting down.
+const TRANSIENT_CODES: &[u32] = &[159, 160, 202, 209, 210, 216, 241, 242, 252, 425];
 
 /// The `Code: N` of a server error message.
 fn server_code(message: &str) -> Option<u32> {
@@ -159,20 +174,18 @@ fn server_code(message: &str) -> Option<u32> {
 fn classify(e: &clickhouse::error::Error) -> Failure {
     let text = e.to_string();
     match e {
-        clickhouse::error::Error::BadResponse(m)
-            if server_code(m).is_some_and(|c| MALFORMED_CODES.contains(&c)) =>
-        {
-            Failure::Malformed(text)
-        }
+        clickhouse::error::Error::BadResponse(m) => match server_code(m) {
+            Some(c) if MALFORMED_CODES.contains(&c) => Failure::Malformed(text),
+            Some(c) if TRANSIENT_CODES.contains(&c) => Failure::Unavailable(text),
+            Some(_) => Failure::Refused(text),
+            None => Failure::Unavailable(text),
+        },
         _ => Failure::Unavailable(text),
     }
 }
 
 fn is_missing_table(f: &Failure) -> bool {
-    match f {
-        Failure::Unavailable(m) => server_code(m).is_some_and(|c| MISSING_CODES.contains(&c)),
-        Failure::Malformed(_) => false,
-    }
+    server_code(f.message()).is_some_and(|c| MISSING_CODES.contains(&c))
 }
 
 /// The background service: owns the queue's receiving end until it starts.
@@ -237,13 +250,7 @@ impl BackgroundService for ClickHouseSink {
         let (batch_tx, batch_rx) = mpsc::channel(4);
         let mut shipper = Shipper {
             admin: client(&self.config),
-            client: {
-                let mut c = client(&self.config).with_database(&self.config.database);
-                for (k, v) in &self.config.settings {
-                    c = c.with_setting(k, v);
-                }
-                c
-            },
+            client: client(&self.config).with_database(&self.config.database),
             config: self.config.clone(),
             rx: batch_rx,
             spool: spool.clone(),
@@ -252,6 +259,8 @@ impl BackgroundService for ClickHouseSink {
             up: false,
             migrated: false,
             next_try: Instant::now(),
+            replay_after: Instant::now(),
+            refusals: None,
             _flushed: shipper_guard,
         };
         self.metrics.clickhouse_up(false);
@@ -269,6 +278,7 @@ impl BackgroundService for ClickHouseSink {
             _flushed: batcher_guard,
         };
         let mut tick = tokio::time::interval(Duration::from_millis(50));
+        let mut stopping = false;
         loop {
             tokio::select! {
                 row = batcher.rx.recv() => match row {
@@ -284,14 +294,14 @@ impl BackgroundService for ClickHouseSink {
                 }
                 // Graceful shutdown: keep writing while requests finish; what is left is
                 // spooled when the runtime drops the tasks.
-                _ = shutdown.changed() => {}
+                _ = shutdown.changed(), if !stopping => stopping = true,
             }
         }
     }
 }
 
 fn spool_batch(spool: &Mutex<Option<Spool>>, metrics: &Metrics, batch: &Batch) {
-    match spool.lock().expect("spool lock").as_mut() {
+    match lock(spool).as_mut() {
         Some(s) => {
             s.append(batch);
         }
@@ -340,6 +350,9 @@ impl Batcher {
 
 impl Drop for Batcher {
     fn drop(&mut self) {
+        // Closed first: a row sent after this is refused and counted as dropped by the
+        // sender, never left unseen in the queue.
+        self.rx.close();
         while let Ok(row) = self.rx.try_recv() {
             self.metrics.rows_dequeued(1);
             self.rows.push(row);
@@ -359,36 +372,52 @@ struct Shipper {
     rx: mpsc::Receiver<Batch>,
     spool: Arc<Mutex<Option<Spool>>>,
     metrics: Arc<Metrics>,
-    /// The batch being written, spooled if the task is dropped meanwhile.
+    /// The batch being delivered, spooled if the task is dropped meanwhile.
     in_flight: Option<Batch>,
     up: bool,
     migrated: bool,
+    /// While down: when the next probe may run.
     next_try: Instant,
+    /// When the spool may be tried again after a step that made no progress.
+    replay_after: Instant,
+    /// Server-answered failures of the oldest spooled batch, by file.
+    refusals: Option<(std::path::PathBuf, u32)>,
     /// Last field: released after `drop` has spooled what was left.
     _flushed: FlushGuard,
 }
 
-/// What became of a replayed file.
+/// A spooled batch the server keeps refusing (without calling it malformed) is treated
+/// as malformed after this many tries, so one batch cannot hold the spool up forever.
+const MAX_REFUSALS: u32 = 10;
+
+/// What became of a replay step.
 enum Replay {
     Done,
-    /// ClickHouse is down: stop replaying for now.
+    /// Nothing more now: ClickHouse is down, or the step made no progress (backed off).
     Stop,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Shipper {
     async fn run(&mut self) {
         loop {
-            if self.may_try() && self.ensure_migrated().await && self.has_spool_work() {
-                if let Replay::Stop = self.replay_oldest().await {
-                    continue;
-                }
-                // Take new batches between replayed ones so the queue never waits long.
+            let spool_due =
+                self.may_try() && Instant::now() >= self.replay_after && self.has_spool_work();
+            if spool_due
+                && self.ensure_migrated().await
+                && matches!(self.replay_oldest().await, Replay::Done)
+            {
+                // Take new batches between replayed ones so none waits long.
                 if let Ok(batch) = self.rx.try_recv() {
                     self.deliver(batch).await;
                 }
                 continue;
             }
-            let wait = if self.up {
+            // Down with the probe due but nothing to probe with: the next batch probes.
+            let wait = if self.may_try() {
                 self.config.retry_interval
             } else {
                 self.next_try.saturating_duration_since(Instant::now())
@@ -426,11 +455,13 @@ impl Shipper {
         if is_missing_table(failure) {
             self.migrated = false;
         }
-        let text = match failure {
-            Failure::Unavailable(m) | Failure::Malformed(m) => m.as_str(),
-        };
         self.metrics.clickhouse_failure("unavailable");
-        self.set_up(false, Some(text));
+        self.set_up(false, Some(failure.message()));
+    }
+
+    /// The spool made no progress this step: leave it for a while.
+    fn back_off(&mut self) {
+        self.replay_after = Instant::now() + self.config.retry_interval;
     }
 
     async fn ensure_migrated(&mut self) -> bool {
@@ -463,30 +494,33 @@ impl Shipper {
     }
 
     fn has_spool_work(&mut self) -> bool {
-        let mut guard = self.spool.lock().expect("spool lock");
-        let Some(spool) = guard.as_mut() else {
-            return false;
-        };
-        spool.try_lock() && spool.has_batches()
+        match lock(&self.spool).as_mut() {
+            Some(spool) => spool.try_lock() && spool.has_batches(),
+            None => false,
+        }
     }
 
     /// A new batch: to ClickHouse when it is up, to the spool otherwise.
     async fn deliver(&mut self, batch: Batch) {
-        if !(self.may_try() && self.ensure_migrated().await) {
-            spool_batch(&self.spool, &self.metrics, &batch);
-            return;
-        }
+        // Held where the drop at shutdown finds it, from here until it is written or
+        // spooled.
         self.in_flight = Some(batch);
-        let batch = self.in_flight.as_ref().expect("just set");
-        let result = self.insert(batch).await;
+        let ready = self.may_try() && self.ensure_migrated().await;
+        let result = if ready {
+            let batch = self.in_flight.as_ref().expect("just set");
+            Some(self.insert(batch).await)
+        } else {
+            None
+        };
         let batch = self.in_flight.take().expect("still set");
         match result {
-            Ok(()) => {
+            None => spool_batch(&self.spool, &self.metrics, &batch),
+            Some(Ok(())) => {
                 self.metrics
                     .rows_written("clickhouse", batch.rows.len() as u64);
                 self.set_up(true, None);
             }
-            Err(failure) => {
+            Some(Err(failure)) => {
                 match &failure {
                     // The spool's replay bisects it and keeps the bad rows aside.
                     Failure::Malformed(m) => {
@@ -497,7 +531,7 @@ impl Shipper {
                         );
                         self.set_up(true, None);
                     }
-                    Failure::Unavailable(_) => self.unavailable(&failure),
+                    _ => self.unavailable(&failure),
                 }
                 spool_batch(&self.spool, &self.metrics, &batch);
             }
@@ -505,136 +539,187 @@ impl Shipper {
     }
 
     async fn insert(&self, batch: &Batch) -> Result<(), Failure> {
-        let started = Instant::now();
-        let result = self.try_insert(batch).await;
-        self.metrics
-            .clickhouse_batch(result.is_ok(), started.elapsed());
-        result
+        self.insert_rows(&batch.id, batch.rows.iter()).await
     }
 
-    async fn try_insert(&self, batch: &Batch) -> Result<(), Failure> {
+    /// One INSERT of `rows`. Its query id is the batch id: while an earlier attempt of
+    /// the same batch still runs on the server (its answer lost or timed out), the
+    /// server refuses this one (code 216) instead of writing the rows twice.
+    async fn insert_rows<'a>(
+        &self,
+        batch_id: &str,
+        rows: impl Iterator<Item = &'a Row>,
+    ) -> Result<(), Failure> {
+        let started = Instant::now();
         let t = Some(self.config.timeout);
         let write = async {
             let mut insert = self
                 .client
                 .insert::<ChRow<'_>>(schema::TABLE)
                 .await?
-                .with_timeouts(t, t);
-            for row in &batch.rows {
-                insert.write(&ChRow::new(row, &batch.id)).await?;
+                .with_timeouts(t, t)
+                .with_setting("query_id", batch_id);
+            for (k, v) in &self.config.settings {
+                insert = insert.with_setting(k, v);
+            }
+            for row in rows {
+                insert.write(&ChRow::new(row, batch_id)).await?;
             }
             insert.end().await
         };
         // The crate's timeouts cover sending and the answer; this one also the connect.
-        match tokio::time::timeout(self.config.timeout * 2, write).await {
+        let result = match tokio::time::timeout(self.config.timeout * 2, write).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(classify(&e)),
             Err(_) => Err(Failure::Unavailable("timed out".into())),
-        }
+        };
+        self.metrics
+            .clickhouse_batch(result.is_ok(), started.elapsed());
+        result
     }
 
-    /// How many of a batch's rows ClickHouse already has (an earlier attempt may have got
-    /// in although its answer was lost).
-    async fn rows_present(&self, batch: &Batch) -> Result<u64, Failure> {
+    /// The `(request_id, time_ms)` of a batch's rows ClickHouse already has: an earlier
+    /// attempt may have got in although its answer was lost.
+    async fn rows_present(&self, batch: &Batch) -> Result<Vec<(String, u64)>, Failure> {
         let (lo, hi) = batch.rows.iter().fold((u64::MAX, 0), |(lo, hi), r| {
             (lo.min(r.time_ms), hi.max(r.time_ms))
         });
         let query = self
             .client
             .query(&format!(
-                "SELECT count() FROM {} WHERE time >= toDateTime(?) AND time <= toDateTime(?) AND batch_id = ?",
+                "SELECT request_id, time_ms FROM {} WHERE time >= toDateTime(?) AND time <= toDateTime(?) AND batch_id = ?",
                 schema::TABLE
             ))
             .bind(lo / 1000)
             .bind(hi / 1000)
             .bind(batch.id.as_str());
-        match tokio::time::timeout(self.config.timeout, query.fetch_one::<u64>()).await {
-            Ok(Ok(n)) => Ok(n),
+        match tokio::time::timeout(self.config.timeout, query.fetch_all::<(String, u64)>()).await {
+            Ok(Ok(rows)) => Ok(rows),
             Ok(Err(e)) => Err(classify(&e)),
             Err(_) => Err(Failure::Unavailable("timed out".into())),
         }
     }
 
     async fn replay_oldest(&mut self) -> Replay {
-        let oldest = self
-            .spool
-            .lock()
-            .expect("spool lock")
-            .as_mut()
-            .and_then(Spool::oldest);
+        let oldest = lock(&self.spool).as_mut().and_then(Spool::oldest);
         let Some(spooled) = oldest else {
-            return Replay::Done;
+            self.back_off();
+            return Replay::Stop;
         };
         let n = spooled.batch.rows.len() as u64;
         let present = match self.rows_present(&spooled.batch).await {
             Ok(p) => p,
-            Err(f) => {
-                self.unavailable(&f);
-                return Replay::Stop;
-            }
+            Err(f) => return self.replay_failed(&spooled, f),
         };
-        if present == n {
+        // Usually all or none (one INSERT is one part per day it spans); a batch that
+        // crossed midnight may have got in for one day only.
+        let missing: Vec<&Row> = spooled
+            .batch
+            .rows
+            .iter()
+            .filter(|r| {
+                !present
+                    .iter()
+                    .any(|(id, t)| *id == r.request_id && *t == r.time_ms)
+            })
+            .collect();
+        if missing.is_empty() {
             info!(
                 "spooled batch {} ({n} rows) was already written; not sending it again",
                 spooled.batch.id
             );
-            self.metrics.rows_replayed(n);
-            self.with_spool(|s| s.remove(&spooled));
-            return Replay::Done;
+            return self.replayed(&spooled, n);
         }
-        if present > 0 {
-            // A single INSERT block is atomic; a partial batch means someone else wrote
-            // rows with this id. Keep the batch aside rather than guess.
-            error!(
-                "spooled batch {} has {present} of {n} rows in ClickHouse already; moving it to the dead letter",
-                spooled.batch.id
-            );
-            self.dead_letter(spooled, "partly present in ClickHouse already");
-            return Replay::Done;
-        }
-        match self.insert(&spooled.batch).await {
+        let result = self
+            .insert_rows(&spooled.batch.id, missing.iter().copied())
+            .await;
+        match result {
             Ok(()) => {
                 self.set_up(true, None);
-                self.metrics.rows_written("clickhouse", n);
-                self.metrics.rows_replayed(n);
-                self.with_spool(|s| s.remove(&spooled));
-                Replay::Done
+                self.metrics
+                    .rows_written("clickhouse", missing.len() as u64);
+                self.replayed(&spooled, n)
             }
-            Err(Failure::Malformed(m)) => {
-                self.metrics.clickhouse_failure("malformed");
-                self.set_up(true, None);
-                if n > 1 {
-                    self.with_spool(|s| s.split(spooled));
-                } else {
-                    warn!("ClickHouse refused a row; kept in the dead letter: {m}");
-                    self.dead_letter(spooled, &m);
-                }
-                Replay::Done
-            }
-            Err(f) => {
-                self.unavailable(&f);
-                Replay::Stop
-            }
+            Err(f) => self.replay_failed(&spooled, f),
         }
     }
 
-    fn dead_letter(&mut self, spooled: Spooled, reason: &str) {
-        self.with_spool(|s| {
-            if spooled.batch.rows.iter().all(|r| s.dead_letter(r, reason)) {
-                s.remove(&spooled);
-            }
-        });
+    fn replayed(&mut self, spooled: &Spooled, n: u64) -> Replay {
+        self.refusals = None;
+        self.metrics.rows_replayed(n);
+        if lock(&self.spool)
+            .as_mut()
+            .is_some_and(|s| s.remove(spooled))
+        {
+            Replay::Done
+        } else {
+            self.back_off();
+            Replay::Stop
+        }
     }
 
-    fn with_spool(&self, f: impl FnOnce(&mut Spool)) {
-        if let Some(s) = self.spool.lock().expect("spool lock").as_mut() {
-            f(s);
+    fn replay_failed(&mut self, spooled: &Spooled, failure: Failure) -> Replay {
+        let failure = match failure {
+            Failure::Refused(m) => {
+                let tries = match &mut self.refusals {
+                    Some((path, n)) if *path == spooled.path => {
+                        *n += 1;
+                        *n
+                    }
+                    _ => {
+                        self.refusals = Some((spooled.path.clone(), 1));
+                        1
+                    }
+                };
+                if tries < MAX_REFUSALS {
+                    self.unavailable(&Failure::Refused(m));
+                    return Replay::Stop;
+                }
+                error!(
+                    "ClickHouse refused spooled batch {} {tries} times; treating its rows as malformed: {m}",
+                    spooled.batch.id
+                );
+                Failure::Malformed(m)
+            }
+            other => other,
+        };
+        let Failure::Malformed(m) = failure else {
+            self.unavailable(&failure);
+            return Replay::Stop;
+        };
+        self.refusals = None;
+        self.metrics.clickhouse_failure("malformed");
+        self.set_up(true, None);
+        let n = spooled.batch.rows.len();
+        let mut guard = lock(&self.spool);
+        let Some(spool) = guard.as_mut() else {
+            return Replay::Stop;
+        };
+        let done = if n > 1 {
+            spool.split(Spooled {
+                path: spooled.path.clone(),
+                batch: spooled.batch.clone(),
+            })
+        } else {
+            warn!("ClickHouse refused a row; kept in the dead letter: {m}");
+            spool.dead_letter(&spooled.batch.rows, &m) && {
+                self.metrics.rows_dead_lettered(n as u64);
+                spool.remove(spooled)
+            }
+        };
+        drop(guard);
+        if done {
+            Replay::Done
+        } else {
+            self.back_off();
+            Replay::Stop
         }
     }
 }
 
 impl Drop for Shipper {
     fn drop(&mut self) {
+        self.rx.close();
         if let Some(batch) = self.in_flight.take() {
             spool_batch(&self.spool, &self.metrics, &batch);
         }
@@ -661,10 +746,18 @@ mod tests {
         ));
         let missing =
             bad("Code: 60, e.displayText() = DB::Exception: Table x.stream_logs doesn't exist.");
-        assert!(matches!(missing, Failure::Unavailable(_)) && is_missing_table(&missing));
+        assert!(matches!(missing, Failure::Refused(_)) && is_missing_table(&missing));
         assert!(matches!(
             bad("Code: 252, Too many parts"),
             Failure::Unavailable(_)
+        ));
+        assert!(matches!(
+            bad("Code: 216, Query with id = x is already running"),
+            Failure::Unavailable(_)
+        ));
+        assert!(matches!(
+            bad("Code: 115, Unknown setting async_insert"),
+            Failure::Refused(_)
         ));
         assert!(matches!(bad("502 Bad Gateway"), Failure::Unavailable(_)));
         assert_eq!(server_code("Code: 241. DB::Exception"), Some(241));

@@ -142,6 +142,8 @@ impl Writer {
     }
 
     fn drain(&mut self) {
+        // Closed first: a row sent after this is refused and counted by the sender.
+        self.rx.close();
         while let Ok(row) = self.rx.try_recv() {
             self.write(&row);
         }
@@ -185,6 +187,7 @@ impl BackgroundService for FileSink {
             _flushed: guard,
         };
         let mut tick = tokio::time::interval(FLUSH_EVERY);
+        let mut stopping = false;
         loop {
             tokio::select! {
                 row = w.rx.recv() => match row {
@@ -198,7 +201,7 @@ impl BackgroundService for FileSink {
                 }
                 // Graceful shutdown: keep writing while requests finish; the last rows
                 // are drained when the runtime drops this task.
-                _ = shutdown.changed() => {}
+                _ = shutdown.changed(), if !stopping => stopping = true,
             }
         }
     }

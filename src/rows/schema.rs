@@ -1,7 +1,8 @@
 //! The `stream_logs` table and its migrations: SQL files in `src/rows/migrations/`,
-//! applied in order at start (and again whenever ClickHouse says the table is missing),
-//! each recorded in `stream_relay_migrations`. Every statement is idempotent
-//! (`IF NOT EXISTS`), so relays of a fleet starting together may all run them.
+//! run in order at start and again whenever ClickHouse says the table is missing, each
+//! recorded in `stream_relay_migrations` the first time. Every statement must be
+//! idempotent (`IF NOT EXISTS`): they all run every time, so a table dropped by hand
+//! comes back, and relays of a fleet starting together may all run them.
 
 use clickhouse::Client;
 
@@ -34,8 +35,8 @@ pub fn statements(sql: &str, database: &str) -> Vec<String> {
         .collect()
 }
 
-/// Creates the database and applies the migrations it has not seen. Returns the versions
-/// applied now. `client` has no default database (it may not exist yet).
+/// Creates the database and runs every migration. Returns the versions recorded for the
+/// first time. `client` has no default database (it may not exist yet).
 pub async fn migrate(
     client: &Client,
     database: &str,
@@ -59,9 +60,12 @@ pub async fn migrate(
         .fetch_all()
         .await?;
     let mut applied = Vec::new();
-    for m in MIGRATIONS.iter().filter(|m| !done.contains(&m.version)) {
+    for m in MIGRATIONS {
         for statement in statements(m.sql, database) {
             client.query(&statement).execute().await?;
+        }
+        if done.contains(&m.version) {
+            continue;
         }
         client
             .query(&format!(

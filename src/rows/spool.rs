@@ -8,11 +8,13 @@
 //! the file sink's shape. Rows ClickHouse refuses as malformed go to `dead_letter.jsonl`
 //! beside the batches, with the server's message.
 
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use log::{error, warn};
 use serde::{Deserialize, Serialize};
@@ -61,21 +63,33 @@ pub struct Spool {
     full_logged: bool,
     /// Held by the one process that replays (the other waits: see [`Spool::try_lock`]).
     lock: Option<File>,
+    /// Batch files waiting, oldest first, and their total size. Kept in memory so a long
+    /// outage's thousands of files are not listed again for every batch; the directory
+    /// is read again when the queue runs dry and every [`RESCAN`] (the other process of
+    /// an upgrade may add files meanwhile).
+    queue: VecDeque<PathBuf>,
+    bytes: u64,
+    scanned_at: Option<Instant>,
 }
+
+const RESCAN: Duration = Duration::from_secs(5);
 
 static SEQ: AtomicU64 = AtomicU64::new(0);
 
 impl Spool {
     pub fn open(dir: &Path, max_bytes: u64, metrics: Arc<Metrics>) -> std::io::Result<Spool> {
         std::fs::create_dir_all(dir)?;
-        let spool = Spool {
+        let mut spool = Spool {
             dir: dir.to_path_buf(),
             max_bytes,
             metrics,
             full_logged: false,
             lock: None,
+            queue: VecDeque::new(),
+            bytes: 0,
+            scanned_at: None,
         };
-        spool.scan()?;
+        spool.rescan()?;
         Ok(spool)
     }
 
@@ -83,8 +97,8 @@ impl Spool {
         &self.dir
     }
 
-    /// The batch files, oldest first, and their total size (published as a gauge).
-    fn scan(&self) -> std::io::Result<(Vec<PathBuf>, u64)> {
+    /// Lists the directory: the batch files, oldest first, and their total size.
+    fn rescan(&mut self) -> std::io::Result<()> {
         let mut files = Vec::new();
         let mut bytes = 0;
         for entry in std::fs::read_dir(&self.dir)? {
@@ -96,39 +110,39 @@ impl Spool {
             }
         }
         files.sort();
+        self.queue = files.into();
+        self.bytes = bytes;
+        self.scanned_at = Some(Instant::now());
         self.metrics.spool_bytes(bytes);
-        Ok((files, bytes))
+        Ok(())
+    }
+
+    fn rescan_if_due(&mut self) {
+        if self.scanned_at.is_none_or(|t| t.elapsed() >= RESCAN) {
+            if let Err(e) = self.rescan() {
+                error!("cannot read the spool {}: {e}", self.dir.display());
+            }
+        }
+    }
+
+    fn set_bytes(&mut self, bytes: u64) {
+        self.bytes = bytes;
+        self.metrics.spool_bytes(bytes);
     }
 
     /// Writes a batch to disk. `false`: the spool is full or the disk refused; the rows
     /// were counted as dropped and the reason logged.
     pub fn append(&mut self, batch: &Batch) -> bool {
-        let name = format!(
-            "{:013}-{:07}-{:08}",
-            crate::record::unix_ms(),
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        );
-        self.append_named(&name, batch)
-    }
-
-    fn append_named(&mut self, name: &str, batch: &Batch) -> bool {
+        self.rescan_if_due();
         let n = batch.rows.len() as u64;
         let encoded = encode(batch);
-        let used = match self.scan() {
-            Ok((_, bytes)) => bytes,
-            Err(e) => {
-                error!("cannot read the spool {}: {e}", self.dir.display());
-                self.metrics.rows_dropped(n);
-                return false;
-            }
-        };
-        if used + encoded.len() as u64 > self.max_bytes {
+        if self.bytes + encoded.len() as u64 > self.max_bytes {
             if !self.full_logged {
                 self.full_logged = true;
                 error!(
-                    "row spool {} is full ({used} of {} bytes): new rows are dropped until ClickHouse takes the backlog (counted in stream_relay_rows_dropped_total)",
+                    "row spool {} is full ({} of {} bytes): new rows are dropped until ClickHouse takes the backlog (counted in stream_relay_rows_dropped_total)",
                     self.dir.display(),
+                    self.bytes,
                     self.max_bytes
                 );
             }
@@ -136,11 +150,25 @@ impl Spool {
             return false;
         }
         self.full_logged = false;
-        let path = self.dir.join(format!("{name}{SUFFIX}"));
+        // Unique even if the clock stepped back and a pid came round again.
+        let path = loop {
+            let name = format!(
+                "{:013}-{:07}-{:08}{SUFFIX}",
+                crate::record::unix_ms(),
+                std::process::id(),
+                SEQ.fetch_add(1, Ordering::Relaxed)
+            );
+            let path = self.dir.join(name);
+            if !path.exists() {
+                break path;
+            }
+        };
         match write_atomically(&path, &encoded) {
             Ok(()) => {
                 self.metrics.rows_spooled(n);
-                self.metrics.spool_bytes(used + encoded.len() as u64);
+                let at = self.queue.partition_point(|p| p < &path);
+                self.queue.insert(at, path);
+                self.set_bytes(self.bytes + encoded.len() as u64);
                 true
             }
             Err(e) => {
@@ -170,6 +198,8 @@ impl Spool {
             }
         };
         if file.try_lock().is_ok() {
+            // What the other process spooled before it let go.
+            self.scanned_at = None;
             self.lock = Some(file);
             true
         } else {
@@ -177,47 +207,60 @@ impl Spool {
         }
     }
 
-    pub fn has_batches(&self) -> bool {
-        self.scan().is_ok_and(|(files, _)| !files.is_empty())
+    pub fn has_batches(&mut self) -> bool {
+        if self.queue.is_empty() {
+            self.rescan_if_due();
+        }
+        !self.queue.is_empty()
     }
 
     /// The oldest spooled batch. A file that cannot be read as a batch is renamed to
     /// `*.bad` and logged (it was not written by this relay) and the next one is given.
     pub fn oldest(&mut self) -> Option<Spooled> {
-        let (files, _) = match self.scan() {
-            Ok(x) => x,
-            Err(e) => {
-                error!("cannot read the spool {}: {e}", self.dir.display());
-                return None;
-            }
-        };
-        for path in files {
+        while let Some(path) = self.queue.front().cloned() {
             match decode(&path) {
                 Ok(batch) => return Some(Spooled { path, batch }),
                 Err(e) => {
+                    self.queue.pop_front();
+                    if !path.exists() {
+                        // Replayed by the other process before this one took the lock.
+                        continue;
+                    }
                     let bad = path.with_extension("bad");
                     error!(
                         "spool file {} is not a batch ({e}); moved to {}",
                         path.display(),
                         bad.display()
                     );
-                    let _ = std::fs::rename(&path, &bad);
+                    if let Err(e) = std::fs::rename(&path, &bad) {
+                        error!("cannot move {}: {e}", path.display());
+                    }
                 }
             }
         }
         None
     }
 
-    pub fn remove(&mut self, spooled: &Spooled) {
-        if let Err(e) = std::fs::remove_file(&spooled.path) {
-            error!("cannot remove {}: {e}", spooled.path.display());
+    /// Deletes a replayed (or dead-lettered) batch. `false` if the file stays.
+    pub fn remove(&mut self, spooled: &Spooled) -> bool {
+        let size = std::fs::metadata(&spooled.path).map_or(0, |m| m.len());
+        match std::fs::remove_file(&spooled.path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                error!("cannot remove {}: {e}", spooled.path.display());
+                return false;
+            }
         }
-        let _ = self.scan();
+        self.queue.retain(|p| p != &spooled.path);
+        self.set_bytes(self.bytes.saturating_sub(size));
+        true
     }
 
     /// Replaces a spooled batch by its two halves, each with its own id, named so that
-    /// they sort where the batch was.
-    pub fn split(&mut self, spooled: Spooled) {
+    /// they sort where the batch was. `false` if that could not be done (logged; the
+    /// batch stays as it was).
+    pub fn split(&mut self, spooled: Spooled) -> bool {
         let stem = spooled
             .path
             .file_name()
@@ -225,47 +268,64 @@ impl Spool {
             .and_then(|n| n.strip_suffix(SUFFIX))
             .unwrap_or("split")
             .to_string();
-        let mut rows = spooled.batch.rows;
+        let mut rows = spooled.batch.rows.clone();
         let second = rows.split_off(rows.len() / 2);
+        let mut written = Vec::new();
+        let mut added = 0;
         // The halves are already counted as spooled; they only change files.
         for (suffix, half) in [("a", rows), ("b", second)] {
             let path = self.dir.join(format!("{stem}{suffix}{SUFFIX}"));
-            if let Err(e) = write_atomically(&path, &encode(&Batch::new(half))) {
+            let encoded = encode(&Batch::new(half));
+            if let Err(e) = write_atomically(&path, &encoded) {
                 error!("cannot split spool file {}: {e}", spooled.path.display());
-                return;
+                for p in &written {
+                    let _ = std::fs::remove_file(p);
+                }
+                return false;
             }
+            added += encoded.len() as u64;
+            written.push(path);
         }
-        let _ = std::fs::remove_file(&spooled.path);
-        let _ = self.scan();
+        if !self.remove(&spooled) {
+            for p in &written {
+                let _ = std::fs::remove_file(p);
+            }
+            return false;
+        }
+        for path in written {
+            let at = self.queue.partition_point(|p| p < &path);
+            self.queue.insert(at, path);
+        }
+        self.set_bytes(self.bytes + added);
+        true
     }
 
-    /// Keeps a row ClickHouse refused aside, with the reason. `false` if even that failed
-    /// (logged; the row is counted as dropped).
-    pub fn dead_letter(&mut self, row: &Row, reason: &str) -> bool {
+    /// Keeps rows ClickHouse refused aside, with the reason, in one write. `false` if
+    /// that failed (logged).
+    pub fn dead_letter(&mut self, rows: &[Row], reason: &str) -> bool {
         #[derive(Serialize)]
         struct Entry<'a> {
             error: &'a str,
             row: &'a Row,
         }
-        let mut line = serde_json::to_vec(&Entry { error: reason, row }).expect("serializes");
-        line.push(b'\n');
+        let mut lines = Vec::new();
+        for row in rows {
+            serde_json::to_writer(&mut lines, &Entry { error: reason, row }).expect("serializes");
+            lines.push(b'\n');
+        }
         let path = self.dir.join(DEAD_LETTER);
         let written = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)
             .and_then(|mut f| {
-                f.write_all(&line)?;
+                f.write_all(&lines)?;
                 f.sync_data()
             });
         match written {
-            Ok(()) => {
-                self.metrics.rows_dead_lettered(1);
-                true
-            }
+            Ok(()) => true,
             Err(e) => {
                 error!("cannot write to {}: {e}", path.display());
-                self.metrics.rows_dropped(1);
                 false
             }
         }
@@ -402,8 +462,9 @@ mod tests {
     fn a_foreign_file_is_set_aside() {
         let dir = temp("bad");
         let metrics = Arc::new(Metrics::new(false));
-        let mut spool = Spool::open(&dir, 1 << 20, metrics).unwrap();
+        std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("0000000000000-x.rows"), b"not a batch\n").unwrap();
+        let mut spool = Spool::open(&dir, 1 << 20, metrics).unwrap();
         let b = batch(1);
         assert!(spool.append(&b));
         assert_eq!(spool.oldest().unwrap().batch, b);
