@@ -404,6 +404,16 @@ pub struct RawListen {
     /// small, so a few KiB cost no extra reads. Default 4096; 0 reads unbuffered.
     #[serde(default = "default_read_buffer")]
     pub read_buffer_bytes: usize,
+    /// Request line and headers together; larger heads get 431. Default 32768.
+    #[serde(default)]
+    pub max_header_bytes: Option<usize>,
+    /// Longest wait for one read from a client. Default `30s`.
+    #[serde(default)]
+    pub client_read_timeout: Option<String>,
+    /// Longest time to receive a body of up to 60 KiB (read before the upstream is
+    /// chosen); slower gets 408. Default `30s`.
+    #[serde(default)]
+    pub body_read_timeout: Option<String>,
 }
 
 fn default_read_buffer() -> usize {
@@ -460,6 +470,10 @@ pub struct RawRoute {
     /// Default true for openai and openai_compatible routes; not allowed on others.
     #[serde(default)]
     pub ensure_usage: Option<bool>,
+    /// Largest request body accepted; larger gets 413 before anything goes upstream.
+    /// Default 33554432 (32 MiB).
+    #[serde(default)]
+    pub max_body_bytes: Option<usize>,
     /// Keep request and response bodies in the request's row: each `off` (default),
     /// `whole`, or a number of bytes to keep from the start.
     #[serde(default)]
@@ -573,6 +587,7 @@ pub struct Config {
     pub server: RawServer,
     pub proxy_listen: String,
     pub proxy_read_buffer: usize,
+    pub input_limits: crate::gate::InputLimits,
     pub admin_listen: Option<String>,
     pub mock_listen: Option<String>,
     pub routes: Vec<RouteConfig>,
@@ -602,6 +617,7 @@ pub struct RouteConfig {
     pub timeouts: Timeouts,
     pub ensure_usage: bool,
     pub capture: Capture,
+    pub max_body_bytes: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -890,6 +906,26 @@ impl RawConfig {
             Some(c) => Some(validate_clickhouse(c, base_dir, lookup_env)?),
             None => None,
         };
+        let l = &self.listen;
+        let listen_dur = |key: &str, v: &Option<String>| -> Result<Duration, ConfigError> {
+            let d = parse_duration(v.as_deref().unwrap_or("30s"))
+                .map_err(|m| err(format!("listen.{key}"), m))?;
+            if d.is_zero() {
+                return Err(err(format!("listen.{key}"), "must be more than zero"));
+            }
+            Ok(d)
+        };
+        let input_limits = crate::gate::InputLimits {
+            max_header_bytes: match l.max_header_bytes {
+                Some(n) if n < 1024 => {
+                    return Err(err("listen.max_header_bytes", "must be at least 1024"))
+                }
+                Some(n) => n,
+                None => 32 * 1024,
+            },
+            client_read_timeout: listen_dur("client_read_timeout", &l.client_read_timeout)?,
+            body_read_timeout: listen_dur("body_read_timeout", &l.body_read_timeout)?,
+        };
         let instance = self.server.instance.clone().unwrap_or_else(|| {
             std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .map(|h| h.trim().to_string())
@@ -907,6 +943,7 @@ impl RawConfig {
             server: self.server,
             proxy_listen: self.listen.proxy,
             proxy_read_buffer: self.listen.read_buffer_bytes,
+            input_limits,
             admin_listen: self.listen.admin,
             mock_listen: self.mock.map(|m| m.listen),
             routes,
@@ -1060,7 +1097,11 @@ fn validate_route(
         request: capture_size(&format!("{at}.capture.request"), &r.capture.request)?,
         response: capture_size(&format!("{at}.capture.response"), &r.capture.response)?,
     };
+    if r.max_body_bytes == Some(0) {
+        return Err(err(format!("{at}.max_body_bytes"), "must be at least 1"));
+    }
     Ok(RouteConfig {
+        max_body_bytes: r.max_body_bytes.unwrap_or(32 << 20),
         capture,
         ensure_usage: r.ensure_usage.unwrap_or(openai_style),
         name: r.name,

@@ -38,6 +38,18 @@ impl ErrorShape {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RelayError {
     BadRequest,
+    /// A method no provider API uses.
+    MethodNotAllowed,
+    /// The request line and headers are over `listen.max_header_bytes`.
+    HeadersTooLarge,
+    /// The body is over the route's `max_body_bytes`.
+    BodyTooLarge {
+        max: usize,
+    },
+    /// The body must be JSON and is not (invalid UTF-8 included).
+    InvalidJson,
+    /// The body did not arrive within `listen.body_read_timeout`.
+    BodyTimeout,
     NoRoute,
     MissingKey,
     InvalidKey,
@@ -65,7 +77,11 @@ pub enum RelayError {
 impl RelayError {
     pub fn status(&self) -> u16 {
         match self {
-            RelayError::BadRequest => 400,
+            RelayError::BadRequest | RelayError::InvalidJson => 400,
+            RelayError::MethodNotAllowed => 405,
+            RelayError::BodyTimeout => 408,
+            RelayError::BodyTooLarge { .. } => 413,
+            RelayError::HeadersTooLarge => 431,
             RelayError::NoRoute => 404,
             RelayError::MissingKey | RelayError::InvalidKey => 401,
             RelayError::RouteForbidden { .. } => 403,
@@ -81,6 +97,11 @@ impl RelayError {
     pub fn kind(&self) -> &'static str {
         match self {
             RelayError::BadRequest => "bad_request",
+            RelayError::MethodNotAllowed => "method_not_allowed",
+            RelayError::HeadersTooLarge => "headers_too_large",
+            RelayError::BodyTooLarge { .. } => "body_too_large",
+            RelayError::InvalidJson => "invalid_json",
+            RelayError::BodyTimeout => "body_timeout",
             RelayError::NoRoute => "no_route",
             RelayError::MissingKey => "missing_key",
             RelayError::InvalidKey => "invalid_key",
@@ -99,6 +120,15 @@ impl RelayError {
     pub fn message(&self) -> String {
         match self {
             RelayError::BadRequest => "The request could not be read.".into(),
+            RelayError::MethodNotAllowed => "This HTTP method is not supported.".into(),
+            RelayError::HeadersTooLarge => "The request headers are too large.".into(),
+            RelayError::BodyTooLarge { max } => {
+                format!("The request body is too large: at most {max} bytes are accepted.")
+            }
+            RelayError::InvalidJson => {
+                "The request body is not valid JSON (it must be UTF-8 encoded JSON).".into()
+            }
+            RelayError::BodyTimeout => "The request body did not arrive in time.".into(),
             RelayError::NoRoute => "No route serves this path on the relay.".into(),
             RelayError::MissingKey => {
                 "No API key was provided: send it as `Authorization: Bearer KEY` or `x-api-key: KEY`.".into()
@@ -136,6 +166,11 @@ impl RelayError {
     fn openai_type_and_code(&self) -> (&'static str, &'static str) {
         match self {
             RelayError::BadRequest => ("invalid_request_error", "bad_request"),
+            RelayError::MethodNotAllowed => ("invalid_request_error", "method_not_allowed"),
+            RelayError::HeadersTooLarge => ("invalid_request_error", "headers_too_large"),
+            RelayError::BodyTooLarge { .. } => ("invalid_request_error", "request_too_large"),
+            RelayError::InvalidJson => ("invalid_request_error", "invalid_json"),
+            RelayError::BodyTimeout => ("invalid_request_error", "request_timeout"),
             RelayError::NoRoute => ("invalid_request_error", "unknown_url"),
             RelayError::MissingKey => ("invalid_request_error", "missing_api_key"),
             RelayError::InvalidKey => ("invalid_request_error", "invalid_api_key"),
@@ -153,7 +188,12 @@ impl RelayError {
 
     fn anthropic_type(&self) -> &'static str {
         match self {
-            RelayError::BadRequest => "invalid_request_error",
+            RelayError::BadRequest
+            | RelayError::MethodNotAllowed
+            | RelayError::HeadersTooLarge
+            | RelayError::InvalidJson
+            | RelayError::BodyTimeout => "invalid_request_error",
+            RelayError::BodyTooLarge { .. } => "request_too_large",
             RelayError::NoRoute => "not_found_error",
             RelayError::MissingKey | RelayError::InvalidKey => "authentication_error",
             RelayError::RouteForbidden { .. } => "permission_error",
@@ -230,6 +270,11 @@ mod tests {
     fn statuses_and_labels() {
         let all = [
             RelayError::BadRequest,
+            RelayError::MethodNotAllowed,
+            RelayError::HeadersTooLarge,
+            RelayError::BodyTooLarge { max: 1 },
+            RelayError::InvalidJson,
+            RelayError::BodyTimeout,
             RelayError::NoRoute,
             RelayError::MissingKey,
             RelayError::InvalidKey,
@@ -248,7 +293,7 @@ mod tests {
         let statuses: Vec<u16> = all.iter().map(|e| e.status()).collect();
         assert_eq!(
             statuses,
-            [400, 404, 401, 401, 403, 429, 503, 503, 502, 504, 504, 500]
+            [400, 405, 431, 413, 400, 408, 404, 401, 401, 403, 429, 503, 503, 502, 504, 504, 500]
         );
         let mut kinds: Vec<&str> = all.iter().map(|e| e.kind()).collect();
         kinds.dedup();

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod config;
 pub mod cost;
 pub mod error;
+pub mod gate;
 pub mod limits;
 pub mod metrics;
 pub mod mock;

@@ -28,6 +28,8 @@ use crate::auth::{AuthFailure, TenantTable};
 use crate::config::Limits;
 use crate::cost::Pricing;
 use crate::error::{ErrorShape, RelayError};
+use crate::gate;
+use crate::gate::InputLimits;
 use crate::limits::{self, Admission, Limiter};
 use crate::metrics::{Finished, Metrics, StreamHandles};
 use crate::record::Row;
@@ -75,6 +77,8 @@ pub struct RequestCtx {
     admission: Option<Admission>,
     /// First-byte, gap and total deadlines, armed when an upstream connection is made.
     stall: Option<StallGuard>,
+    /// The body must be JSON (see `gate::wants_json`).
+    json_required: bool,
     /// Body bytes kept for the row (the route's `capture`).
     captured_request: Vec<u8>,
     captured_response: Vec<u8>,
@@ -111,6 +115,7 @@ impl RequestCtx {
             strip_usage: None,
             early_body: None,
             stall: None,
+            json_required: false,
             captured_request: Vec::new(),
             captured_response: Vec::new(),
             limits: Limits::default(),
@@ -251,6 +256,8 @@ pub fn outcome(ctx: &RequestCtx, e: Option<&Error>) -> &'static str {
 
 pub struct RelayProxy {
     pub routes: Arc<RouteTable>,
+    /// What a client may send (head size, read timeouts).
+    pub input: InputLimits,
     /// Swapped whole when the configuration is reloaded.
     pub tenants: Arc<crate::reload::Tenants>,
     pub metrics: Arc<Metrics>,
@@ -326,6 +333,16 @@ fn prepare_early_body(ctx: &mut RequestCtx, body: &[u8], usage: bool) {
 }
 
 impl RelayProxy {
+    /// Ends a request whose body the relay refuses while it flows: the refusal is the
+    /// answer (`fail_to_proxy` writes it) and the row's outcome.
+    fn refuse_body(&self, ctx: &mut RequestCtx, e: RelayError) -> Box<Error> {
+        let status = e.status();
+        ctx.refusal = Some(e);
+        let mut err = Error::explain(ErrorType::HTTPStatus(status), "request body refused");
+        err.set_retry(false);
+        err
+    }
+
     /// A deadline passed: before the response head, a 504 in the provider's shape; in
     /// an SSE stream, an error event in the provider's shape and a clean end, so the
     /// client's SDK raises an error instead of waiting or seeing a cut; otherwise (JSON
@@ -451,6 +468,9 @@ impl ProxyHttp for RelayProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        session
+            .as_downstream_mut()
+            .set_read_timeout(Some(self.input.client_read_timeout));
         let req = session.req_header();
         ctx.request_id = req
             .headers
@@ -463,14 +483,37 @@ impl ProxyHttp for RelayProxy {
                 ctx.shape = ErrorShape::for_provider(a.route.provider);
                 ctx.first_upstream = a.route.first_upstream();
                 ctx.max_attempts = a.route.attempt_budget();
+                let max_body = a.route.max_body_bytes;
                 ctx.route = Some(a.route);
                 ctx.tenant = Some(a.tenant);
                 ctx.limits = a.limits;
-                let mut body_bytes =
-                    request_info::content_length(session.req_header()).unwrap_or(0);
+                let req = session.req_header();
+                let announced = request_info::content_length(req);
+                if let Err(e) = gate::check_head(req, &self.input)
+                    .and_then(|()| gate::check_length(announced, max_body))
+                {
+                    self.answer_locally(session, ctx, e).await?;
+                    return Ok(true);
+                }
+                ctx.json_required = gate::wants_json(req);
+                let mut body_bytes = announced.unwrap_or(0);
                 if let Some(len) = request_info::early_read_len(session.req_header()) {
                     let usage = wants_usage(ctx.route.as_ref().expect("set"), session.req_header());
-                    let body = read_small_body(session, len).await?;
+                    let read = read_small_body(session, len);
+                    let body = match tokio::time::timeout(self.input.body_read_timeout, read).await
+                    {
+                        Ok(body) => body?,
+                        Err(_) => {
+                            self.answer_locally(session, ctx, RelayError::BodyTimeout)
+                                .await?;
+                            return Ok(true);
+                        }
+                    };
+                    if ctx.json_required && !gate::is_json(&body) {
+                        self.answer_locally(session, ctx, RelayError::InvalidJson)
+                            .await?;
+                        return Ok(true);
+                    }
                     body_bytes = body.len();
                     ctx.request_bytes = body.len() as u64;
                     let limit = ctx.route.as_ref().expect("set").capture.request;
@@ -563,6 +606,12 @@ impl ProxyHttp for RelayProxy {
     ) -> Result<()> {
         if ctx.early_body.is_none() {
             ctx.request_bytes += body.as_ref().map_or(0, |b| b.len() as u64);
+            let max = ctx.route.as_ref().map_or(usize::MAX, |r| r.max_body_bytes);
+            if ctx.request_bytes > max as u64 {
+                // A body without a length that outgrew the cap: what went upstream is an
+                // incomplete request, which the upstream cannot act on.
+                return Err(self.refuse_body(ctx, RelayError::BodyTooLarge { max }));
+            }
             // The first attempt's body is the client's; a retry replays it.
             if let (Some(route), Some(b), true) = (&ctx.route, body.as_ref(), ctx.attempts <= 1) {
                 keep_bytes(&mut ctx.captured_request, b, route.capture.request);
@@ -582,6 +631,9 @@ impl ProxyHttp for RelayProxy {
             *body = Some(b);
         }
         if let Some(end) = end {
+            if end.invalid_json && ctx.json_required {
+                return Err(self.refuse_body(ctx, RelayError::InvalidJson));
+            }
             ctx.request_info = end.info;
             ctx.strip_usage = end.usage_added.then(UsageStripper::default);
         }
@@ -752,7 +804,7 @@ impl ProxyHttp for RelayProxy {
         if let Some(deadline) = ctx.stall.as_ref().and_then(StallGuard::fired) {
             return self.end_stalled(session, ctx, deadline).await;
         }
-        let code = match classify_failure(e) {
+        let code = match ctx.refusal.clone().or_else(|| classify_failure(e)) {
             None => 0,
             Some(relay_error) => {
                 let status = relay_error.status();

@@ -67,6 +67,8 @@ pub struct BodyEnd {
     /// The relay added `stream_options.include_usage`: the usage chunk it brings must
     /// not reach the client.
     pub usage_added: bool,
+    /// The whole body was read and is not JSON.
+    pub invalid_json: bool,
 }
 
 impl BodyCollector {
@@ -102,12 +104,15 @@ impl BodyCollector {
         }
         let buf = std::mem::take(&mut self.buf);
         let info = parse(&buf);
+        // Only a body that is not a JSON object pays for a second look.
+        let invalid_json = info.is_none() && !crate::gate::is_json(&buf);
         if !self.hold {
             return (
                 BodyStep::Pass,
                 Some(BodyEnd {
                     info,
                     usage_added: false,
+                    invalid_json,
                 }),
             );
         }
@@ -117,6 +122,7 @@ impl BodyCollector {
                 Some(BodyEnd {
                     info,
                     usage_added: true,
+                    invalid_json,
                 }),
             ),
             None => (
@@ -124,6 +130,7 @@ impl BodyCollector {
                 Some(BodyEnd {
                     info,
                     usage_added: false,
+                    invalid_json,
                 }),
             ),
         }

@@ -24,6 +24,8 @@ pub struct Route {
     pub ensure_usage: bool,
     /// Body bytes kept in the request's row.
     pub capture: crate::config::Capture,
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
     /// Round-robin cursor: each request starts one upstream further.
     next: AtomicUsize,
 }
@@ -80,6 +82,7 @@ impl Route {
             timeouts: c.timeouts,
             ensure_usage: c.ensure_usage,
             capture: c.capture,
+            max_body_bytes: c.max_body_bytes,
             next: AtomicUsize::new(0),
         })
     }

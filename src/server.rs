@@ -105,6 +105,7 @@ pub fn build(
         }
     };
     let proxy = RelayProxy {
+        input: config.input_limits,
         routes: routes.clone(),
         tenants: tenants.clone(),
         metrics: metrics.clone(),

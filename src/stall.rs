@@ -162,7 +162,7 @@ impl StallGuard {
         inner.attempt_at.store(inner.since(now), Ordering::Release);
         inner.phase.store(WAITING, Ordering::Release);
         if !inner.watching.swap(true, Ordering::AcqRel) {
-            lock(&watched()).push(Arc::downgrade(inner));
+            lock(watched()).push(Arc::downgrade(inner));
         }
     }
 

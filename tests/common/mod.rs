@@ -158,6 +158,20 @@ impl RelayProc {
 
     /// As [`RelayProc::start`], with `server.grace_period_seconds` set.
     pub fn start_with_grace(body: &str, env: &[(&str, &str)], grace_seconds: u64) -> RelayProc {
+        RelayProc::start_full(body, env, grace_seconds, "")
+    }
+
+    /// As [`RelayProc::start`], with more `listen:` lines (each `  key: value\n`).
+    pub fn start_with_listen(body: &str, listen_extra: &str) -> RelayProc {
+        RelayProc::start_full(body, &[], 1, listen_extra)
+    }
+
+    fn start_full(
+        body: &str,
+        env: &[(&str, &str)],
+        grace_seconds: u64,
+        listen_extra: &str,
+    ) -> RelayProc {
         let dir = temp_dir("relay");
         let port = free_port();
         let admin_port = free_port();
@@ -168,7 +182,7 @@ impl RelayProc {
             format!("rows:\n  file: {{ path: {}/rows.jsonl }}\n", dir.display())
         };
         let yaml = format!(
-            "server:\n  threads: 2\n  pid_file: {d}/relay.pid\n  upgrade_sock: {d}/upgrade.sock\n  grace_period_seconds: {grace_seconds}\n  graceful_shutdown_timeout_seconds: 1\n  instance: test-relay\nlisten:\n  proxy: 127.0.0.1:{port}\n  admin: 127.0.0.1:{admin_port}\n{rows}{body}",
+            "server:\n  threads: 2\n  pid_file: {d}/relay.pid\n  upgrade_sock: {d}/upgrade.sock\n  grace_period_seconds: {grace_seconds}\n  graceful_shutdown_timeout_seconds: 1\n  instance: test-relay\nlisten:\n  proxy: 127.0.0.1:{port}\n  admin: 127.0.0.1:{admin_port}\n{listen_extra}{rows}{body}",
             d = dir.display()
         );
         let conf = dir.join("relay.yaml");

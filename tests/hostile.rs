@@ -1,0 +1,290 @@
+//! Hostile and broken input gets a clear 4xx in the provider's shape, costs nothing
+//! upstream, is recorded, and the relay keeps serving everyone else meanwhile.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const CHAT: &str = "/openai/v1/chat/completions";
+
+fn config(mock: &MockProc) -> String {
+    let u = mock.url();
+    format!(
+        r#"routes:
+  - {{ name: openai, prefix: /openai/v1, provider: openai, upstreams: ["{u}/v1"], max_body_bytes: 200000 }}
+  - {{ name: anthropic, prefix: /anthropic/v1, provider: anthropic, upstreams: ["{u}/v1"], max_body_bytes: 1000 }}
+tenants:
+  - {{ id: acme, key_sha256: ["{h}"] }}
+"#,
+        h = hash(TENANT_KEY)
+    )
+}
+
+/// Sends raw bytes, then reads the answer until the relay closes or 15 s pass.
+fn raw(relay: &RelayProc, parts: &[&[u8]]) -> (u16, String) {
+    let mut s = TcpStream::connect(relay.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    for p in parts {
+        if s.write_all(p).is_err() {
+            break;
+        }
+    }
+    let mut out = Vec::new();
+    let mut buf = [0u8; 16384];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                out.extend_from_slice(&buf[..n]);
+                // One answer is enough: stop at the end of a content-length body.
+                let text = String::from_utf8_lossy(&out);
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let len = head.lines().find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length: ")
+                            .map(|v| v.trim().parse::<usize>().unwrap())
+                    });
+                    if len.is_some_and(|l| body.len() >= l) {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn head(method: &str, path: &str, id: &str, extra: &str) -> Vec<u8> {
+    format!(
+        "{method} {path} HTTP/1.1\r\nHost: relay\r\nAuthorization: Bearer {TENANT_KEY}\r\nx-request-id: {id}\r\n{extra}\r\n"
+    )
+    .into_bytes()
+}
+
+fn chunk(data: &[u8]) -> Vec<u8> {
+    let mut v = format!("{:x}\r\n", data.len()).into_bytes();
+    v.extend_from_slice(data);
+    v.extend_from_slice(b"\r\n");
+    v
+}
+
+#[test]
+fn each_hostile_input_gets_its_answer_while_others_are_served() {
+    let mock = MockProc::start(None);
+    let relay = RelayProc::start_with_listen(
+        &config(&mock),
+        "  body_read_timeout: 1s\n  client_read_timeout: 2s\n  max_header_bytes: 8192\n",
+    );
+
+    // Ordinary traffic all along.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, bad) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let traffic = {
+        let (stop, ok, bad, addr) = (stop.clone(), ok.clone(), bad.clone(), relay.addr);
+        std::thread::spawn(move || {
+            let auth = format!("Bearer {TENANT_KEY}");
+            while !stop.load(Ordering::Relaxed) {
+                let r = request(
+                    addr,
+                    "POST",
+                    CHAT,
+                    &[("authorization", &auth)],
+                    &chat_body(true, false),
+                );
+                if r.status == 200 && r.complete {
+                    ok.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    bad.fetch_add(1, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let upstream_before = mock.stats()["requests"].as_u64().unwrap();
+
+    let json_ct = "Content-Type: application/json\r\n";
+    let cases: Vec<(&str, Vec<Vec<u8>>, u16, &str)> = vec![
+        (
+            "big-length",
+            vec![
+                head(
+                    "POST",
+                    CHAT,
+                    "big-length",
+                    &format!("{json_ct}Content-Length: 1000000000\r\n"),
+                ),
+                b"{".to_vec(),
+            ],
+            413,
+            "body_too_large",
+        ),
+        (
+            "big-chunked",
+            {
+                let mut parts = vec![head(
+                    "POST",
+                    "/openai/v1/embeddings",
+                    "big-chunked",
+                    &format!("{json_ct}Transfer-Encoding: chunked\r\n"),
+                )];
+                for _ in 0..30 {
+                    parts.push(chunk(&[b' '; 10_000]));
+                }
+                parts.push(b"0\r\n\r\n".to_vec());
+                parts
+            },
+            413,
+            "body_too_large",
+        ),
+        (
+            "not-json",
+            vec![
+                head(
+                    "POST",
+                    CHAT,
+                    "not-json",
+                    &format!("{json_ct}Content-Length: 9\r\n"),
+                ),
+                b"not json!".to_vec(),
+            ],
+            400,
+            "invalid_json",
+        ),
+        (
+            "bad-utf8",
+            vec![
+                head("POST", CHAT, "bad-utf8", "Content-Length: 14\r\n"),
+                b"{\"model\":\"\xff\xfe\"}".to_vec(),
+            ],
+            400,
+            "invalid_json",
+        ),
+        (
+            "big-not-json",
+            {
+                // Over the early-read size: held (chat completions) and checked at its end.
+                let mut parts = vec![head(
+                    "POST",
+                    CHAT,
+                    "big-not-json",
+                    &format!("{json_ct}Transfer-Encoding: chunked\r\n"),
+                )];
+                for _ in 0..8 {
+                    parts.push(chunk(&[b'x'; 10_000]));
+                }
+                parts.push(b"0\r\n\r\n".to_vec());
+                parts
+            },
+            400,
+            "invalid_json",
+        ),
+        (
+            "brew",
+            vec![
+                head("BREW", CHAT, "brew", "Content-Length: 2\r\n"),
+                b"{}".to_vec(),
+            ],
+            405,
+            "method_not_allowed",
+        ),
+        (
+            "big-head",
+            vec![
+                head(
+                    "POST",
+                    CHAT,
+                    "big-head",
+                    &format!("X-Big: {}\r\nContent-Length: 2\r\n", "a".repeat(20_000)),
+                ),
+                b"{}".to_vec(),
+            ],
+            431,
+            "headers_too_large",
+        ),
+        (
+            "slow-body",
+            // Announces 100 bytes, sends 10, then nothing: 408 after body_read_timeout.
+            vec![
+                head(
+                    "POST",
+                    CHAT,
+                    "slow-body",
+                    &format!("{json_ct}Content-Length: 100\r\n"),
+                ),
+                b"{\"model\":".to_vec(),
+            ],
+            408,
+            "body_timeout",
+        ),
+    ];
+    assert_eq!(b"{\"model\":\"\xff\xfe\"}".len(), 14);
+    for (id, parts, status, outcome) in &cases {
+        let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+        let (got, body) = raw(&relay, &refs);
+        assert_eq!(got, *status, "{id}: {body}");
+        let v: serde_json::Value =
+            serde_json::from_str(&body).unwrap_or_else(|_| panic!("{id}: {body}"));
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{id}: {body}");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let row = loop {
+            if let Some(r) = relay.rows().into_iter().find(|r| r["request_id"] == *id) {
+                break r;
+            }
+            assert!(Instant::now() < deadline, "{id}: no row");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(row["outcome"], *outcome, "{id}");
+    }
+    // Anthropic's shape for a refused body.
+    let (got, body) = raw(
+        &relay,
+        &[
+            &head(
+                "POST",
+                "/anthropic/v1/messages",
+                "anthropic-big",
+                "anthropic-version: 2023-06-01\r\nContent-Length: 5000\r\n",
+            ),
+            &[b'{'; 5000],
+        ],
+    );
+    assert_eq!(got, 413);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["type"], "error");
+    assert_eq!(v["error"]["type"], "request_too_large");
+
+    // None of it reached the upstream, except the chunked bodies cut on the way (an
+    // incomplete request the upstream cannot act on; the mock counts it).
+    let upstream_after = mock.stats()["requests"].as_u64().unwrap();
+    let ordinary = ok.load(Ordering::Relaxed) as u64 + bad.load(Ordering::Relaxed) as u64;
+    assert!(
+        upstream_after - upstream_before <= ordinary + 1,
+        "{} upstream requests for {ordinary} ordinary ones",
+        upstream_after - upstream_before
+    );
+
+    stop.store(true, Ordering::Relaxed);
+    traffic.join().unwrap();
+    assert_eq!(
+        bad.load(Ordering::Relaxed),
+        0,
+        "ordinary requests failed meanwhile"
+    );
+    assert!(ok.load(Ordering::Relaxed) > 10);
+}
