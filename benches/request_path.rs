@@ -61,6 +61,7 @@ fn bench(c: &mut Criterion) {
                 &mut r,
                 &route,
                 &route.upstreams[0].url,
+                Some(0),
                 "0123456789abcdef0123456789abcdef",
             )
             .unwrap();

@@ -474,10 +474,56 @@ pub struct RawRoute {
     /// Default 33554432 (32 MiB).
     #[serde(default)]
     pub max_body_bytes: Option<usize>,
+    /// A pool of provider keys (each `env:NAME` or `file:/path`) used in turn; a key
+    /// the provider answers 429 (or 401/403) is set aside by its breaker. Instead of `key`.
+    #[serde(default)]
+    pub keys: Option<Vec<String>>,
+    /// How an upstream is chosen: `round_robin` (default), `least_in_flight` or
+    /// `weighted` (with `weights`).
+    #[serde(default)]
+    pub balance: Option<String>,
+    /// One weight per upstream, for `balance: weighted`.
+    #[serde(default)]
+    pub weights: Option<Vec<u32>>,
+    /// Circuit breaker of each upstream and key: `failures` in a row open it for
+    /// `open_for`. Default `{ failures: 3, open_for: 30s }`.
+    #[serde(default)]
+    pub breaker: Option<RawBreaker>,
+    /// Attempts one request may make (connection failures and retried statuses).
+    /// Default: one per upstream address or key, at least 1, at most 4 (or the count of
+    /// upstreams or keys when larger).
+    #[serde(default)]
+    pub max_attempts: Option<usize>,
+    /// Upstream statuses that are tried again on another upstream or key, before
+    /// anything reached the client. Default `[429, 500, 502, 503, 504, 529]`.
+    #[serde(default)]
+    pub retry_on: Option<Vec<u16>>,
+    /// Also try again when the connection failed after the request was sent and before
+    /// a response came (the upstream may have started the work). Default false.
+    #[serde(default)]
+    pub retry_after_send: bool,
     /// Keep request and response bodies in the request's row: each `off` (default),
     /// `whole`, or a number of bytes to keep from the start.
     #[serde(default)]
     pub capture: RawCapture,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBreaker {
+    #[serde(default)]
+    pub failures: Option<u32>,
+    #[serde(default)]
+    pub open_for: Option<String>,
+}
+
+/// How a route picks its upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Balance {
+    #[default]
+    RoundRobin,
+    LeastInFlight,
+    Weighted,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -618,6 +664,13 @@ pub struct RouteConfig {
     pub ensure_usage: bool,
     pub capture: Capture,
     pub max_body_bytes: usize,
+    pub balance: Balance,
+    /// One per upstream (all 1 unless weighted).
+    pub weights: Vec<u32>,
+    pub breaker: crate::health::BreakerConfig,
+    pub max_attempts: Option<usize>,
+    pub retry_on: Vec<u16>,
+    pub retry_after_send: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -629,7 +682,8 @@ pub enum KeyConfig {
         /// Value template split around `{key}`.
         prefix: String,
         suffix: String,
-        state: SecretState,
+        /// One or more keys (`keys` is a pool), in order.
+        states: Vec<SecretState>,
     },
 }
 
@@ -986,7 +1040,18 @@ fn validate_route(
         upstreams.push(parse_upstream_url(u).map_err(|m| err(format!("{at}.upstreams[{k}]"), m))?);
     }
 
-    let key = match &r.key {
+    let key_refs: Vec<String> = match (&r.key, &r.keys) {
+        (Some(_), Some(_)) => {
+            return Err(err(format!("{at}.keys"), "set `key` or `keys`, not both"));
+        }
+        (Some(k), None) => vec![k.clone()],
+        (None, Some(ks)) if ks.is_empty() || ks.len() > 64 => {
+            return Err(err(format!("{at}.keys"), "must list 1 to 64 keys"));
+        }
+        (None, Some(ks)) => ks.clone(),
+        (None, None) => Vec::new(),
+    };
+    let key = match key_refs.first() {
         None => {
             if r.key_header.is_some() || r.key_format.is_some() {
                 return Err(err(
@@ -996,8 +1061,16 @@ fn validate_route(
             }
             KeyConfig::None
         }
-        Some(text) => {
-            let reference = SecretRef::parse(text).map_err(|m| err(format!("{at}.key"), m))?;
+        Some(_) => {
+            let mut references = Vec::with_capacity(key_refs.len());
+            for (i, text) in key_refs.iter().enumerate() {
+                let key = if r.keys.is_some() {
+                    format!("{at}.keys[{i}]")
+                } else {
+                    format!("{at}.key")
+                };
+                references.push(SecretRef::parse(text).map_err(|m| err(key, m))?);
+            }
             let header = match &r.key_header {
                 Some(h) => {
                     let h = h.to_ascii_lowercase();
@@ -1035,7 +1108,7 @@ fn validate_route(
                 header,
                 prefix: prefix.to_string(),
                 suffix: suffix.to_string(),
-                state: reference.resolve(lookup_env),
+                states: references.iter().map(|r| r.resolve(lookup_env)).collect(),
             }
         }
     };
@@ -1097,10 +1170,70 @@ fn validate_route(
         request: capture_size(&format!("{at}.capture.request"), &r.capture.request)?,
         response: capture_size(&format!("{at}.capture.response"), &r.capture.response)?,
     };
+    if r.upstreams.len() > 64 {
+        return Err(err(format!("{at}.upstreams"), "at most 64 upstreams"));
+    }
+    let balance = match r.balance.as_deref() {
+        None | Some("round_robin") => Balance::RoundRobin,
+        Some("least_in_flight") => Balance::LeastInFlight,
+        Some("weighted") => Balance::Weighted,
+        Some(other) => {
+            return Err(err(
+                format!("{at}.balance"),
+                format!("`{other}`: must be round_robin, least_in_flight or weighted"),
+            ))
+        }
+    };
+    let weights = match (&r.weights, balance) {
+        (Some(w), Balance::Weighted) if w.len() == r.upstreams.len() && w.iter().all(|x| *x > 0) => {
+            w.clone()
+        }
+        (Some(_), Balance::Weighted) => {
+            return Err(err(
+                format!("{at}.weights"),
+                "one weight above 0 per upstream",
+            ))
+        }
+        (None, Balance::Weighted) => {
+            return Err(err(format!("{at}.weights"), "balance: weighted needs weights"))
+        }
+        (Some(_), _) => {
+            return Err(err(format!("{at}.weights"), "only with balance: weighted"))
+        }
+        (None, _) => vec![1; r.upstreams.len()],
+    };
+    let breaker = match &r.breaker {
+        None => crate::health::BreakerConfig::default(),
+        Some(b) => crate::health::BreakerConfig {
+            failures: match b.failures {
+                Some(0) => return Err(err(format!("{at}.breaker.failures"), "must be at least 1")),
+                Some(n) => n,
+                None => 3,
+            },
+            open_for: parse_duration(b.open_for.as_deref().unwrap_or("30s"))
+                .map_err(|m| err(format!("{at}.breaker.open_for"), m))?,
+        },
+    };
+    if r.max_attempts == Some(0) {
+        return Err(err(format!("{at}.max_attempts"), "must be at least 1"));
+    }
+    let retry_on = r
+        .retry_on
+        .clone()
+        .unwrap_or_else(|| vec![429, 500, 502, 503, 504, 529]);
+    if let Some(bad) = retry_on.iter().find(|s| !(400..600).contains(*s)) {
+        return Err(err(format!("{at}.retry_on"), format!("{bad} is not an error status")));
+    }
     if r.max_body_bytes == Some(0) {
         return Err(err(format!("{at}.max_body_bytes"), "must be at least 1"));
     }
     Ok(RouteConfig {
+        balance,
+        weights,
+        breaker,
+        max_attempts: r.max_attempts,
+        retry_on,
+        retry_after_send: r.retry_after_send,
         max_body_bytes: r.max_body_bytes.unwrap_or(32 << 20),
         capture,
         ensure_usage: r.ensure_usage.unwrap_or(openai_style),
@@ -1251,8 +1384,11 @@ mod tests {
                 header,
                 prefix,
                 suffix,
-                state: SecretState::Present(s),
+                states,
             } => {
+                let SecretState::Present(s) = &states[0] else {
+                    panic!("{states:?}")
+                };
                 assert_eq!(header, "authorization");
                 assert_eq!((prefix.as_str(), suffix.as_str()), ("Bearer ", ""));
                 assert_eq!(s.expose(), "sk-provider");
@@ -1265,13 +1401,12 @@ mod tests {
     #[test]
     fn unset_key_is_not_fatal() {
         let c = load(&minimal("    key: env:UNSET\n", "  []\n")).unwrap();
-        assert!(matches!(
-            c.routes[0].key,
-            KeyConfig::Injected {
-                state: SecretState::Missing { .. },
-                ..
+        match &c.routes[0].key {
+            KeyConfig::Injected { states, .. } => {
+                assert!(matches!(states[..], [SecretState::Missing { .. }]))
             }
-        ));
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

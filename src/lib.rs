@@ -10,6 +10,7 @@ pub mod config;
 pub mod cost;
 pub mod error;
 pub mod gate;
+pub mod health;
 pub mod limits;
 pub mod metrics;
 pub mod mock;

@@ -53,6 +53,8 @@ pub struct Metrics {
     clickhouse_up: IntGauge,
     clickhouse_batch: HistogramVec,
     clickhouse_failures: IntCounterVec,
+    breaker_state: IntGaugeVec,
+    breaker_transitions: IntCounterVec,
     tenant_label: bool,
 }
 
@@ -188,7 +190,24 @@ impl Metrics {
         registry
             .register(Box::new(clickhouse_up.clone()))
             .expect("unique metric");
+        let breaker_state = IntGaugeVec::new(
+            Opts::new(
+                "stream_relay_breaker_state",
+                "Circuit breaker of each upstream (host:port) and provider key (keyN) of a route: 0 closed, 1 half-open, 2 open. Present once a breaker has changed state.",
+            ),
+            &["route", "target"],
+        )
+        .expect("metric");
+        registry
+            .register(Box::new(breaker_state.clone()))
+            .expect("unique metric");
         let metrics = Metrics {
+            breaker_state,
+            breaker_transitions: counter(
+                "stream_relay_breaker_transitions_total",
+                "Circuit breaker state changes, by route, target and the state entered (open, half_open, closed).",
+                &["route", "target", "to"],
+            ),
             rows_spool: counter(
                 "stream_relay_rows_spool_total",
                 "Request rows through the ClickHouse writer's spool, by event: spooled (ClickHouse could not take them), replayed (written later), dead_lettered (refused as malformed, kept in dead_letter.jsonl).",
@@ -349,6 +368,21 @@ impl Metrics {
 
     pub fn clickhouse_failure(&self, kind: &str) {
         self.clickhouse_failures.with_label_values(&[kind]).inc();
+    }
+
+    pub fn breaker_transition(&self, route: &str, target: &str, t: crate::health::Transition) {
+        use crate::health::Transition;
+        self.breaker_transitions
+            .with_label_values(&[route, target, t.label()])
+            .inc();
+        let level = match t {
+            Transition::Closed => 0,
+            Transition::HalfOpened => 1,
+            Transition::Opened => 2,
+        };
+        self.breaker_state
+            .with_label_values(&[route, target])
+            .set(level);
     }
 
     pub fn config_reload(&self, ok: bool) {

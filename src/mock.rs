@@ -9,6 +9,11 @@
 //! send nothing more and keep the connection open), `x-mock-stamp: 1` (each content delta is the
 //! send time in nanoseconds since the Unix epoch, for latency measurement).
 //!
+//! `POST /mock/control` (any path ending so) with `{"status": 500, "key_status":
+//! {"sk-a": 429}, "retry_after": 2}` makes every model request, or those carrying a given
+//! key, answer that error (429s with `Retry-After`) until changed; `{}` restores normal
+//! answers. For tests of failover and circuit breaking.
+//!
 //! With `expected_key` set, a request must carry it (`Authorization: Bearer`, `x-api-key`
 //! or `api-key`) or it gets 401. `GET /mock/stats` (or any path ending so) returns counters as JSON: requests,
 //! completed, cancelled (the client went away before the answer ended), cut, auth
@@ -61,6 +66,17 @@ pub struct MockStats {
     pub cut: AtomicU64,
     pub auth_failures: AtomicU64,
     last_headers: Mutex<Vec<(String, String)>>,
+    /// Model requests by the provider key they carried.
+    by_key: Mutex<std::collections::BTreeMap<String, u64>>,
+}
+
+/// Errors the mock answers on request (`/mock/control`).
+#[derive(Debug, Default, Clone, serde::Deserialize, serde::Serialize)]
+#[serde(default)]
+pub struct Control {
+    pub status: Option<u16>,
+    pub key_status: std::collections::BTreeMap<String, u16>,
+    pub retry_after: Option<u64>,
 }
 
 impl MockStats {
@@ -79,6 +95,7 @@ impl MockStats {
             "cut": self.cut.load(Ordering::Relaxed),
             "auth_failures": self.auth_failures.load(Ordering::Relaxed),
             "last_headers": headers,
+            "by_key": *self.by_key.lock().expect("stats lock"),
         })
     }
 }
@@ -87,6 +104,7 @@ pub struct Mock {
     pub expected_key: Option<String>,
     pub defaults: Knobs,
     pub stats: MockStats,
+    pub control: Mutex<Control>,
 }
 
 impl Mock {
@@ -95,6 +113,7 @@ impl Mock {
             expected_key,
             defaults: Knobs::default(),
             stats: MockStats::default(),
+            control: Mutex::new(Control::default()),
         })
     }
 
@@ -150,6 +169,20 @@ impl Mock {
             let body = self.stats.to_json().to_string();
             return write_full(stream, 200, "application/json", body.as_bytes()).await;
         }
+        if req.path.ends_with("/mock/control") {
+            if !req.body.is_empty() {
+                match serde_json::from_slice::<Control>(&req.body) {
+                    Ok(c) => *self.control.lock().expect("control lock") = c,
+                    Err(e) => {
+                        let body = json!({"error": e.to_string()}).to_string();
+                        return write_full(stream, 400, "application/json", body.as_bytes()).await;
+                    }
+                }
+            }
+            let body = serde_json::to_string(&*self.control.lock().expect("control lock"))
+                .expect("serializes");
+            return write_full(stream, 200, "application/json", body.as_bytes()).await;
+        }
         let kind = if req.path.ends_with("/chat/completions") {
             Kind::OpenAi
         } else if req.path.ends_with("/messages") {
@@ -162,6 +195,31 @@ impl Mock {
         };
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         *self.stats.last_headers.lock().expect("stats lock") = req.headers.clone();
+        let key = presented_key(&req.headers);
+        if let Some(k) = &key {
+            *self
+                .stats
+                .by_key
+                .lock()
+                .expect("stats lock")
+                .entry(k.clone())
+                .or_default() += 1;
+        }
+        let forced = {
+            let c = self.control.lock().expect("control lock");
+            let by_key = key.as_ref().and_then(|k| c.key_status.get(k).copied());
+            by_key.or(c.status).map(|s| (s, c.retry_after))
+        };
+        if let Some((status, retry_after)) = forced {
+            let body = error_body(kind, status, "mock: error set by /mock/control");
+            let extra = match (status, retry_after) {
+                (429, Some(secs)) => format!("retry-after: {secs}\r\n"),
+                _ => String::new(),
+            };
+            return self.finish(
+                write_full_with(stream, status, "application/json", &extra, body.as_bytes()).await,
+            );
+        }
 
         if let Some(expected) = &self.expected_key {
             if !carries_key(&req.headers, expected) {
@@ -304,6 +362,15 @@ struct Request {
     headers: Vec<(String, String)>,
     body: Vec<u8>,
     close: bool,
+}
+
+/// The provider key a request carries, from any of the headers providers use.
+fn presented_key(headers: &[(String, String)]) -> Option<String> {
+    headers.iter().find_map(|(k, v)| match k.as_str() {
+        "authorization" => v.strip_prefix("Bearer ").map(str::to_string),
+        "x-api-key" | "api-key" => Some(v.clone()),
+        _ => None,
+    })
 }
 
 fn carries_key(headers: &[(String, String)], expected: &str) -> bool {
@@ -584,12 +651,23 @@ async fn write_full<S: AsyncWrite + Unpin>(
     content_type: &str,
     body: &[u8],
 ) -> Flow {
+    write_full_with(stream, status, content_type, "", body).await
+}
+
+/// `extra`: more header lines, each ending in CRLF.
+async fn write_full_with<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    status: u16,
+    content_type: &str,
+    extra: &str,
+    body: &[u8],
+) -> Flow {
     let reason = http::StatusCode::from_u16(status)
         .ok()
         .and_then(|s| s.canonical_reason())
         .unwrap_or("Status");
     let mut out = format!(
-        "HTTP/1.1 {status} {reason}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n\r\n",
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n{extra}\r\n",
         body.len()
     )
     .into_bytes();

@@ -36,6 +36,8 @@ use crate::record::Row;
 use crate::request_id;
 use crate::request_info::{self, BodyCollector, BodyStep, RequestInfo};
 use crate::route::{Route, RouteKey, RouteTable};
+use crate::health::Transition;
+use crate::route::Pick;
 use crate::stall::{Deadline, StallGuard};
 use crate::tap::strip::UsageStripper;
 use crate::tap::{Tap, TapKind};
@@ -50,8 +52,14 @@ pub struct RequestCtx {
     pub request_id: String,
     pub route: Option<Arc<Route>>,
     pub tenant: Option<Arc<str>>,
-    /// Index of the first upstream tried (round robin).
-    first_upstream: usize,
+    /// Upstreams and keys this request tried (bit i: index i).
+    tried_upstreams: u64,
+    tried_keys: u64,
+    /// The current attempt's upstream and key.
+    attempt: Option<Attempt>,
+    /// The upstream answered a status tried again elsewhere; `error_while_proxy` lets
+    /// Pingora retry.
+    retry_status: Option<u16>,
     /// Upstream attempts made so far, and how many are allowed.
     pub attempts: usize,
     max_attempts: usize,
@@ -84,6 +92,48 @@ pub struct RequestCtx {
     captured_response: Vec<u8>,
 }
 
+/// One attempt's upstream and key. Dropping it (the next attempt, or the request's end)
+/// ends its in-flight count and frees a half-open probe that got no verdict.
+struct Attempt {
+    route: Arc<Route>,
+    pick: Pick,
+    upstream_judged: bool,
+    key_judged: bool,
+}
+
+impl Attempt {
+    fn new(route: Arc<Route>, pick: Pick) -> Attempt {
+        route.upstreams[pick.upstream]
+            .in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Attempt {
+            route,
+            pick,
+            upstream_judged: false,
+            key_judged: false,
+        }
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        let upstream = &self.route.upstreams[self.pick.upstream];
+        upstream
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        if self.pick.upstream_probe && !self.upstream_judged {
+            upstream.breaker.release_probe();
+        }
+        if let (true, false, Some(slot)) = (
+            self.pick.key_probe,
+            self.key_judged,
+            self.route.key_slot(self.pick.key),
+        ) {
+            slot.breaker.release_probe();
+        }
+    }
+}
+
 /// Appends what fits under `limit` of `chunk` to `kept`.
 fn keep_bytes(kept: &mut Vec<u8>, chunk: &[u8], limit: usize) {
     let room = limit.saturating_sub(kept.len());
@@ -99,7 +149,10 @@ impl RequestCtx {
             request_id: String::new(),
             route: None,
             tenant: None,
-            first_upstream: 0,
+            tried_upstreams: 0,
+            tried_keys: 0,
+            attempt: None,
+            retry_status: None,
             attempts: 0,
             max_attempts: 1,
             refusal: None,
@@ -193,6 +246,7 @@ pub fn prepare_upstream_request(
     req: &mut RequestHeader,
     route: &Route,
     upstream: &crate::config::UpstreamUrl,
+    key: Option<usize>,
     request_id: &str,
 ) -> Result<()> {
     for h in TENANT_CREDENTIAL_HEADERS {
@@ -200,8 +254,8 @@ pub fn prepare_upstream_request(
     }
     // Compressed event streams cannot be read as they pass, and gain little.
     req.remove_header("accept-encoding");
-    if let RouteKey::Inject { header, value } = &route.key {
-        req.insert_header(header.clone(), value.expose())?;
+    if let (RouteKey::Pool { header, .. }, Some(slot)) = (&route.key, route.key_slot(key)) {
+        req.insert_header(header.clone(), slot.value.expose())?;
     }
     let target = route.upstream_target(upstream, path_and_query(req));
     let uri = target
@@ -333,6 +387,93 @@ fn prepare_early_body(ctx: &mut RequestCtx, body: &[u8], usage: bool) {
 }
 
 impl RelayProxy {
+    fn report_transitions(&self, route: &Route, seen: crate::route::Seen) {
+        for (target, t) in seen {
+            self.report_transition(route, &target, t);
+        }
+    }
+
+    fn report_transition(&self, route: &Route, target: &str, t: Transition) {
+        match t {
+            Transition::Opened => warn!(
+                "route `{}`: {target} set aside (circuit open)",
+                route.name
+            ),
+            Transition::HalfOpened => info!(
+                "route `{}`: {target} probed again (circuit half-open)",
+                route.name
+            ),
+            Transition::Closed => info!(
+                "route `{}`: {target} back in use (circuit closed)",
+                route.name
+            ),
+        }
+        self.metrics.breaker_transition(&route.name, target, t);
+    }
+
+    /// The current attempt's upstream answered well or failed.
+    fn judge_upstream(&self, ctx: &mut RequestCtx, ok: bool) {
+        let Some(a) = ctx.attempt.as_mut() else {
+            return;
+        };
+        a.upstream_judged = true;
+        let upstream = &a.route.upstreams[a.pick.upstream];
+        let t = if ok {
+            upstream.breaker.success()
+        } else {
+            upstream.breaker.failure(Instant::now(), None)
+        };
+        if let Some(t) = t {
+            let route = a.route.clone();
+            self.report_transition(&route, &route.upstreams[a.pick.upstream].label(), t);
+        }
+    }
+
+    /// The current attempt's key was accepted or refused (`hold`: Retry-After).
+    fn judge_key(&self, ctx: &mut RequestCtx, ok: bool, hold: Option<Duration>) {
+        let Some(a) = ctx.attempt.as_mut() else {
+            return;
+        };
+        let route = a.route.clone();
+        let Some(slot) = route.key_slot(a.pick.key) else {
+            return;
+        };
+        a.key_judged = true;
+        let t = if ok {
+            slot.breaker.success()
+        } else {
+            slot.breaker.failure(Instant::now(), hold)
+        };
+        if let Some(t) = t {
+            self.report_transition(&route, &slot.label, t);
+        }
+    }
+
+    /// What an upstream's status says about it and about the key: 5xx is the upstream's
+    /// failure; 429 the key's (set aside for the Retry-After); 401 and 403 count against
+    /// the key; anything else is a success for both.
+    fn judge_response(&self, ctx: &mut RequestCtx, status: u16, resp: &ResponseHeader) {
+        match status {
+            429 => {
+                let hold = resp
+                    .headers
+                    .get(http::header::RETRY_AFTER)
+                    .and_then(|v| crate::health::retry_after(v.as_bytes()));
+                self.judge_upstream(ctx, true);
+                self.judge_key(ctx, false, hold.or(Some(Duration::from_secs(1))));
+            }
+            401 | 403 => {
+                self.judge_upstream(ctx, true);
+                self.judge_key(ctx, false, None);
+            }
+            500..=599 => self.judge_upstream(ctx, false),
+            _ => {
+                self.judge_upstream(ctx, true);
+                self.judge_key(ctx, true, None);
+            }
+        }
+    }
+
     /// Ends a request whose body the relay refuses while it flows: the refusal is the
     /// answer (`fail_to_proxy` writes it) and the row's outcome.
     fn refuse_body(&self, ctx: &mut RequestCtx, e: RelayError) -> Box<Error> {
@@ -481,7 +622,6 @@ impl ProxyHttp for RelayProxy {
         match admit(&self.routes, &tenants, req) {
             Ok(a) => {
                 ctx.shape = ErrorShape::for_provider(a.route.provider);
-                ctx.first_upstream = a.route.first_upstream();
                 ctx.max_attempts = a.route.attempt_budget();
                 let max_body = a.route.max_body_bytes;
                 ctx.route = Some(a.route);
@@ -543,20 +683,27 @@ impl ProxyHttp for RelayProxy {
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        let route = ctx.route.as_ref().expect("request_filter admitted a route");
-        let n = route.upstreams.len();
-        let index = (ctx.first_upstream + ctx.attempts) % n;
+        let route = ctx.route.clone().expect("request_filter admitted a route");
+        // The previous attempt (if any) ends here.
+        ctx.attempt = None;
+        ctx.upstream_status = None;
+        ctx.ttfb = None;
+        let (pick, seen) = route.pick(ctx.tried_upstreams, ctx.tried_keys, Instant::now());
+        self.report_transitions(&route, seen);
+        ctx.tried_upstreams |= 1 << pick.upstream;
+        if let Some(k) = pick.key {
+            ctx.tried_keys |= 1 << k;
+        }
         ctx.attempts += 1;
-        match route.upstreams[index].peer(&route.timeouts) {
+        ctx.attempt = Some(Attempt::new(route.clone(), pick));
+        let upstream = &route.upstreams[pick.upstream];
+        match upstream.peer(&route.timeouts) {
             Some(peer) => Ok(Box::new(peer)),
             None => {
                 self.metrics.upstream_failure(&route.name, "unresolved");
                 let mut e = Error::explain(
                     ErrorType::ConnectNoRoute,
-                    format!(
-                        "upstream {} has no resolved address",
-                        route.upstreams[index].url.host
-                    ),
+                    format!("upstream {} has no resolved address", upstream.url.host),
                 );
                 e.set_retry(ctx.attempts < ctx.max_attempts);
                 e.as_up();
@@ -572,9 +719,9 @@ impl ProxyHttp for RelayProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let route = ctx.route.as_ref().expect("admitted");
-        let n = route.upstreams.len();
-        let upstream = &route.upstreams[(ctx.first_upstream + ctx.attempts - 1) % n].url;
-        prepare_upstream_request(upstream_request, route, upstream, &ctx.request_id)?;
+        let pick = ctx.attempt.as_ref().expect("upstream_peer picked").pick;
+        let upstream = &route.upstreams[pick.upstream].url;
+        prepare_upstream_request(upstream_request, route, upstream, pick.key, &ctx.request_id)?;
         if let Some(early) = &ctx.early_body {
             // Read in request_filter (and `100 Continue` answered): the body goes at
             // once, and the new length is known.
@@ -642,11 +789,30 @@ impl ProxyHttp for RelayProxy {
 
     async fn upstream_response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        ctx.upstream_status = Some(upstream_response.status.as_u16());
+        let status = upstream_response.status.as_u16();
+        self.judge_response(ctx, status, upstream_response);
+        let route = ctx.route.clone().expect("admitted");
+        if route.retry_on.contains(&status)
+            && ctx.attempts < ctx.max_attempts
+            && route.has_untried(ctx.tried_upstreams, ctx.tried_keys)
+            && !session.as_ref().retry_buffer_truncated()
+        {
+            // Nothing reached the client and the upstream did no work: try elsewhere.
+            self.metrics.upstream_failure(&route.name, &format!("status_{status}"));
+            ctx.retry_status = Some(status);
+            let mut e = Error::explain(
+                ErrorType::HTTPStatus(status),
+                format!("upstream answered {status}; trying another upstream or key"),
+            );
+            e.as_up();
+            e.set_retry(true);
+            return Err(e);
+        }
+        ctx.upstream_status = Some(status);
         ctx.ttfb = Some(ctx.start.elapsed());
         if let Some(g) = &ctx.stall {
             g.response_started(Instant::now());
@@ -764,6 +930,7 @@ impl ProxyHttp for RelayProxy {
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
+        self.judge_upstream(ctx, false);
         let route = ctx.route.as_ref().expect("admitted");
         self.metrics.upstream_failure(&route.name, "connect");
         // Nothing reached the upstream: moving on to the next one is always safe.
@@ -780,6 +947,10 @@ impl ProxyHttp for RelayProxy {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
+        if ctx.retry_status.take().is_some() {
+            e.set_retry(ctx.attempts < ctx.max_attempts);
+            return e;
+        }
         // A pooled connection the upstream had already closed fails before any response
         // byte; the request was not processed, so it is sent again (on a new connection).
         // Anything else may have started paid work upstream: never sent twice.
@@ -787,8 +958,23 @@ impl ProxyHttp for RelayProxy {
             && ctx.upstream_status.is_none()
             && !session.as_ref().retry_buffer_truncated()
             && ctx.stall.as_ref().and_then(StallGuard::fired).is_none();
+        let stalled = ctx.stall.as_ref().and_then(StallGuard::fired).is_some();
+        if ctx.upstream_status.is_none() && !stale_pooled && e.esource() == &ErrorSource::Upstream
+        {
+            // It failed before answering: a mark against the upstream.
+            self.judge_upstream(ctx, false);
+        }
+        let route = ctx.route.as_ref().expect("admitted");
         if stale_pooled {
             e.retry.decide_reuse(true);
+        } else if route.retry_after_send
+            && !stalled
+            && ctx.upstream_status.is_none()
+            && ctx.attempts < ctx.max_attempts
+            && !session.as_ref().retry_buffer_truncated()
+        {
+            // The route accepts that the upstream may have started the work.
+            e.set_retry(true);
         } else {
             e.set_retry(false);
         }
@@ -1099,7 +1285,7 @@ tenants:
                 ("anthropic-version", "2023-06-01"),
             ],
         );
-        prepare_upstream_request(&mut r, route, &route.upstreams[0].url, "rid-1").unwrap();
+        prepare_upstream_request(&mut r, route, &route.upstreams[0].url, Some(0), "rid-1").unwrap();
         assert_eq!(r.uri.to_string(), "/v1/messages?beta=true");
         assert_eq!(r.headers["x-api-key"], "sk-an");
         assert!(r.headers.get("authorization").is_none());

@@ -2,9 +2,11 @@
 //! the upstream path it maps to, and the provider key header. Pure functions.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
-use crate::config::{KeyConfig, ProviderKind, RouteConfig, Timeouts, UpstreamUrl};
+use crate::config::{Balance, KeyConfig, ProviderKind, RouteConfig, Timeouts, UpstreamUrl};
+use crate::health::{Breaker, Pass, Transition};
 use crate::secret::SecretState;
 use crate::upstream::Upstream;
 
@@ -26,19 +28,83 @@ pub struct Route {
     pub capture: crate::config::Capture,
     /// Largest request body accepted.
     pub max_body_bytes: usize,
-    /// Round-robin cursor: each request starts one upstream further.
+    pub balance: Balance,
+    pub weights: Vec<u32>,
+    /// Smooth weighted round robin state (`balance: weighted`).
+    current_weights: Mutex<Vec<i64>>,
+    pub max_attempts: Option<usize>,
+    /// Upstream statuses tried again elsewhere.
+    pub retry_on: Vec<u16>,
+    pub retry_after_send: bool,
+    /// Round-robin cursors: each pick starts one upstream (key) further.
     next: AtomicUsize,
+    next_key: AtomicUsize,
+}
+
+/// One provider key of a route's pool.
+#[derive(Debug)]
+pub struct KeySlot {
+    /// `key1`, `key2`...: the key's place in the configuration, for logs and metrics.
+    pub label: String,
+    /// The full header value, e.g. `Bearer sk-...`.
+    pub value: crate::secret::Secret,
+    /// Set aside after the provider's 429 (for its Retry-After) or repeated 401/403.
+    pub breaker: Breaker,
+}
+
+/// What one attempt uses: an upstream and, when the route injects keys, a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pick {
+    pub upstream: usize,
+    pub key: Option<usize>,
+    /// This attempt is the half-open probe of the upstream (key).
+    pub upstream_probe: bool,
+    pub key_probe: bool,
+}
+
+/// A breaker state change seen while picking: (target label, transition).
+pub type Seen = Vec<(String, Transition)>;
+
+/// Picks, in `order`, the first index not in `tried` (unless all are) whose breaker lets
+/// it through; when none does, the one that reopens first (better an attempt than a
+/// refusal: the upstream may be back).
+fn choose(
+    order: impl Iterator<Item = usize> + Clone,
+    tried: u64,
+    breaker: impl Fn(usize) -> (Pass, Option<Transition>),
+    label: impl Fn(usize) -> String,
+    seen: &mut Seen,
+) -> (usize, bool) {
+    let all_tried = order.clone().all(|i| tried & (1 << i) != 0);
+    let mut fallback: Option<(usize, Instant)> = None;
+    for i in order.clone() {
+        if !all_tried && tried & (1 << i) != 0 {
+            continue;
+        }
+        let (pass, transition) = breaker(i);
+        if let Some(t) = transition {
+            seen.push((label(i), t));
+        }
+        match pass {
+            Pass::Yes => return (i, false),
+            Pass::Probe => return (i, true),
+            Pass::No { until } => {
+                if fallback.is_none_or(|(_, u)| until < u) {
+                    fallback = Some((i, until));
+                }
+            }
+        }
+    }
+    let first = order.clone().next().unwrap_or(0);
+    (fallback.map_or(first, |(i, _)| i), false)
 }
 
 #[derive(Debug)]
 pub enum RouteKey {
     None,
-    /// Header name and its full value, e.g. (`authorization`, `Bearer sk-...`). The value
-    /// is a [`crate::secret::Secret`] so it never reaches a log line.
-    Inject {
-        header: String,
-        value: crate::secret::Secret,
-    },
+    /// Header name and the pool of its full values, e.g. (`authorization`,
+    /// [`Bearer sk-...`]). Values are [`crate::secret::Secret`]s, never in a log line.
+    Pool { header: String, keys: Vec<KeySlot> },
     /// The configured key reference did not resolve; the route answers 503.
     Missing {
         reference: String,
@@ -58,16 +124,41 @@ impl Route {
                 header,
                 prefix,
                 suffix,
-                state,
-            } => match state {
-                SecretState::Present(s) => RouteKey::Inject {
-                    header: header.clone(),
-                    value: crate::secret::Secret::new(format!("{prefix}{}{suffix}", s.expose())),
-                },
-                SecretState::Missing { reference } => RouteKey::Missing {
-                    reference: reference.clone(),
-                },
-            },
+                states,
+            } => {
+                let mut keys = Vec::new();
+                let mut missing = Vec::new();
+                for (i, state) in states.iter().enumerate() {
+                    match state {
+                        SecretState::Present(s) => keys.push(KeySlot {
+                            label: format!("key{}", i + 1),
+                            value: crate::secret::Secret::new(format!(
+                                "{prefix}{}{suffix}",
+                                s.expose()
+                            )),
+                            breaker: Breaker::new(c.breaker),
+                        }),
+                        SecretState::Missing { reference } => missing.push(reference.clone()),
+                    }
+                }
+                if keys.is_empty() {
+                    RouteKey::Missing {
+                        reference: missing.join(", "),
+                    }
+                } else {
+                    if !missing.is_empty() {
+                        log::warn!(
+                            "route `{}`: keys not set, left out of its pool: {}",
+                            c.name,
+                            missing.join(", ")
+                        );
+                    }
+                    RouteKey::Pool {
+                        header: header.clone(),
+                        keys,
+                    }
+                }
+            }
         };
         Ok(Route {
             name: c.name.clone(),
@@ -76,14 +167,21 @@ impl Route {
             upstreams: c
                 .upstreams
                 .iter()
-                .map(|u| Arc::new(Upstream::new(u.clone(), ca.clone())))
+                .map(|u| Arc::new(Upstream::with_breaker(u.clone(), ca.clone(), c.breaker)))
                 .collect(),
             key,
             timeouts: c.timeouts,
             ensure_usage: c.ensure_usage,
             capture: c.capture,
             max_body_bytes: c.max_body_bytes,
+            balance: c.balance,
+            weights: c.weights.clone(),
+            current_weights: Mutex::new(vec![0; c.upstreams.len()]),
+            max_attempts: c.max_attempts,
+            retry_on: c.retry_on.clone(),
+            retry_after_send: c.retry_after_send,
             next: AtomicUsize::new(0),
+            next_key: AtomicUsize::new(0),
         })
     }
 
@@ -92,12 +190,106 @@ impl Route {
         self.next.fetch_add(1, Ordering::Relaxed) % self.upstreams.len()
     }
 
-    /// How many connection attempts one request may make: one per resolved address
-    /// (as each address of a name is a server of its own), at least one per upstream,
-    /// at most [`MAX_ATTEMPTS`].
+    fn key_count(&self) -> usize {
+        match &self.key {
+            RouteKey::Pool { keys, .. } => keys.len(),
+            _ => 0,
+        }
+    }
+
+    /// How many attempts one request may make: `max_attempts`, or one per resolved
+    /// address (as each address of a name is a server of its own) or key, at least one
+    /// per upstream, at most [`MAX_ATTEMPTS`] (or the count of upstreams or keys).
     pub fn attempt_budget(&self) -> usize {
+        if let Some(n) = self.max_attempts {
+            return n;
+        }
         let addresses: usize = self.upstreams.iter().map(|u| u.addr_count().max(1)).sum();
-        addresses.clamp(1, MAX_ATTEMPTS.max(self.upstreams.len()))
+        let keys = self.key_count();
+        addresses
+            .max(keys)
+            .clamp(1, MAX_ATTEMPTS.max(self.upstreams.len()).max(keys))
+    }
+
+    /// Whether an attempt could go somewhere not tried yet.
+    pub fn has_untried(&self, tried_upstreams: u64, tried_keys: u64) -> bool {
+        let untried = |n: usize, tried: u64| (0..n).any(|i| tried & (1 << i) == 0);
+        untried(self.upstreams.len(), tried_upstreams) || untried(self.key_count(), tried_keys)
+    }
+
+    /// The upstream order for one pick, by the route's policy.
+    fn upstream_order(&self) -> Vec<usize> {
+        let n = self.upstreams.len();
+        let start = self.first_upstream();
+        let mut order: Vec<usize> = (0..n).map(|k| (start + k) % n).collect();
+        match self.balance {
+            Balance::RoundRobin => {}
+            Balance::LeastInFlight => {
+                order.sort_by_key(|&i| self.upstreams[i].in_flight.load(Ordering::Relaxed));
+            }
+            Balance::Weighted => {
+                // Smooth weighted round robin: the highest running weight goes first.
+                let mut cw = self
+                    .current_weights
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let total: i64 = self.weights.iter().map(|w| i64::from(*w)).sum();
+                for (c, w) in cw.iter_mut().zip(&self.weights) {
+                    *c += i64::from(*w);
+                }
+                let best = (0..n).max_by_key(|&i| (cw[i], std::cmp::Reverse(i))).unwrap_or(0);
+                cw[best] -= total;
+                order.retain(|&i| i != best);
+                order.insert(0, best);
+            }
+        }
+        order
+    }
+
+    /// Chooses the upstream and key for one attempt, avoiding those this request tried
+    /// and those whose breaker is open. State changes seen are returned to be reported.
+    pub fn pick(&self, tried_upstreams: u64, tried_keys: u64, now: Instant) -> (Pick, Seen) {
+        let mut seen = Vec::new();
+        let order = self.upstream_order();
+        let (upstream, upstream_probe) = choose(
+            order.iter().copied(),
+            tried_upstreams,
+            |i| self.upstreams[i].breaker.check(now),
+            |i| self.upstreams[i].label(),
+            &mut seen,
+        );
+        let (key, key_probe) = match &self.key {
+            RouteKey::Pool { keys, .. } => {
+                let n = keys.len();
+                let start = self.next_key.fetch_add(1, Ordering::Relaxed) % n;
+                let (k, probe) = choose(
+                    (0..n).map(|j| (start + j) % n),
+                    tried_keys,
+                    |j| keys[j].breaker.check(now),
+                    |j| keys[j].label.clone(),
+                    &mut seen,
+                );
+                (Some(k), probe)
+            }
+            _ => (None, false),
+        };
+        (
+            Pick {
+                upstream,
+                key,
+                upstream_probe,
+                key_probe,
+            },
+            seen,
+        )
+    }
+
+    /// The key slot of a pick.
+    pub fn key_slot(&self, key: Option<usize>) -> Option<&KeySlot> {
+        match (&self.key, key) {
+            (RouteKey::Pool { keys, .. }, Some(k)) => keys.get(k),
+            _ => None,
+        }
     }
 
     /// Builds the upstream request target: the upstream's base path, then the request
@@ -214,10 +406,12 @@ mod tests {
     fn key_value_is_prebuilt_and_missing_keys_are_kept() {
         let t = table();
         match &t.find("/openai/v1").unwrap().key {
-            RouteKey::Inject { header, value } => {
+            RouteKey::Pool { header, keys } => {
                 assert_eq!(header, "authorization");
-                assert_eq!(value.expose(), "Bearer sk-1");
-                assert_eq!(format!("{value:?}"), "****");
+                assert_eq!(keys.len(), 1);
+                assert_eq!(keys[0].value.expose(), "Bearer sk-1");
+                assert_eq!(format!("{:?}", keys[0].value), "****");
+                assert_eq!(keys[0].label, "key1");
             }
             other => panic!("{other:?}"),
         }

@@ -38,6 +38,10 @@ pub struct Upstream {
     ca: Option<Arc<[WrappedX509]>>,
     /// Pool key part for the trust configuration; see [`Upstream::peer`].
     trust_group: u64,
+    /// Set aside after repeated failures (connect errors, 5xx, timeouts).
+    pub breaker: crate::health::Breaker,
+    /// Attempts using it now (for `balance: least_in_flight`).
+    pub in_flight: AtomicUsize,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -54,6 +58,14 @@ impl Upstream {
     /// An upstream whose host is an IP literal needs no resolution; a name starts
     /// unresolved until [`Upstream::resolve_now`] runs.
     pub fn new(url: UpstreamUrl, ca: Option<(Arc<[WrappedX509]>, u64)>) -> Upstream {
+        Upstream::with_breaker(url, ca, crate::health::BreakerConfig::default())
+    }
+
+    pub fn with_breaker(
+        url: UpstreamUrl,
+        ca: Option<(Arc<[WrappedX509]>, u64)>,
+        breaker: crate::health::BreakerConfig,
+    ) -> Upstream {
         let (ca, trust_group) = match ca {
             Some((certs, group)) => (Some(certs), group),
             None => (None, 0),
@@ -68,6 +80,8 @@ impl Upstream {
             next_addr: AtomicUsize::new(0),
             ca,
             trust_group,
+            breaker: crate::health::Breaker::new(breaker),
+            in_flight: AtomicUsize::new(0),
         }
     }
 
@@ -93,6 +107,11 @@ impl Upstream {
             }
             Err(e) => Err(format!("cannot resolve {}: {e}", self.url.host)),
         }
+    }
+
+    /// `host:port`, for logs and the breaker metrics.
+    pub fn label(&self) -> String {
+        format!("{}:{}", self.url.host, self.url.port)
     }
 
     pub fn addr_count(&self) -> usize {

@@ -375,8 +375,15 @@ fn unreachable_upstreams_give_502_and_failover_uses_the_next() {
     relay.metrics_with(
         r#"stream_relay_requests_total{outcome="upstream_unavailable",route="dead",status_class="5xx"} 1"#,
     );
-    relay
-        .metrics_with(r#"stream_relay_upstream_failures_total{kind="connect",route="failover"} 2"#);
+    // The dead upstream failed three times in a row, and its breaker set it aside: the
+    // fourth request went straight to the live one.
+    let text = relay
+        .metrics_with(r#"stream_relay_upstream_failures_total{kind="connect",route="failover"} 3"#);
+    assert!(
+        text.lines().any(|l| l.starts_with(r#"stream_relay_breaker_transitions_total{route="failover",target="127.0.0.1:"#)
+            && l.ends_with(r#"to="open"} 1"#)),
+        "{text}"
+    );
 }
 
 /// Opens a request, reads `events` SSE events (0: only wait), then hangs up.
