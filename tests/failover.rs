@@ -1,0 +1,148 @@
+//! Routing around failing upstreams and keys: a flapping upstream (500, then 200, then
+//! 500 again) and a key answering 429 are set aside by their breakers while every client
+//! request still succeeds, and are put back once they recover.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const CHAT: &str = "/openai/v1/chat/completions";
+
+fn control(mock: &MockProc, body: &str) {
+    let r = request(mock.addr, "POST", "/mock/control", &[], body.as_bytes());
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+}
+
+fn requests_of(mock: &MockProc) -> u64 {
+    mock.stats()["requests"].as_u64().unwrap()
+}
+
+fn chat(relay: &RelayProc) -> Response {
+    let auth = format!("Bearer {TENANT_KEY}");
+    request(
+        relay.addr,
+        "POST",
+        CHAT,
+        &[("authorization", &auth), ("x-mock-interval-ms", "1")],
+        &chat_body(true, false),
+    )
+}
+
+/// Sends until `done` says so (at most 10 s), every answer a complete 200.
+fn until(relay: &RelayProc, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within 10 s");
+        let r = chat(relay);
+        assert_eq!(r.status, 200, "{what}: {}", String::from_utf8_lossy(&r.body));
+        assert!(r.complete);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_flapping_upstream_is_routed_around_and_taken_back() {
+    let a = MockProc::start(None);
+    let b = MockProc::start(None);
+    let relay = RelayProc::start(
+        &format!(
+            r#"routes:
+  - {{ name: openai, prefix: /openai/v1, provider: openai, upstreams: ["{a}/v1", "{b}/v1"],
+      breaker: {{ failures: 2, open_for: 500ms }} }}
+tenants:
+  - {{ id: acme, key_sha256: ["{h}"] }}
+"#,
+            a = a.url(),
+            b = b.url(),
+            h = hash(TENANT_KEY)
+        ),
+        &[],
+    );
+    let target_a = a.url().trim_start_matches("http://").to_string();
+    for round in 0..2 {
+        // A answers 500: its requests are retried on B, and after two it is set aside.
+        control(&a, r#"{"status": 500}"#);
+        let before = requests_of(&a);
+        for _ in 0..10 {
+            let r = chat(&relay);
+            assert_eq!(r.status, 200, "round {round}");
+            assert!(r.complete);
+        }
+        let during = requests_of(&a) - before;
+        assert!(
+            (1..=3).contains(&during),
+            "round {round}: A got {during} of 10 requests while failing"
+        );
+        relay.metrics_with(&format!(
+            "stream_relay_breaker_state{{route=\"openai\",target=\"{target_a}\"}} 2"
+        ));
+        // A recovers: after open_for a request probes it, and it takes traffic again.
+        control(&a, "{}");
+        std::thread::sleep(Duration::from_millis(600));
+        let before = requests_of(&a);
+        until(&relay, "A back in use", || requests_of(&a) >= before + 3);
+        relay.metrics_with(&format!(
+            "stream_relay_breaker_state{{route=\"openai\",target=\"{target_a}\"}} 0"
+        ));
+    }
+    relay.metrics_with(&format!(
+        "stream_relay_breaker_transitions_total{{route=\"openai\",target=\"{target_a}\",to=\"open\"}} 2"
+    ));
+    relay.metrics_with(&format!(
+        "stream_relay_breaker_transitions_total{{route=\"openai\",target=\"{target_a}\",to=\"closed\"}} 2"
+    ));
+    assert!(relay.stderr().contains("set aside (circuit open)"));
+}
+
+#[test]
+fn a_key_answering_429_is_set_aside_for_its_retry_after() {
+    let mock = MockProc::start(None);
+    let relay = RelayProc::start(
+        &format!(
+            r#"routes:
+  - {{ name: openai, prefix: /openai/v1, provider: openai, upstreams: ["{u}/v1"],
+      keys: ["env:KEY_ONE", "env:KEY_TWO"] }}
+tenants:
+  - {{ id: acme, key_sha256: ["{h}"] }}
+"#,
+            u = mock.url(),
+            h = hash(TENANT_KEY)
+        ),
+        &[("KEY_ONE", "sk-one"), ("KEY_TWO", "sk-two")],
+    );
+    let by_key = |k: &str| mock.stats()["by_key"][k].as_u64().unwrap_or(0);
+    // Both keys take turns.
+    for _ in 0..4 {
+        assert_eq!(chat(&relay).status, 200);
+    }
+    assert!(by_key("sk-one") >= 1 && by_key("sk-two") >= 1);
+
+    // sk-one hits its own rate limit, Retry-After 1 s: clients never see the 429.
+    control(&mock, r#"{"key_status": {"sk-one": 429}, "retry_after": 1}"#);
+    let (one, two) = (by_key("sk-one"), by_key("sk-two"));
+    for _ in 0..8 {
+        let r = chat(&relay);
+        assert_eq!(r.status, 200);
+        assert!(r.complete);
+    }
+    assert!(by_key("sk-one") - one <= 1, "sk-one kept being used");
+    assert!(by_key("sk-two") - two >= 8);
+    relay.metrics_with(
+        "stream_relay_breaker_transitions_total{route=\"openai\",target=\"key1\",to=\"open\"} 1",
+    );
+
+    // It recovers; after its Retry-After it is probed and used again.
+    control(&mock, "{}");
+    std::thread::sleep(Duration::from_millis(1100));
+    let one = by_key("sk-one");
+    until(&relay, "sk-one back in use", || by_key("sk-one") >= one + 2);
+    relay.metrics_with("stream_relay_breaker_state{route=\"openai\",target=\"key1\"} 0");
+
+    // With every key refused, the provider's 429 reaches the client as it came.
+    control(&mock, r#"{"status": 429, "retry_after": 7}"#);
+    let r = chat(&relay);
+    assert_eq!(r.status, 429);
+    assert_eq!(r.header("retry-after"), Some("7"));
+}
