@@ -1185,7 +1185,9 @@ fn validate_route(
         }
     };
     let weights = match (&r.weights, balance) {
-        (Some(w), Balance::Weighted) if w.len() == r.upstreams.len() && w.iter().all(|x| *x > 0) => {
+        (Some(w), Balance::Weighted)
+            if w.len() == r.upstreams.len() && w.iter().all(|x| *x > 0) =>
+        {
             w.clone()
         }
         (Some(_), Balance::Weighted) => {
@@ -1195,11 +1197,12 @@ fn validate_route(
             ))
         }
         (None, Balance::Weighted) => {
-            return Err(err(format!("{at}.weights"), "balance: weighted needs weights"))
+            return Err(err(
+                format!("{at}.weights"),
+                "balance: weighted needs weights",
+            ))
         }
-        (Some(_), _) => {
-            return Err(err(format!("{at}.weights"), "only with balance: weighted"))
-        }
+        (Some(_), _) => return Err(err(format!("{at}.weights"), "only with balance: weighted")),
         (None, _) => vec![1; r.upstreams.len()],
     };
     let breaker = match &r.breaker {
@@ -1222,7 +1225,10 @@ fn validate_route(
         .clone()
         .unwrap_or_else(|| vec![429, 500, 502, 503, 504, 529]);
     if let Some(bad) = retry_on.iter().find(|s| !(400..600).contains(*s)) {
-        return Err(err(format!("{at}.retry_on"), format!("{bad} is not an error status")));
+        return Err(err(
+            format!("{at}.retry_on"),
+            format!("{bad} is not an error status"),
+        ));
     }
     if r.max_body_bytes == Some(0) {
         return Err(err(format!("{at}.max_body_bytes"), "must be at least 1"));

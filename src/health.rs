@@ -220,7 +220,10 @@ mod tests {
             b.failure(t, Some(Duration::from_secs(2))),
             Some(Transition::Opened)
         );
-        assert!(matches!(b.check(t + Duration::from_secs(1)).0, Pass::No { .. }));
+        assert!(matches!(
+            b.check(t + Duration::from_secs(1)).0,
+            Pass::No { .. }
+        ));
         assert_eq!(b.check(t + Duration::from_secs(3)).0, Pass::Probe);
         assert_eq!(retry_after(b" 2 "), Some(Duration::from_secs(2)));
         assert_eq!(retry_after(b"0.5"), Some(Duration::from_millis(500)));

@@ -30,14 +30,14 @@ use crate::cost::Pricing;
 use crate::error::{ErrorShape, RelayError};
 use crate::gate;
 use crate::gate::InputLimits;
+use crate::health::Transition;
 use crate::limits::{self, Admission, Limiter};
 use crate::metrics::{Finished, Metrics, StreamHandles};
 use crate::record::Row;
 use crate::request_id;
 use crate::request_info::{self, BodyCollector, BodyStep, RequestInfo};
-use crate::route::{Route, RouteKey, RouteTable};
-use crate::health::Transition;
 use crate::route::Pick;
+use crate::route::{Route, RouteKey, RouteTable};
 use crate::stall::{Deadline, StallGuard};
 use crate::tap::strip::UsageStripper;
 use crate::tap::{Tap, TapKind};
@@ -395,10 +395,9 @@ impl RelayProxy {
 
     fn report_transition(&self, route: &Route, target: &str, t: Transition) {
         match t {
-            Transition::Opened => warn!(
-                "route `{}`: {target} set aside (circuit open)",
-                route.name
-            ),
+            Transition::Opened => {
+                warn!("route `{}`: {target} set aside (circuit open)", route.name)
+            }
             Transition::HalfOpened => info!(
                 "route `{}`: {target} probed again (circuit half-open)",
                 route.name
@@ -802,7 +801,8 @@ impl ProxyHttp for RelayProxy {
             && !session.as_ref().retry_buffer_truncated()
         {
             // Nothing reached the client and the upstream did no work: try elsewhere.
-            self.metrics.upstream_failure(&route.name, &format!("status_{status}"));
+            self.metrics
+                .upstream_failure(&route.name, &format!("status_{status}"));
             ctx.retry_status = Some(status);
             let mut e = Error::explain(
                 ErrorType::HTTPStatus(status),
@@ -959,8 +959,7 @@ impl ProxyHttp for RelayProxy {
             && !session.as_ref().retry_buffer_truncated()
             && ctx.stall.as_ref().and_then(StallGuard::fired).is_none();
         let stalled = ctx.stall.as_ref().and_then(StallGuard::fired).is_some();
-        if ctx.upstream_status.is_none() && !stale_pooled && e.esource() == &ErrorSource::Upstream
-        {
+        if ctx.upstream_status.is_none() && !stale_pooled && e.esource() == &ErrorSource::Upstream {
             // It failed before answering: a mark against the upstream.
             self.judge_upstream(ctx, false);
         }

@@ -104,7 +104,10 @@ pub enum RouteKey {
     None,
     /// Header name and the pool of its full values, e.g. (`authorization`,
     /// [`Bearer sk-...`]). Values are [`crate::secret::Secret`]s, never in a log line.
-    Pool { header: String, keys: Vec<KeySlot> },
+    Pool {
+        header: String,
+        keys: Vec<KeySlot>,
+    },
     /// The configured key reference did not resolve; the route answers 503.
     Missing {
         reference: String,
@@ -237,7 +240,9 @@ impl Route {
                 for (c, w) in cw.iter_mut().zip(&self.weights) {
                     *c += i64::from(*w);
                 }
-                let best = (0..n).max_by_key(|&i| (cw[i], std::cmp::Reverse(i))).unwrap_or(0);
+                let best = (0..n)
+                    .max_by_key(|&i| (cw[i], std::cmp::Reverse(i)))
+                    .unwrap_or(0);
                 cw[best] -= total;
                 order.retain(|&i| i != best);
                 order.insert(0, best);

@@ -36,7 +36,12 @@ fn until(relay: &RelayProc, what: &str, mut done: impl FnMut() -> bool) {
     while !done() {
         assert!(Instant::now() < deadline, "{what}: not within 10 s");
         let r = chat(relay);
-        assert_eq!(r.status, 200, "{what}: {}", String::from_utf8_lossy(&r.body));
+        assert_eq!(
+            r.status,
+            200,
+            "{what}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
         assert!(r.complete);
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -120,7 +125,10 @@ tenants:
     assert!(by_key("sk-one") >= 1 && by_key("sk-two") >= 1);
 
     // sk-one hits its own rate limit, Retry-After 1 s: clients never see the 429.
-    control(&mock, r#"{"key_status": {"sk-one": 429}, "retry_after": 1}"#);
+    control(
+        &mock,
+        r#"{"key_status": {"sk-one": 429}, "retry_after": 1}"#,
+    );
     let (one, two) = (by_key("sk-one"), by_key("sk-two"));
     for _ in 0..8 {
         let r = chat(&relay);

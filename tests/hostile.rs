@@ -288,3 +288,117 @@ fn each_hostile_input_gets_its_answer_while_others_are_served() {
     );
     assert!(ok.load(Ordering::Relaxed) > 10);
 }
+
+/// A provider that answers by the `x-fake` header: an event stream of garbage, a JSON
+/// body cut short, or HTML where JSON was expected.
+fn broken_upstream() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut s) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let mut b = [0u8; 4096];
+                // Read the head and the body it announces.
+                let (head_end, len) = loop {
+                    let n = s.read(&mut b).unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&b[..n]);
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
+                        let len = head
+                            .lines()
+                            .find_map(|l| {
+                                l.strip_prefix("content-length: ")
+                                    .map(|v| v.trim().parse::<usize>().unwrap())
+                            })
+                            .unwrap_or(0);
+                        break (i + 4, len);
+                    }
+                };
+                while buf.len() < head_end + len {
+                    let n = s.read(&mut b).unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    buf.extend_from_slice(&b[..n]);
+                }
+                let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+                let out: Vec<u8> = if head.contains("x-fake: garbage") {
+                    let body: &[u8] = b"data: {not json\n\nevent: x\ndata: \xff\xfe\n\n: note\ndata: {\"usage\": 5}\n\nno newline at the end";
+                    let mut o = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+                    o.extend_from_slice(&chunk(body));
+                    o.extend_from_slice(b"0\r\n\r\n");
+                    o
+                } else if head.contains("x-fake: cut") {
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"id\":\"x\",\"choices\":[{\"message\":".to_vec()
+                } else {
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: 17\r\n\r\n<html>oops</html>".to_vec()
+                };
+                let _ = s.write_all(&out);
+                // Closing ends the cut body early.
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn broken_upstream_answers_pass_through_as_they_came_and_are_recorded() {
+    let fake = broken_upstream();
+    let relay = RelayProc::start(
+        &format!(
+            r#"routes:
+  - {{ name: openai, prefix: /openai/v1, provider: openai, upstreams: ["http://{fake}/v1"] }}
+tenants:
+  - {{ id: acme, key_sha256: ["{h}"] }}
+"#,
+            h = hash(TENANT_KEY)
+        ),
+        &[],
+    );
+    let auth = format!("Bearer {TENANT_KEY}");
+    let send = |id: &str, fake: &str, stream: bool| {
+        request(
+            relay.addr,
+            "POST",
+            CHAT,
+            &[
+                ("authorization", &auth),
+                ("x-request-id", id),
+                ("x-fake", fake),
+            ],
+            &chat_body(stream, false),
+        )
+    };
+    let r = send("garbage", "garbage", true);
+    assert_eq!(r.status, 200);
+    assert!(r.complete);
+    assert_eq!(
+        r.body,
+        b"data: {not json\n\nevent: x\ndata: \xff\xfe\n\n: note\ndata: {\"usage\": 5}\n\nno newline at the end"
+    );
+    let r = send("cut", "cut", false);
+    assert_eq!(r.status, 200);
+    assert!(!r.complete, "the cut shows to the client");
+    assert!(r.body.starts_with(b"{\"id\":\"x\""));
+    let r = send("html", "html", false);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, b"<html>oops</html>");
+    let rows = relay.rows_at_least(3);
+    let row = |id: &str| rows.iter().find(|r| r["request_id"] == id).unwrap().clone();
+    assert_eq!(row("garbage")["outcome"], "ok");
+    assert_eq!(
+        row("garbage")["tokens_out"],
+        serde_json::Value::Null,
+        "no usage made up"
+    );
+    assert_eq!(row("cut")["outcome"], "upstream_unavailable");
+    assert_eq!(row("html")["outcome"], "ok");
+    // And the relay keeps serving.
+    let r = send("after", "html", false);
+    assert_eq!(r.status, 200);
+}

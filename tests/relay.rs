@@ -380,8 +380,9 @@ fn unreachable_upstreams_give_502_and_failover_uses_the_next() {
     let text = relay
         .metrics_with(r#"stream_relay_upstream_failures_total{kind="connect",route="failover"} 3"#);
     assert!(
-        text.lines().any(|l| l.starts_with(r#"stream_relay_breaker_transitions_total{route="failover",target="127.0.0.1:"#)
-            && l.ends_with(r#"to="open"} 1"#)),
+        text.lines().any(|l| l.starts_with(
+            r#"stream_relay_breaker_transitions_total{route="failover",target="127.0.0.1:"#
+        ) && l.ends_with(r#"to="open"} 1"#)),
         "{text}"
     );
 }
