@@ -414,6 +414,14 @@ pub struct RawListen {
     /// chosen); slower gets 408. Default `30s`.
     #[serde(default)]
     pub body_read_timeout: Option<String>,
+    /// Open client connections in all; more are closed at accept. 0: no cap. Default
+    /// 50000.
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+    /// Open client connections per client address. 0 (default): no cap. Clients behind
+    /// one NAT or balancer share an address: mind them.
+    #[serde(default)]
+    pub max_connections_per_address: Option<usize>,
 }
 
 fn default_read_buffer() -> usize {
@@ -634,6 +642,9 @@ pub struct Config {
     pub proxy_listen: String,
     pub proxy_read_buffer: usize,
     pub input_limits: crate::gate::InputLimits,
+    /// Client connection caps (0: none).
+    pub max_connections: usize,
+    pub max_connections_per_address: usize,
     pub admin_listen: Option<String>,
     pub mock_listen: Option<String>,
     pub routes: Vec<RouteConfig>,
@@ -998,6 +1009,8 @@ impl RawConfig {
             proxy_listen: self.listen.proxy,
             proxy_read_buffer: self.listen.read_buffer_bytes,
             input_limits,
+            max_connections: self.listen.max_connections.unwrap_or(50_000),
+            max_connections_per_address: self.listen.max_connections_per_address.unwrap_or(0),
             admin_listen: self.listen.admin,
             mock_listen: self.mock.map(|m| m.listen),
             routes,

@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod auth;
 pub mod config;
+pub mod conncap;
 pub mod cost;
 pub mod error;
 pub mod gate;

@@ -55,6 +55,8 @@ pub struct Metrics {
     clickhouse_failures: IntCounterVec,
     breaker_state: IntGaugeVec,
     breaker_transitions: IntCounterVec,
+    connections_refused: IntCounterVec,
+    client_connections: IntGauge,
     tenant_label: bool,
 }
 
@@ -201,7 +203,21 @@ impl Metrics {
         registry
             .register(Box::new(breaker_state.clone()))
             .expect("unique metric");
+        let client_connections = IntGauge::new(
+            "stream_relay_client_connections",
+            "Open client connections on the proxy port (read from the kernel every 500 ms, when connection caps are on).",
+        )
+        .expect("metric");
+        registry
+            .register(Box::new(client_connections.clone()))
+            .expect("unique metric");
         let metrics = Metrics {
+            client_connections,
+            connections_refused: counter(
+                "stream_relay_connections_refused_total",
+                "Client connections closed at accept because a cap was reached, by cap (total, per_address).",
+                &["cap"],
+            ),
             breaker_state,
             breaker_transitions: counter(
                 "stream_relay_breaker_transitions_total",
@@ -368,6 +384,14 @@ impl Metrics {
 
     pub fn clickhouse_failure(&self, kind: &str) {
         self.clickhouse_failures.with_label_values(&[kind]).inc();
+    }
+
+    pub fn connection_refused(&self, cap: &str) {
+        self.connections_refused.with_label_values(&[cap]).inc();
+    }
+
+    pub fn client_connections(&self, n: usize) {
+        self.client_connections.set(n as i64);
     }
 
     pub fn breaker_transition(&self, route: &str, target: &str, t: crate::health::Transition) {

@@ -104,6 +104,7 @@ pub fn build(
             sender
         }
     };
+    let cap_metrics = metrics.clone();
     let proxy = RelayProxy {
         input: config.input_limits,
         routes: routes.clone(),
@@ -124,6 +125,22 @@ pub fn build(
         ListenerConfig::tcp(config.proxy_listen.as_str())
             .l4_buffer(L4BufferSettings::default().read(config.proxy_read_buffer)),
     );
+    match config.proxy_listen.parse::<std::net::SocketAddr>() {
+        Ok(addr) => {
+            if let Some(cap) = crate::conncap::ConnectionCap::start(
+                addr.port(),
+                config.max_connections,
+                config.max_connections_per_address,
+                cap_metrics,
+            ) {
+                proxy_service.set_connection_filter(cap);
+            }
+        }
+        Err(_) => warn!(
+            "connection caps are off: listen.proxy `{}` is not an address and port",
+            config.proxy_listen
+        ),
+    }
     server.add_service(proxy_service);
 
     if let Some(admin_addr) = &config.admin_listen {

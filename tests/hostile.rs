@@ -402,3 +402,47 @@ tenants:
     let r = send("after", "html", false);
     assert_eq!(r.status, 200);
 }
+
+#[test]
+fn a_flood_of_idle_connections_is_capped_and_the_relay_recovers() {
+    let mock = MockProc::start(None);
+    let relay = RelayProc::start_with_listen(&config(&mock), "  max_connections_per_address: 20\n");
+    // Wait for the first reading without the readiness probes' connections.
+    std::thread::sleep(Duration::from_millis(1200));
+    let idle: Vec<TcpStream> = (0..40)
+        .map(|_| TcpStream::connect(relay.addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let open = idle
+        .iter()
+        .filter(|s| {
+            s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+            let mut b = [0u8; 1];
+            // Closed by the relay: reads 0 bytes (or a reset); open: times out.
+            matches!((&**s).read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut)
+        })
+        .count();
+    assert_eq!(open, 20, "idle connections kept");
+    relay.metrics_with("stream_relay_connections_refused_total{cap=\"per_address\"} 20");
+    // While the cap is full, a new client connection is closed unanswered.
+    let (status, _) = raw(
+        &relay,
+        &[
+            &head("POST", CHAT, "capped", "Content-Length: 2\r\n"),
+            b"{}",
+        ],
+    );
+    assert_eq!(status, 0);
+    // The idle ones go; within a reading the relay serves again.
+    drop(idle);
+    std::thread::sleep(Duration::from_millis(1200));
+    let auth = format!("Bearer {TENANT_KEY}");
+    let r = request(
+        relay.addr,
+        "POST",
+        CHAT,
+        &[("authorization", &auth)],
+        &chat_body(false, false),
+    );
+    assert_eq!(r.status, 200);
+}
