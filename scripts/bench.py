@@ -115,7 +115,8 @@ def stop(proc, sig=signal.SIGINT):
             proc.wait()
 
 
-def wrk(port, seconds, conns, tmp, key):
+def wrk(port, seconds, conns, tmp, key, latency=False):
+    """wrk with keep-alive POSTs of a small chat request; with latency, p50/p99 in ms."""
     script = os.path.join(tmp, f"post-{key}.lua")
     with open(script, "w") as f:
         f.write(
@@ -125,15 +126,22 @@ def wrk(port, seconds, conns, tmp, key):
             f'wrk.headers["authorization"] = "Bearer {key}"\n'
         )
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "-s", script, f"http://127.0.0.1:{port}{PATH}"],
+        ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "-s", script] + (["--latency"] if latency else [])
+        + [f"http://127.0.0.1:{port}{PATH}"],
         capture_output=True, text=True, timeout=seconds + 30,
     ).stdout
     total = int(re.search(r"(\d+) requests in", out).group(1))
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors = re.search(r"Socket errors: (.*)", out)
-    return {"requests": total, "rps": rps, "non_2xx": int(non2xx.group(1)) if non2xx else 0,
-            "socket_errors": errors.group(1) if errors else ""}
+    result = {"requests": total, "rps": rps, "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+              "socket_errors": errors.group(1) if errors else ""}
+    if latency:
+        for pct in (50, 99):
+            m = re.search(rf"\s{pct}%\s+([\d.]+)(us|ms|s)\b", out)
+            v, unit = float(m.group(1)), m.group(2)
+            result[f"p{pct}_ms"] = v / 1000 if unit == "us" else v * 1000 if unit == "s" else v
+    return result
 
 
 def main():

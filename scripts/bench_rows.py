@@ -18,7 +18,6 @@ by pid.
 import argparse
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -28,7 +27,8 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import (PATH, PROVIDER_KEY, TENANT_KEY, cpu_seconds, free_port, start, stop,  # noqa: E402
+import bench  # noqa: E402
+from bench import (PROVIDER_KEY, TENANT_KEY, cpu_seconds, free_port, start, stop,  # noqa: E402
                    tree, wait_port)
 
 
@@ -71,28 +71,10 @@ def start_clickhouse(tmp, http_port, tcp_port):
 
 
 def wrk(port, seconds, conns, tmp):
-    script = os.path.join(tmp, "post.lua")
-    with open(script, "w") as f:
-        f.write('wrk.method = "POST"\n'
-                'wrk.body = \'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"bench"}]}\'\n'
-                'wrk.headers["content-type"] = "application/json"\n'
-                f'wrk.headers["authorization"] = "Bearer {TENANT_KEY}"\n')
-    out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", "-s", script,
-                          f"http://127.0.0.1:{port}{PATH}"],
-                         capture_output=True, text=True, timeout=seconds + 30).stdout
-
-    def latency_ms(pct):
-        m = re.search(rf"\s{pct}%\s+([\d.]+)(us|ms|s)\b", out)
-        v, unit = float(m.group(1)), m.group(2)
-        return v / 1000 if unit == "us" else v * 1000 if unit == "s" else v
-
-    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    errors = re.search(r"Socket errors: (.*)", out)
-    if bad or errors:
-        raise SystemExit(f"wrk saw failures:\n{out}")
-    return {"requests": int(re.search(r"(\d+) requests in", out).group(1)),
-            "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-            "p50_ms": latency_ms(50), "p99_ms": latency_ms(99)}
+    r = bench.wrk(port, seconds, conns, tmp, TENANT_KEY, latency=True)
+    if r["non_2xx"] or r["socket_errors"]:
+        raise SystemExit(f"wrk saw failures: {r}")
+    return r
 
 
 def metric(admin_port, name):

@@ -3,6 +3,7 @@
 //! provider 429 with `Retry-After`: open, skipped for `open_for` (or the Retry-After).
 //! Then half-open: one request probes it; success closes it, failure opens it again.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -62,6 +63,8 @@ impl Transition {
 pub struct Breaker {
     config: BreakerConfig,
     state: Mutex<State>,
+    /// Closed with no failure counted: the common case, answered without the lock.
+    healthy: AtomicBool,
 }
 
 impl Breaker {
@@ -69,17 +72,25 @@ impl Breaker {
         Breaker {
             config,
             state: Mutex::new(State::Closed { fails: 0 }),
+            healthy: AtomicBool::new(true),
         }
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn state(&self) -> Guard<'_> {
+        Guard {
+            state: self
+                .state
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            healthy: &self.healthy,
+        }
     }
 
     /// May a request use it now? A `Probe` answer claims the half-open probe.
     pub fn check(&self, now: Instant) -> (Pass, Option<Transition>) {
+        if self.healthy.load(Ordering::Acquire) {
+            return (Pass::Yes, None);
+        }
         let mut s = self.state();
         match *s {
             State::Closed { .. } => (Pass::Yes, None),
@@ -103,6 +114,9 @@ impl Breaker {
 
     /// It answered well.
     pub fn success(&self) -> Option<Transition> {
+        if self.healthy.load(Ordering::Acquire) {
+            return None;
+        }
         let mut s = self.state();
         match *s {
             State::Closed { fails: 0 } => None,
@@ -156,6 +170,35 @@ impl Breaker {
             State::HalfOpen { .. } => 1,
             State::Open { .. } => 2,
         }
+    }
+}
+
+/// The state under its lock; on release, `healthy` is set to whether it is closed with
+/// no failure counted.
+struct Guard<'a> {
+    state: std::sync::MutexGuard<'a, State>,
+    healthy: &'a AtomicBool,
+}
+
+impl std::ops::Deref for Guard<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.state
+    }
+}
+
+impl std::ops::DerefMut for Guard<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.state
+    }
+}
+
+impl Drop for Guard<'_> {
+    fn drop(&mut self) {
+        self.healthy.store(
+            *self.state == (State::Closed { fails: 0 }),
+            Ordering::Release,
+        );
     }
 }
 

@@ -648,16 +648,21 @@ impl ProxyHttp for RelayProxy {
                             return Ok(true);
                         }
                     };
-                    if ctx.json_required && !gate::is_json(&body) {
-                        self.answer_locally(session, ctx, RelayError::InvalidJson)
-                            .await?;
-                        return Ok(true);
-                    }
                     body_bytes = body.len();
                     ctx.request_bytes = body.len() as u64;
                     let limit = ctx.route.as_ref().expect("set").capture.request;
                     keep_bytes(&mut ctx.captured_request, &body, limit);
                     prepare_early_body(ctx, &body, usage);
+                    // A body that parsed as a request object is JSON once its bytes are
+                    // UTF-8 (cheap to check); only others pay for a second parse.
+                    if ctx.json_required
+                        && (std::str::from_utf8(&body).is_err()
+                            || (ctx.request_info.is_none() && !gate::is_json(&body)))
+                    {
+                        self.answer_locally(session, ctx, RelayError::InvalidJson)
+                            .await?;
+                        return Ok(true);
+                    }
                 }
                 if !ctx.limits.is_empty()
                     && !self.admit_within_limits(session, ctx, body_bytes).await?

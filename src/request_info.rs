@@ -104,8 +104,10 @@ impl BodyCollector {
         }
         let buf = std::mem::take(&mut self.buf);
         let info = parse(&buf);
-        // Only a body that is not a JSON object pays for a second look.
-        let invalid_json = info.is_none() && !crate::gate::is_json(&buf);
+        // Only a body that is not a JSON object pays for a second parse; serde skips the
+        // bytes of strings it does not keep, so UTF-8 is checked on its own.
+        let invalid_json =
+            std::str::from_utf8(&buf).is_err() || (info.is_none() && !crate::gate::is_json(&buf));
         if !self.hold {
             return (
                 BodyStep::Pass,

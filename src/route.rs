@@ -62,6 +62,25 @@ pub struct Pick {
     pub key_probe: bool,
 }
 
+/// The order upstreams are tried in for one pick; round robin needs no list.
+enum Order {
+    Rotate { start: usize, n: usize },
+    List(Vec<usize>),
+}
+
+impl Order {
+    fn iter(&self) -> impl Iterator<Item = usize> + Clone + '_ {
+        let (rotate, list) = match self {
+            Order::Rotate { start, n } => (Some((0..*n).map(move |k| (start + k) % n)), None),
+            Order::List(v) => (None, Some(v.iter().copied())),
+        };
+        rotate
+            .into_iter()
+            .flatten()
+            .chain(list.into_iter().flatten())
+    }
+}
+
 /// A breaker state change seen while picking: (target label, transition).
 pub type Seen = Vec<(String, Transition)>;
 
@@ -221,14 +240,15 @@ impl Route {
     }
 
     /// The upstream order for one pick, by the route's policy.
-    fn upstream_order(&self) -> Vec<usize> {
+    fn upstream_order(&self) -> Order {
         let n = self.upstreams.len();
         let start = self.first_upstream();
-        let mut order: Vec<usize> = (0..n).map(|k| (start + k) % n).collect();
         match self.balance {
-            Balance::RoundRobin => {}
+            Balance::RoundRobin => Order::Rotate { start, n },
             Balance::LeastInFlight => {
+                let mut order: Vec<usize> = (0..n).map(|k| (start + k) % n).collect();
                 order.sort_by_key(|&i| self.upstreams[i].in_flight.load(Ordering::Relaxed));
+                Order::List(order)
             }
             Balance::Weighted => {
                 // Smooth weighted round robin: the highest running weight goes first.
@@ -244,11 +264,12 @@ impl Route {
                     .max_by_key(|&i| (cw[i], std::cmp::Reverse(i)))
                     .unwrap_or(0);
                 cw[best] -= total;
+                let mut order: Vec<usize> = (0..n).map(|k| (start + k) % n).collect();
                 order.retain(|&i| i != best);
                 order.insert(0, best);
+                Order::List(order)
             }
         }
-        order
     }
 
     /// Chooses the upstream and key for one attempt, avoiding those this request tried
@@ -257,7 +278,7 @@ impl Route {
         let mut seen = Vec::new();
         let order = self.upstream_order();
         let (upstream, upstream_probe) = choose(
-            order.iter().copied(),
+            order.iter(),
             tried_upstreams,
             |i| self.upstreams[i].breaker.check(now),
             |i| self.upstreams[i].label(),

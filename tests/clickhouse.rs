@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::io::Write;
-use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -87,116 +85,12 @@ fn every_outcome_lands_once_with_its_values_and_the_seed_queries_answer() {
     let mock = MockProc::start(None);
     let spool = temp_dir("spool");
     let relay = RelayProc::start(&config(&mock, &ch, &spool, "batch_interval: 200ms"), &[]);
-    let auth = format!("Bearer {TENANT_KEY}");
-    let small = "Bearer sk-small";
-    let expected = [
-        (
-            "row-stream",
-            send(
-                &relay,
-                "row-stream",
-                CHAT,
-                &auth,
-                &chat_body(true, true),
-                &[],
-            ),
-            "ok",
-        ),
-        (
-            "row-json",
-            send(
-                &relay,
-                "row-json",
-                CHAT,
-                &auth,
-                &chat_body(false, false),
-                &[],
-            ),
-            "ok",
-        ),
-        (
-            "row-401",
-            send(&relay, "row-401", CHAT, "", &chat_body(false, false), &[]),
-            "missing_key",
-        ),
-        (
-            "row-403",
-            send(
-                &relay,
-                "row-403",
-                CHAT,
-                small,
-                &chat_body(false, false),
-                &[],
-            ),
-            "route_forbidden",
-        ),
-        (
-            "row-404",
-            send(&relay, "row-404", "/nope", &auth, b"{}", &[]),
-            "no_route",
-        ),
-        (
-            "row-502",
-            send(
-                &relay,
-                "row-502",
-                "/dead/v1/chat/completions",
-                small,
-                b"{}",
-                &[],
-            ),
-            "upstream_unavailable",
-        ),
-        (
-            "row-429",
-            send(
-                &relay,
-                "row-429",
-                "/dead/v1/chat/completions",
-                small,
-                b"{}",
-                &[],
-            ),
-            "rate_limited",
-        ),
-        (
-            "row-500",
-            send(
-                &relay,
-                "row-500",
-                CHAT,
-                &auth,
-                &chat_body(false, false),
-                &[("x-mock-status", "500")],
-            ),
-            "ok",
-        ),
-    ];
-    let statuses: Vec<u16> = expected.iter().map(|e| e.1).collect();
-    assert_eq!(statuses, [200, 200, 401, 403, 404, 502, 429, 500]);
-    // A client that hangs up mid-stream.
-    let mut s = TcpStream::connect(relay.addr).unwrap();
-    s.write_all(&build_request(
-        "POST",
-        CHAT,
-        &[
-            ("authorization", &auth),
-            ("x-request-id", "row-gone"),
-            ("x-mock-chunks", "100"),
-            ("x-mock-interval-ms", "50"),
-        ],
-        &chat_body(true, false),
-    ))
-    .unwrap();
-    read_response(&mut s, Instant::now(), Duration::from_secs(10), 3);
-    drop(s);
-
+    let expected = send_every_outcome(&relay, "ch-test/1");
     let n = expected.len() as u64 + 1;
     wait_count(&ch, COUNT, n);
     let rows = ch.rows("SELECT * FROM relay_test.stream_logs");
     assert_eq!(rows.len() as u64, n);
-    for (id, status, outcome) in expected {
+    for &(id, status, outcome) in &expected {
         let matching: Vec<_> = rows.iter().filter(|r| r["request_id"] == id).collect();
         assert_eq!(matching.len(), 1, "{id}");
         let r = matching[0];

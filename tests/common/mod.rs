@@ -735,3 +735,83 @@ impl Drop for ClickHouseProc {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Sends one request of every outcome through `relay`, whose configuration has the
+/// routes `openai` (the mock) and `dead` (nothing listens) and the tenants `acme`
+/// ([`TENANT_KEY`]) and `small` (`sk-small`: the dead route only, one request a minute);
+/// then a client that hangs up mid-stream (`row-gone`). Returns each request's id, the
+/// status it got and the outcome its row must say (`row-gone`: client_disconnect).
+pub fn send_every_outcome(
+    relay: &RelayProc,
+    user_agent: &str,
+) -> Vec<(&'static str, u16, &'static str)> {
+    let auth = format!("Bearer {TENANT_KEY}");
+    let small = "Bearer sk-small";
+    let send = |id: &str, path: &str, key: &str, body: &[u8], extra: &[(&str, &str)]| {
+        let mut h: Vec<(&str, &str)> = vec![("x-request-id", id), ("user-agent", user_agent)];
+        if !key.is_empty() {
+            h.push(("authorization", key));
+        }
+        h.extend_from_slice(extra);
+        request(relay.addr, "POST", path, &h, body).status
+    };
+    let chat = "/openai/v1/chat/completions";
+    let dead = "/dead/v1/chat/completions";
+    let plain = chat_body(false, false);
+    let sent = vec![
+        (
+            "row-stream",
+            send("row-stream", chat, &auth, &chat_body(true, true), &[]),
+            "ok",
+        ),
+        ("row-json", send("row-json", chat, &auth, &plain, &[]), "ok"),
+        (
+            "row-401",
+            send("row-401", chat, "", &plain, &[]),
+            "missing_key",
+        ),
+        (
+            "row-403",
+            send("row-403", chat, small, &plain, &[]),
+            "route_forbidden",
+        ),
+        (
+            "row-404",
+            send("row-404", "/nope", &auth, b"{}", &[]),
+            "no_route",
+        ),
+        (
+            "row-502",
+            send("row-502", dead, small, b"{}", &[]),
+            "upstream_unavailable",
+        ),
+        (
+            "row-429",
+            send("row-429", dead, small, b"{}", &[]),
+            "rate_limited",
+        ),
+        (
+            "row-500",
+            send("row-500", chat, &auth, &plain, &[("x-mock-status", "500")]),
+            "ok",
+        ),
+    ];
+    let statuses: Vec<u16> = sent.iter().map(|e| e.1).collect();
+    assert_eq!(statuses, [200, 200, 401, 403, 404, 502, 429, 500]);
+    let mut s = TcpStream::connect(relay.addr).unwrap();
+    s.write_all(&build_request(
+        "POST",
+        chat,
+        &[
+            ("authorization", &auth),
+            ("x-request-id", "row-gone"),
+            ("x-mock-chunks", "100"),
+            ("x-mock-interval-ms", "50"),
+        ],
+        &chat_body(true, false),
+    ))
+    .unwrap();
+    read_response(&mut s, Instant::now(), Duration::from_secs(10), 3);
+    drop(s);
+    sent
+}
