@@ -918,13 +918,18 @@ impl ProxyHttp for RelayProxy {
         _reused: bool,
         _peer: &HttpPeer,
         fd: std::os::unix::io::RawFd,
-        _digest: Option<&pingora_core::protocols::Digest>,
+        digest: Option<&pingora_core::protocols::Digest>,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let route = ctx.route.as_ref().expect("admitted");
+        // Known once per connection (Pingora caches them), so a pooled connection costs
+        // no syscall here.
+        let addrs = digest
+            .and_then(|d| d.socket_digest.as_ref())
+            .and_then(|s| Some((*s.local_addr()?.as_inet()?, *s.peer_addr()?.as_inet()?)));
         ctx.stall
             .get_or_insert_with(|| StallGuard::new(ctx.start, &route.timeouts))
-            .attempt(fd, Instant::now());
+            .attempt(fd, addrs, Instant::now());
         Ok(())
     }
 

@@ -7,15 +7,16 @@
 //!
 //! Pingora 0.9 has a single read timeout for every upstream read, which cannot tell
 //! these apart. So the guard keeps its own clock and, when a deadline passes, shuts the
-//! upstream socket down (through a duplicate of its descriptor, so the number can never
-//! point at another socket). Pingora's read then fails at once; the proxy sees the guard
+//! upstream socket down, through a duplicate of its descriptor taken then and checked
+//! to be the same connection (same local and peer address) before it is used: no
+//! syscall on the request path, and never another socket by mistake. Pingora's read then fails at once; the proxy sees the guard
 //! fired and ends the request the way its client expects (see `proxy::fail_to_proxy`).
 //! Only HTTP/1 upstreams are used, so the socket carries this request alone.
 //!
 //! One thread checks every armed guard each [`TICK`] (a task and a timer per request
 //! cost about 5 µs of CPU each, measured); deadlines are met within a tick.
 
-use std::net::{Shutdown, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::{BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -79,8 +80,46 @@ struct Inner {
     phase: AtomicU8,
     fired: AtomicU8,
     watching: AtomicBool,
-    /// A duplicate of the current attempt's upstream socket.
-    socket: Mutex<Option<TcpStream>>,
+    /// The current attempt's upstream socket.
+    socket: Mutex<Target>,
+}
+
+/// How the guard reaches the upstream socket.
+enum Target {
+    None,
+    /// The descriptor Pingora uses and the connection's addresses (from Pingora's
+    /// digest, known once per connection).
+    Raw {
+        fd: RawFd,
+        local: SocketAddr,
+        peer: SocketAddr,
+    },
+    /// A duplicate taken at once, when the addresses were not known.
+    Dup(TcpStream),
+}
+
+impl Target {
+    fn shutdown(&self) {
+        match self {
+            Target::None => {}
+            Target::Dup(s) => {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+            Target::Raw { fd, local, peer } => {
+                // SAFETY: `fd` is the descriptor of this request's upstream connection,
+                // which Pingora keeps open while the request runs. On an error path it
+                // may just have been closed: the duplicate then fails, or names another
+                // socket, which the address check below refuses to touch.
+                let dup = unsafe { BorrowedFd::borrow_raw(*fd) }.try_clone_to_owned();
+                if let Ok(owned) = dup {
+                    let s = TcpStream::from(owned);
+                    if s.local_addr().ok() == Some(*local) && s.peer_addr().ok() == Some(*peer) {
+                        let _ = s.shutdown(Shutdown::Both);
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl Inner {
@@ -118,9 +157,7 @@ impl Inner {
             .compare_exchange(0, which.as_u8(), Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
         {
-            if let Some(s) = socket.as_ref() {
-                let _ = s.shutdown(Shutdown::Both);
-            }
+            socket.shutdown();
         }
     }
 }
@@ -143,22 +180,25 @@ impl StallGuard {
                 phase: AtomicU8::new(WAITING),
                 fired: AtomicU8::new(0),
                 watching: AtomicBool::new(false),
-                socket: Mutex::new(None),
+                socket: Mutex::new(Target::None),
             }),
         }
     }
 
-    /// An attempt connected (or reused a connection) on socket `fd`: the first-byte
-    /// clock starts. Starts the watch on the first attempt.
-    pub fn attempt(&self, fd: RawFd, now: Instant) {
+    /// An attempt connected (or reused a connection) on socket `fd`, whose local and
+    /// peer addresses are `addrs` when known: the first-byte clock starts. Starts the
+    /// watch on the first attempt.
+    pub fn attempt(&self, fd: RawFd, addrs: Option<(SocketAddr, SocketAddr)>, now: Instant) {
         let inner = &self.inner;
-        // SAFETY: Pingora hands over the descriptor of the connection it is about to use
-        // for this request; it stays open during this call, and only a duplicate is kept.
-        let dup = unsafe { BorrowedFd::borrow_raw(fd) }
-            .try_clone_to_owned()
-            .ok()
-            .map(TcpStream::from);
-        *lock(&inner.socket) = dup;
+        let target = match addrs {
+            Some((local, peer)) => Target::Raw { fd, local, peer },
+            // SAFETY: Pingora hands over the descriptor of the connection it is about
+            // to use for this request; it stays open during this call.
+            None => unsafe { BorrowedFd::borrow_raw(fd) }
+                .try_clone_to_owned()
+                .map_or(Target::None, |o| Target::Dup(TcpStream::from(o))),
+        };
+        *lock(&inner.socket) = target;
         inner.attempt_at.store(inner.since(now), Ordering::Release);
         inner.phase.store(WAITING, Ordering::Release);
         if !inner.watching.swap(true, Ordering::AcqRel) {
@@ -184,7 +224,7 @@ impl StallGuard {
     /// The response ended (or the request did): no deadline applies any more.
     pub fn done(&self) {
         self.inner.phase.store(DONE, Ordering::Release);
-        lock(&self.inner.socket).take();
+        *lock(&self.inner.socket) = Target::None;
     }
 
     /// The deadline that ended this request, if one did.
@@ -261,6 +301,10 @@ mod tests {
         }
     }
 
+    fn addrs(s: &TcpStream) -> Option<(SocketAddr, SocketAddr)> {
+        Some((s.local_addr().unwrap(), s.peer_addr().unwrap()))
+    }
+
     /// A connected pair: the guard watches `client`; reading it ends when it fires.
     fn pair() -> (TcpStream, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -285,7 +329,7 @@ mod tests {
         let (mut client, _server) = pair();
         let start = Instant::now();
         let g = StallGuard::new(start, &timeouts(60_000, 1_000, 60_000));
-        g.attempt(client.as_raw_fd(), Instant::now());
+        g.attempt(client.as_raw_fd(), addrs(&client), Instant::now());
         g.response_started(Instant::now());
         for _ in 0..4 {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -305,22 +349,45 @@ mod tests {
     async fn the_first_byte_deadline_and_done() {
         let (client, _server) = pair();
         let g = StallGuard::new(Instant::now(), &timeouts(100, 5_000, 60_000));
-        g.attempt(client.as_raw_fd(), Instant::now());
+        g.attempt(client.as_raw_fd(), addrs(&client), Instant::now());
         assert_eq!(fired_within(&g).await, Some(Deadline::FirstByte));
 
         let (client, _server) = pair();
         let g = StallGuard::new(Instant::now(), &timeouts(100, 100, 100));
-        g.attempt(client.as_raw_fd(), Instant::now());
+        g.attempt(client.as_raw_fd(), addrs(&client), Instant::now());
         g.done();
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(g.fired(), None, "a finished request is never cut");
     }
 
     #[tokio::test]
+    async fn a_descriptor_that_now_names_another_connection_is_left_alone() {
+        let (first, _s1) = pair();
+        let (mut other, _s2) = pair();
+        let g = StallGuard::new(Instant::now(), &timeouts(100, 5_000, 60_000));
+        // The fd of `other`, with the addresses of `first`: as if `first` had closed
+        // and its number had been given to `other`.
+        g.attempt(other.as_raw_fd(), addrs(&first), Instant::now());
+        assert_eq!(fired_within(&g).await, Some(Deadline::FirstByte));
+        other
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut b = [0u8; 1];
+        let e = other.read(&mut b).unwrap_err();
+        assert!(
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "the other connection was shut down: {e:?}"
+        );
+    }
+
+    #[tokio::test]
     async fn the_total_deadline_wins_over_a_steady_stream() {
         let (client, _server) = pair();
         let g = StallGuard::new(Instant::now(), &timeouts(5_000, 5_000, 200));
-        g.attempt(client.as_raw_fd(), Instant::now());
+        g.attempt(client.as_raw_fd(), addrs(&client), Instant::now());
         g.response_started(Instant::now());
         for _ in 0..10 {
             tokio::time::sleep(Duration::from_millis(40)).await;
