@@ -32,16 +32,7 @@ fn every_outcome_yields_exactly_one_row() {
     let expected = send_every_outcome(&relay, "rows-test/1");
     let rows = relay.rows_at_least(expected.len() + 1);
     assert_eq!(rows.len(), expected.len() + 1, "{rows:#?}");
-    for &(id, status, outcome) in &expected {
-        let matching: Vec<_> = rows.iter().filter(|r| r["request_id"] == id).collect();
-        assert_eq!(matching.len(), 1, "{id}");
-        let r = matching[0];
-        assert_eq!(r["status"], status, "{id}");
-        assert_eq!(r["outcome"], outcome, "{id}");
-        assert_eq!(r["instance"], "test-relay");
-        assert_eq!(r["user_agent"], "rows-test/1");
-        assert!(r["client_addr"].as_str().unwrap().starts_with("127.0.0.1:"));
-    }
+    assert_every_outcome_row(&rows, &expected, "rows-test/1");
     let by_id = |id: &str| rows.iter().find(|r| r["request_id"] == id).unwrap().clone();
     let stream = by_id("row-stream");
     assert_eq!(stream["tenant"], "acme");

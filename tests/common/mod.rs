@@ -815,3 +815,22 @@ pub fn send_every_outcome(
     drop(s);
     sent
 }
+
+/// Checks that `rows` hold exactly one row for each request [`send_every_outcome`] sent,
+/// with its status and outcome, this relay's instance, the user agent and the client.
+pub fn assert_every_outcome_row(
+    rows: &[serde_json::Value],
+    expected: &[(&str, u16, &str)],
+    user_agent: &str,
+) {
+    for &(id, status, outcome) in expected {
+        let matching: Vec<_> = rows.iter().filter(|r| r["request_id"] == id).collect();
+        assert_eq!(matching.len(), 1, "{id}");
+        let r = matching[0];
+        assert_eq!(r["status"], status, "{id}");
+        assert_eq!(r["outcome"], outcome, "{id}");
+        assert_eq!(r["instance"], "test-relay");
+        assert_eq!(r["user_agent"], user_agent);
+        assert!(r["client_addr"].as_str().unwrap().starts_with("127.0.0.1:"));
+    }
+}
