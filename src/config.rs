@@ -510,10 +510,35 @@ pub struct RawRoute {
     /// a response came (the upstream may have started the work). Default false.
     #[serde(default)]
     pub retry_after_send: bool,
+    /// Active health checks: `GET path` on each upstream every `interval`; a connection
+    /// failure, a timeout or a 5xx counts against its breaker, any other answer for it.
+    #[serde(default)]
+    pub health_check: Option<RawHealthCheck>,
     /// Keep request and response bodies in the request's row: each `off` (default),
     /// `whole`, or a number of bytes to keep from the start.
     #[serde(default)]
     pub capture: RawCapture,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealthCheck {
+    /// Request path on the upstream host, e.g. `/v1/models`.
+    pub path: String,
+    /// Default `10s`.
+    #[serde(default)]
+    pub interval: Option<String>,
+    /// Default `2s`.
+    #[serde(default)]
+    pub timeout: Option<String>,
+}
+
+/// Validated `routes[].health_check`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Deserialize)]
@@ -682,6 +707,7 @@ pub struct RouteConfig {
     pub max_attempts: Option<usize>,
     pub retry_on: Vec<u16>,
     pub retry_after_send: bool,
+    pub health_check: Option<HealthCheck>,
 }
 
 #[derive(Debug, Clone)]
@@ -1243,10 +1269,39 @@ fn validate_route(
             format!("{bad} is not an error status"),
         ));
     }
+    let health_check = match &r.health_check {
+        None => None,
+        Some(h) => {
+            if !h.path.starts_with('/') || h.path.bytes().any(|b| b.is_ascii_whitespace()) {
+                return Err(err(
+                    format!("{at}.health_check.path"),
+                    "must start with / and have no spaces",
+                ));
+            }
+            let dur = |key: &str, v: &Option<String>, default: &str| {
+                parse_duration(v.as_deref().unwrap_or(default))
+                    .map_err(|m| err(format!("{at}.health_check.{key}"), m))
+            };
+            let interval = dur("interval", &h.interval, "10s")?;
+            let timeout = dur("timeout", &h.timeout, "2s")?;
+            if interval.is_zero() || timeout.is_zero() {
+                return Err(err(
+                    format!("{at}.health_check"),
+                    "interval and timeout must be more than zero",
+                ));
+            }
+            Some(HealthCheck {
+                path: h.path.clone(),
+                interval,
+                timeout,
+            })
+        }
+    };
     if r.max_body_bytes == Some(0) {
         return Err(err(format!("{at}.max_body_bytes"), "must be at least 1"));
     }
     Ok(RouteConfig {
+        health_check,
         balance,
         weights,
         breaker,

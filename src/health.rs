@@ -202,6 +202,127 @@ impl Drop for Guard<'_> {
     }
 }
 
+/// Logs and counts a breaker's state change.
+pub fn report(metrics: &crate::metrics::Metrics, route: &str, target: &str, t: Transition) {
+    match t {
+        Transition::Opened => log::warn!("route `{route}`: {target} set aside (circuit open)"),
+        Transition::HalfOpened => {
+            log::info!("route `{route}`: {target} probed again (circuit half-open)")
+        }
+        Transition::Closed => log::info!("route `{route}`: {target} back in use (circuit closed)"),
+    }
+    metrics.breaker_transition(route, target, t);
+}
+
+/// Active health checks (`routes[].health_check`), a background service: each upstream
+/// of such a route gets `GET path` every `interval`, through Pingora's connector (the
+/// route's TLS and CA settings, a connection of its own), and the answer goes to its
+/// breaker like live traffic's would.
+pub struct HealthChecker {
+    pub routes: std::sync::Arc<crate::route::RouteTable>,
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
+}
+
+#[async_trait::async_trait]
+impl pingora_core::services::background::BackgroundService for HealthChecker {
+    async fn start(&self, mut shutdown: pingora_core::server::ShutdownWatch) {
+        let checked: Vec<_> = self
+            .routes
+            .iter()
+            .filter(|r| r.health_check.is_some())
+            .cloned()
+            .collect();
+        if checked.is_empty() {
+            return;
+        }
+        let connector = pingora_core::connectors::http::Connector::new(None);
+        let mut due = vec![Instant::now(); checked.len()];
+        loop {
+            let now = Instant::now();
+            for (route, due) in checked.iter().zip(due.iter_mut()) {
+                let check = route.health_check.as_ref().expect("filtered");
+                if now < *due {
+                    continue;
+                }
+                *due = now + check.interval;
+                for upstream in &route.upstreams {
+                    let healthy = probe(&connector, route, upstream, check).await;
+                    let t = match healthy {
+                        Ok(_) => upstream.breaker.success(),
+                        Err(e) => {
+                            log::debug!("health check of {} failed: {e}", upstream.label());
+                            upstream.breaker.failure(Instant::now(), None)
+                        }
+                    };
+                    if let Some(t) = t {
+                        report(&self.metrics, &route.name, &upstream.label(), t);
+                    }
+                }
+            }
+            let next = due
+                .iter()
+                .min()
+                .copied()
+                .unwrap_or(now + Duration::from_secs(1));
+            tokio::select! {
+                _ = tokio::time::sleep_until(next.into()) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+/// One health request: the status when it is not a server error.
+async fn probe(
+    connector: &pingora_core::connectors::http::Connector,
+    route: &crate::route::Route,
+    upstream: &crate::upstream::Upstream,
+    check: &crate::config::HealthCheck,
+) -> Result<u16, String> {
+    let peer = upstream
+        .peer(&route.timeouts)
+        .ok_or("no resolved address")?;
+    let run = async {
+        let (mut session, _) = connector
+            .get_http_session(&peer)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut req = pingora_http::RequestHeader::build("GET", check.path.as_bytes(), None)
+            .map_err(|e| e.to_string())?;
+        let _ = req.insert_header(http::header::HOST, upstream.url.host_header());
+        let _ = req.insert_header("user-agent", "stream-relay-health-check");
+        if let (crate::route::RouteKey::Pool { header, .. }, Some(slot)) =
+            (&route.key, route.key_slot(Some(0)))
+        {
+            let _ = req.insert_header(header.clone(), slot.value.expose());
+        }
+        session
+            .write_request_header(Box::new(req))
+            .await
+            .map_err(|e| e.to_string())?;
+        session
+            .finish_request_body()
+            .await
+            .map_err(|e| e.to_string())?;
+        session
+            .read_response_header()
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = session
+            .response_header()
+            .map(|h| h.status.as_u16())
+            .ok_or("no response")?;
+        if status >= 500 {
+            return Err(format!("answered {status}"));
+        }
+        Ok(status)
+    };
+    match tokio::time::timeout(check.timeout, run).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no answer within {:?}", check.timeout)),
+    }
+}
+
 /// The seconds of a `Retry-After` header (delay form; dates are not used by the LLM
 /// providers), capped at an hour.
 pub fn retry_after(value: &[u8]) -> Option<Duration> {

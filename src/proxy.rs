@@ -394,20 +394,7 @@ impl RelayProxy {
     }
 
     fn report_transition(&self, route: &Route, target: &str, t: Transition) {
-        match t {
-            Transition::Opened => {
-                warn!("route `{}`: {target} set aside (circuit open)", route.name)
-            }
-            Transition::HalfOpened => info!(
-                "route `{}`: {target} probed again (circuit half-open)",
-                route.name
-            ),
-            Transition::Closed => info!(
-                "route `{}`: {target} back in use (circuit closed)",
-                route.name
-            ),
-        }
-        self.metrics.breaker_transition(&route.name, target, t);
+        crate::health::report(&self.metrics, &route.name, target, t);
     }
 
     /// The current attempt's upstream answered well or failed.

@@ -36,6 +36,8 @@ pub struct Route {
     /// Upstream statuses tried again elsewhere.
     pub retry_on: Vec<u16>,
     pub retry_after_send: bool,
+    /// Active health checks of the upstreams, if any.
+    pub health_check: Option<crate::config::HealthCheck>,
     /// Round-robin cursors: each pick starts one upstream (key) further.
     next: AtomicUsize,
     next_key: AtomicUsize,
@@ -202,6 +204,7 @@ impl Route {
             max_attempts: c.max_attempts,
             retry_on: c.retry_on.clone(),
             retry_after_send: c.retry_after_send,
+            health_check: c.health_check.clone(),
             next: AtomicUsize::new(0),
             next_key: AtomicUsize::new(0),
         })

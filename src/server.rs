@@ -105,6 +105,7 @@ pub fn build(
         }
     };
     let cap_metrics = metrics.clone();
+    let health_metrics = metrics.clone();
     let proxy = RelayProxy {
         input: config.input_limits,
         routes: routes.clone(),
@@ -157,6 +158,13 @@ pub fn build(
     }
     server.add_service(background_service("drain watch", DrainWatch(draining)));
     server.add_service(background_service("upstream resolver", resolver));
+    server.add_service(background_service(
+        "health checks",
+        crate::health::HealthChecker {
+            routes: routes.clone(),
+            metrics: health_metrics,
+        },
+    ));
     server.add_service(background_service(
         "config reload",
         Reloader {

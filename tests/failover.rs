@@ -154,3 +154,43 @@ tenants:
     assert_eq!(r.status, 429);
     assert_eq!(r.header("retry-after"), Some("7"));
 }
+
+#[test]
+fn health_checks_set_a_failing_upstream_aside_without_client_traffic() {
+    let a = MockProc::start(None);
+    let b = MockProc::start(None);
+    let relay = RelayProc::start(
+        &format!(
+            r#"routes:
+  - {{ name: openai, prefix: /openai/v1, provider: openai, upstreams: ["{a}/v1", "{b}/v1"],
+      breaker: {{ failures: 2, open_for: 60s }},
+      health_check: {{ path: /v1/chat/completions, interval: 200ms, timeout: 1s }} }}
+tenants:
+  - {{ id: acme, key_sha256: ["{h}"] }}
+"#,
+            a = a.url(),
+            b = b.url(),
+            h = hash(TENANT_KEY)
+        ),
+        &[],
+    );
+    let target_a = a.url().trim_start_matches("http://").to_string();
+    control(&a, r#"{"status": 503}"#);
+    relay.metrics_with(&format!(
+        "stream_relay_breaker_state{{route=\"openai\",target=\"{target_a}\"}} 2"
+    ));
+    // Clients never meet A while it is aside: none of their requests got A's 503 (which
+    // would be counted as a retried status; health checks are not).
+    for _ in 0..6 {
+        assert_eq!(chat(&relay).status, 200);
+    }
+    let text = relay.metrics_with("stream_relay_breaker_state");
+    assert!(!text.contains("kind=\"status_503\""), "{text}");
+    // A recovers: the next check closes its breaker, long before open_for.
+    control(&a, "{}");
+    relay.metrics_with(&format!(
+        "stream_relay_breaker_state{{route=\"openai\",target=\"{target_a}\"}} 0"
+    ));
+    let before = requests_of(&a);
+    until(&relay, "A back in use", || requests_of(&a) >= before + 4);
+}
