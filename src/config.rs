@@ -1256,8 +1256,11 @@ fn validate_route(
                 .map_err(|m| err(format!("{at}.breaker.open_for"), m))?,
         },
     };
-    if r.max_attempts == Some(0) {
-        return Err(err(format!("{at}.max_attempts"), "must be at least 1"));
+    if let Some(n) = r.max_attempts {
+        // Pingora stops a request after 16 tries whatever the relay says.
+        if !(1..=16).contains(&n) {
+            return Err(err(format!("{at}.max_attempts"), "must be 1 to 16"));
+        }
     }
     let retry_on = r
         .retry_on

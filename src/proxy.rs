@@ -87,10 +87,18 @@ pub struct RequestCtx {
     stall: Option<StallGuard>,
     /// The body must be JSON (see `gate::wants_json`).
     json_required: bool,
+    /// Body bytes this attempt has passed (a retry replays from 0).
+    attempt_body_offset: u64,
+    /// When the current attempt was chosen.
+    attempt_started: Instant,
     /// Body bytes kept for the row (the route's `capture`).
     captured_request: Vec<u8>,
     captured_response: Vec<u8>,
 }
+
+/// A reused upstream connection that fails this soon after its attempt began was stale
+/// (closed by the upstream while pooled), not working on the request.
+const STALE_POOLED_WITHIN: Duration = Duration::from_secs(1);
 
 /// One attempt's upstream and key. Dropping it (the next attempt, or the request's end)
 /// ends its in-flight count and frees a half-open probe that got no verdict.
@@ -169,6 +177,8 @@ impl RequestCtx {
             early_body: None,
             stall: None,
             json_required: false,
+            attempt_body_offset: 0,
+            attempt_started: now,
             captured_request: Vec::new(),
             captured_response: Vec::new(),
             limits: Limits::default(),
@@ -677,6 +687,10 @@ impl ProxyHttp for RelayProxy {
         let route = ctx.route.clone().expect("request_filter admitted a route");
         // The previous attempt (if any) ends here.
         ctx.attempt = None;
+        ctx.attempt_started = Instant::now();
+        if let Some(g) = &ctx.stall {
+            g.between_attempts();
+        }
         ctx.upstream_status = None;
         ctx.ttfb = None;
         let (pick, seen) = route.pick(ctx.tried_upstreams, ctx.tried_keys, Instant::now());
@@ -731,6 +745,7 @@ impl ProxyHttp for RelayProxy {
         }
         // Each attempt (a retry replays the body) starts the body over.
         ctx.body.reset(hold);
+        ctx.attempt_body_offset = 0;
         ctx.strip_usage = None;
         Ok(())
     }
@@ -743,16 +758,27 @@ impl ProxyHttp for RelayProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         if ctx.early_body.is_none() {
-            ctx.request_bytes += body.as_ref().map_or(0, |b| b.len() as u64);
+            // A retry replays the body from its start: only bytes past what earlier
+            // attempts saw are new.
+            let len = body.as_ref().map_or(0, |b| b.len() as u64);
+            let start = ctx.attempt_body_offset;
+            ctx.attempt_body_offset += len;
+            if ctx.attempt_body_offset > ctx.request_bytes {
+                let fresh = (ctx.request_bytes - start) as usize;
+                ctx.request_bytes = ctx.attempt_body_offset;
+                if let (Some(route), Some(b)) = (&ctx.route, body.as_ref()) {
+                    keep_bytes(
+                        &mut ctx.captured_request,
+                        &b[fresh..],
+                        route.capture.request,
+                    );
+                }
+            }
             let max = ctx.route.as_ref().map_or(usize::MAX, |r| r.max_body_bytes);
             if ctx.request_bytes > max as u64 {
                 // A body without a length that outgrew the cap: what went upstream is an
                 // incomplete request, which the upstream cannot act on.
                 return Err(self.refuse_body(ctx, RelayError::BodyTooLarge { max }));
-            }
-            // The first attempt's body is the client's; a retry replays it.
-            if let (Some(route), Some(b), true) = (&ctx.route, body.as_ref(), ctx.attempts <= 1) {
-                keep_bytes(&mut ctx.captured_request, b, route.capture.request);
             }
         }
         if let Some(early) = &ctx.early_body {
@@ -785,11 +811,15 @@ impl ProxyHttp for RelayProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let status = upstream_response.status.as_u16();
+        if status < 200 {
+            // An interim answer (100 Continue): the real one follows.
+            return Ok(());
+        }
         self.judge_response(ctx, status, upstream_response);
         let route = ctx.route.clone().expect("admitted");
         if route.retry_on.contains(&status)
             && ctx.attempts < ctx.max_attempts
-            && route.has_untried(ctx.tried_upstreams, ctx.tried_keys)
+            && route.has_untried_for(status, ctx.tried_upstreams, ctx.tried_keys)
             && !session.as_ref().retry_buffer_truncated()
         {
             // Nothing reached the client and the upstream did no work: try elsewhere.
@@ -951,8 +981,12 @@ impl ProxyHttp for RelayProxy {
         // A pooled connection the upstream had already closed fails before any response
         // byte; the request was not processed, so it is sent again (on a new connection).
         // Anything else may have started paid work upstream: never sent twice.
+        // A stale pooled connection fails at once; one that failed after a while may
+        // have been working on the request.
         let stale_pooled = client_reused
             && ctx.upstream_status.is_none()
+            && ctx.attempt_started.elapsed() < STALE_POOLED_WITHIN
+            && ctx.attempts < ctx.max_attempts
             && !session.as_ref().retry_buffer_truncated()
             && ctx.stall.as_ref().and_then(StallGuard::fired).is_none();
         let stalled = ctx.stall.as_ref().and_then(StallGuard::fired).is_some();
@@ -1015,6 +1049,10 @@ impl ProxyHttp for RelayProxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        // Bodyless answers never reach the body filter's end: no deadline applies now.
+        if let Some(g) = &ctx.stall {
+            g.done();
+        }
         let status = session
             .response_written()
             .map(|r| r.status.as_u16())

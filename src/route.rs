@@ -236,10 +236,14 @@ impl Route {
             .clamp(1, MAX_ATTEMPTS.max(self.upstreams.len()).max(keys))
     }
 
-    /// Whether an attempt could go somewhere not tried yet.
-    pub fn has_untried(&self, tried_upstreams: u64, tried_keys: u64) -> bool {
+    /// Whether another attempt could change what answered `status`: an untried key for
+    /// the key's refusals (429, 401, 403), an untried upstream for anything else.
+    pub fn has_untried_for(&self, status: u16, tried_upstreams: u64, tried_keys: u64) -> bool {
         let untried = |n: usize, tried: u64| (0..n).any(|i| tried & (1 << i) == 0);
-        untried(self.upstreams.len(), tried_upstreams) || untried(self.key_count(), tried_keys)
+        match status {
+            429 | 401 | 403 => untried(self.key_count(), tried_keys),
+            _ => untried(self.upstreams.len(), tried_upstreams),
+        }
     }
 
     /// The upstream order for one pick, by the route's policy.

@@ -68,6 +68,8 @@ impl Deadline {
 const WAITING: u8 = 0;
 const STREAMING: u8 = 1;
 const DONE: u8 = 2;
+/// Between two attempts: only the total deadline runs.
+const BETWEEN: u8 = 3;
 
 struct Inner {
     origin: Instant,
@@ -131,6 +133,7 @@ impl Inner {
     fn next(&self) -> (Duration, Deadline) {
         let total = (self.total, Deadline::Total);
         let other = match self.phase.load(Ordering::Acquire) {
+            BETWEEN => return total,
             WAITING => (
                 Duration::from_nanos(self.attempt_at.load(Ordering::Acquire)) + self.first_byte,
                 Deadline::FirstByte,
@@ -150,6 +153,11 @@ impl Inner {
     fn fire(&self, which: Deadline) {
         let socket = lock(&self.socket);
         if self.phase.load(Ordering::Acquire) == DONE {
+            return;
+        }
+        if matches!(*socket, Target::None) {
+            // Between attempts there is nothing to cut: the next attempt's arming sees
+            // the deadline passed and fires then.
             return;
         }
         if self
@@ -204,6 +212,15 @@ impl StallGuard {
         if !inner.watching.swap(true, Ordering::AcqRel) {
             lock(watched()).push(Arc::downgrade(inner));
         }
+    }
+
+    /// An attempt ended and another is being chosen: its socket is no longer this
+    /// request's, and only the total deadline runs until the next one connects.
+    pub fn between_attempts(&self) {
+        let inner = &self.inner;
+        let mut socket = lock(&inner.socket);
+        *socket = Target::None;
+        inner.phase.store(BETWEEN, Ordering::Release);
     }
 
     /// The response head arrived: the gap clock starts.

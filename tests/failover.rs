@@ -194,3 +194,60 @@ tenants:
     let before = requests_of(&a);
     until(&relay, "A back in use", || requests_of(&a) >= before + 4);
 }
+
+#[test]
+fn a_retried_body_is_counted_and_captured_once() {
+    let mock = MockProc::start(None);
+    let dead = free_port();
+    let relay = RelayProc::start(
+        &format!(
+            r#"routes:
+  - {{ name: openai, prefix: /openai/v1, provider: openai,
+      upstreams: ["http://127.0.0.1:{dead}/v1", "{u}/v1"], breaker: {{ failures: 100 }},
+      capture: {{ request: whole }} }}
+tenants:
+  - {{ id: acme, key_sha256: ["{h}"] }}
+"#,
+            u = mock.url(),
+            h = hash(TENANT_KEY)
+        ),
+        &[],
+    );
+    // Chunked, so the relay streams it (no early read) and Pingora replays it to the
+    // second upstream after the first refuses the connection.
+    let body = chat_body(false, false);
+    for id in ["replay-1", "replay-2"] {
+        let mut s = std::net::TcpStream::connect(relay.addr).unwrap();
+        let head = format!(
+            "POST {CHAT} HTTP/1.1\r\nHost: relay\r\nAuthorization: Bearer {TENANT_KEY}\r\nx-request-id: {id}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        );
+        use std::io::Write;
+        s.write_all(head.as_bytes()).unwrap();
+        for part in body.chunks(20) {
+            s.write_all(format!("{:x}\r\n", part.len()).as_bytes())
+                .unwrap();
+            s.write_all(part).unwrap();
+            s.write_all(b"\r\n").unwrap();
+        }
+        s.write_all(b"0\r\n\r\n").unwrap();
+        let r = read_response(&mut s, Instant::now(), Duration::from_secs(10), usize::MAX);
+        assert_eq!(r.status, 200, "{id}");
+    }
+    let rows = relay.rows_at_least(2);
+    let attempts: Vec<u64> = rows
+        .iter()
+        .map(|r| r["attempts"].as_u64().unwrap())
+        .collect();
+    assert!(
+        attempts.contains(&2),
+        "one request was retried: {attempts:?}"
+    );
+    for r in &rows {
+        assert_eq!(r["request_bytes"], body.len() as u64, "{r}");
+        assert_eq!(
+            r["request_body"].as_str().unwrap().as_bytes(),
+            &body[..],
+            "{r}"
+        );
+    }
+}
