@@ -58,6 +58,15 @@ fn two_upgrades_in_a_row_drop_nothing() {
                 if r.status == 200 && r.complete {
                     done.fetch_add(1, Ordering::Relaxed);
                 } else {
+                    // What the client saw, for the failure message.
+                    eprintln!(
+                        "failed request: status {} complete {} after {:?}, {} body bytes: {:?}",
+                        r.status,
+                        r.complete,
+                        r.sent_at.elapsed(),
+                        r.body.len(),
+                        String::from_utf8_lossy(&r.body[..r.body.len().min(200)])
+                    );
                     failures.fetch_add(1, Ordering::Relaxed);
                 }
                 std::thread::sleep(Duration::from_millis(10));
