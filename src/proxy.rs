@@ -705,6 +705,8 @@ impl ProxyHttp for RelayProxy {
         match upstream.peer(&route.timeouts) {
             Some(peer) => Ok(Box::new(peer)),
             None => {
+                // No address yet counts against it like a refused connection.
+                self.judge_upstream(ctx, false);
                 self.metrics.upstream_failure(&route.name, "unresolved");
                 let mut e = Error::explain(
                     ErrorType::ConnectNoRoute,
