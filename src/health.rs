@@ -3,7 +3,7 @@
 //! provider 429 with `Retry-After`: open, skipped for `open_for` (or the Retry-After).
 //! Then half-open: one request probes it; success closes it, failure opens it again.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -65,6 +65,9 @@ pub struct Breaker {
     state: Mutex<State>,
     /// Closed with no failure counted: the common case, answered without the lock.
     healthy: AtomicBool,
+    /// How many times it has opened. A verdict carries the generation its request was
+    /// picked in: one from before the breaker opened does not close or reopen it.
+    generation: AtomicU64,
 }
 
 impl Breaker {
@@ -73,6 +76,7 @@ impl Breaker {
             config,
             state: Mutex::new(State::Closed { fails: 0 }),
             healthy: AtomicBool::new(true),
+            generation: AtomicU64::new(0),
         }
     }
 
@@ -112,8 +116,18 @@ impl Breaker {
         }
     }
 
-    /// It answered well.
+    /// The generation a request picked now belongs to.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// It answered well (a health check: now).
     pub fn success(&self) -> Option<Transition> {
+        self.success_since(self.generation())
+    }
+
+    /// A request picked in generation `gen` got a good answer.
+    pub fn success_since(&self, gen: u64) -> Option<Transition> {
         if self.healthy.load(Ordering::Acquire) {
             return None;
         }
@@ -124,6 +138,8 @@ impl Breaker {
                 *s = State::Closed { fails: 0 };
                 None
             }
+            // Started before it opened: says nothing about it now.
+            State::HalfOpen { .. } | State::Open { .. } if gen != self.generation() => None,
             State::HalfOpen { .. } | State::Open { .. } => {
                 *s = State::Closed { fails: 0 };
                 Some(Transition::Closed)
@@ -131,8 +147,19 @@ impl Breaker {
         }
     }
 
-    /// It failed. `hold`: open now for this long (a provider's `Retry-After`).
+    /// It failed (a health check: now). `hold`: open now for this long (a provider's
+    /// `Retry-After`).
     pub fn failure(&self, now: Instant, hold: Option<Duration>) -> Option<Transition> {
+        self.failure_since(now, hold, self.generation())
+    }
+
+    /// A request picked in generation `gen` failed.
+    pub fn failure_since(
+        &self,
+        now: Instant,
+        hold: Option<Duration>,
+        gen: u64,
+    ) -> Option<Transition> {
         let mut s = self.state();
         let open_for = hold.unwrap_or(self.config.open_for);
         match *s {
@@ -140,10 +167,12 @@ impl Breaker {
                 *s = State::Closed { fails: fails + 1 };
                 None
             }
+            State::HalfOpen { .. } if gen != self.generation() => None,
             State::Closed { .. } | State::HalfOpen { .. } => {
                 *s = State::Open {
                     until: now + open_for,
                 };
+                self.generation.fetch_add(1, Ordering::AcqRel);
                 Some(Transition::Opened)
             }
             State::Open { until } => {
@@ -155,9 +184,13 @@ impl Breaker {
         }
     }
 
-    /// A probe ended without a verdict (the client left first): another may probe.
-    pub fn release_probe(&self) {
+    /// A probe picked in generation `gen` ended without a verdict (the client left
+    /// first): another may probe.
+    pub fn release_probe(&self, gen: u64) {
         let mut s = self.state();
+        if gen != self.generation() {
+            return;
+        }
         if *s == (State::HalfOpen { probing: true }) {
             *s = State::HalfOpen { probing: false };
         }
@@ -372,8 +405,25 @@ mod tests {
         // A probe without a verdict lets the next request probe.
         let much_later = later + Duration::from_secs(11);
         assert_eq!(b.check(much_later).0, Pass::Probe);
-        b.release_probe();
+        b.release_probe(b.generation());
         assert_eq!(b.check(much_later).0, Pass::Probe);
+    }
+
+    #[test]
+    fn verdicts_from_before_it_opened_change_nothing() {
+        let b = breaker();
+        let t = Instant::now();
+        let old = b.generation();
+        b.failure(t, None);
+        b.failure(t, None);
+        // A stream picked before it opened ends well: it stays open.
+        assert_eq!(b.success_since(old), None);
+        assert!(matches!(b.check(t).0, Pass::No { .. }));
+        // The probe's verdict counts; an old failure does not reopen it.
+        let later = t + Duration::from_secs(11);
+        assert_eq!(b.check(later).0, Pass::Probe);
+        assert_eq!(b.failure_since(later, None, old), None);
+        assert_eq!(b.success_since(b.generation()), Some(Transition::Closed));
     }
 
     #[test]

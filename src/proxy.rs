@@ -130,14 +130,14 @@ impl Drop for Attempt {
             .in_flight
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         if self.pick.upstream_probe && !self.upstream_judged {
-            upstream.breaker.release_probe();
+            upstream.breaker.release_probe(self.pick.upstream_gen);
         }
         if let (true, false, Some(slot)) = (
             self.pick.key_probe,
             self.key_judged,
             self.route.key_slot(self.pick.key),
         ) {
-            slot.breaker.release_probe();
+            slot.breaker.release_probe(self.pick.key_gen);
         }
     }
 }
@@ -414,10 +414,11 @@ impl RelayProxy {
         };
         a.upstream_judged = true;
         let upstream = &a.route.upstreams[a.pick.upstream];
+        let gen = a.pick.upstream_gen;
         let t = if ok {
-            upstream.breaker.success()
+            upstream.breaker.success_since(gen)
         } else {
-            upstream.breaker.failure(Instant::now(), None)
+            upstream.breaker.failure_since(Instant::now(), None, gen)
         };
         if let Some(t) = t {
             let route = a.route.clone();
@@ -435,10 +436,11 @@ impl RelayProxy {
             return;
         };
         a.key_judged = true;
+        let gen = a.pick.key_gen;
         let t = if ok {
-            slot.breaker.success()
+            slot.breaker.success_since(gen)
         } else {
-            slot.breaker.failure(Instant::now(), hold)
+            slot.breaker.failure_since(Instant::now(), hold, gen)
         };
         if let Some(t) = t {
             self.report_transition(&route, &slot.label, t);

@@ -62,6 +62,9 @@ pub struct Pick {
     /// This attempt is the half-open probe of the upstream (key).
     pub upstream_probe: bool,
     pub key_probe: bool,
+    /// The breakers' generations when picked (see `Breaker::generation`).
+    pub upstream_gen: u64,
+    pub key_gen: u64,
 }
 
 /// The order upstreams are tried in for one pick; round robin needs no list.
@@ -306,12 +309,16 @@ impl Route {
             }
             _ => (None, false),
         };
+        let upstream_gen = self.upstreams[upstream].breaker.generation();
+        let key_gen = self.key_slot(key).map_or(0, |k| k.breaker.generation());
         (
             Pick {
                 upstream,
                 key,
                 upstream_probe,
                 key_probe,
+                upstream_gen,
+                key_gen,
             },
             seen,
         )
