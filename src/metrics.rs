@@ -186,9 +186,10 @@ impl Metrics {
             .expect("unique metric");
         let clickhouse_up = IntGauge::new(
             "stream_relay_clickhouse_up",
-            "Whether the last ClickHouse write or probe succeeded (1), or rows go to the spool (0).",
+            "Whether the last ClickHouse write or probe succeeded (1, also when rows go to a file), or rows go to the spool (0).",
         )
         .expect("metric");
+        clickhouse_up.set(1);
         registry
             .register(Box::new(clickhouse_up.clone()))
             .expect("unique metric");

@@ -403,6 +403,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Shipper {
     async fn run(&mut self) {
+        // The table at once, and an honest `clickhouse_up` before the first batch.
+        if self.ensure_migrated().await {
+            self.set_up(true, None);
+        }
         loop {
             let spool_due =
                 self.may_try() && Instant::now() >= self.replay_after && self.has_spool_work();
