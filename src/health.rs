@@ -116,6 +116,16 @@ impl Breaker {
         }
     }
 
+    /// A request picked in generation `gen` answered well (`ok`) or failed (`hold`: open
+    /// at once for this long, a provider's `Retry-After`).
+    pub fn verdict(&self, ok: bool, hold: Option<Duration>, gen: u64) -> Option<Transition> {
+        if ok {
+            self.success_since(gen)
+        } else {
+            self.failure_since(Instant::now(), hold, gen)
+        }
+    }
+
     /// The generation a request picked now belongs to.
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
@@ -280,13 +290,11 @@ impl pingora_core::services::background::BackgroundService for HealthChecker {
                 *due = now + check.interval;
                 for upstream in &route.upstreams {
                     let healthy = probe(&connector, route, upstream, check).await;
-                    let t = match healthy {
-                        Ok(_) => upstream.breaker.success(),
-                        Err(e) => {
-                            log::debug!("health check of {} failed: {e}", upstream.label());
-                            upstream.breaker.failure(Instant::now(), None)
-                        }
-                    };
+                    if let Err(e) = &healthy {
+                        log::debug!("health check of {} failed: {e}", upstream.label());
+                    }
+                    let b = &upstream.breaker;
+                    let t = b.verdict(healthy.is_ok(), None, b.generation());
                     if let Some(t) = t {
                         report(&self.metrics, &route.name, &upstream.label(), t);
                     }

@@ -414,13 +414,7 @@ impl RelayProxy {
         };
         a.upstream_judged = true;
         let upstream = &a.route.upstreams[a.pick.upstream];
-        let gen = a.pick.upstream_gen;
-        let t = if ok {
-            upstream.breaker.success_since(gen)
-        } else {
-            upstream.breaker.failure_since(Instant::now(), None, gen)
-        };
-        if let Some(t) = t {
+        if let Some(t) = upstream.breaker.verdict(ok, None, a.pick.upstream_gen) {
             let route = a.route.clone();
             self.report_transition(&route, &route.upstreams[a.pick.upstream].label(), t);
         }
@@ -436,13 +430,7 @@ impl RelayProxy {
             return;
         };
         a.key_judged = true;
-        let gen = a.pick.key_gen;
-        let t = if ok {
-            slot.breaker.success_since(gen)
-        } else {
-            slot.breaker.failure_since(Instant::now(), hold, gen)
-        };
-        if let Some(t) = t {
+        if let Some(t) = slot.breaker.verdict(ok, hold, a.pick.key_gen) {
             self.report_transition(&route, &slot.label, t);
         }
     }

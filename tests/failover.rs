@@ -15,6 +15,24 @@ fn control(mock: &MockProc, body: &str) {
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
 }
 
+/// A relay whose route `openai` has the upstreams `a` then `b`, with `extra` route fields.
+fn two_upstreams(a: &MockProc, b: &MockProc, extra: &str) -> RelayProc {
+    RelayProc::start(
+        &format!(
+            r#"routes:
+  - {{ name: openai, prefix: /openai/v1, provider: openai, upstreams: ["{a}/v1", "{b}/v1"],
+      {extra} }}
+tenants:
+  - {{ id: acme, key_sha256: ["{h}"] }}
+"#,
+            a = a.url(),
+            b = b.url(),
+            h = hash(TENANT_KEY)
+        ),
+        &[],
+    )
+}
+
 fn requests_of(mock: &MockProc) -> u64 {
     mock.stats()["requests"].as_u64().unwrap()
 }
@@ -51,20 +69,7 @@ fn until(relay: &RelayProc, what: &str, mut done: impl FnMut() -> bool) {
 fn a_flapping_upstream_is_routed_around_and_taken_back() {
     let a = MockProc::start(None);
     let b = MockProc::start(None);
-    let relay = RelayProc::start(
-        &format!(
-            r#"routes:
-  - {{ name: openai, prefix: /openai/v1, provider: openai, upstreams: ["{a}/v1", "{b}/v1"],
-      breaker: {{ failures: 2, open_for: 500ms }} }}
-tenants:
-  - {{ id: acme, key_sha256: ["{h}"] }}
-"#,
-            a = a.url(),
-            b = b.url(),
-            h = hash(TENANT_KEY)
-        ),
-        &[],
-    );
+    let relay = two_upstreams(&a, &b, "breaker: { failures: 2, open_for: 500ms }");
     let target_a = a.url().trim_start_matches("http://").to_string();
     for round in 0..2 {
         // A answers 500: its requests are retried on B, and after two it is set aside.
@@ -159,20 +164,11 @@ tenants:
 fn health_checks_set_a_failing_upstream_aside_without_client_traffic() {
     let a = MockProc::start(None);
     let b = MockProc::start(None);
-    let relay = RelayProc::start(
-        &format!(
-            r#"routes:
-  - {{ name: openai, prefix: /openai/v1, provider: openai, upstreams: ["{a}/v1", "{b}/v1"],
-      breaker: {{ failures: 2, open_for: 60s }},
-      health_check: {{ path: /v1/chat/completions, interval: 200ms, timeout: 1s }} }}
-tenants:
-  - {{ id: acme, key_sha256: ["{h}"] }}
-"#,
-            a = a.url(),
-            b = b.url(),
-            h = hash(TENANT_KEY)
-        ),
-        &[],
+    let relay = two_upstreams(
+        &a,
+        &b,
+        "breaker: { failures: 2, open_for: 60s },
+      health_check: { path: /v1/chat/completions, interval: 200ms, timeout: 1s }",
     );
     let target_a = a.url().trim_start_matches("http://").to_string();
     control(&a, r#"{"status": 503}"#);
