@@ -63,6 +63,9 @@ pub struct RequestCtx {
     /// Upstream attempts made so far, and how many are allowed.
     pub attempts: usize,
     max_attempts: usize,
+    /// Attempts sent again because their pooled connection was stale; they are not
+    /// counted against `max_attempts` (nothing reached the upstream), but are bounded.
+    stale_retries: u8,
     /// A refusal the relay answered itself.
     pub refusal: Option<RelayError>,
     pub upstream_status: Option<u16>,
@@ -99,6 +102,11 @@ pub struct RequestCtx {
 /// A reused upstream connection that fails this soon after its attempt began was stale
 /// (closed by the upstream while pooled), not working on the request.
 const STALE_POOLED_WITHIN: Duration = Duration::from_secs(1);
+
+/// How many stale pooled connections one request may meet before its error stands: each
+/// is sent again on top of the route's attempt budget, as a single-upstream route (budget
+/// one) must still survive an upstream closing idle keep-alive connections.
+const STALE_RETRIES: u8 = 2;
 
 /// One attempt's upstream and key. Dropping it (the next attempt, or the request's end)
 /// ends its in-flight count and frees a half-open probe that got no verdict.
@@ -163,6 +171,7 @@ impl RequestCtx {
             retry_status: None,
             attempts: 0,
             max_attempts: 1,
+            stale_retries: 0,
             refusal: None,
             upstream_status: None,
             ttfb: None,
@@ -970,26 +979,33 @@ impl ProxyHttp for RelayProxy {
             e.set_retry(ctx.attempts < ctx.max_attempts);
             return e;
         }
-        // A pooled connection the upstream had already closed fails before any response
-        // byte; the request was not processed, so it is sent again (on a new connection).
-        // Anything else may have started paid work upstream: never sent twice.
-        // A stale pooled connection fails at once; one that failed after a while may
-        // have been working on the request.
+        // A pooled connection the upstream had already closed fails at once, before any
+        // response byte: the request was not processed, so it is sent again on a new
+        // connection, even past the attempt budget. One that failed after a while may have
+        // been working on the request; anything else may have started paid work upstream
+        // and is never sent twice unless the route says so.
+        let stalled = ctx.stall.as_ref().and_then(StallGuard::fired).is_some();
         let stale_pooled = client_reused
+            && e.esource() == &ErrorSource::Upstream
             && ctx.upstream_status.is_none()
             && ctx.attempt_started.elapsed() < STALE_POOLED_WITHIN
-            && ctx.attempts < ctx.max_attempts
+            && ctx.stale_retries < STALE_RETRIES
             && !session.as_ref().retry_buffer_truncated()
-            && ctx.stall.as_ref().and_then(StallGuard::fired).is_none();
-        let stalled = ctx.stall.as_ref().and_then(StallGuard::fired).is_some();
-        if ctx.upstream_status.is_none() && !stale_pooled && e.esource() == &ErrorSource::Upstream {
+            && !stalled;
+        if stale_pooled {
+            ctx.stale_retries += 1;
+            ctx.max_attempts += 1;
+            let route = ctx.route.as_ref().expect("admitted");
+            self.metrics.upstream_failure(&route.name, "stale_pooled");
+            e.retry.decide_reuse(true);
+            return e;
+        }
+        if ctx.upstream_status.is_none() && e.esource() == &ErrorSource::Upstream {
             // It failed before answering: a mark against the upstream.
             self.judge_upstream(ctx, false);
         }
         let route = ctx.route.as_ref().expect("admitted");
-        if stale_pooled {
-            e.retry.decide_reuse(true);
-        } else if route.retry_after_send
+        if route.retry_after_send
             && !stalled
             && ctx.upstream_status.is_none()
             && ctx.attempts < ctx.max_attempts

@@ -247,3 +247,136 @@ tenants:
         );
     }
 }
+
+/// An upstream that answers the first request on each connection, keeps the connection
+/// open, and closes it when the next request arrives: at once (`close_after: None`, an
+/// idle keep-alive timeout racing the request) or after holding the request for a while
+/// (it may have been working on it). Counts every request it received.
+fn closes_reused_connections(
+    close_after: Option<Duration>,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = seen.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut s) = conn else { continue };
+            let seen = counter.clone();
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let mut b = [0u8; 4096];
+                for served in 0.. {
+                    // One request: its head, then the body its content-length announces.
+                    let (head_end, len) = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
+                            let len = head
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length:"))
+                                .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+                            break (i + 4, len);
+                        }
+                        match s.read(&mut b) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&b[..n]),
+                        }
+                    };
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    if served > 0 {
+                        if let Some(after) = close_after {
+                            std::thread::sleep(after);
+                        }
+                        return;
+                    }
+                    while buf.len() < head_end + len {
+                        match s.read(&mut b) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&b[..n]),
+                        }
+                    }
+                    buf.drain(..head_end + len);
+                    let body = br#"{"id":"c","object":"chat.completion","model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                        body.len()
+                    );
+                    if s.write_all(head.as_bytes()).is_err() || s.write_all(body).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+fn one_upstream(addr: std::net::SocketAddr) -> RelayProc {
+    RelayProc::start(
+        &format!(
+            r#"routes:
+  - {{ name: openai, prefix: /openai/v1, provider: openai, upstreams: ["http://{addr}/v1"] }}
+tenants:
+  - {{ id: acme, key_sha256: ["{h}"] }}
+"#,
+            h = hash(TENANT_KEY)
+        ),
+        &[],
+    )
+}
+
+fn plain_chat(relay: &RelayProc, id: &str) -> Response {
+    let auth = format!("Bearer {TENANT_KEY}");
+    request(
+        relay.addr,
+        "POST",
+        CHAT,
+        &[("authorization", &auth), ("x-request-id", id)],
+        &chat_body(false, false),
+    )
+}
+
+#[test]
+fn a_stale_pooled_connection_is_retried_even_with_one_upstream() {
+    let (addr, seen) = closes_reused_connections(None);
+    let relay = one_upstream(addr);
+    // The first request opens a connection the relay pools; each later one meets it (or
+    // the one its retry opened) closed by the upstream as the request arrives.
+    for i in 0..4 {
+        let r = plain_chat(&relay, &format!("stale-{i}"));
+        assert_eq!(r.status, 200, "{i}: {}", String::from_utf8_lossy(&r.body));
+        assert!(r.complete);
+    }
+    relay.metrics_with(
+        "stream_relay_upstream_failures_total{kind=\"stale_pooled\",route=\"openai\"} 3\n",
+    );
+    assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 7);
+    let rows = relay.rows_at_least(4);
+    for r in &rows {
+        assert_eq!(r["outcome"], "ok", "{r}");
+        let expected = if r["request_id"] == "stale-0" { 1 } else { 2 };
+        assert_eq!(r["attempts"], expected, "{r}");
+    }
+}
+
+#[test]
+fn a_reused_connection_that_held_the_request_is_not_sent_again() {
+    let (addr, seen) = closes_reused_connections(Some(Duration::from_millis(1500)));
+    let relay = one_upstream(addr);
+    let r = plain_chat(&relay, "first");
+    assert_eq!(r.status, 200);
+    // The upstream may have started paid work on it: the client gets the error.
+    let r = plain_chat(&relay, "held");
+    assert_eq!(r.status, 502, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["error"]["code"], "upstream_unavailable");
+    assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 2);
+    let rows = relay.rows_at_least(2);
+    let held = rows.iter().find(|r| r["request_id"] == "held").unwrap();
+    assert_eq!(held["attempts"], 1, "{held}");
+    assert_eq!(held["outcome"], "upstream_unavailable", "{held}");
+}
