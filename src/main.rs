@@ -74,11 +74,12 @@ fn run_relay(args: &[String], mut check_only: bool) -> ExitCode {
         ..Opt::default()
     };
     match server::build(&config, &conf, opt) {
-        Ok((server, rows_flushed)) => {
+        Ok((server, rows)) => {
             server.run(pingora_core::server::RunArgs::default());
-            // A fast shutdown does not wait for the row writer to save what it holds.
-            if !rows_flushed.wait(Duration::from_secs(10)) {
-                log::error!("the row writer did not finish saving its rows within 10s");
+            // The runtimes may still be dropping tasks (a fast shutdown does not wait): the
+            // requests they cut send their rows as they drop.
+            if let Err(e) = rows.finish(Duration::from_secs(10)) {
+                log::error!("{e}");
             }
             std::process::exit(0)
         }

@@ -11,7 +11,9 @@
 //!    deadline is checked.
 //! 6. `fail_to_connect` / `error_while_proxy`: which failures move to the next upstream.
 //! 7. `fail_to_proxy`: the error answer in the provider's shape.
-//! 8. `logging`: the one end-of-request sink, also for refusals and disconnects.
+//! 8. `logging`: the one end-of-request sink, also for refusals and disconnects. A
+//!    request whose task is dropped without it (a shutdown cut it, a panic) is ended by
+//!    the context's `Drop` instead, so that it too has its row.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -97,6 +99,46 @@ pub struct RequestCtx {
     /// Body bytes kept for the row (the route's `capture`).
     captured_request: Vec<u8>,
     captured_response: Vec<u8>,
+    /// The client's address, for a row written without the session (see `Drop`).
+    client_addr: Option<std::net::SocketAddr>,
+    /// The status of the response head sent to the client, once sent.
+    client_status: Option<u16>,
+    /// Taken by `logging`; still here when the request's task is dropped without it.
+    recorder: Option<Arc<Recorder>>,
+    /// Last field: the request counts as open (its row to come) until this drops.
+    _open: Option<crate::rows::OpenRequest>,
+}
+
+impl Drop for RequestCtx {
+    fn drop(&mut self) {
+        let Some(recorder) = self.recorder.take() else {
+            return;
+        };
+        if let Some(g) = &self.stall {
+            g.done();
+        }
+        let (outcome, detail) = if std::thread::panicking() {
+            ("internal_error", "the request's task panicked")
+        } else {
+            (
+                "shutdown",
+                "the relay stopped before the request ended (fast shutdown or end of the grace period)",
+            )
+        };
+        if self.request_id.is_empty() {
+            self.request_id = request_id::new_id();
+        }
+        recorder.record(
+            self,
+            End {
+                status: self.client_status.unwrap_or(0),
+                outcome,
+                detail: Some(&detail),
+                client_addr: self.client_addr.map(|a| a.to_string()),
+                user_agent: None,
+            },
+        );
+    }
 }
 
 /// A reused upstream connection that fails this soon after its attempt began was stale
@@ -192,6 +234,10 @@ impl RequestCtx {
             captured_response: Vec::new(),
             limits: Limits::default(),
             admission: None,
+            client_addr: None,
+            client_status: None,
+            recorder: None,
+            _open: None,
         }
     }
 }
@@ -327,6 +373,140 @@ pub fn outcome(ctx: &RequestCtx, e: Option<&Error>) -> &'static str {
     }
 }
 
+/// Ends each request in the metrics, the access log and its row.
+pub struct Recorder {
+    pub metrics: Arc<Metrics>,
+    pub pricing: Arc<Pricing>,
+    /// Hand-off of each request's row to the background writer.
+    pub rows: crate::rows::RowSender,
+    /// This relay's name in rows.
+    pub instance: Arc<str>,
+}
+
+/// How a request ended, as far as its record needs.
+struct End<'a> {
+    /// Of the response head the client got (0: none).
+    status: u16,
+    outcome: &'static str,
+    /// What went wrong, appended to the row's error kind.
+    detail: Option<&'a (dyn std::fmt::Display + Sync)>,
+    client_addr: Option<String>,
+    user_agent: Option<String>,
+}
+
+impl Recorder {
+    /// Metrics, access line and row of a request; returns its usage (for settlement).
+    fn record(&self, ctx: &RequestCtx, end: End<'_>) -> crate::tap::Usage {
+        let outcome = end.outcome;
+        let route = ctx.route.as_ref().map(|r| r.name.as_str()).unwrap_or("-");
+        let measure = ctx.tap.as_ref().map(|t| &t.measure);
+        let usage = measure.map(|m| m.usage).unwrap_or_default();
+        let requested = ctx.request_info.as_ref().and_then(|i| i.model.as_deref());
+        let answered = measure.and_then(|m| m.model.as_deref());
+        let (model, model_label) = accounted_model(&self.pricing, requested, answered);
+        let cost = model.and_then(|m| self.pricing.cost(m, &usage));
+        let audio = ctx.tap.as_ref().is_some_and(|t| t.kind() == TapKind::Audio);
+        let first_output = measure.and_then(|m| m.first_output);
+        let stream_error = measure.and_then(|m| m.stream_error.as_deref());
+        let error = if outcome != "ok" {
+            Some(outcome)
+        } else if ctx.upstream_status.is_some_and(|s| s >= 500) {
+            Some("upstream_5xx")
+        } else if ctx.upstream_status.is_some_and(|s| s >= 400) {
+            Some("upstream_4xx")
+        } else if stream_error.is_some() {
+            Some("stream_error")
+        } else {
+            None
+        };
+        let tenant = ctx.tenant.as_deref().unwrap_or("-");
+        self.metrics.request_done(&Finished {
+            route,
+            status: end.status,
+            outcome,
+            model: model_label,
+            tenant,
+            duration: ctx.start.elapsed(),
+            ttfb: ctx.ttfb,
+            first_output,
+            audio,
+            usage,
+            cost,
+            response_bytes: ctx.response_bytes,
+            error,
+        });
+        let ms = |d: Option<Duration>| d.map_or(-1.0, |d| d.as_secs_f64() * 1000.0);
+        let n = |v: Option<u64>| v.map_or(-1, |v| v as i64);
+        info!(
+            target: "access",
+            "{} tenant={} route={} model={} status={} outcome={} upstream_status={} attempts={} ttfb_ms={:.1} ttft_ms={:.1} duration_ms={:.1} tokens_in={} tokens_out={} tokens_cached={} tokens_reasoning={} cost_usd={} finish={} bytes={}",
+            ctx.request_id,
+            tenant,
+            route,
+            model.unwrap_or("-"),
+            end.status,
+            outcome,
+            ctx.upstream_status.unwrap_or(0),
+            ctx.attempts,
+            ms(ctx.ttfb),
+            ms(first_output),
+            ctx.start.elapsed().as_secs_f64() * 1000.0,
+            n(usage.input),
+            n(usage.output),
+            n(usage.cached_input),
+            n(usage.reasoning),
+            cost.map_or("unknown".to_string(), |c| format!("{c:.8}")),
+            measure.and_then(|m| m.finish_reason.as_deref()).unwrap_or("-"),
+            ctx.response_bytes,
+        );
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let route_ref = ctx.route.as_ref();
+        self.rows.send(Row {
+            request_id: ctx.request_id.clone(),
+            time_ms: ctx
+                .started_at
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            instance: self.instance.to_string(),
+            tenant: ctx.tenant.as_deref().map(str::to_string),
+            route: route_ref.map(|r| r.name.clone()),
+            provider: route_ref.map(|r| r.provider.as_str().into()),
+            model: model.map(str::to_string),
+            stream: ctx.request_info.as_ref().is_some_and(|i| i.stream),
+            status: end.status,
+            upstream_status: ctx.upstream_status,
+            outcome: outcome.into(),
+            error: error.map(|kind| match end.detail {
+                Some(detail) => format!("{kind}: {detail}"),
+                None => kind.to_string(),
+            }),
+            attempts: ctx.attempts as u32,
+            ttfb_ms: ctx.ttfb.map(ms),
+            ttft_ms: first_output.filter(|_| !audio).map(ms),
+            ttfa_ms: first_output.filter(|_| audio).map(ms),
+            max_gap_ms: measure.and_then(|m| m.max_gap).map(ms),
+            duration_ms: ms(ctx.start.elapsed()),
+            tokens_in: usage.input,
+            tokens_out: usage.output,
+            tokens_cached: usage.cached_input,
+            tokens_reasoning: usage.reasoning,
+            cost_usd: cost,
+            request_bytes: ctx.request_bytes,
+            response_bytes: ctx.response_bytes,
+            finish_reason: measure.and_then(|m| m.finish_reason.clone()),
+            client_addr: end.client_addr,
+            user_agent: end.user_agent,
+            request_body: route_ref
+                .filter(|r| r.capture.request > 0)
+                .map(|_| String::from_utf8_lossy(&ctx.captured_request).into_owned()),
+            response_body: route_ref
+                .filter(|r| r.capture.response > 0)
+                .map(|_| String::from_utf8_lossy(&ctx.captured_response).into_owned()),
+        });
+        usage
+    }
+}
+
 pub struct RelayProxy {
     pub routes: Arc<RouteTable>,
     /// What a client may send (head size, read timeouts).
@@ -338,10 +518,8 @@ pub struct RelayProxy {
     pub limiter: Arc<dyn Limiter>,
     /// Output tokens assumed for a request without `max_tokens`.
     pub default_max_tokens: u64,
-    /// Hand-off of each request's row to the background writer.
-    pub rows: crate::rows::RowSender,
-    /// This relay's name in rows.
-    pub instance: Arc<str>,
+    /// Where each request ends (shares `metrics` and `pricing`).
+    pub recorder: Arc<Recorder>,
 }
 
 /// The response header a non-streaming answer carries: the relay's own time, in
@@ -600,13 +778,17 @@ impl ProxyHttp for RelayProxy {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
-        RequestCtx::new(Instant::now())
+        let mut ctx = RequestCtx::new(Instant::now());
+        ctx._open = Some(self.recorder.rows.open_request());
+        ctx.recorder = Some(self.recorder.clone());
+        ctx
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         session
             .as_downstream_mut()
             .set_read_timeout(Some(self.input.client_read_timeout));
+        ctx.client_addr = session.client_addr().and_then(|a| a.as_inet()).copied();
         let req = session.req_header();
         ctx.request_id = req
             .headers
@@ -863,6 +1045,7 @@ impl ProxyHttp for RelayProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         upstream_response.insert_header(request_id::HEADER, ctx.request_id.as_str())?;
+        ctx.client_status = Some(upstream_response.status.as_u16());
         if let Some(a) = &ctx.admission {
             limits::append_headers(upstream_response, a.requests.as_ref(), a.tokens.as_ref())?;
         }
@@ -1065,117 +1248,23 @@ impl ProxyHttp for RelayProxy {
             .response_written()
             .map(|r| r.status.as_u16())
             .unwrap_or(0);
-        let outcome = outcome(ctx, e);
-        let route = ctx.route.as_ref().map(|r| r.name.as_str()).unwrap_or("-");
-        let measure = ctx.tap.as_ref().map(|t| &t.measure);
-        let usage = measure.map(|m| m.usage).unwrap_or_default();
-        let requested = ctx.request_info.as_ref().and_then(|i| i.model.as_deref());
-        let answered = measure.and_then(|m| m.model.as_deref());
-        let (model, model_label) = accounted_model(&self.pricing, requested, answered);
-        let cost = model.and_then(|m| self.pricing.cost(m, &usage));
-        let audio = ctx.tap.as_ref().is_some_and(|t| t.kind() == TapKind::Audio);
-        let first_output = measure.and_then(|m| m.first_output);
-        let stream_error = measure.and_then(|m| m.stream_error.as_deref());
-        let error = if outcome != "ok" {
-            Some(outcome)
-        } else if ctx.upstream_status.is_some_and(|s| s >= 500) {
-            Some("upstream_5xx")
-        } else if ctx.upstream_status.is_some_and(|s| s >= 400) {
-            Some("upstream_4xx")
-        } else if stream_error.is_some() {
-            Some("stream_error")
-        } else {
-            None
-        };
-        let tenant = ctx.tenant.as_deref().unwrap_or("-");
-        self.metrics.request_done(&Finished {
-            route,
-            status,
-            outcome,
-            model: model_label,
-            tenant,
-            duration: ctx.start.elapsed(),
-            ttfb: ctx.ttfb,
-            first_output,
-            audio,
-            usage,
-            cost,
-            response_bytes: ctx.response_bytes,
-            error,
-        });
-        let ms = |d: Option<Duration>| d.map_or(-1.0, |d| d.as_secs_f64() * 1000.0);
-        let n = |v: Option<u64>| v.map_or(-1, |v| v as i64);
-        info!(
-            target: "access",
-            "{} tenant={} route={} model={} status={} outcome={} upstream_status={} attempts={} ttfb_ms={:.1} ttft_ms={:.1} duration_ms={:.1} tokens_in={} tokens_out={} tokens_cached={} tokens_reasoning={} cost_usd={} finish={} bytes={}",
-            ctx.request_id,
-            tenant,
-            route,
-            model.unwrap_or("-"),
-            status,
-            outcome,
-            ctx.upstream_status.unwrap_or(0),
-            ctx.attempts,
-            ms(ctx.ttfb),
-            ms(first_output),
-            ctx.start.elapsed().as_secs_f64() * 1000.0,
-            n(usage.input),
-            n(usage.output),
-            n(usage.cached_input),
-            n(usage.reasoning),
-            cost.map_or("unknown".to_string(), |c| format!("{c:.8}")),
-            measure.and_then(|m| m.finish_reason.as_deref()).unwrap_or("-"),
-            ctx.response_bytes,
-        );
-        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-        let req = session.req_header();
-        let user_agent = req
+        let user_agent = session
+            .req_header()
             .headers
             .get(http::header::USER_AGENT)
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-        let route_ref = ctx.route.as_ref();
-        self.rows.send(Row {
-            request_id: ctx.request_id.clone(),
-            time_ms: ctx
-                .started_at
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
-            instance: self.instance.to_string(),
-            tenant: ctx.tenant.as_deref().map(str::to_string),
-            route: route_ref.map(|r| r.name.clone()),
-            provider: route_ref.map(|r| r.provider.as_str().into()),
-            model: model.map(str::to_string),
-            stream: ctx.request_info.as_ref().is_some_and(|i| i.stream),
+        let end = End {
             status,
-            upstream_status: ctx.upstream_status,
-            outcome: outcome.into(),
-            error: error.map(|kind| match e {
-                Some(e) => format!("{kind}: {e}"),
-                None => kind.to_string(),
-            }),
-            attempts: ctx.attempts as u32,
-            ttfb_ms: ctx.ttfb.map(ms),
-            ttft_ms: first_output.filter(|_| !audio).map(ms),
-            ttfa_ms: first_output.filter(|_| audio).map(ms),
-            max_gap_ms: measure.and_then(|m| m.max_gap).map(ms),
-            duration_ms: ms(ctx.start.elapsed()),
-            tokens_in: usage.input,
-            tokens_out: usage.output,
-            tokens_cached: usage.cached_input,
-            tokens_reasoning: usage.reasoning,
-            cost_usd: cost,
-            request_bytes: ctx.request_bytes,
-            response_bytes: ctx.response_bytes,
-            finish_reason: measure.and_then(|m| m.finish_reason.clone()),
+            outcome: outcome(ctx, e),
+            detail: e.map(|e| e as &(dyn std::fmt::Display + Sync)),
             client_addr: session.client_addr().map(|a| a.to_string()),
             user_agent,
-            request_body: route_ref
-                .filter(|r| r.capture.request > 0)
-                .map(|_| String::from_utf8_lossy(&ctx.captured_request).into_owned()),
-            response_body: route_ref
-                .filter(|r| r.capture.response > 0)
-                .map(|_| String::from_utf8_lossy(&ctx.captured_response).into_owned()),
-        });
+        };
+        let outcome = end.outcome;
+        let usage = match ctx.recorder.take() {
+            Some(recorder) => recorder.record(ctx, end),
+            None => Default::default(),
+        };
         // The open-stream gauge is released here, whatever ended the request.
         ctx.stream = None;
         if let Some(admission) = ctx.admission.take() {

@@ -47,7 +47,7 @@ pub fn build(
     config: &Config,
     config_path: &std::path::Path,
     opt: Opt,
-) -> Result<(Server, crate::rows::Flushed), String> {
+) -> Result<(Server, crate::rows::Ending), String> {
     let routes = Arc::new(RouteTable::new(&config.routes)?);
     for route in routes.iter() {
         if let RouteKey::Missing { reference } = &route.key {
@@ -80,7 +80,7 @@ pub fn build(
     let draining = Arc::new(Draining::default());
     let tenants = Arc::new(Tenants::new(TenantTable::new(&config.tenants)));
     let flushed = crate::rows::Flushed::default();
-    let row_sender = match &config.rows_clickhouse {
+    let (row_sender, write_late): (_, crate::rows::WriteLate) = match &config.rows_clickhouse {
         Some(ch) => {
             let (sender, rx) = crate::rows::channel(ch.queue, metrics.clone());
             let sink = crate::rows::clickhouse::ClickHouseSink::new(
@@ -90,7 +90,11 @@ pub fn build(
                 &flushed,
             );
             server.add_service(background_service("row writer", sink));
-            sender
+            let (ch, metrics) = (ch.clone(), metrics.clone());
+            (
+                sender,
+                Box::new(move |rows| crate::rows::clickhouse::write_late(&ch, rows, metrics)),
+            )
         }
         None => {
             let (sender, rx) = crate::rows::channel(config.rows_file_queue, metrics.clone());
@@ -101,24 +105,34 @@ pub fn build(
                 &flushed,
             );
             server.add_service(background_service("row writer", sink));
-            sender
+            let (file, metrics) = (config.rows_file.clone(), metrics.clone());
+            (
+                sender,
+                Box::new(move |rows| crate::rows::file::write_late(&file, &rows, &metrics)),
+            )
         }
     };
+    let ending = crate::rows::Ending::new(&row_sender, flushed, write_late);
     let cap_metrics = metrics.clone();
     let health_metrics = metrics.clone();
+    let pricing = Arc::new(config.pricing.clone());
     let proxy = RelayProxy {
         input: config.input_limits,
         routes: routes.clone(),
         tenants: tenants.clone(),
         metrics: metrics.clone(),
-        pricing: Arc::new(config.pricing.clone()),
+        pricing: pricing.clone(),
         limiter: match &config.redis {
             Some(r) => Arc::new(crate::limits::redis::RedisLimiter::new(r, metrics.clone())?),
             None => Arc::new(crate::limits::local::LocalLimiter::default()),
         },
         default_max_tokens: config.default_max_tokens,
-        rows: row_sender,
-        instance: Arc::from(config.instance.as_str()),
+        recorder: Arc::new(crate::proxy::Recorder {
+            metrics: metrics.clone(),
+            pricing,
+            rows: row_sender,
+            instance: Arc::from(config.instance.as_str()),
+        }),
     };
     let mut proxy_service =
         http_proxy_service_with_name(&server.configuration, proxy, "stream-relay proxy");
@@ -189,7 +203,7 @@ pub fn build(
         config.routes.len(),
         config.tenants.len()
     );
-    Ok((server, flushed))
+    Ok((server, ending))
 }
 
 /// The built-in mock provider as a background service of the relay (first-run demo).

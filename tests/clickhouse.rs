@@ -241,10 +241,10 @@ fn a_relay_stopped_mid_traffic_leaves_no_row_behind() {
     for (round, signal) in [(0, "-TERM"), (1, "-INT")] {
         let mut relay = RelayProc::start(&conf, &[]);
         // Under SIGTERM, streams still open when the signal comes finish in the grace
-        // period. (SIGINT is Pingora's fast shutdown: open requests are cut without a
-        // row, so none are open then.)
-        let open = if signal == "-TERM" { 3 } else { 0 };
-        let streams: Vec<_> = (0..open)
+        // period. SIGINT is Pingora's fast shutdown: its 10 s streams are cut, and their
+        // rows (outcome `shutdown`) come after the writer has stopped.
+        let chunks = if signal == "-TERM" { "10" } else { "200" };
+        let streams: Vec<_> = (0..3)
             .map(|i| {
                 let addr = relay.addr;
                 let auth = auth.clone();
@@ -257,7 +257,7 @@ fn a_relay_stopped_mid_traffic_leaves_no_row_behind() {
                         &[
                             ("authorization", &auth),
                             ("x-request-id", &id),
-                            ("x-mock-chunks", "10"),
+                            ("x-mock-chunks", chunks),
                             ("x-mock-interval-ms", "30"),
                         ],
                         &chat_body(true, false),
@@ -295,7 +295,12 @@ fn a_relay_stopped_mid_traffic_leaves_no_row_behind() {
     );
     wait_count(
         &ch,
-        "SELECT count() FROM relay_test.stream_logs WHERE request_id LIKE 'open-%'",
+        "SELECT count() FROM relay_test.stream_logs WHERE request_id LIKE 'open-0-%' AND outcome = 'ok'",
+        3,
+    );
+    wait_count(
+        &ch,
+        "SELECT count() FROM relay_test.stream_logs WHERE request_id LIKE 'open-1-%' AND outcome = 'shutdown' AND status = 200 AND response_bytes > 0",
         3,
     );
     assert_eq!(

@@ -214,3 +214,75 @@ fn sigterm_refuses_new_connections_and_finishes_open_streams() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Streams a shutdown cuts (a SIGTERM whose grace period ends first, a SIGINT) still get
+/// their rows, with what went out until then, each exactly once.
+#[test]
+fn streams_cut_by_a_shutdown_still_get_their_rows() {
+    for (signal, grace) in [("-TERM", 1), ("-INT", 5)] {
+        let mock = MockProc::start(None);
+        let mut relay = RelayProc::start_with_grace(&config(&mock), &[], grace);
+        let addr = relay.addr;
+        // Streams of 10 s, well past the grace period.
+        let streams: Vec<_> = (0..4)
+            .map(|i| {
+                std::thread::spawn(move || {
+                    let auth = format!("Bearer {TENANT_KEY}");
+                    let id = format!("cut-{i}");
+                    request(
+                        addr,
+                        "POST",
+                        "/openai/v1/chat/completions",
+                        &[
+                            ("authorization", &auth),
+                            ("x-request-id", &id),
+                            ("x-mock-chunks", "200"),
+                            ("x-mock-interval-ms", "50"),
+                        ],
+                        &chat_body(true, false),
+                    )
+                })
+            })
+            .collect();
+        mock.wait_stat("requests", 4, Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(300));
+        std::process::Command::new("kill")
+            .args([signal, &relay.proc.pid().to_string()])
+            .status()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while relay.proc.child.try_wait().unwrap().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "{signal}: the relay did not exit"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for s in streams {
+            let r = s.join().unwrap();
+            assert_eq!(r.status, 200, "{signal}");
+            assert!(!r.complete, "{signal}: the stream was not cut");
+        }
+        let rows = relay.rows();
+        for i in 0..4 {
+            let id = format!("cut-{i}");
+            let mine: Vec<_> = rows.iter().filter(|r| r["request_id"] == id).collect();
+            assert_eq!(mine.len(), 1, "{signal}: rows of {id}: {rows:?}");
+            let row = mine[0];
+            assert_eq!(row["outcome"], "shutdown", "{signal}: {row}");
+            assert_eq!(row["status"], 200, "{signal}: {row}");
+            assert_eq!(row["upstream_status"], 200, "{signal}: {row}");
+            assert!(
+                row["response_bytes"].as_u64().unwrap() > 0,
+                "{signal}: {row}"
+            );
+            assert!(row["ttft_ms"].as_f64().is_some(), "{signal}: {row}");
+            assert!(
+                row["tokens_out"].is_null(),
+                "{signal}: no usage made up: {row}"
+            );
+            assert_eq!(row["tenant"], "acme", "{signal}: {row}");
+            assert!(row["client_addr"].is_string(), "{signal}: {row}");
+        }
+    }
+}

@@ -300,6 +300,24 @@ impl BackgroundService for ClickHouseSink {
     }
 }
 
+/// Spools rows once the writer has stopped (see [`super::Ending`]); the next relay on
+/// this spool directory writes them to ClickHouse.
+pub fn write_late(config: &ClickHouseConfig, rows: Vec<Row>, metrics: Arc<Metrics>) {
+    let n = rows.len() as u64;
+    match Spool::open(&config.spool_dir, config.spool_max_bytes, metrics.clone()) {
+        Ok(mut spool) => {
+            spool.append(&Batch::new(rows));
+        }
+        Err(e) => {
+            metrics.rows_dropped(n);
+            error!(
+                "cannot open the row spool {} at exit: {e}; {n} rows dropped",
+                config.spool_dir.display()
+            );
+        }
+    }
+}
+
 fn spool_batch(spool: &Mutex<Option<Spool>>, metrics: &Metrics, batch: &Batch) {
     match lock(spool).as_mut() {
         Some(s) => {
@@ -350,8 +368,8 @@ impl Batcher {
 
 impl Drop for Batcher {
     fn drop(&mut self) {
-        // Closed first: a row sent after this is refused and counted as dropped by the
-        // sender, never left unseen in the queue.
+        // Closed first: a row sent after this is kept by the sender for `Ending`, never
+        // left unseen in the queue.
         self.rx.close();
         while let Ok(row) = self.rx.try_recv() {
             self.metrics.rows_dequeued(1);

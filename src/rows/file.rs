@@ -110,6 +110,27 @@ impl RowFile {
     }
 }
 
+/// Appends rows to the file once the writer has stopped (see [`super::Ending`]).
+pub fn write_late(config: &FileSinkConfig, rows: &[Row], metrics: &Metrics) {
+    let written = RowFile::open(config.clone()).and_then(|mut f| {
+        for row in rows {
+            f.write(&row.to_json_line())?;
+        }
+        f.flush()
+    });
+    match written {
+        Ok(()) => metrics.rows_written("file", rows.len() as u64),
+        Err(e) => {
+            metrics.rows_dropped(rows.len() as u64);
+            error!(
+                "cannot write {} rows to {} at exit: {e}",
+                rows.len(),
+                config.path.display()
+            );
+        }
+    }
+}
+
 pub fn rotated_path(path: &Path, n: usize) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(format!(".{n}"));
@@ -142,7 +163,7 @@ impl Writer {
     }
 
     fn drain(&mut self) {
-        // Closed first: a row sent after this is refused and counted by the sender.
+        // Closed first: a row sent after this is kept by the sender for `Ending`.
         self.rx.close();
         while let Ok(row) = self.rx.try_recv() {
             self.write(&row);

@@ -8,7 +8,7 @@ pub mod file;
 pub mod schema;
 pub mod spool;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,23 +23,59 @@ pub struct RowSender {
     tx: mpsc::Sender<Row>,
     metrics: Arc<Metrics>,
     full_logged: AtomicBool,
+    late: Arc<Late>,
+}
+
+/// What the writer cannot see at the very end: rows sent after it stopped taking them (the
+/// requests a shutdown cut, whose tasks are dropped as the runtimes stop), and how many
+/// requests may still send one.
+#[derive(Default)]
+struct Late {
+    rows: Mutex<Vec<Row>>,
+    open: AtomicUsize,
 }
 
 impl RowSender {
-    /// Never waits. A row that finds the queue full is counted as dropped.
+    /// Never waits. A row that finds the queue full is counted as dropped; one that finds
+    /// the writer gone is kept for [`Ending::finish`].
     pub fn send(&self, row: Row) {
         match self.tx.try_send(row) {
             Ok(()) => {
                 self.metrics.rows_queued(1);
                 self.full_logged.store(false, Ordering::Relaxed);
             }
-            Err(_) => {
+            Err(mpsc::error::TrySendError::Closed(row)) => {
+                // Bounded like the queue, should the writer ever stop before the end.
+                let mut late = self.late.rows.lock().expect("late rows lock");
+                if late.len() < self.tx.max_capacity() {
+                    late.push(row);
+                } else {
+                    self.metrics.rows_dropped(1);
+                }
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
                 self.metrics.rows_dropped(1);
                 if !self.full_logged.swap(true, Ordering::Relaxed) {
                     warn!("row queue full: rows are being dropped (counted in stream_relay_rows_dropped_total)");
                 }
             }
         }
+    }
+
+    /// Counts a request as open until the guard drops: at exit, [`Ending::finish`] waits
+    /// for every open request's row.
+    pub fn open_request(&self) -> OpenRequest {
+        self.late.open.fetch_add(1, Ordering::Relaxed);
+        OpenRequest(self.late.clone())
+    }
+}
+
+/// A request whose row is still to come.
+pub struct OpenRequest(Arc<Late>);
+
+impl Drop for OpenRequest {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Release);
     }
 }
 
@@ -51,9 +87,59 @@ pub fn channel(queue: usize, metrics: Arc<Metrics>) -> (RowSender, mpsc::Receive
             tx,
             metrics,
             full_logged: AtomicBool::new(false),
+            late: Arc::default(),
         },
         rx,
     )
+}
+
+/// Writes rows synchronously where the sink keeps them, once its writer has stopped.
+pub type WriteLate = Box<dyn FnOnce(Vec<Row>) + Send>;
+
+/// What `main` does once the server has stopped, so that no row is lost at exit: wait
+/// for the requests still open (a shutdown drops their tasks, and each sends its row as it
+/// drops), wait for the writer to save what it holds, then write the rows that came after
+/// the writer stopped.
+pub struct Ending {
+    flushed: Flushed,
+    late: Arc<Late>,
+    write_late: WriteLate,
+}
+
+impl Ending {
+    pub fn new(sender: &RowSender, flushed: Flushed, write_late: WriteLate) -> Ending {
+        Ending {
+            flushed,
+            late: sender.late.clone(),
+            write_late,
+        }
+    }
+
+    /// Returns what could not be waited for within `max`, if anything.
+    pub fn finish(self, max: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + max;
+        let mut open = self.late.open.load(Ordering::Acquire);
+        while open > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+            open = self.late.open.load(Ordering::Acquire);
+        }
+        let saved = self
+            .flushed
+            .wait(deadline.saturating_duration_since(Instant::now()));
+        let rows = std::mem::take(&mut *self.late.rows.lock().expect("late rows lock"));
+        if !rows.is_empty() {
+            (self.write_late)(rows);
+        }
+        match (open, saved) {
+            (0, true) => Ok(()),
+            (0, false) => Err(format!(
+                "the row writer did not finish saving its rows within {max:?}"
+            )),
+            (n, _) => Err(format!(
+                "{n} requests were still open {max:?} after the server stopped; their rows are lost"
+            )),
+        }
+    }
 }
 
 /// Lets `main` wait, once the server has stopped, until the row writer has put its last
