@@ -407,6 +407,10 @@ pub struct RawListen {
     /// Request line and headers together; larger heads get 431. Default 32768.
     #[serde(default)]
     pub max_header_bytes: Option<usize>,
+    /// Longest time from accept to a connection's whole first request head; later gets
+    /// 408 (nothing at all: closed quietly). Default `10s`.
+    #[serde(default)]
+    pub head_timeout: Option<String>,
     /// Longest wait for one read from a client. Default `30s`.
     #[serde(default)]
     pub client_read_timeout: Option<String>,
@@ -999,7 +1003,8 @@ impl RawConfig {
         };
         let l = &self.listen;
         let listen_dur = |key: &str, v: &Option<String>| -> Result<Duration, ConfigError> {
-            let d = parse_duration(v.as_deref().unwrap_or("30s"))
+            let default = if key == "head_timeout" { "10s" } else { "30s" };
+            let d = parse_duration(v.as_deref().unwrap_or(default))
                 .map_err(|m| err(format!("listen.{key}"), m))?;
             if d.is_zero() {
                 return Err(err(format!("listen.{key}"), "must be more than zero"));
@@ -1014,6 +1019,7 @@ impl RawConfig {
                 Some(n) => n,
                 None => 32 * 1024,
             },
+            head_timeout: listen_dur("head_timeout", &l.head_timeout)?,
             client_read_timeout: listen_dur("client_read_timeout", &l.client_read_timeout)?,
             body_read_timeout: listen_dur("body_read_timeout", &l.body_read_timeout)?,
         };

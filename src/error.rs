@@ -50,6 +50,8 @@ pub enum RelayError {
     InvalidJson,
     /// The body did not arrive within `listen.body_read_timeout`.
     BodyTimeout,
+    /// The request line and headers did not arrive whole within `listen.head_timeout`.
+    HeadTimeout,
     NoRoute,
     MissingKey,
     InvalidKey,
@@ -79,7 +81,7 @@ impl RelayError {
         match self {
             RelayError::BadRequest | RelayError::InvalidJson => 400,
             RelayError::MethodNotAllowed => 405,
-            RelayError::BodyTimeout => 408,
+            RelayError::BodyTimeout | RelayError::HeadTimeout => 408,
             RelayError::BodyTooLarge { .. } => 413,
             RelayError::HeadersTooLarge => 431,
             RelayError::NoRoute => 404,
@@ -102,6 +104,7 @@ impl RelayError {
             RelayError::BodyTooLarge { .. } => "body_too_large",
             RelayError::InvalidJson => "invalid_json",
             RelayError::BodyTimeout => "body_timeout",
+            RelayError::HeadTimeout => "head_timeout",
             RelayError::NoRoute => "no_route",
             RelayError::MissingKey => "missing_key",
             RelayError::InvalidKey => "invalid_key",
@@ -129,6 +132,7 @@ impl RelayError {
                 "The request body is not valid JSON (it must be UTF-8 encoded JSON).".into()
             }
             RelayError::BodyTimeout => "The request body did not arrive in time.".into(),
+            RelayError::HeadTimeout => "The request headers did not arrive in time.".into(),
             RelayError::NoRoute => "No route serves this path on the relay.".into(),
             RelayError::MissingKey => {
                 "No API key was provided: send it as `Authorization: Bearer KEY` or `x-api-key: KEY`.".into()
@@ -170,7 +174,9 @@ impl RelayError {
             RelayError::HeadersTooLarge => ("invalid_request_error", "headers_too_large"),
             RelayError::BodyTooLarge { .. } => ("invalid_request_error", "request_too_large"),
             RelayError::InvalidJson => ("invalid_request_error", "invalid_json"),
-            RelayError::BodyTimeout => ("invalid_request_error", "request_timeout"),
+            RelayError::BodyTimeout | RelayError::HeadTimeout => {
+                ("invalid_request_error", "request_timeout")
+            }
             RelayError::NoRoute => ("invalid_request_error", "unknown_url"),
             RelayError::MissingKey => ("invalid_request_error", "missing_api_key"),
             RelayError::InvalidKey => ("invalid_request_error", "invalid_api_key"),
@@ -192,7 +198,8 @@ impl RelayError {
             | RelayError::MethodNotAllowed
             | RelayError::HeadersTooLarge
             | RelayError::InvalidJson
-            | RelayError::BodyTimeout => "invalid_request_error",
+            | RelayError::BodyTimeout
+            | RelayError::HeadTimeout => "invalid_request_error",
             RelayError::BodyTooLarge { .. } => "request_too_large",
             RelayError::NoRoute => "not_found_error",
             RelayError::MissingKey | RelayError::InvalidKey => "authentication_error",
@@ -275,6 +282,7 @@ mod tests {
             RelayError::BodyTooLarge { max: 1 },
             RelayError::InvalidJson,
             RelayError::BodyTimeout,
+            RelayError::HeadTimeout,
             RelayError::NoRoute,
             RelayError::MissingKey,
             RelayError::InvalidKey,
@@ -293,7 +301,10 @@ mod tests {
         let statuses: Vec<u16> = all.iter().map(|e| e.status()).collect();
         assert_eq!(
             statuses,
-            [400, 405, 431, 413, 400, 408, 404, 401, 401, 403, 429, 503, 503, 502, 504, 504, 500]
+            [
+                400, 405, 431, 413, 400, 408, 408, 404, 401, 401, 403, 429, 503, 503, 502, 504,
+                504, 500
+            ]
         );
         let mut kinds: Vec<&str> = all.iter().map(|e| e.kind()).collect();
         kinds.dedup();

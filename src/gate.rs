@@ -15,6 +15,8 @@ use crate::error::RelayError;
 pub struct InputLimits {
     /// Request line and headers together.
     pub max_header_bytes: usize,
+    /// Longest time from accept to a connection's whole first request head.
+    pub head_timeout: Duration,
     /// Longest wait for one read from a client (Pingora's per-read timeout).
     pub client_read_timeout: Duration,
     /// Longest time to receive a whole body the relay reads before choosing an upstream.
@@ -25,6 +27,7 @@ impl Default for InputLimits {
     fn default() -> Self {
         InputLimits {
             max_header_bytes: 32 * 1024,
+            head_timeout: Duration::from_secs(10),
             client_read_timeout: Duration::from_secs(30),
             body_read_timeout: Duration::from_secs(30),
         }

@@ -11,6 +11,7 @@ pub mod conncap;
 pub mod cost;
 pub mod error;
 pub mod gate;
+pub mod headgate;
 pub mod health;
 pub mod limits;
 pub mod metrics;

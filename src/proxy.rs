@@ -118,7 +118,7 @@ impl Drop for RequestCtx {
             g.done();
         }
         let (outcome, detail) = if std::thread::panicking() {
-            ("internal_error", "the request's task panicked")
+            ("internal", "the request's task panicked")
         } else {
             (
                 "shutdown",
@@ -383,6 +383,17 @@ pub struct Recorder {
     pub instance: Arc<str>,
 }
 
+/// What is known of a request refused before its head was whole.
+pub struct RefusedHead {
+    pub request_id: String,
+    /// When its connection was accepted.
+    pub start: Instant,
+    pub started_at: SystemTime,
+    /// The route its path names, when the request line arrived.
+    pub route: Option<Arc<Route>>,
+    pub client_addr: Option<std::net::SocketAddr>,
+}
+
 /// How a request ended, as far as its record needs.
 struct End<'a> {
     /// Of the response head the client got (0: none).
@@ -395,6 +406,26 @@ struct End<'a> {
 }
 
 impl Recorder {
+    /// A request the relay refused before its head was whole (see [`crate::headgate`]):
+    /// its metrics, access line and row.
+    pub fn refused_head(&self, refusal: RelayError, head: RefusedHead) {
+        let mut ctx = RequestCtx::new(head.start);
+        ctx.started_at = head.started_at;
+        ctx.request_id = head.request_id;
+        ctx.route = head.route;
+        ctx.client_addr = head.client_addr;
+        let status = refusal.status();
+        ctx.refusal = Some(refusal);
+        let end = End {
+            status,
+            outcome: outcome(&ctx, None),
+            detail: None,
+            client_addr: head.client_addr.map(|a| a.to_string()),
+            user_agent: None,
+        };
+        self.record(&ctx, end);
+    }
+
     /// Metrics, access line and row of a request; returns its usage (for settlement).
     fn record(&self, ctx: &RequestCtx, end: End<'_>) -> crate::tap::Usage {
         let outcome = end.outcome;

@@ -12,7 +12,7 @@ use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::{Server, ShutdownWatch};
 use pingora_core::services::background::{background_service, BackgroundService};
 use pingora_core::services::listening::Service;
-use pingora_proxy::http_proxy_service_with_name;
+use pingora_proxy::http_proxy;
 
 use crate::admin::{Admin, DrainWatch, Draining};
 use crate::auth::TenantTable;
@@ -116,6 +116,12 @@ pub fn build(
     let cap_metrics = metrics.clone();
     let health_metrics = metrics.clone();
     let pricing = Arc::new(config.pricing.clone());
+    let recorder = Arc::new(crate::proxy::Recorder {
+        metrics: metrics.clone(),
+        pricing: pricing.clone(),
+        rows: row_sender,
+        instance: Arc::from(config.instance.as_str()),
+    });
     let proxy = RelayProxy {
         input: config.input_limits,
         routes: routes.clone(),
@@ -127,15 +133,16 @@ pub fn build(
             None => Arc::new(crate::limits::local::LocalLimiter::default()),
         },
         default_max_tokens: config.default_max_tokens,
-        recorder: Arc::new(crate::proxy::Recorder {
-            metrics: metrics.clone(),
-            pricing,
-            rows: row_sender,
-            instance: Arc::from(config.instance.as_str()),
-        }),
+        recorder: recorder.clone(),
     };
-    let mut proxy_service =
-        http_proxy_service_with_name(&server.configuration, proxy, "stream-relay proxy");
+    let gate = crate::headgate::HeadGate::new(
+        http_proxy(&server.configuration, proxy),
+        config.input_limits.head_timeout,
+        config.input_limits.max_header_bytes,
+        routes.clone(),
+        recorder,
+    );
+    let mut proxy_service = Service::new("stream-relay proxy".to_string(), gate);
     proxy_service.add_listener(
         ListenerConfig::tcp(config.proxy_listen.as_str())
             .l4_buffer(L4BufferSettings::default().read(config.proxy_read_buffer)),

@@ -446,3 +446,79 @@ fn a_flood_of_idle_connections_is_capped_and_the_relay_recovers() {
     );
     assert_eq!(r.status, 200);
 }
+
+/// A request head that trickles in gets 408 in its route's shape once `head_timeout` has
+/// passed since accept (Pingora alone times out each read, so a byte every 100 ms would
+/// hold the connection for good); a connection that sends nothing is closed quietly.
+#[test]
+fn a_trickling_request_head_gets_408_at_the_head_deadline() {
+    let mock = MockProc::start(None);
+    let relay = RelayProc::start_with_listen(&config(&mock), "  head_timeout: 1s\n");
+    let mut idle = TcpStream::connect(relay.addr).unwrap();
+    let mut s = TcpStream::connect(relay.addr).unwrap();
+    s.set_nodelay(true).unwrap();
+    // The request line and the id at once, the rest a byte at a time.
+    let first = head("POST", "/anthropic/v1/messages", "trickle", "");
+    let first = &first[..first.len() - 2];
+    s.write_all(first).unwrap();
+    let rest = b"anthropic-version: 2023-06-01\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}".to_vec();
+    let mut writer = s.try_clone().unwrap();
+    let dripping = std::thread::spawn(move || {
+        for b in rest {
+            if writer.write_all(&[b]).is_err() {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        true
+    });
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    assert!(text.starts_with("HTTP/1.1 408 "), "{text}");
+    assert!(
+        !dripping.join().unwrap(),
+        "the whole head was sent before the answer: {text}"
+    );
+    let body = text.split_once("\r\n\r\n").unwrap().1;
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(v["type"], "error", "{body}");
+    assert_eq!(v["error"]["type"], "invalid_request_error", "{body}");
+    assert!(
+        text.to_ascii_lowercase().contains("x-request-id: trickle"),
+        "{text}"
+    );
+
+    // The idle connection was closed without an answer.
+    idle.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut b = [0u8; 16];
+    assert!(
+        matches!(idle.read(&mut b), Ok(0)),
+        "idle connection still open"
+    );
+
+    let rows = relay.rows_at_least(1);
+    assert_eq!(
+        rows.len(),
+        1,
+        "one row, none for the idle connection: {rows:?}"
+    );
+    assert_eq!(rows[0]["request_id"], "trickle");
+    assert_eq!(rows[0]["outcome"], "head_timeout");
+    assert_eq!(rows[0]["status"], 408);
+    assert_eq!(rows[0]["route"], "anthropic");
+    assert!(rows[0]["client_addr"].is_string());
+
+    // Everyone else is served meanwhile and after.
+    let auth = format!("Bearer {TENANT_KEY}");
+    let r = request(
+        relay.addr,
+        "POST",
+        CHAT,
+        &[("authorization", &auth)],
+        &chat_body(false, false),
+    );
+    assert_eq!(r.status, 200);
+}

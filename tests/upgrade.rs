@@ -286,3 +286,43 @@ fn streams_cut_by_a_shutdown_still_get_their_rows() {
         }
     }
 }
+
+/// A connection accepted just before SIGTERM whose request comes just after is served in
+/// the grace period: Pingora on its own drops connections still waiting for a request
+/// when shutdown starts, which loses this one (and, in an upgrade, requests on their way
+/// to the old process).
+#[test]
+fn a_request_on_a_connection_accepted_before_sigterm_is_served() {
+    let mock = MockProc::start(None);
+    let mut relay = RelayProc::start_with_grace(&config(&mock), &[], 3);
+    let mut s = std::net::TcpStream::connect(relay.addr).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    std::process::Command::new("kill")
+        .args(["-TERM", &relay.proc.pid().to_string()])
+        .status()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let auth = format!("Bearer {TENANT_KEY}");
+    use std::io::Write;
+    s.write_all(&build_request(
+        "POST",
+        "/openai/v1/chat/completions",
+        &[("authorization", &auth), ("x-request-id", "late-comer")],
+        &chat_body(false, false),
+    ))
+    .unwrap();
+    let r = read_response(&mut s, Instant::now(), Duration::from_secs(10), usize::MAX);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert!(r.complete);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while relay.proc.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the relay did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let rows = relay.rows();
+    let row = rows
+        .iter()
+        .find(|r| r["request_id"] == "late-comer")
+        .unwrap();
+    assert_eq!(row["outcome"], "ok", "{row}");
+}
