@@ -72,12 +72,34 @@ enum Head {
     Late,
 }
 
-/// Where a head ends: the blank line after the headers, with CRLF or bare LF line ends
-/// (both of which Pingora's parser accepts). `from` is where new bytes start.
-fn head_complete(buf: &[u8], from: usize) -> bool {
-    let from = from.saturating_sub(2);
-    let new = &buf[from..];
-    memchr::memmem::find(new, b"\n\r\n").is_some() || memchr::memmem::find(new, b"\n\n").is_some()
+/// Tracks where a head ends as its bytes arrive, in time linear in its length: at the
+/// blank line after the headers, with CRLF or bare LF line ends (both of which Pingora's
+/// parser accepts). Blank lines before the request line are skipped, as the parser does,
+/// so they cannot pass for the end of the head.
+#[derive(Default)]
+struct HeadEnd {
+    /// Bytes of blank lines before the request line.
+    leading: usize,
+    /// Bytes already looked at.
+    seen: usize,
+}
+
+impl HeadEnd {
+    /// Whether `buf` (the bytes so far; those past `seen` are new) holds a whole head.
+    fn whole(&mut self, buf: &[u8]) -> bool {
+        if self.leading == self.seen {
+            self.leading += buf[self.seen..]
+                .iter()
+                .take_while(|&&b| b == b'\r' || b == b'\n')
+                .count();
+        }
+        // A terminator may start up to two bytes before the new ones.
+        let from = self.seen.saturating_sub(2).max(self.leading);
+        self.seen = buf.len();
+        let tail = &buf[from..];
+        memchr::memmem::find(tail, b"\n\r\n").is_some()
+            || memchr::memmem::find(tail, b"\n\n").is_some()
+    }
 }
 
 /// Reads into `buf` until the head is whole, the client goes, `max_bytes` pass or
@@ -88,11 +110,11 @@ async fn read_head(
     max_bytes: usize,
     deadline: tokio::time::Instant,
 ) -> Head {
+    let mut end = HeadEnd::default();
     loop {
         if buf.capacity() - buf.len() < 512 {
             buf.reserve(4096);
         }
-        let before = buf.len();
         match tokio::time::timeout_at(deadline, stream.read_buf(buf)).await {
             Err(_) => return Head::Late,
             Ok(Err(e)) => {
@@ -101,7 +123,7 @@ async fn read_head(
             }
             Ok(Ok(0)) => return Head::Gone,
             Ok(Ok(_)) => {
-                if head_complete(buf, before) {
+                if end.whole(buf) {
                     return Head::Whole;
                 }
                 if buf.len() > max_bytes {
@@ -142,7 +164,7 @@ fn client_request_id(head: &[u8]) -> Option<String> {
 }
 
 impl<A> HeadGate<A> {
-    /// Answers a refused head on the raw connection and records it.
+    /// Records a refused head, then answers it on the raw connection.
     async fn refuse(
         &self,
         stream: &mut L4Stream,
@@ -159,6 +181,24 @@ impl<A> HeadGate<A> {
         let request_id = client_request_id(head).unwrap_or_else(crate::request_id::new_id);
         let body = error.body(shape);
         let status = error.status();
+        let client_addr = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied());
+        // The row first, while the request counts as open: a shutdown that drops this
+        // task during the answer loses nothing.
+        {
+            let _open = self.recorder.rows.open_request();
+            self.recorder.refused_head(
+                error,
+                RefusedHead {
+                    request_id: request_id.clone(),
+                    start: accepted.at,
+                    started_at: accepted.wall,
+                    route,
+                    client_addr,
+                },
+            );
+        }
         let reason = http::StatusCode::from_u16(status)
             .ok()
             .and_then(|s| s.canonical_reason())
@@ -170,25 +210,25 @@ impl<A> HeadGate<A> {
         )
         .into_bytes();
         out.extend_from_slice(&body);
-        // A client that does not read its answer does not hold the task.
+        // Bounded: a client that neither reads its answer nor stops sending does not hold
+        // the task. Closing with its bytes unread would reset the connection, and the
+        // client could miss the answer: the write side is shut first and what it still
+        // sends is read off for a moment.
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
             stream.write_all(&out).await?;
-            stream.flush().await
+            stream.flush().await?;
+            stream.shutdown().await?;
+            let mut sink = [0u8; 4096];
+            let mut drained = 0;
+            while drained < 64 * 1024 {
+                match stream.read(&mut sink).await? {
+                    0 => break,
+                    n => drained += n,
+                }
+            }
+            Ok::<_, std::io::Error>(())
         })
         .await;
-        let client_addr = stream
-            .get_socket_digest()
-            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied());
-        self.recorder.refused_head(
-            error,
-            RefusedHead {
-                request_id,
-                start: accepted.at,
-                started_at: accepted.wall,
-                route,
-                client_addr,
-            },
-        );
     }
 }
 
@@ -232,7 +272,9 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeadGate<A> {
             }
             Head::Late => {
                 // Nothing at all is an idle connection, not a request: closed quietly.
-                if !buf.is_empty() {
+                if buf.is_empty() {
+                    self.recorder.metrics.connection_idle_closed();
+                } else {
                     self.refuse(&mut l4, &buf, RelayError::HeadTimeout, accepted)
                         .await;
                 }
@@ -250,18 +292,46 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeadGate<A> {
 mod tests {
     use super::*;
 
+    /// Feeds `parts` as successive reads; the read at which the head was whole.
+    fn whole_at(parts: &[&[u8]]) -> Option<usize> {
+        let mut end = HeadEnd::default();
+        let mut buf = Vec::new();
+        for (i, p) in parts.iter().enumerate() {
+            buf.extend_from_slice(p);
+            if end.whole(&buf) {
+                return Some(i);
+            }
+        }
+        None
+    }
+
     #[test]
     fn heads_end_at_the_blank_line_with_either_line_end() {
-        assert!(head_complete(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", 0));
-        assert!(head_complete(b"GET / HTTP/1.1\nHost: a\n\n", 0));
-        assert!(!head_complete(b"GET / HTTP/1.1\r\nHost: a\r\n", 0));
-        // The blank line split across two reads.
+        assert_eq!(whole_at(&[b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"]), Some(0));
+        assert_eq!(whole_at(&[b"GET / HTTP/1.1\nHost: a\n\n"]), Some(0));
+        assert_eq!(whole_at(&[b"GET / HTTP/1.1\r\nHost: a\r\n"]), None);
+        // Every split of a head into two reads, and a byte per read.
         let head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
         for cut in 1..head.len() {
-            let complete = head_complete(head, cut);
-            assert!(complete, "cut at {cut}");
+            assert_eq!(
+                whole_at(&[&head[..cut], &head[cut..]]),
+                Some(1),
+                "cut at {cut}"
+            );
         }
-        assert!(!head_complete(b"POST / HTTP/1.1\r\nA: b\r\n", 20));
+        let bytes: Vec<&[u8]> = head.chunks(1).collect();
+        assert_eq!(whole_at(&bytes), Some(head.len() - 1));
+    }
+
+    #[test]
+    fn blank_lines_before_the_request_line_are_not_its_end() {
+        assert_eq!(whole_at(&[b"\r\n\r\n\n"]), None);
+        assert_eq!(whole_at(&[b"\r\n", b"\r\n", b"\n\n"]), None);
+        assert_eq!(
+            whole_at(&[b"\r\n\r\n", b"GET / HTTP/1.1\r\n", b"Host: a\r\n\r\n"]),
+            Some(2)
+        );
+        assert_eq!(whole_at(&[b"\r\n\r\nGET / HTTP/1.1\r\n\r\n"]), Some(0));
     }
 
     #[test]

@@ -56,6 +56,7 @@ pub struct Metrics {
     breaker_state: IntGaugeVec,
     breaker_transitions: IntCounterVec,
     connections_refused: IntCounterVec,
+    connections_idle_closed: prometheus::IntCounter,
     client_connections: IntGauge,
     tenant_label: bool,
 }
@@ -212,8 +213,17 @@ impl Metrics {
         registry
             .register(Box::new(client_connections.clone()))
             .expect("unique metric");
+        let connections_idle_closed = prometheus::IntCounter::new(
+            "stream_relay_connections_idle_closed_total",
+            "Client connections closed at listen.head_timeout without having sent a byte.",
+        )
+        .expect("metric");
+        registry
+            .register(Box::new(connections_idle_closed.clone()))
+            .expect("unique metric");
         let metrics = Metrics {
             client_connections,
+            connections_idle_closed,
             connections_refused: counter(
                 "stream_relay_connections_refused_total",
                 "Client connections closed at accept because a cap was reached, by cap (total, per_address).",
@@ -385,6 +395,10 @@ impl Metrics {
 
     pub fn clickhouse_failure(&self, kind: &str) {
         self.clickhouse_failures.with_label_values(&[kind]).inc();
+    }
+
+    pub fn connection_idle_closed(&self) {
+        self.connections_idle_closed.inc();
     }
 
     pub fn connection_refused(&self, cap: &str) {

@@ -455,6 +455,9 @@ fn a_trickling_request_head_gets_408_at_the_head_deadline() {
     let mock = MockProc::start(None);
     let relay = RelayProc::start_with_listen(&config(&mock), "  head_timeout: 1s\n");
     let mut idle = TcpStream::connect(relay.addr).unwrap();
+    // Blank lines first (the parser skips them before a request line): not a head.
+    let mut blank = TcpStream::connect(relay.addr).unwrap();
+    blank.write_all(b"\r\n\r\n\r\nPO").unwrap();
     let mut s = TcpStream::connect(relay.addr).unwrap();
     s.set_nodelay(true).unwrap();
     // The request line and the id at once, the rest a byte at a time.
@@ -499,17 +502,25 @@ fn a_trickling_request_head_gets_408_at_the_head_deadline() {
         "idle connection still open"
     );
 
-    let rows = relay.rows_at_least(1);
-    assert_eq!(
-        rows.len(),
-        1,
-        "one row, none for the idle connection: {rows:?}"
-    );
-    assert_eq!(rows[0]["request_id"], "trickle");
-    assert_eq!(rows[0]["outcome"], "head_timeout");
-    assert_eq!(rows[0]["status"], 408);
-    assert_eq!(rows[0]["route"], "anthropic");
-    assert!(rows[0]["client_addr"].is_string());
+    blank
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = blank.read_to_end(&mut answer);
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    assert!(text.starts_with("HTTP/1.1 408 "), "{text}");
+    assert!(text.contains("\"request_timeout\""), "OpenAI shape: {text}");
+
+    let rows = relay.rows_at_least(2);
+    assert_eq!(rows.len(), 2, "none for the idle connection: {rows:?}");
+    for row in &rows {
+        assert_eq!(row["outcome"], "head_timeout", "{row}");
+        assert_eq!(row["status"], 408, "{row}");
+        assert!(row["client_addr"].is_string(), "{row}");
+    }
+    let trickle = rows.iter().find(|r| r["request_id"] == "trickle").unwrap();
+    assert_eq!(trickle["route"], "anthropic");
+    relay.metrics_with("stream_relay_connections_idle_closed_total 1\n");
 
     // Everyone else is served meanwhile and after.
     let auth = format!("Bearer {TENANT_KEY}");
