@@ -141,14 +141,17 @@ impl Drop for RequestCtx {
     }
 }
 
-/// A reused upstream connection that fails this soon after its attempt began was stale
-/// (closed by the upstream while pooled), not working on the request.
-const STALE_POOLED_WITHIN: Duration = Duration::from_secs(1);
+/// A reused upstream connection that the upstream closes or resets this soon after its
+/// attempt began, before any response byte, was stale (closed by the upstream while
+/// pooled: the keep-alive race), not working on the request. Long enough for a round trip
+/// to a distant region, short enough that a provider rarely has started billable work.
+const STALE_POOLED_WITHIN: Duration = Duration::from_millis(500);
 
-/// How many stale pooled connections one request may meet before its error stands: each
-/// is sent again on top of the route's attempt budget, as a single-upstream route (budget
-/// one) must still survive an upstream closing idle keep-alive connections.
-const STALE_RETRIES: u8 = 2;
+/// Stale pooled connections one request may meet and be sent again from, on top of the
+/// route's attempt budget: a single-upstream route (budget one) must still survive an
+/// upstream closing idle keep-alive connections. Pingora's pool drops connections it sees
+/// closed, so meeting a second one at once is rare.
+const STALE_RETRIES: u8 = 1;
 
 /// One attempt's upstream and key. Dropping it (the next attempt, or the request's end)
 /// ends its in-flight count and frees a half-open probe that got no verdict.
@@ -1199,7 +1202,12 @@ impl ProxyHttp for RelayProxy {
         // been working on the request; anything else may have started paid work upstream
         // and is never sent twice unless the route says so.
         let stalled = ctx.stall.as_ref().and_then(StallGuard::fired).is_some();
+        // Pingora marks `ReusedOnly` the errors where a connection gave out while the
+        // response head was awaited (closed, or reset); a write failing is a reset too.
+        let gave_out = matches!(e.retry, pingora_core::RetryType::ReusedOnly)
+            || e.etype() == &ErrorType::WriteError;
         let stale_pooled = client_reused
+            && gave_out
             && e.esource() == &ErrorSource::Upstream
             && ctx.upstream_status.is_none()
             && ctx.attempt_started.elapsed() < STALE_POOLED_WITHIN
@@ -1211,7 +1219,7 @@ impl ProxyHttp for RelayProxy {
             ctx.max_attempts += 1;
             let route = ctx.route.as_ref().expect("admitted");
             self.metrics.upstream_failure(&route.name, "stale_pooled");
-            e.retry.decide_reuse(true);
+            e.set_retry(true);
             return e;
         }
         if ctx.upstream_status.is_none() && e.esource() == &ErrorSource::Upstream {
