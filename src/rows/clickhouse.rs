@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 
 use super::schema;
 use super::spool::{Batch, Spool, Spooled};
-use super::{FlushGuard, Flushed};
+use super::{FlushGuard, Flushed, RowReceiver};
 use crate::metrics::Metrics;
 use crate::record::Row;
 
@@ -191,7 +191,7 @@ fn is_missing_table(f: &Failure) -> bool {
 /// The background service: owns the queue's receiving end until it starts.
 pub struct ClickHouseSink {
     /// The queue's receiving end and the exit guards, taken when the service starts.
-    parts: Mutex<Option<(mpsc::Receiver<Row>, FlushGuard, FlushGuard)>>,
+    parts: Mutex<Option<(RowReceiver, FlushGuard, FlushGuard)>>,
     config: ClickHouseConfig,
     metrics: Arc<Metrics>,
 }
@@ -199,7 +199,7 @@ pub struct ClickHouseSink {
 impl ClickHouseSink {
     pub fn new(
         config: ClickHouseConfig,
-        rx: mpsc::Receiver<Row>,
+        rx: RowReceiver,
         metrics: Arc<Metrics>,
         flushed: &Flushed,
     ) -> ClickHouseSink {
@@ -328,7 +328,7 @@ fn spool_batch(spool: &Mutex<Option<Spool>>, metrics: &Metrics, batch: &Batch) {
 }
 
 struct Batcher {
-    rx: mpsc::Receiver<Row>,
+    rx: RowReceiver,
     rows: Vec<Row>,
     bytes: usize,
     started: Instant,

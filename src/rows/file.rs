@@ -12,9 +12,8 @@ use async_trait::async_trait;
 use log::error;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
-use tokio::sync::mpsc;
 
-use super::{FlushGuard, Flushed};
+use super::{FlushGuard, Flushed, RowReceiver};
 use crate::metrics::Metrics;
 use crate::record::Row;
 
@@ -32,7 +31,7 @@ pub struct FileSinkConfig {
 
 /// The background writer.
 pub struct FileSink {
-    parts: Mutex<Option<(mpsc::Receiver<Row>, FlushGuard)>>,
+    parts: Mutex<Option<(RowReceiver, FlushGuard)>>,
     config: FileSinkConfig,
     metrics: Arc<Metrics>,
 }
@@ -40,7 +39,7 @@ pub struct FileSink {
 impl FileSink {
     pub fn new(
         config: FileSinkConfig,
-        rx: mpsc::Receiver<Row>,
+        rx: RowReceiver,
         metrics: Arc<Metrics>,
         flushed: &Flushed,
     ) -> FileSink {
@@ -140,7 +139,7 @@ pub fn rotated_path(path: &Path, n: usize) -> PathBuf {
 /// Owns the queue's receiving end; whatever is still queued when it is dropped (the
 /// service's task ending, also at a fast shutdown) is written before the file closes.
 struct Writer {
-    rx: mpsc::Receiver<Row>,
+    rx: RowReceiver,
     file: RowFile,
     metrics: Arc<Metrics>,
     /// Last field: released after `drop` has written what was left.

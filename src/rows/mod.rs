@@ -33,6 +33,9 @@ pub struct RowSender {
 struct Late {
     rows: Mutex<Vec<Row>>,
     open: AtomicUsize,
+    /// The queue's receiving end once the writer has let go of it: a send that had its
+    /// slot before the writer closed the queue may land after the writer's last look.
+    queue: Mutex<Option<mpsc::Receiver<Row>>>,
 }
 
 impl RowSender {
@@ -80,17 +83,46 @@ impl Drop for OpenRequest {
 }
 
 /// The queue between the request path and a sink: `queue` rows may wait.
-pub fn channel(queue: usize, metrics: Arc<Metrics>) -> (RowSender, mpsc::Receiver<Row>) {
+pub fn channel(queue: usize, metrics: Arc<Metrics>) -> (RowSender, RowReceiver) {
     let (tx, rx) = mpsc::channel(queue.max(1));
+    let late = Arc::<Late>::default();
     (
         RowSender {
             tx,
             metrics,
             full_logged: AtomicBool::new(false),
-            late: Arc::default(),
+            late: late.clone(),
         },
-        rx,
+        RowReceiver { rx, late },
     )
+}
+
+/// The writer's end of the queue. Dropped, it hands the queue to [`Ending`], which looks
+/// at it once more after every request has ended.
+pub struct RowReceiver {
+    rx: mpsc::Receiver<Row>,
+    late: Arc<Late>,
+}
+
+impl std::ops::Deref for RowReceiver {
+    type Target = mpsc::Receiver<Row>;
+    fn deref(&self) -> &Self::Target {
+        &self.rx
+    }
+}
+
+impl std::ops::DerefMut for RowReceiver {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.rx
+    }
+}
+
+impl Drop for RowReceiver {
+    fn drop(&mut self) {
+        self.rx.close();
+        let rx = std::mem::replace(&mut self.rx, mpsc::channel(1).1);
+        *self.late.queue.lock().expect("late queue lock") = Some(rx);
+    }
 }
 
 /// Writes rows synchronously where the sink keeps them, once its writer has stopped.
@@ -126,7 +158,14 @@ impl Ending {
         let saved = self
             .flushed
             .wait(deadline.saturating_duration_since(Instant::now()));
-        let rows = std::mem::take(&mut *self.late.rows.lock().expect("late rows lock"));
+        let mut rows = std::mem::take(&mut *self.late.rows.lock().expect("late rows lock"));
+        // Every request has ended, so every send has finished: what is in the queue now
+        // is all that will ever be.
+        if let Some(mut queue) = self.late.queue.lock().expect("late queue lock").take() {
+            while let Ok(row) = queue.try_recv() {
+                rows.push(row);
+            }
+        }
         if !rows.is_empty() {
             (self.write_late)(rows);
         }
