@@ -60,6 +60,10 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        // Already exited (and reaped): its pid may be another process's by now.
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
         let _ = Command::new("kill")
             .args([self.signal, &self.child.id().to_string()])
             .status();
