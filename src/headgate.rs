@@ -5,9 +5,9 @@
 //! every few seconds holds a connection (and a task) for hours. This gate wraps the
 //! proxy's `ServerApp`: it reads the head itself, with one deadline from accept, then
 //! hands the bytes back to the stream (`rewind`) and the connection to Pingora, which
-//! parses them from memory. A head that is late gets 408, one that is too large 431,
-//! both in the provider's error shape (the route is found from the request line when it
-//! came) and both with a row.
+//! parses them from memory. A head that is late gets 408, one that is too large 431, one
+//! Pingora's parser would refuse 400, all in the provider's error shape (the route is
+//! found from the request line when it came) and all with a row.
 //!
 //! It also closes a gap in graceful shutdown and upgrade: Pingora drops a connection
 //! whose request it is still waiting for when shutdown starts, which includes one
@@ -77,7 +77,7 @@ enum Head {
 /// parser accepts). Blank lines before the request line are skipped, as the parser does,
 /// so they cannot pass for the end of the head.
 #[derive(Default)]
-struct HeadEnd {
+pub struct HeadEnd {
     /// Bytes of blank lines before the request line.
     leading: usize,
     /// Bytes already looked at.
@@ -86,7 +86,7 @@ struct HeadEnd {
 
 impl HeadEnd {
     /// Whether `buf` (the bytes so far; those past `seen` are new) holds a whole head.
-    fn whole(&mut self, buf: &[u8]) -> bool {
+    pub fn whole(&mut self, buf: &[u8]) -> bool {
         if self.leading == self.seen {
             self.leading += buf[self.seen..]
                 .iter()
@@ -134,8 +134,24 @@ async fn read_head(
     }
 }
 
+/// Headers Pingora 0.9 parses a request head with (its `MAX_HEADERS`).
+const MAX_HEADERS: usize = 256;
+
+/// Whether Pingora's parser (httparse, called as Pingora 0.9 calls it) refuses this head
+/// for good, so that Pingora would answer a plain 400: the gate answers it instead, in
+/// the provider's shape and with a row. Errors in the request line's tokens or version
+/// are left to Pingora, which first tries escaping the target.
+pub fn unparseable(head: &[u8]) -> bool {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(head) {
+        Ok(_) | Err(httparse::Error::Token | httparse::Error::Version) => false,
+        Err(_) => true,
+    }
+}
+
 /// The path of a request line, if it has arrived: `METHOD SP PATH SP ...`.
-fn request_path(head: &[u8]) -> Option<&str> {
+pub fn request_path(head: &[u8]) -> Option<&str> {
     let line = head.split(|&b| b == b'\n').next()?;
     let mut parts = line.split(|&b| b == b' ');
     let _method = parts.next()?;
@@ -147,7 +163,7 @@ fn request_path(head: &[u8]) -> Option<&str> {
 
 /// The client's request id, if its header line arrived whole (to match the row to
 /// the client's logs).
-fn client_request_id(head: &[u8]) -> Option<String> {
+pub fn client_request_id(head: &[u8]) -> Option<String> {
     let name = crate::request_id::HEADER.as_bytes();
     head.split(|&b| b == b'\n')
         .skip(1)
@@ -259,6 +275,11 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeadGate<A> {
         let deadline = tokio::time::Instant::from_std(accepted.at) + self.timeout;
         let mut buf = Vec::with_capacity(2048);
         match read_head(&mut l4, &mut buf, self.max_bytes, deadline).await {
+            Head::Whole if unparseable(&buf) => {
+                self.refuse(&mut l4, &buf, RelayError::BadRequest, accepted)
+                    .await;
+                None
+            }
             Head::Whole => {
                 l4.rewind(&buf);
                 drop(buf);
@@ -332,6 +353,21 @@ mod tests {
             Some(2)
         );
         assert_eq!(whole_at(&[b"\r\n\r\nGET / HTTP/1.1\r\n\r\n"]), Some(0));
+    }
+
+    #[test]
+    fn heads_pingora_would_refuse() {
+        assert!(!unparseable(b"POST /v1/x HTTP/1.1\r\nHost: a\r\n\r\n"));
+        assert!(!unparseable(b"POST /v1/x HTTP/1.1\nHost: a\n\n"));
+        assert!(unparseable(b"POST /v1/x HTTP/1.1\r\nBad Header: a\r\n\r\n"));
+        assert!(unparseable(b"POST /v1/x HTTP/1.1\r\nHost: a\x01b\r\n\r\n"));
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("h{i}: v\r\n")).collect();
+        assert!(unparseable(
+            format!("GET / HTTP/1.1\r\n{many}\r\n").as_bytes()
+        ));
+        // Left to Pingora, which escapes what it can of a request target.
+        assert!(!unparseable(b"GET /a b|c HTTP/1.1\r\nHost: a\r\n\r\n"));
+        assert!(!unparseable(b"GET /a\x7f HTTP/1.1\r\nHost: a\r\n\r\n"));
     }
 
     #[test]

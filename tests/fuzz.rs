@@ -1,6 +1,6 @@
 //! Fuzzing with proptest: the SSE reader, each tap, the usage stripper, the request-body
-//! reader and the JSON gate take arbitrary bytes, cut anywhere, without a panic, and
-//! give the same answer however the input is cut.
+//! reader, the JSON gate and the request-head gate take arbitrary bytes, cut anywhere,
+//! without a panic, and give the same answer however the input is cut.
 //!
 //! CI runs `FUZZ_CASES` cases per target (default 2,000, a few seconds in all). A longer
 //! run: `FUZZ_CASES=1000000 cargo test --release --test fuzz`. A failing input proptest
@@ -9,6 +9,7 @@
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
+use stream_relay::headgate;
 use stream_relay::request_info::{self, BodyCollector, BodyStep};
 use stream_relay::sse::SseReader;
 use stream_relay::tap::strip::UsageStripper;
@@ -77,6 +78,25 @@ fn input() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![sse_like(), proptest::collection::vec(any::<u8>(), 0..2048),]
 }
 
+/// Bytes that look like a request head: lines of tokens, colons, spaces and the odd
+/// control byte, with either line end, blank lines anywhere (also first).
+fn head_like() -> impl Strategy<Value = Vec<u8>> {
+    let line = prop_oneof![
+        Just("POST /openai/v1/chat/completions HTTP/1.1".to_string()),
+        Just("x-request-id: abc-1".to_string()),
+        Just("X-Request-Id:".to_string()),
+        Just(String::new()),
+        "[A-Za-z-]{1,12}: [ -~]{0,30}",
+        "[ -~\\t\\x00\\x7f]{0,40}",
+    ];
+    let ending = prop_oneof![Just("\r\n"), Just("\n"), Just("\r"), Just("")];
+    proptest::collection::vec((line, ending), 0..20).prop_map(|ls| {
+        ls.into_iter()
+            .flat_map(|(l, e)| format!("{l}{e}").into_bytes())
+            .collect()
+    })
+}
+
 fn cuts() -> impl Strategy<Value = Vec<usize>> {
     proptest::collection::vec(any::<usize>(), 0..24)
 }
@@ -122,6 +142,33 @@ proptest! {
         }
         // Audio counts chunks as they come (each is audio sent): only no panic.
         tap_measure(TapKind::Audio, &pieces(&data, &cuts));
+    }
+
+    #[test]
+    fn head_gate_any_bytes_any_cuts(
+        data in prop_oneof![head_like(), proptest::collection::vec(any::<u8>(), 0..512)],
+        cuts in cuts(),
+    ) {
+        // Read by read, the head is whole as soon as (and only if) it is whole at once.
+        let at_once = headgate::HeadEnd::default().whole(&data);
+        let mut end = headgate::HeadEnd::default();
+        let mut buf = Vec::new();
+        let mut whole = false;
+        for p in pieces(&data, &cuts) {
+            buf.extend_from_slice(p);
+            if end.whole(&buf) {
+                whole = true;
+                break;
+            }
+        }
+        prop_assert_eq!(whole, at_once);
+        // What the gate reads from a head it refuses: no panic, and an id it would echo
+        // is one the relay accepts.
+        let _ = headgate::request_path(&data);
+        let _ = headgate::unparseable(&data);
+        if let Some(id) = headgate::client_request_id(&data) {
+            prop_assert!(stream_relay::request_id::accept_client_id(id.as_bytes()).is_some());
+        }
     }
 
     #[test]

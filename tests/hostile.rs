@@ -218,6 +218,22 @@ fn each_hostile_input_gets_its_answer_while_others_are_served() {
             "headers_too_large",
         ),
         (
+            "bad-head",
+            // A space in a header name: Pingora's parser refuses it (Pingora's own
+            // answer would be a plain 400 without a body).
+            vec![
+                head(
+                    "POST",
+                    CHAT,
+                    "bad-head",
+                    &format!("{json_ct}Bad Header: x\r\nContent-Length: 2\r\n"),
+                ),
+                b"{}".to_vec(),
+            ],
+            400,
+            "bad_request",
+        ),
+        (
             "slow-body",
             // Announces 100 bytes, sends 10, then nothing: 408 after body_read_timeout.
             vec![
