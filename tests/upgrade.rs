@@ -23,6 +23,44 @@ tenants:
     )
 }
 
+/// Opens `n` streams of `chunks` events 50 ms apart, each on its own thread, with the
+/// request ids `{id}-{i}`; `include_usage` as the body asks for.
+fn open_streams(
+    addr: std::net::SocketAddr,
+    n: usize,
+    chunks: u32,
+    id: &str,
+    include_usage: bool,
+) -> Vec<std::thread::JoinHandle<Response>> {
+    (0..n)
+        .map(|i| {
+            let id = format!("{id}-{i}");
+            std::thread::spawn(move || {
+                let auth = format!("Bearer {TENANT_KEY}");
+                request(
+                    addr,
+                    "POST",
+                    "/openai/v1/chat/completions",
+                    &[
+                        ("authorization", &auth),
+                        ("x-request-id", &id),
+                        ("x-mock-chunks", &chunks.to_string()),
+                        ("x-mock-interval-ms", "50"),
+                    ],
+                    &chat_body(true, include_usage),
+                )
+            })
+        })
+        .collect()
+}
+
+fn kill(signal: &str, pid: u32) {
+    std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .unwrap();
+}
+
 #[test]
 fn three_upgrades_in_a_row_drop_nothing() {
     let mock = MockProc::start(None);
@@ -78,24 +116,7 @@ fn three_upgrades_in_a_row_drop_nothing() {
     let mut serving: Option<Proc> = None;
     for round in 0..3 {
         // Streams of 2.5 s open on the serving relay.
-        let streams: Vec<_> = (0..12)
-            .map(|_| {
-                let auth = auth.clone();
-                std::thread::spawn(move || {
-                    request(
-                        addr,
-                        "POST",
-                        "/openai/v1/chat/completions",
-                        &[
-                            ("authorization", &auth),
-                            ("x-mock-chunks", "50"),
-                            ("x-mock-interval-ms", "50"),
-                        ],
-                        &chat_body(true, true),
-                    )
-                })
-            })
-            .collect();
+        let streams = open_streams(addr, 12, 50, &format!("round-{round}"), true);
         std::thread::sleep(Duration::from_millis(300));
         let new = relay.start_upgrade();
         std::thread::sleep(Duration::from_millis(500));
@@ -103,10 +124,7 @@ fn three_upgrades_in_a_row_drop_nothing() {
             None => &mut relay.proc,
             Some(p) => p,
         };
-        std::process::Command::new("kill")
-            .args(["-QUIT", &replaced.pid().to_string()])
-            .status()
-            .unwrap();
+        kill("-QUIT", replaced.pid());
         for s in streams {
             let r = s.join().unwrap();
             assert_eq!(r.status, 200, "round {round}");
@@ -166,29 +184,9 @@ fn sigterm_refuses_new_connections_and_finishes_open_streams() {
         &chat_body(true, false),
     )
     .body;
-    let streams: Vec<_> = (0..4)
-        .map(|_| {
-            std::thread::spawn(move || {
-                let auth = format!("Bearer {TENANT_KEY}");
-                request(
-                    addr,
-                    "POST",
-                    "/openai/v1/chat/completions",
-                    &[
-                        ("authorization", &auth),
-                        ("x-mock-chunks", "30"),
-                        ("x-mock-interval-ms", "50"),
-                    ],
-                    &chat_body(true, false),
-                )
-            })
-        })
-        .collect();
+    let streams = open_streams(addr, 4, 30, "draining", false);
     std::thread::sleep(Duration::from_millis(300));
-    std::process::Command::new("kill")
-        .args(["-TERM", &relay.proc.pid().to_string()])
-        .status()
-        .unwrap();
+    kill("-TERM", relay.proc.pid());
     std::thread::sleep(Duration::from_millis(300));
     assert!(
         std::net::TcpStream::connect(addr).is_err(),
@@ -223,33 +221,11 @@ fn streams_cut_by_a_shutdown_still_get_their_rows() {
         let mut relay = RelayProc::start_with_grace(&config(&mock), &[], grace);
         let addr = relay.addr;
         // Streams of 10 s, well past the grace period.
-        let streams: Vec<_> = (0..4)
-            .map(|i| {
-                std::thread::spawn(move || {
-                    let auth = format!("Bearer {TENANT_KEY}");
-                    let id = format!("cut-{i}");
-                    request(
-                        addr,
-                        "POST",
-                        "/openai/v1/chat/completions",
-                        &[
-                            ("authorization", &auth),
-                            ("x-request-id", &id),
-                            ("x-mock-chunks", "200"),
-                            ("x-mock-interval-ms", "50"),
-                        ],
-                        &chat_body(true, false),
-                    )
-                })
-            })
-            .collect();
+        let streams = open_streams(addr, 4, 200, "cut", false);
         mock.wait_stat("requests", 4, Duration::from_secs(10));
         // Some events out (one every 50 ms) before the cut, even on a busy machine.
         std::thread::sleep(Duration::from_millis(1000));
-        std::process::Command::new("kill")
-            .args([signal, &relay.proc.pid().to_string()])
-            .status()
-            .unwrap();
+        kill(signal, relay.proc.pid());
         let deadline = Instant::now() + Duration::from_secs(20);
         while relay.proc.child.try_wait().unwrap().is_none() {
             assert!(
@@ -297,10 +273,7 @@ fn a_request_on_a_connection_accepted_before_sigterm_is_served() {
     let mut relay = RelayProc::start_with_grace(&config(&mock), &[], 3);
     let mut s = std::net::TcpStream::connect(relay.addr).unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    std::process::Command::new("kill")
-        .args(["-TERM", &relay.proc.pid().to_string()])
-        .status()
-        .unwrap();
+    kill("-TERM", relay.proc.pid());
     std::thread::sleep(Duration::from_millis(300));
     let auth = format!("Bearer {TENANT_KEY}");
     use std::io::Write;
