@@ -84,6 +84,19 @@ fn chunk(data: &[u8]) -> Vec<u8> {
     v
 }
 
+/// A chunked JSON POST of `n` chunks of 10,000 `byte`s.
+fn chunked_json(path: &str, id: &str, n: usize, byte: u8) -> Vec<Vec<u8>> {
+    let mut parts = vec![head(
+        "POST",
+        path,
+        id,
+        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n",
+    )];
+    parts.extend((0..n).map(|_| chunk(&[byte; 10_000])));
+    parts.push(b"0\r\n\r\n".to_vec());
+    parts
+}
+
 #[test]
 fn each_hostile_input_gets_its_answer_while_others_are_served() {
     let mock = MockProc::start(None);
@@ -136,19 +149,7 @@ fn each_hostile_input_gets_its_answer_while_others_are_served() {
         ),
         (
             "big-chunked",
-            {
-                let mut parts = vec![head(
-                    "POST",
-                    "/openai/v1/embeddings",
-                    "big-chunked",
-                    &format!("{json_ct}Transfer-Encoding: chunked\r\n"),
-                )];
-                for _ in 0..30 {
-                    parts.push(chunk(&[b' '; 10_000]));
-                }
-                parts.push(b"0\r\n\r\n".to_vec());
-                parts
-            },
+            chunked_json("/openai/v1/embeddings", "big-chunked", 30, b' '),
             413,
             "body_too_large",
         ),
@@ -177,20 +178,8 @@ fn each_hostile_input_gets_its_answer_while_others_are_served() {
         ),
         (
             "big-not-json",
-            {
-                // Over the early-read size: held (chat completions) and checked at its end.
-                let mut parts = vec![head(
-                    "POST",
-                    CHAT,
-                    "big-not-json",
-                    &format!("{json_ct}Transfer-Encoding: chunked\r\n"),
-                )];
-                for _ in 0..8 {
-                    parts.push(chunk(&[b'x'; 10_000]));
-                }
-                parts.push(b"0\r\n\r\n".to_vec());
-                parts
-            },
+            // Over the early-read size: held (chat completions) and checked at its end.
+            chunked_json(CHAT, "big-not-json", 8, b'x'),
             400,
             "invalid_json",
         ),
