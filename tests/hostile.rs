@@ -84,6 +84,18 @@ fn chunk(data: &[u8]) -> Vec<u8> {
     v
 }
 
+/// An ordinary non-streaming chat request of the tenant.
+fn ordinary_chat(relay: &RelayProc) -> Response {
+    let auth = format!("Bearer {TENANT_KEY}");
+    request(
+        relay.addr,
+        "POST",
+        CHAT,
+        &[("authorization", &auth)],
+        &chat_body(false, false),
+    )
+}
+
 /// A chunked JSON POST of `n` chunks of 10,000 `byte`s.
 fn chunked_json(path: &str, id: &str, n: usize, byte: u8) -> Vec<Vec<u8>> {
     let mut parts = vec![head(
@@ -441,15 +453,7 @@ fn a_flood_of_idle_connections_is_capped_and_the_relay_recovers() {
     // The idle ones go; within a reading the relay serves again.
     drop(idle);
     std::thread::sleep(Duration::from_millis(1200));
-    let auth = format!("Bearer {TENANT_KEY}");
-    let r = request(
-        relay.addr,
-        "POST",
-        CHAT,
-        &[("authorization", &auth)],
-        &chat_body(false, false),
-    );
-    assert_eq!(r.status, 200);
+    assert_eq!(ordinary_chat(&relay).status, 200);
 }
 
 /// A request head that trickles in gets 408 in its route's shape once `head_timeout` has
@@ -528,13 +532,5 @@ fn a_trickling_request_head_gets_408_at_the_head_deadline() {
     relay.metrics_with("stream_relay_connections_idle_closed_total 1\n");
 
     // Everyone else is served meanwhile and after.
-    let auth = format!("Bearer {TENANT_KEY}");
-    let r = request(
-        relay.addr,
-        "POST",
-        CHAT,
-        &[("authorization", &auth)],
-        &chat_body(false, false),
-    );
-    assert_eq!(r.status, 200);
+    assert_eq!(ordinary_chat(&relay).status, 200);
 }
