@@ -416,7 +416,6 @@ impl Recorder {
         ctx.started_at = head.started_at;
         ctx.request_id = head.request_id;
         ctx.route = head.route;
-        ctx.client_addr = head.client_addr;
         let status = refusal.status();
         ctx.refusal = Some(refusal);
         let end = End {

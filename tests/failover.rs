@@ -258,7 +258,7 @@ fn closes_reused_connections(
     std::net::SocketAddr,
     std::sync::Arc<std::sync::atomic::AtomicUsize>,
 ) {
-    use std::io::{Read, Write};
+    use std::io::Write;
     use std::sync::atomic::{AtomicUsize, Ordering};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -270,22 +270,10 @@ fn closes_reused_connections(
             let seen = counter.clone();
             std::thread::spawn(move || {
                 let mut buf = Vec::new();
-                let mut b = [0u8; 4096];
                 for served in 0.. {
-                    // One request: its head, then the body its content-length announces.
-                    let (head_end, len) = loop {
-                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            let head = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
-                            let len = head
-                                .lines()
-                                .find_map(|l| l.strip_prefix("content-length:"))
-                                .map_or(0, |v| v.trim().parse::<usize>().unwrap());
-                            break (i + 4, len);
-                        }
-                        match s.read(&mut b) {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&b[..n]),
-                        }
+                    // One request, head and announced body.
+                    let Some((head, len)) = read_upstream_request(&mut s, &mut buf) else {
+                        return;
                     };
                     seen.fetch_add(1, Ordering::SeqCst);
                     if served > 0 {
@@ -294,13 +282,7 @@ fn closes_reused_connections(
                         }
                         return;
                     }
-                    while buf.len() < head_end + len {
-                        match s.read(&mut b) {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&b[..n]),
-                        }
-                    }
-                    buf.drain(..head_end + len);
+                    buf.drain(..head + len);
                     let body = br#"{"id":"c","object":"chat.completion","model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
                     let head = format!(
                         "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
@@ -314,20 +296,6 @@ fn closes_reused_connections(
         }
     });
     (addr, seen)
-}
-
-fn one_upstream(addr: std::net::SocketAddr) -> RelayProc {
-    RelayProc::start(
-        &format!(
-            r#"routes:
-  - {{ name: openai, prefix: /openai/v1, provider: openai, upstreams: ["http://{addr}/v1"] }}
-tenants:
-  - {{ id: acme, key_sha256: ["{h}"] }}
-"#,
-            h = hash(TENANT_KEY)
-        ),
-        &[],
-    )
 }
 
 fn plain_chat(relay: &RelayProc, id: &str) -> Response {
@@ -353,7 +321,7 @@ fn stale_retries(relay: &RelayProc) -> u64 {
 #[test]
 fn a_stale_pooled_connection_is_retried_even_with_one_upstream() {
     let (addr, seen) = closes_reused_connections(None);
-    let relay = one_upstream(addr);
+    let relay = relay_to(addr);
     // The first request opens a connection the relay pools; a later one that takes it
     // from the pool (a busy machine may open a new one instead) finds it closed by the
     // upstream as the request arrives, and is sent again on a new connection.
@@ -392,7 +360,7 @@ fn a_stale_pooled_connection_is_retried_even_with_one_upstream() {
 #[test]
 fn a_reused_connection_that_held_the_request_is_not_sent_again() {
     let (addr, seen) = closes_reused_connections(Some(Duration::from_millis(1500)));
-    let relay = one_upstream(addr);
+    let relay = relay_to(addr);
     // Until a request is sent on a pooled connection (a busy machine may open new ones):
     // the upstream holds it, then closes. It may have started paid work on it, so the
     // client gets the error and the request is not sent again.

@@ -316,33 +316,9 @@ fn broken_upstream() -> std::net::SocketAddr {
             let Ok(mut s) = conn else { continue };
             std::thread::spawn(move || {
                 let mut buf = Vec::new();
-                let mut b = [0u8; 4096];
-                // Read the head and the body it announces.
-                let (head_end, len) = loop {
-                    let n = s.read(&mut b).unwrap_or(0);
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&b[..n]);
-                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        let head = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
-                        let len = head
-                            .lines()
-                            .find_map(|l| {
-                                l.strip_prefix("content-length: ")
-                                    .map(|v| v.trim().parse::<usize>().unwrap())
-                            })
-                            .unwrap_or(0);
-                        break (i + 4, len);
-                    }
+                let Some((head_end, _)) = read_upstream_request(&mut s, &mut buf) else {
+                    return;
                 };
-                while buf.len() < head_end + len {
-                    let n = s.read(&mut b).unwrap_or(0);
-                    if n == 0 {
-                        break;
-                    }
-                    buf.extend_from_slice(&b[..n]);
-                }
                 let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
                 let out: Vec<u8> = if head.contains("x-fake: garbage") {
                     let body: &[u8] = b"data: {not json\n\nevent: x\ndata: \xff\xfe\n\n: note\ndata: {\"usage\": 5}\n\nno newline at the end";
@@ -366,17 +342,7 @@ fn broken_upstream() -> std::net::SocketAddr {
 #[test]
 fn broken_upstream_answers_pass_through_as_they_came_and_are_recorded() {
     let fake = broken_upstream();
-    let relay = RelayProc::start(
-        &format!(
-            r#"routes:
-  - {{ name: openai, prefix: /openai/v1, provider: openai, upstreams: ["http://{fake}/v1"] }}
-tenants:
-  - {{ id: acme, key_sha256: ["{h}"] }}
-"#,
-            h = hash(TENANT_KEY)
-        ),
-        &[],
-    );
+    let relay = relay_to(fake);
     let auth = format!("Bearer {TENANT_KEY}");
     let send = |id: &str, fake: &str, stream: bool| {
         request(

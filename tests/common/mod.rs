@@ -345,6 +345,55 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
+/// For fake upstreams: reads from `s` into `buf` until a request head is whole, then
+/// until the body its content-length announces is there too. The head's length and the
+/// body's; `None` once the peer closes first.
+pub fn read_upstream_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(usize, usize)> {
+    let mut b = [0u8; 4096];
+    let mut more = |buf: &mut Vec<u8>| match s.read(&mut b) {
+        Ok(0) | Err(_) => false,
+        Ok(n) => {
+            buf.extend_from_slice(&b[..n]);
+            true
+        }
+    };
+    let (head, len) = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let text = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
+            let len = text
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+            break (i + 4, len);
+        }
+        if !more(buf) {
+            return None;
+        }
+    };
+    while buf.len() < head + len {
+        if !more(buf) {
+            return None;
+        }
+    }
+    Some((head, len))
+}
+
+/// A relay whose one route, `openai` (prefix `/openai/v1`), goes to `upstream`, for the
+/// tenant `acme` with [`TENANT_KEY`].
+pub fn relay_to(upstream: SocketAddr) -> RelayProc {
+    RelayProc::start(
+        &format!(
+            r#"routes:
+  - {{ name: openai, prefix: /openai/v1, provider: openai, upstreams: ["http://{upstream}/v1"] }}
+tenants:
+  - {{ id: acme, key_sha256: ["{h}"] }}
+"#,
+            h = hash(TENANT_KEY)
+        ),
+        &[],
+    )
+}
+
 pub fn build_request(method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
     let mut out = format!("{method} {path} HTTP/1.1\r\nhost: test\r\n");
     for (k, v) in headers {
