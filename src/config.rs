@@ -522,6 +522,19 @@ pub struct RawRoute {
     /// `whole`, or a number of bytes to keep from the start.
     #[serde(default)]
     pub capture: RawCapture,
+    /// What the route serves, each `METHOD path` (see [`crate::policy::Endpoint`]).
+    /// Default: the provider's inference endpoints; anything else gets 404 or 405.
+    #[serde(default)]
+    pub endpoints: Option<Vec<String>>,
+    /// `pass` (default) or `force_off`: requests that would have the provider store
+    /// their data (`store: true`; Responses store by default) are sent with
+    /// `"store": false`.
+    #[serde(default)]
+    pub store: Option<String>,
+    /// Headers set on every upstream request of the route, e.g. `OpenAI-Organization`
+    /// (a tenant's own value of such a header is never forwarded).
+    #[serde(default)]
+    pub upstream_headers: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -597,25 +610,7 @@ fn capture_size(at: &str, c: &Option<CaptureSize>) -> Result<usize, ConfigError>
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ProviderKind {
-    Openai,
-    Anthropic,
-    Audio,
-    OpenaiCompatible,
-}
-
-impl ProviderKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ProviderKind::Openai => "openai",
-            ProviderKind::Anthropic => "anthropic",
-            ProviderKind::Audio => "audio",
-            ProviderKind::OpenaiCompatible => "openai_compatible",
-        }
-    }
-}
+pub use crate::provider::ProviderKind;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -712,6 +707,7 @@ pub struct RouteConfig {
     pub retry_on: Vec<u16>,
     pub retry_after_send: bool,
     pub health_check: Option<HealthCheck>,
+    pub policy: crate::policy::RoutePolicy,
 }
 
 #[derive(Debug, Clone)]
@@ -1309,7 +1305,9 @@ fn validate_route(
     if r.max_body_bytes == Some(0) {
         return Err(err(format!("{at}.max_body_bytes"), "must be at least 1"));
     }
+    let policy = route_policy(at, &r, &upstreams)?;
     Ok(RouteConfig {
+        policy,
         health_check,
         balance,
         weights,
@@ -1327,6 +1325,57 @@ fn validate_route(
         key,
         ca_pem,
         timeouts,
+    })
+}
+
+/// A route's endpoints, store policy and upstream headers.
+fn route_policy(
+    at: &str,
+    r: &RawRoute,
+    upstreams: &[UpstreamUrl],
+) -> Result<crate::policy::RoutePolicy, ConfigError> {
+    use crate::policy::{Endpoint, Endpoints, Store};
+    let endpoints = match &r.endpoints {
+        None => Endpoints::defaults(r.provider),
+        Some(list) => {
+            let mut out = Vec::with_capacity(list.len());
+            for (k, e) in list.iter().enumerate() {
+                out.push(Endpoint::parse(e).map_err(|m| err(format!("{at}.endpoints[{k}]"), m))?);
+            }
+            Endpoints(out)
+        }
+    };
+    if endpoints.0.iter().any(Endpoint::is_anchored)
+        && upstreams
+            .iter()
+            .any(|u| u.base_path != upstreams[0].base_path)
+    {
+        return Err(err(
+            format!("{at}.endpoints"),
+            "whole-path patterns (with a leading `/`) need every upstream to have the same base path",
+        ));
+    }
+    let store = match r.store.as_deref() {
+        None | Some("pass") => Store::Pass,
+        Some("force_off") => Store::ForceOff,
+        Some(_) => return Err(err(format!("{at}.store"), "must be `pass` or `force_off`")),
+    };
+    let mut upstream_headers = Vec::with_capacity(r.upstream_headers.len());
+    for (name, value) in &r.upstream_headers {
+        let key = format!("{at}.upstream_headers.{name}");
+        let n = http::HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
+            .map_err(|_| err(key.clone(), "not a valid header name"))?;
+        if crate::policy::relay_owned_header(n.as_str()) {
+            return Err(err(key, "this header is set by the relay itself"));
+        }
+        let v =
+            http::HeaderValue::from_str(value).map_err(|_| err(key, "not a valid header value"))?;
+        upstream_headers.push((n, v));
+    }
+    Ok(crate::policy::RoutePolicy {
+        endpoints,
+        store,
+        upstream_headers,
     })
 }
 

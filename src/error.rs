@@ -53,6 +53,24 @@ pub enum RelayError {
     /// The request line and headers did not arrive whole within `listen.head_timeout`.
     HeadTimeout,
     NoRoute,
+    /// The path has dot segments, encoded separators, empty segments or control
+    /// characters (see `policy::check_path`).
+    BadPath(&'static str),
+    /// The route does not serve this path.
+    EndpointNotServed {
+        method: String,
+        path: String,
+    },
+    /// The route serves this path with other methods (`allow` lists them).
+    EndpointMethod {
+        allow: String,
+    },
+    /// A protocol switch (`Upgrade`, e.g. WebSocket) on a route that does not meter one.
+    UpgradeRefused,
+    /// A field the relay reads from the body is there twice or has the wrong type.
+    BodyField(String),
+    /// `content-length` is there twice, or cannot be read.
+    BadContentLength,
     MissingKey,
     InvalidKey,
     RouteForbidden {
@@ -84,7 +102,12 @@ impl RelayError {
             RelayError::BodyTimeout | RelayError::HeadTimeout => 408,
             RelayError::BodyTooLarge { .. } => 413,
             RelayError::HeadersTooLarge => 431,
-            RelayError::NoRoute => 404,
+            RelayError::NoRoute | RelayError::EndpointNotServed { .. } => 404,
+            RelayError::EndpointMethod { .. } => 405,
+            RelayError::BadPath(_)
+            | RelayError::UpgradeRefused
+            | RelayError::BodyField(_)
+            | RelayError::BadContentLength => 400,
             RelayError::MissingKey | RelayError::InvalidKey => 401,
             RelayError::RouteForbidden { .. } => 403,
             RelayError::RateLimited { .. } => 429,
@@ -106,6 +129,12 @@ impl RelayError {
             RelayError::BodyTimeout => "body_timeout",
             RelayError::HeadTimeout => "head_timeout",
             RelayError::NoRoute => "no_route",
+            RelayError::BadPath(_) => "bad_path",
+            RelayError::EndpointNotServed { .. } => "endpoint_not_served",
+            RelayError::EndpointMethod { .. } => "endpoint_method_not_allowed",
+            RelayError::UpgradeRefused => "upgrade_refused",
+            RelayError::BodyField(_) => "invalid_body",
+            RelayError::BadContentLength => "bad_content_length",
             RelayError::MissingKey => "missing_key",
             RelayError::InvalidKey => "invalid_key",
             RelayError::RouteForbidden { .. } => "route_forbidden",
@@ -134,6 +163,20 @@ impl RelayError {
             RelayError::BodyTimeout => "The request body did not arrive in time.".into(),
             RelayError::HeadTimeout => "The request headers did not arrive in time.".into(),
             RelayError::NoRoute => "No route serves this path on the relay.".into(),
+            RelayError::BadPath(why) => format!("The request path is refused: {why}."),
+            RelayError::EndpointNotServed { method, path } => {
+                format!("This relay route does not serve {method} {path}.")
+            }
+            RelayError::EndpointMethod { allow } => {
+                format!("This HTTP method is not served on this path; allowed: {allow}.")
+            }
+            RelayError::UpgradeRefused => {
+                "Protocol upgrades (such as WebSocket) are not served on this route.".into()
+            }
+            RelayError::BodyField(why) => format!("The request body is refused: {why}."),
+            RelayError::BadContentLength => {
+                "The request has more than one Content-Length, or one that cannot be read.".into()
+            }
             RelayError::MissingKey => {
                 "No API key was provided: send it as `Authorization: Bearer KEY` or `x-api-key: KEY`.".into()
             }
@@ -177,7 +220,14 @@ impl RelayError {
             RelayError::BodyTimeout | RelayError::HeadTimeout => {
                 ("invalid_request_error", "request_timeout")
             }
-            RelayError::NoRoute => ("invalid_request_error", "unknown_url"),
+            RelayError::NoRoute | RelayError::EndpointNotServed { .. } => {
+                ("invalid_request_error", "unknown_url")
+            }
+            RelayError::BadPath(_) => ("invalid_request_error", "invalid_path"),
+            RelayError::EndpointMethod { .. } => ("invalid_request_error", "method_not_allowed"),
+            RelayError::UpgradeRefused => ("invalid_request_error", "upgrade_not_supported"),
+            RelayError::BodyField(_) => ("invalid_request_error", "invalid_body"),
+            RelayError::BadContentLength => ("invalid_request_error", "bad_content_length"),
             RelayError::MissingKey => ("invalid_request_error", "missing_api_key"),
             RelayError::InvalidKey => ("invalid_request_error", "invalid_api_key"),
             RelayError::RouteForbidden { .. } => ("permission_error", "route_not_allowed"),
@@ -199,9 +249,14 @@ impl RelayError {
             | RelayError::HeadersTooLarge
             | RelayError::InvalidJson
             | RelayError::BodyTimeout
-            | RelayError::HeadTimeout => "invalid_request_error",
+            | RelayError::HeadTimeout
+            | RelayError::BadPath(_)
+            | RelayError::EndpointMethod { .. }
+            | RelayError::UpgradeRefused
+            | RelayError::BodyField(_)
+            | RelayError::BadContentLength => "invalid_request_error",
             RelayError::BodyTooLarge { .. } => "request_too_large",
-            RelayError::NoRoute => "not_found_error",
+            RelayError::NoRoute | RelayError::EndpointNotServed { .. } => "not_found_error",
             RelayError::MissingKey | RelayError::InvalidKey => "authentication_error",
             RelayError::RouteForbidden { .. } => "permission_error",
             RelayError::RateLimited { .. } => "rate_limit_error",
@@ -284,6 +339,17 @@ mod tests {
             RelayError::BodyTimeout,
             RelayError::HeadTimeout,
             RelayError::NoRoute,
+            RelayError::BadPath("x"),
+            RelayError::EndpointNotServed {
+                method: "GET".into(),
+                path: "/x".into(),
+            },
+            RelayError::EndpointMethod {
+                allow: "POST".into(),
+            },
+            RelayError::UpgradeRefused,
+            RelayError::BodyField("x".into()),
+            RelayError::BadContentLength,
             RelayError::MissingKey,
             RelayError::InvalidKey,
             RelayError::RouteForbidden { route: "r".into() },
@@ -302,8 +368,8 @@ mod tests {
         assert_eq!(
             statuses,
             [
-                400, 405, 431, 413, 400, 408, 408, 404, 401, 401, 403, 429, 503, 503, 502, 504,
-                504, 500
+                400, 405, 431, 413, 400, 408, 408, 404, 400, 404, 405, 400, 400, 400, 401, 401,
+                403, 429, 503, 503, 502, 504, 504, 500
             ]
         );
         let mut kinds: Vec<&str> = all.iter().map(|e| e.kind()).collect();

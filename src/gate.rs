@@ -35,7 +35,7 @@ impl Default for InputLimits {
 }
 
 /// Methods the provider APIs use.
-fn known_method(m: &http::Method) -> bool {
+pub fn known_method(m: &http::Method) -> bool {
     matches!(
         *m,
         http::Method::GET
@@ -66,6 +66,24 @@ pub fn check_head(req: &RequestHeader, limits: &InputLimits) -> Result<(), Relay
     }
     if head_bytes(req) > limits.max_header_bytes {
         return Err(RelayError::HeadersTooLarge);
+    }
+    check_content_length(req)
+}
+
+/// At most one `content-length`, of digits only: a list (`2, 2`) or a second header is
+/// read differently by different servers, so it is refused rather than forwarded.
+pub fn check_content_length(req: &RequestHeader) -> Result<(), RelayError> {
+    let mut values = req.headers.get_all(http::header::CONTENT_LENGTH).iter();
+    let Some(first) = values.next() else {
+        return Ok(());
+    };
+    let digits = first.as_bytes().trim_ascii();
+    if values.next().is_some()
+        || digits.is_empty()
+        || digits.len() > 19
+        || !digits.iter().all(u8::is_ascii_digit)
+    {
+        return Err(RelayError::BadContentLength);
     }
     Ok(())
 }
@@ -152,6 +170,24 @@ mod tests {
         assert!(is_json(b"") && is_json(b" {\"a\": [1, 2]} "));
         assert!(!is_json(b"not json") && !is_json(b"{\"a\": 1") && !is_json(b"\"\xff\""));
         assert!(!is_json(b"{} {}"));
+    }
+
+    #[test]
+    fn one_readable_content_length() {
+        let mut r = req("POST", None);
+        r.insert_header("content-length", "2").unwrap();
+        assert_eq!(check_content_length(&r), Ok(()));
+        r.append_header("content-length", "2").unwrap();
+        assert_eq!(check_content_length(&r), Err(RelayError::BadContentLength));
+        for bad in ["2, 2", "", "+2", "0x10", "99999999999999999999"] {
+            let mut r = req("POST", None);
+            r.insert_header("content-length", bad).unwrap();
+            assert_eq!(
+                check_content_length(&r),
+                Err(RelayError::BadContentLength),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

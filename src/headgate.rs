@@ -194,7 +194,10 @@ impl<A> HeadGate<A> {
         let shape = route
             .as_ref()
             .map_or(ErrorShape::OpenAi, |r| ErrorShape::for_provider(r.provider));
-        let request_id = client_request_id(head).unwrap_or_else(crate::request_id::new_id);
+        let client_id = client_request_id(head);
+        let request_id = crate::request_id::new_id();
+        // The client reads back the id it sent; the row is under the relay's own.
+        let answer_id = client_id.clone().unwrap_or_else(|| request_id.clone());
         let body = error.body(shape);
         let status = error.status();
         let client_addr = stream
@@ -207,7 +210,8 @@ impl<A> HeadGate<A> {
             self.recorder.refused_head(
                 error,
                 RefusedHead {
-                    request_id: request_id.clone(),
+                    request_id,
+                    client_request_id: client_id,
                     start: accepted.at,
                     started_at: accepted.wall,
                     route,
@@ -220,7 +224,7 @@ impl<A> HeadGate<A> {
             .and_then(|s| s.canonical_reason())
             .unwrap_or("");
         let mut out = format!(
-            "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n{}: {request_id}\r\n\r\n",
+            "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n{}: {answer_id}\r\n\r\n",
             body.len(),
             crate::request_id::HEADER
         )

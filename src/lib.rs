@@ -16,6 +16,8 @@ pub mod health;
 pub mod limits;
 pub mod metrics;
 pub mod mock;
+pub mod policy;
+pub mod provider;
 pub mod proxy;
 pub mod record;
 pub mod reload;

@@ -20,7 +20,7 @@ usage:
   stream-relay check [-c FILE]         same as -t
   stream-relay hash-key [KEY]          print the SHA-256 of a relay key (KEY or stdin)
   stream-relay new-key                 make a random relay key and print it with its hash
-  stream-relay mock [--listen ADDR] [--key KEY] [--tls-cert PEM --tls-key PEM]
+  stream-relay mock [--listen ADDR] [--key KEY] [--control-key KEY] [--tls-cert PEM --tls-key PEM]
                                        run the mock provider (default 127.0.0.1:18080)
 ";
 
@@ -128,6 +128,7 @@ fn new_key() -> ExitCode {
 fn run_mock(args: &[String]) -> ExitCode {
     let mut listen = "127.0.0.1:18080".to_string();
     let mut key = None;
+    let mut control_key = None;
     let mut cert = None;
     let mut tls_key = None;
     let mut it = args.iter();
@@ -136,6 +137,7 @@ fn run_mock(args: &[String]) -> ExitCode {
         match (a.as_str(), value) {
             ("--listen", Some(v)) => listen = v.clone(),
             ("--key", Some(v)) => key = Some(v.clone()),
+            ("--control-key", Some(v)) => control_key = Some(v.clone()),
             ("--tls-cert", Some(v)) => cert = Some(v.clone()),
             ("--tls-key", Some(v)) => tls_key = Some(v.clone()),
             _ => return usage_error(&format!("bad mock argument `{a}`")),
@@ -166,7 +168,9 @@ fn run_mock(args: &[String]) -> ExitCode {
         // Tests read this line to learn the port when --listen ends in :0.
         println!("mock listening on {addr}");
         let _ = std::io::stdout().flush();
-        mock::Mock::new(key).serve(listener, tls).await;
+        mock::Mock::with_control_key(key, control_key)
+            .serve(listener, tls)
+            .await;
         ExitCode::SUCCESS
     })
 }

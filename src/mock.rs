@@ -9,15 +9,21 @@
 //! send nothing more and keep the connection open), `x-mock-stamp: 1` (each content delta is the
 //! send time in nanoseconds since the Unix epoch, for latency measurement).
 //!
-//! `POST /mock/control` (any path ending so) with `{"status": 500, "key_status":
+//! `POST /mock/control` (that exact path) with `{"status": 500, "key_status":
 //! {"sk-a": 429}, "retry_after": 2}` makes every model request, or those carrying a given
 //! key, answer that error (429s with `Retry-After`) until changed; `{}` restores normal
 //! answers. For tests of failover and circuit breaking.
 //!
 //! With `expected_key` set, a request must carry it (`Authorization: Bearer`, `x-api-key`
-//! or `api-key`) or it gets 401. `GET /mock/stats` (or any path ending so) returns counters as JSON: requests,
+//! or `api-key`) or it gets 401. `GET /mock/stats` (that exact path) returns counters as JSON: requests,
 //! completed, cancelled (the client went away before the answer ended), cut, auth
-//! failures, and the headers of the last model request.
+//! failures, and the headers of the last model request, credentials replaced by
+//! [`credential_digest`]s (the mock keeps no key value).
+//!
+//! The mock is a test double: its stats and control paths answer only on its own
+//! listener's exact paths, so a relay route (whose upstream path has the route's base in
+//! front, and whose endpoints do not list them) does not reach them. With a control key
+//! (`--control-key`), they also need `x-mock-control-key` with it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -102,6 +108,8 @@ impl MockStats {
 
 pub struct Mock {
     pub expected_key: Option<String>,
+    /// When set, `/mock/stats` and `/mock/control` need `x-mock-control-key` with it.
+    pub control_key: Option<String>,
     pub defaults: Knobs,
     pub stats: MockStats,
     pub control: Mutex<Control>,
@@ -109,8 +117,16 @@ pub struct Mock {
 
 impl Mock {
     pub fn new(expected_key: Option<String>) -> Arc<Mock> {
+        Mock::with_control_key(expected_key, None)
+    }
+
+    pub fn with_control_key(
+        expected_key: Option<String>,
+        control_key: Option<String>,
+    ) -> Arc<Mock> {
         Arc::new(Mock {
             expected_key,
+            control_key,
             defaults: Knobs::default(),
             stats: MockStats::default(),
             control: Mutex::new(Control::default()),
@@ -165,11 +181,16 @@ impl Mock {
         pending: &mut Vec<u8>,
         req: Request,
     ) -> Flow {
-        if req.path.ends_with("/mock/stats") {
+        let control_path = req.path == "/mock/stats" || req.path == "/mock/control";
+        if control_path && !self.control_allowed(&req.headers) {
+            let body = json!({"error": {"message": "mock: wrong or missing x-mock-control-key", "type": "authentication_error", "param": null, "code": "invalid_control_key"}});
+            return write_full(stream, 401, "application/json", body.to_string().as_bytes()).await;
+        }
+        if req.path == "/mock/stats" {
             let body = self.stats.to_json().to_string();
             return write_full(stream, 200, "application/json", body.as_bytes()).await;
         }
-        if req.path.ends_with("/mock/control") {
+        if req.path == "/mock/control" {
             if !req.body.is_empty() {
                 match serde_json::from_slice::<Control>(&req.body) {
                     Ok(c) => *self.control.lock().expect("control lock") = c,
@@ -194,7 +215,7 @@ impl Mock {
             return write_full(stream, 404, "application/json", body.to_string().as_bytes()).await;
         };
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
-        *self.stats.last_headers.lock().expect("stats lock") = req.headers.clone();
+        *self.stats.last_headers.lock().expect("stats lock") = redacted(&req.headers);
         let key = presented_key(&req.headers);
         if let Some(k) = &key {
             *self
@@ -202,7 +223,7 @@ impl Mock {
                 .by_key
                 .lock()
                 .expect("stats lock")
-                .entry(k.clone())
+                .entry(credential_digest(k))
                 .or_default() += 1;
         }
         let forced = {
@@ -362,6 +383,49 @@ struct Request {
     headers: Vec<(String, String)>,
     body: Vec<u8>,
     close: bool,
+}
+
+impl Mock {
+    fn control_allowed(&self, headers: &[(String, String)]) -> bool {
+        match &self.control_key {
+            None => true,
+            Some(want) => headers.iter().any(|(k, v)| {
+                k == "x-mock-control-key"
+                    && subtle::ConstantTimeEq::ct_eq(v.as_bytes(), want.as_bytes()).into()
+            }),
+        }
+    }
+}
+
+/// What the mock keeps of a credential: `sha256:` and the first 16 hex digits of its
+/// SHA-256, enough for a test to tell which key arrived, useless to anyone else.
+pub fn credential_digest(value: &str) -> String {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(value.as_bytes());
+    let hex: String = d[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
+/// Headers that carry credentials, kept only as digests.
+const CREDENTIAL_HEADERS: [&str; 5] = [
+    "authorization",
+    "x-api-key",
+    "api-key",
+    "cookie",
+    "proxy-authorization",
+];
+
+fn redacted(headers: &[(String, String)]) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|(k, v)| {
+            if CREDENTIAL_HEADERS.contains(&k.as_str()) {
+                (k.clone(), credential_digest(v))
+            } else {
+                (k.clone(), v.clone())
+            }
+        })
+        .collect()
 }
 
 /// The provider key a request carries, from any of the headers providers use.

@@ -37,7 +37,7 @@ use crate::limits::{self, Admission, Limiter};
 use crate::metrics::{Finished, Metrics, StreamHandles};
 use crate::record::Row;
 use crate::request_id;
-use crate::request_info::{self, BodyCollector, BodyStep, RequestInfo};
+use crate::request_info::{self, BodyCollector, BodyStep, RequestInfo, Rewrite};
 use crate::route::Pick;
 use crate::route::{Route, RouteKey, RouteTable};
 use crate::stall::{Deadline, StallGuard};
@@ -51,7 +51,11 @@ pub struct RequestCtx {
     started_at: SystemTime,
     /// Request body bytes received from the client.
     pub request_bytes: u64,
+    /// The relay's own id of the request (unpredictable): its row, its Redis slot and
+    /// the upstream's `x-request-id`.
     pub request_id: String,
+    /// The client's `x-request-id`, when sane: echoed back and kept in its own column.
+    pub client_request_id: Option<String>,
     pub route: Option<Arc<Route>>,
     pub tenant: Option<Arc<str>>,
     /// Upstreams and keys this request tried (bit i: index i).
@@ -92,6 +96,8 @@ pub struct RequestCtx {
     stall: Option<StallGuard>,
     /// The body must be JSON (see `gate::wants_json`).
     json_required: bool,
+    /// The upstream answered in a content encoding the tap cannot read.
+    usage_unreadable: bool,
     /// Body bytes this attempt has passed (a retry replays from 0).
     attempt_body_offset: u64,
     /// When the current attempt was chosen.
@@ -202,12 +208,20 @@ fn keep_bytes(kept: &mut Vec<u8>, chunk: &[u8], limit: usize) {
 }
 
 impl RequestCtx {
+    /// The id the client reads back: its own when it sent a sane one, else the relay's.
+    pub fn answer_id(&self) -> &str {
+        self.client_request_id
+            .as_deref()
+            .unwrap_or(&self.request_id)
+    }
+
     fn new(now: Instant) -> RequestCtx {
         RequestCtx {
             start: now,
             started_at: SystemTime::now(),
             request_bytes: 0,
             request_id: String::new(),
+            client_request_id: None,
             route: None,
             tenant: None,
             tried_upstreams: 0,
@@ -231,6 +245,7 @@ impl RequestCtx {
             early_body: None,
             stall: None,
             json_required: false,
+            usage_unreadable: false,
             attempt_body_offset: 0,
             attempt_started: now,
             captured_request: Vec::new(),
@@ -267,13 +282,19 @@ pub fn admit(
     tenants: &TenantTable,
     req: &RequestHeader,
 ) -> std::result::Result<Admitted, Refusal> {
-    let Some(route) = routes.find(req.uri.path()) else {
-        return Err(Refusal {
-            error: RelayError::NoRoute,
-            shape: ErrorShape::guess(req.headers.contains_key("anthropic-version")),
-            route: None,
-            tenant: None,
-        });
+    let path = req.uri.path();
+    let unrouted = |error| Refusal {
+        error,
+        shape: ErrorShape::guess(req.headers.contains_key("anthropic-version")),
+        route: None,
+        tenant: None,
+    };
+    // What is checked here is what is routed and sent upstream.
+    if let Err(why) = crate::policy::check_path(path) {
+        return Err(unrouted(RelayError::BadPath(why)));
+    }
+    let Some(route) = routes.find(path) else {
+        return Err(unrouted(RelayError::NoRoute));
     };
     let refuse = |error, tenant: Option<&Arc<str>>| Refusal {
         error,
@@ -298,6 +319,15 @@ pub fn admit(
         };
         return Err(refuse(e, Some(&tenant.id)));
     }
+    if !gate::known_method(&req.method) {
+        return Err(refuse(RelayError::MethodNotAllowed, Some(&tenant.id)));
+    }
+    if crate::policy::is_upgrade(req) {
+        return Err(refuse(RelayError::UpgradeRefused, Some(&tenant.id)));
+    }
+    if let Err(e) = route.check_endpoint(&req.method, path) {
+        return Err(refuse(e, Some(&tenant.id)));
+    }
     Ok(Admitted {
         route: route.clone(),
         tenant: tenant.id.clone(),
@@ -320,6 +350,7 @@ pub fn prepare_upstream_request(
     for h in TENANT_CREDENTIAL_HEADERS {
         req.remove_header(h);
     }
+    crate::policy::scrub_request(req, &route.policy.upstream_headers)?;
     // Compressed event streams cannot be read as they pass, and gain little.
     req.remove_header("accept-encoding");
     if let (RouteKey::Pool { header, .. }, Some(slot)) = (&route.key, route.key_slot(key)) {
@@ -389,6 +420,7 @@ pub struct Recorder {
 /// What is known of a request refused before its head was whole.
 pub struct RefusedHead {
     pub request_id: String,
+    pub client_request_id: Option<String>,
     /// When its connection was accepted.
     pub start: Instant,
     pub started_at: SystemTime,
@@ -415,6 +447,7 @@ impl Recorder {
         let mut ctx = RequestCtx::new(head.start);
         ctx.started_at = head.started_at;
         ctx.request_id = head.request_id;
+        ctx.client_request_id = head.client_request_id;
         ctx.route = head.route;
         let status = refusal.status();
         ctx.refusal = Some(refusal);
@@ -472,8 +505,9 @@ impl Recorder {
         let n = |v: Option<u64>| v.map_or(-1, |v| v as i64);
         info!(
             target: "access",
-            "{} tenant={} route={} model={} status={} outcome={} upstream_status={} attempts={} ttfb_ms={:.1} ttft_ms={:.1} duration_ms={:.1} tokens_in={} tokens_out={} tokens_cached={} tokens_reasoning={} cost_usd={} finish={} bytes={}",
+            "{} client_id={} tenant={} route={} model={} status={} outcome={} upstream_status={} attempts={} ttfb_ms={:.1} ttft_ms={:.1} duration_ms={:.1} tokens_in={} tokens_out={} tokens_cached={} tokens_reasoning={} cost_usd={} finish={} bytes={}",
             ctx.request_id,
+            ctx.client_request_id.as_deref().unwrap_or("-"),
             tenant,
             route,
             model.unwrap_or("-"),
@@ -496,6 +530,7 @@ impl Recorder {
         let route_ref = ctx.route.as_ref();
         self.rows.send(Row {
             request_id: ctx.request_id.clone(),
+            client_request_id: ctx.client_request_id.clone(),
             time_ms: ctx
                 .started_at
                 .duration_since(UNIX_EPOCH)
@@ -527,6 +562,7 @@ impl Recorder {
             request_bytes: ctx.request_bytes,
             response_bytes: ctx.response_bytes,
             finish_reason: measure.and_then(|m| m.finish_reason.clone()),
+            usage_unknown: usage_unknown(ctx, &usage),
             client_addr: end.client_addr,
             user_agent: end.user_agent,
             request_body: route_ref
@@ -538,6 +574,22 @@ impl Recorder {
         });
         usage
     }
+}
+
+/// A model request the provider answered (2xx) without a usage the relay could read:
+/// a text answer (SSE or JSON, or one compressed against the relay's request) for a body
+/// that named a model, with neither token count known.
+fn usage_unknown(ctx: &RequestCtx, usage: &crate::tap::Usage) -> bool {
+    let answered = ctx.upstream_status.is_some_and(|s| (200..300).contains(&s));
+    let model_request = ctx.request_info.as_ref().is_some_and(|i| i.model.is_some());
+    let text = ctx.usage_unreadable
+        || ctx.tap.as_ref().is_some_and(|t| {
+            matches!(
+                t.kind(),
+                TapKind::OpenAiSse | TapKind::AnthropicSse | TapKind::Json
+            )
+        });
+    answered && model_request && text && usage.input.is_none() && usage.output.is_none()
 }
 
 pub struct RelayProxy {
@@ -596,24 +648,37 @@ async fn read_small_body(session: &mut Session, len: usize) -> Result<Vec<u8>> {
     Ok(body)
 }
 
-/// Whether a route asks for usage on this request's path.
-fn wants_usage(route: &Route, req: &RequestHeader) -> bool {
-    route.ensure_usage
-        && req.method == http::Method::POST
-        && req.uri.path().ends_with("/chat/completions")
+/// What the route may change in this request's body: usage asked for on a chat stream
+/// (`ensure_usage`), `store` turned off (`store: force_off`).
+fn body_rewrite(route: &Route, req: &RequestHeader) -> Rewrite {
+    let path = req.uri.path();
+    Rewrite {
+        usage: route.ensure_usage
+            && req.method == http::Method::POST
+            && path.ends_with("/chat/completions"),
+        store_off: route.policy.store == crate::policy::Store::ForceOff
+            && crate::policy::stores(&req.method, path),
+    }
 }
 
-/// Reads the early body's fields and, when `usage` is wanted and missing, the body to
-/// send instead.
-fn prepare_early_body(ctx: &mut RequestCtx, body: &[u8], usage: bool) {
-    let info = request_info::parse(body);
-    let rewritten = match &info {
-        Some(i) if usage => request_info::with_usage_requested(body, i),
-        _ => None,
-    };
-    ctx.strip_usage = rewritten.as_ref().map(|_| UsageStripper::default());
-    ctx.early_body = Some(rewritten.map(Bytes::from));
+/// Reads the early body's fields and, when the route rewrites it, the body to send
+/// instead; a field read twice or of the wrong type refuses the request.
+fn prepare_early_body(
+    ctx: &mut RequestCtx,
+    body: &[u8],
+    rw: Rewrite,
+) -> std::result::Result<(), RelayError> {
+    let info = request_info::read(body).map_err(|p| RelayError::BodyField(p.0))?;
+    let rewritten = info
+        .as_ref()
+        .and_then(|i| request_info::rewrite(body, i, rw));
+    ctx.strip_usage = rewritten
+        .as_ref()
+        .filter(|r| r.usage_added)
+        .map(|_| UsageStripper::default());
+    ctx.early_body = Some(rewritten.map(|r| Bytes::from(r.body)));
     ctx.request_info = info;
+    Ok(())
 }
 
 impl RelayProxy {
@@ -707,7 +772,7 @@ impl RelayProxy {
             if let Ok(mut resp) = ResponseHeader::build(error.status(), Some(4)) {
                 let _ = resp.insert_header(http::header::CONTENT_TYPE, "application/json");
                 let _ = resp.insert_header(http::header::CONTENT_LENGTH, body.len());
-                let _ = resp.insert_header(request_id::HEADER, ctx.request_id.as_str());
+                let _ = resp.insert_header(request_id::HEADER, ctx.answer_id());
                 if let Err(we) = downstream.write_error_response(resp, body).await {
                     warn!("{}: cannot write the error answer: {we}", ctx.request_id);
                 }
@@ -796,7 +861,7 @@ impl RelayProxy {
         let mut resp = ResponseHeader::build(e.status(), Some(4 + headers.len()))?;
         resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
         resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
-        resp.insert_header(request_id::HEADER, ctx.request_id.as_str())?;
+        resp.insert_header(request_id::HEADER, ctx.answer_id())?;
         for (name, value) in headers {
             resp.insert_header(*name, value.as_str())?;
         }
@@ -823,11 +888,11 @@ impl ProxyHttp for RelayProxy {
             .set_read_timeout(Some(self.input.client_read_timeout));
         ctx.client_addr = session.client_addr().and_then(|a| a.as_inet()).copied();
         let req = session.req_header();
-        ctx.request_id = req
+        ctx.request_id = request_id::new_id();
+        ctx.client_request_id = req
             .headers
             .get(request_id::HEADER)
-            .and_then(|v| request_id::accept_client_id(v.as_bytes()))
-            .unwrap_or_else(request_id::new_id);
+            .and_then(|v| request_id::accept_client_id(v.as_bytes()));
         let tenants = self.tenants.current();
         match admit(&self.routes, &tenants, req) {
             Ok(a) => {
@@ -848,7 +913,7 @@ impl ProxyHttp for RelayProxy {
                 ctx.json_required = gate::wants_json(req);
                 let mut body_bytes = announced.unwrap_or(0);
                 if let Some(len) = request_info::early_read_len(session.req_header()) {
-                    let usage = wants_usage(ctx.route.as_ref().expect("set"), session.req_header());
+                    let rw = body_rewrite(ctx.route.as_ref().expect("set"), session.req_header());
                     let read = read_small_body(session, len);
                     let body = match tokio::time::timeout(self.input.body_read_timeout, read).await
                     {
@@ -863,7 +928,10 @@ impl ProxyHttp for RelayProxy {
                     ctx.request_bytes = body.len() as u64;
                     let limit = ctx.route.as_ref().expect("set").capture.request;
                     keep_bytes(&mut ctx.captured_request, &body, limit);
-                    prepare_early_body(ctx, &body, usage);
+                    if let Err(e) = prepare_early_body(ctx, &body, rw) {
+                        self.answer_locally(session, ctx, e).await?;
+                        return Ok(true);
+                    }
                     // A body that parsed as a request object is JSON once its bytes are
                     // UTF-8 (cheap to check); only others pay for a second parse.
                     if ctx.json_required
@@ -887,7 +955,12 @@ impl ProxyHttp for RelayProxy {
                 ctx.shape = refusal.shape;
                 ctx.route = refusal.route;
                 ctx.tenant = refusal.tenant;
-                self.answer_locally(session, ctx, refusal.error).await?;
+                let allow = match &refusal.error {
+                    RelayError::EndpointMethod { allow } => vec![("allow", allow.clone())],
+                    _ => Vec::new(),
+                };
+                self.answer_locally_with(session, ctx, refusal.error, &allow)
+                    .await?;
                 Ok(true)
             }
         }
@@ -952,15 +1025,15 @@ impl ProxyHttp for RelayProxy {
             }
             return Ok(());
         }
-        // A larger chat request's body is held and may grow by `stream_options`: its
-        // length is not known yet, so it goes upstream chunked.
-        let hold = wants_usage(route, upstream_request);
-        if hold {
+        // A larger body the route may rewrite is held and may grow (`stream_options`,
+        // `store`): its length is not known yet, so it goes upstream chunked.
+        let rw = body_rewrite(route, upstream_request);
+        if rw.any() {
             upstream_request.remove_header(&http::header::CONTENT_LENGTH);
             upstream_request.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
         }
         // Each attempt (a retry replays the body) starts the body over.
-        ctx.body.reset(hold);
+        ctx.body.reset(rw);
         ctx.attempt_body_offset = 0;
         ctx.strip_usage = None;
         Ok(())
@@ -1011,6 +1084,13 @@ impl ProxyHttp for RelayProxy {
             *body = Some(b);
         }
         if let Some(end) = end {
+            if let Some(p) = end.problem {
+                return Err(self.refuse_body(ctx, RelayError::BodyField(p.0)));
+            }
+            if end.unreadable {
+                let max = request_info::MAX_READ;
+                return Err(self.refuse_body(ctx, RelayError::BodyTooLarge { max }));
+            }
             if end.invalid_json && ctx.json_required {
                 return Err(self.refuse_body(ctx, RelayError::InvalidJson));
             }
@@ -1060,7 +1140,18 @@ impl ProxyHttp for RelayProxy {
             .headers
             .get(http::header::CONTENT_TYPE)
             .map_or(&b""[..], |v| v.as_bytes());
-        let kind = TapKind::choose(route.provider, content_type);
+        // The relay asks for no compression; an upstream that compresses anyway cannot be
+        // read as it passes, and its row says so.
+        let encoded = upstream_response
+            .headers
+            .get(http::header::CONTENT_ENCODING)
+            .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+        ctx.usage_unreadable = encoded;
+        let kind = if encoded {
+            TapKind::None
+        } else {
+            TapKind::choose(route.provider, content_type)
+        };
         if matches!(
             kind,
             TapKind::OpenAiSse | TapKind::AnthropicSse | TapKind::Audio
@@ -1077,7 +1168,12 @@ impl ProxyHttp for RelayProxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        upstream_response.insert_header(request_id::HEADER, ctx.request_id.as_str())?;
+        let own_limits = ctx
+            .admission
+            .as_ref()
+            .is_some_and(|a| a.requests.is_some() || a.tokens.is_some());
+        crate::policy::scrub_response(upstream_response, own_limits);
+        upstream_response.insert_header(request_id::HEADER, ctx.answer_id())?;
         ctx.client_status = Some(upstream_response.status.as_u16());
         if let Some(a) = &ctx.admission {
             limits::append_headers(upstream_response, a.requests.as_ref(), a.tokens.as_ref())?;
@@ -1257,7 +1353,7 @@ impl ProxyHttp for RelayProxy {
                 if let Ok(mut resp) = ResponseHeader::build(status, Some(4)) {
                     let _ = resp.insert_header(http::header::CONTENT_TYPE, "application/json");
                     let _ = resp.insert_header(http::header::CONTENT_LENGTH, body.len());
-                    let _ = resp.insert_header(request_id::HEADER, ctx.request_id.as_str());
+                    let _ = resp.insert_header(request_id::HEADER, ctx.answer_id());
                     // Writes nothing when the response header already went out (a stream
                     // cut mid-way): the connection is closed and the client sees the cut.
                     if let Err(we) = session

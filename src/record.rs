@@ -9,7 +9,11 @@ use serde::{Deserialize, Serialize};
 /// the provider did not give is `null`, never 0).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Row {
+    /// The relay's own id of the request (never the client's).
     pub request_id: String,
+    /// The `x-request-id` the client sent, when it was sane.
+    #[serde(default)]
+    pub client_request_id: Option<String>,
     /// Unix time of the request head, in milliseconds.
     pub time_ms: u64,
     pub instance: String,
@@ -38,6 +42,11 @@ pub struct Row {
     pub request_bytes: u64,
     pub response_bytes: u64,
     pub finish_reason: Option<String>,
+    /// A model request the provider answered without telling its usage (a cut stream,
+    /// an unreadable or compressed body): its tokens are unknown, and the tenant's token
+    /// limit kept the whole estimate.
+    #[serde(default)]
+    pub usage_unknown: bool,
     pub client_addr: Option<String>,
     pub user_agent: Option<String>,
     /// The request body as received, when the route captures it (`capture.request`);
@@ -64,6 +73,7 @@ impl Row {
     /// Roughly what the row weighs in a batch: fixed columns plus its strings.
     pub fn approx_bytes(&self) -> usize {
         160 + self.request_id.len()
+            + text_len(&self.client_request_id)
             + self.instance.len()
             + text_len(&self.tenant)
             + text_len(&self.route)
@@ -91,6 +101,8 @@ pub(crate) mod tests {
     pub(crate) fn sample_row() -> Row {
         Row {
             request_id: "r1".into(),
+            client_request_id: Some("client-1".into()),
+            usage_unknown: false,
             time_ms: 1_700_000_000_000,
             instance: "relay-a".into(),
             tenant: Some("acme".into()),

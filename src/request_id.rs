@@ -1,7 +1,9 @@
-//! Request stage (`request_filter`): the `x-request-id` every request carries upstream and
-//! back to the client. A client's own id is kept when it is sane; otherwise one is made.
+//! Request stage (`request_filter`): request ids. Every request gets the relay's own id
+//! (its row, its Redis slot, the upstream's `x-request-id`); a client's own id, when
+//! sane, is echoed back to it and kept in the row's `client_request_id`.
 
-use std::hash::{BuildHasher, Hasher};
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
@@ -20,19 +22,18 @@ pub fn accept_client_id(value: &[u8]) -> Option<String> {
     String::from_utf8(value.to_vec()).ok()
 }
 
-/// A new id: a per-process random prefix and a counter, 32 hex characters, unique across
-/// a fleet without coordination.
+/// A new id: 32 hex characters, unique across a fleet without coordination and not
+/// predictable from other ids: a per-process counter run through two SipHash functions
+/// keyed from the OS's random source (std's `RandomState`), so knowing any number of ids
+/// tells nothing of the next.
 pub fn new_id() -> String {
-    static PREFIX: OnceLock<u64> = OnceLock::new();
+    static KEYS: OnceLock<(RandomState, RandomState)> = OnceLock::new();
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let prefix = *PREFIX.get_or_init(|| {
-        // RandomState is seeded from the OS's random source.
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u64(std::process::id() as u64);
-        h.finish()
-    });
+    let (a, b) = KEYS.get_or_init(|| (RandomState::new(), RandomState::new()));
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("{prefix:016x}{n:016x}")
+    let hi = a.hash_one(n);
+    let lo = b.hash_one(n);
+    format!("{hi:016x}{lo:016x}")
 }
 
 #[cfg(test)]
@@ -54,6 +55,9 @@ mod tests {
         let b = new_id();
         assert_ne!(a, b);
         assert_eq!(a.len(), 32);
-        assert_eq!(a[..16], b[..16]);
+        // No shared prefix or counter: consecutive ids differ in both halves.
+        assert_ne!(a[..16], b[..16]);
+        assert_ne!(a[16..], b[16..]);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
     }
 }

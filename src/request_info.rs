@@ -3,8 +3,6 @@
 //! flows to the upstream. The body is copied up to a cap and parsed once at its end;
 //! larger bodies pass unread and the model is then taken from the response.
 
-use serde::Deserialize;
-
 /// Request bodies up to this size are read for their fields.
 pub const MAX_READ: usize = 1 << 20;
 
@@ -38,17 +36,23 @@ pub struct RequestInfo {
     pub stream: bool,
     pub max_tokens: Option<u64>,
     pub include_usage: bool,
+    /// `stream_options` is in the body (an object or `null`).
+    pub stream_options_present: bool,
+    /// `store` as sent (`None`: absent or `null`).
+    pub store: Option<bool>,
+    pub store_present: bool,
 }
 
-/// Collects a request body as it flows upstream and reads it at the end. In `hold`
-/// mode (a chat request whose usage the relay may ask for) the body is held back and
-/// sent in one piece at its end, rewritten when the client streams without asking for
-/// usage; a body over [`MAX_READ`] is released unchanged and passes through.
+/// Collects a request body as it flows upstream and reads it at the end. In hold mode
+/// (the route may rewrite the body: usage for a chat stream, `store: false`) the body is
+/// held back and sent in one piece at its end, rewritten as needed; a held body over
+/// [`MAX_READ`] is released unchanged and passes through, unless `store` must be
+/// rewritten, which it then refuses (`BodyEnd::unreadable`).
 #[derive(Default)]
 pub struct BodyCollector {
     buf: Vec<u8>,
     too_large: bool,
-    hold: bool,
+    rewrite: Rewrite,
 }
 
 /// What the filter does with one request body chunk.
@@ -69,134 +73,455 @@ pub struct BodyEnd {
     pub usage_added: bool,
     /// The whole body was read and is not JSON.
     pub invalid_json: bool,
+    /// A field the relay reads is there twice or has the wrong type.
+    pub problem: Option<FieldProblem>,
+    /// The body is too large to be read, and the route must rewrite it.
+    pub unreadable: bool,
 }
 
 impl BodyCollector {
     /// Starts over for a new attempt (a retry replays the body from its start).
-    pub fn reset(&mut self, hold: bool) {
+    pub fn reset(&mut self, rewrite: Rewrite) {
         self.buf.clear();
         self.too_large = false;
-        self.hold = hold;
+        self.rewrite = rewrite;
+    }
+
+    fn hold(&self) -> bool {
+        self.rewrite.any()
     }
 
     /// Takes one chunk; `end` is set with the last one.
     pub fn step(&mut self, chunk: &[u8], end: bool) -> (BodyStep, Option<BodyEnd>) {
+        let past_cap = || BodyEnd {
+            unreadable: self.rewrite.store_off,
+            ..BodyEnd::default()
+        };
         if self.too_large {
-            return (BodyStep::Pass, end.then(BodyEnd::default));
+            return (BodyStep::Pass, end.then(past_cap));
         }
         if self.buf.len() + chunk.len() > MAX_READ {
             self.too_large = true;
             let held = std::mem::take(&mut self.buf);
-            if !self.hold {
-                return (BodyStep::Pass, end.then(BodyEnd::default));
+            if !self.hold() {
+                return (BodyStep::Pass, end.then(past_cap));
+            }
+            if self.rewrite.store_off {
+                // Refused at its end; nothing more is sent meanwhile.
+                return (BodyStep::Replace(bytes::Bytes::new()), Some(past_cap()));
             }
             let mut out = held;
             out.extend_from_slice(chunk);
-            return (BodyStep::Replace(out.into()), end.then(BodyEnd::default));
+            return (BodyStep::Replace(out.into()), end.then(past_cap));
         }
         self.buf.extend_from_slice(chunk);
         if !end {
-            return if self.hold {
+            return if self.hold() {
                 (BodyStep::Replace(bytes::Bytes::new()), None)
             } else {
                 (BodyStep::Pass, None)
             };
         }
         let buf = std::mem::take(&mut self.buf);
-        let info = parse(&buf);
+        let (info, problem) = match read(&buf) {
+            Ok(info) => (info, None),
+            Err(p) => (None, Some(p)),
+        };
         // Only a body that is not a JSON object pays for a second parse; serde skips the
         // bytes of strings it does not keep, so UTF-8 is checked on its own.
-        let invalid_json =
-            std::str::from_utf8(&buf).is_err() || (info.is_none() && !crate::gate::is_json(&buf));
-        if !self.hold {
-            return (
-                BodyStep::Pass,
-                Some(BodyEnd {
-                    info,
-                    usage_added: false,
-                    invalid_json,
-                }),
-            );
+        let invalid_json = std::str::from_utf8(&buf).is_err()
+            || (info.is_none() && problem.is_none() && !crate::gate::is_json(&buf));
+        let mut end = BodyEnd {
+            info,
+            usage_added: false,
+            invalid_json,
+            problem,
+            unreadable: false,
+        };
+        if !self.hold() {
+            return (BodyStep::Pass, Some(end));
         }
-        match info.as_ref().and_then(|i| with_usage_requested(&buf, i)) {
-            Some(rewritten) => (
-                BodyStep::Replace(rewritten.into()),
-                Some(BodyEnd {
-                    info,
-                    usage_added: true,
-                    invalid_json,
-                }),
-            ),
-            None => (
-                BodyStep::Replace(buf.into()),
-                Some(BodyEnd {
-                    info,
-                    usage_added: false,
-                    invalid_json,
-                }),
-            ),
+        match end
+            .info
+            .as_ref()
+            .and_then(|i| rewrite(&buf, i, self.rewrite))
+        {
+            Some(r) => {
+                end.usage_added = r.usage_added;
+                (BodyStep::Replace(r.body.into()), Some(end))
+            }
+            None => (BodyStep::Replace(buf.into()), Some(end)),
         }
     }
 }
 
-/// The body with `stream_options.include_usage: true` added, when it streams without
-/// asking for usage; `None` when nothing needs to change. The common case inserts the
-/// field before the closing brace and leaves every other byte as the client sent it.
-pub fn with_usage_requested(body: &[u8], info: &RequestInfo) -> Option<Vec<u8>> {
-    if !info.stream || info.include_usage {
-        return None;
-    }
-    let mut doc: serde_json::Value = serde_json::from_slice(body).ok()?;
-    let obj = doc.as_object_mut()?;
-    if obj.contains_key("stream_options") {
-        // Rare: the client sent stream_options without include_usage.
-        let opts = obj.get_mut("stream_options")?.as_object_mut()?;
-        opts.insert("include_usage".into(), serde_json::Value::Bool(true));
-        return serde_json::to_vec(&doc).ok();
-    }
-    let close = body.iter().rposition(|b| !b.is_ascii_whitespace())?;
-    if body[close] != b'}' {
-        return None;
-    }
-    let mut out = Vec::with_capacity(body.len() + 40);
-    out.extend_from_slice(&body[..close]);
-    out.extend_from_slice(br#","stream_options":{"include_usage":true}"#);
-    out.extend_from_slice(&body[close..]);
-    Some(out)
+/// What the relay changes in a request body before it goes upstream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rewrite {
+    /// Ask for usage on a stream that does not (`stream_options.include_usage`).
+    pub usage: bool,
+    /// Send `"store": false` (the route's `store: force_off`).
+    pub store_off: bool,
 }
 
-pub fn parse(body: &[u8]) -> Option<RequestInfo> {
-    #[derive(Deserialize)]
-    struct Body {
-        model: Option<String>,
-        stream: Option<bool>,
-        max_tokens: Option<u64>,
-        max_completion_tokens: Option<u64>,
-        max_output_tokens: Option<u64>,
-        stream_options: Option<StreamOptions>,
+impl Rewrite {
+    pub fn any(self) -> bool {
+        self.usage || self.store_off
     }
-    #[derive(Deserialize)]
-    struct StreamOptions {
-        include_usage: Option<bool>,
+}
+
+/// A body rewritten for the upstream.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Rewritten {
+    pub body: Vec<u8>,
+    /// `include_usage` was added: the usage chunk must not reach the client.
+    pub usage_added: bool,
+}
+
+/// The body as `rewrite` says it must go, or `None` when nothing needs to change. A
+/// missing field is inserted before the closing brace, leaving every other byte as the
+/// client sent it; a present one (`stream_options: null`, `store: true`) is replaced in
+/// a re-serialised document. Duplicate keys were refused when the body was read, so
+/// there is one value to change.
+pub fn rewrite(body: &[u8], info: &RequestInfo, rewrite: Rewrite) -> Option<Rewritten> {
+    let usage = rewrite.usage && info.stream && !info.include_usage;
+    let store = rewrite.store_off && info.store != Some(false);
+    if !usage && !store {
+        return None;
     }
-    let b: Body = serde_json::from_slice(body).ok()?;
-    Some(RequestInfo {
-        model: b.model,
-        stream: b.stream.unwrap_or(false),
-        max_tokens: b
-            .max_completion_tokens
-            .or(b.max_tokens)
-            .or(b.max_output_tokens),
-        include_usage: b
-            .stream_options
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false),
+    let replace = (usage && info.stream_options_present) || (store && info.store_present);
+    let out = if replace {
+        let mut doc: serde_json::Value = serde_json::from_slice(body).ok()?;
+        let obj = doc.as_object_mut()?;
+        if usage {
+            match obj
+                .get_mut("stream_options")
+                .and_then(|o| o.as_object_mut())
+            {
+                Some(opts) => {
+                    opts.insert("include_usage".into(), serde_json::Value::Bool(true));
+                }
+                None => {
+                    obj.insert(
+                        "stream_options".into(),
+                        serde_json::json!({"include_usage": true}),
+                    );
+                }
+            }
+        }
+        if store {
+            obj.insert("store".into(), serde_json::Value::Bool(false));
+        }
+        serde_json::to_vec(&doc).ok()?
+    } else {
+        let close = body.iter().rposition(|b| !b.is_ascii_whitespace())?;
+        if body[close] != b'}' {
+            return None;
+        }
+        let empty = body[..close]
+            .iter()
+            .rposition(|b| !b.is_ascii_whitespace())
+            .is_some_and(|i| body[i] == b'{');
+        let mut out = Vec::with_capacity(body.len() + 56);
+        out.extend_from_slice(&body[..close]);
+        let mut sep = !empty;
+        for (wanted, field) in [
+            (usage, &br#""stream_options":{"include_usage":true}"#[..]),
+            (store, br#""store":false"#),
+        ] {
+            if wanted {
+                if sep {
+                    out.push(b',');
+                }
+                out.extend_from_slice(field);
+                sep = true;
+            }
+        }
+        out.extend_from_slice(&body[close..]);
+        out
+    };
+    Some(Rewritten {
+        body: out,
+        usage_added: usage,
     })
+}
+
+/// Why a body the relay reads is refused (400): a field it reads is there twice (its
+/// parsers and the provider's could take different ones) or has the wrong type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldProblem(pub String);
+
+/// Reads the fields the relay needs. `Ok(None)`: not a JSON object (left to the JSON
+/// gate). `null` is taken as absent, as providers do.
+pub fn read(body: &[u8]) -> Result<Option<RequestInfo>, FieldProblem> {
+    use serde::de::Deserializer as _;
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let fields = match de.deserialize_any(TopVisitor) {
+        Ok(Some(f)) => f,
+        _ => return Ok(None),
+    };
+    if de.end().is_err() {
+        return Ok(None);
+    }
+    fields.into_info()
+}
+
+/// The fields read from one body; `Err` values are the first problem met.
+#[derive(Default)]
+struct Fields {
+    seen: u16,
+    problem: Option<String>,
+    model: Option<String>,
+    stream: Option<bool>,
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
+    max_output_tokens: Option<u64>,
+    stream_options_present: bool,
+    include_usage: Option<bool>,
+    store_present: bool,
+    store: Option<bool>,
+}
+
+const FIELDS: [&str; 7] = [
+    "model",
+    "stream",
+    "max_tokens",
+    "max_completion_tokens",
+    "max_output_tokens",
+    "stream_options",
+    "store",
+];
+
+impl Fields {
+    fn into_info(self) -> Result<Option<RequestInfo>, FieldProblem> {
+        if let Some(p) = self.problem {
+            return Err(FieldProblem(p));
+        }
+        Ok(Some(RequestInfo {
+            model: self.model,
+            stream: self.stream.unwrap_or(false),
+            max_tokens: self
+                .max_completion_tokens
+                .or(self.max_tokens)
+                .or(self.max_output_tokens),
+            include_usage: self.include_usage.unwrap_or(false),
+            stream_options_present: self.stream_options_present,
+            store: self.store,
+            store_present: self.store_present,
+        }))
+    }
+
+    fn fail(&mut self, why: String) {
+        self.problem.get_or_insert(why);
+    }
+
+    fn take(&mut self, key: &str, v: serde_json::Value) {
+        use serde_json::Value;
+        let Some(i) = FIELDS.iter().position(|f| *f == key) else {
+            return;
+        };
+        if self.seen & (1 << i) != 0 {
+            return self.fail(format!("the field `{key}` appears more than once"));
+        }
+        self.seen |= 1 << i;
+        let wrong = |what: &str| format!("the field `{key}` must be {what}");
+        match (key, v) {
+            ("stream_options", Value::Object(o)) => {
+                self.stream_options_present = true;
+                match o.get("include_usage") {
+                    None | Some(Value::Null) => {}
+                    Some(Value::Bool(b)) => self.include_usage = Some(*b),
+                    Some(_) => self
+                        .fail("the field `stream_options.include_usage` must be a boolean".into()),
+                }
+            }
+            ("stream_options", Value::Null) => self.stream_options_present = true,
+            ("stream_options", _) => self.fail(wrong("an object")),
+            ("store", v) => {
+                self.store_present = true;
+                match v {
+                    Value::Null => {}
+                    Value::Bool(b) => self.store = Some(b),
+                    _ => self.fail(wrong("a boolean")),
+                }
+            }
+            (_, Value::Null) => {}
+            ("model", Value::String(m)) => self.model = Some(m),
+            ("model", _) => self.fail(wrong("a string")),
+            ("stream", Value::Bool(b)) => self.stream = Some(b),
+            ("stream", _) => self.fail(wrong("a boolean")),
+            (_, Value::Number(n)) if n.as_u64().is_some() => {
+                let n = n.as_u64();
+                match key {
+                    "max_tokens" => self.max_tokens = n,
+                    "max_completion_tokens" => self.max_completion_tokens = n,
+                    _ => self.max_output_tokens = n,
+                }
+            }
+            _ => self.fail(wrong("a non-negative integer")),
+        }
+    }
+}
+
+/// Visits the top level: an object gives its fields, anything else `None`.
+struct TopVisitor;
+
+impl<'de> serde::de::Visitor<'de> for TopVisitor {
+    type Value = Option<Fields>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut fields = Fields::default();
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if FIELDS.contains(&key.as_ref()) {
+                let v: serde_json::Value = map.next_value()?;
+                fields.take(&key, v);
+            } else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(Some(fields))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+}
+
+/// The fields of a body, or `None` when it is not a request object or is refused.
+pub fn parse(body: &[u8]) -> Option<RequestInfo> {
+    read(body).ok().flatten()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const USAGE: Rewrite = Rewrite {
+        usage: true,
+        store_off: false,
+    };
+
+    #[test]
+    fn duplicate_or_mistyped_fields_are_refused_and_null_is_absent() {
+        for (body, field) in [
+            (&br#"{"max_tokens":10,"max_tokens":9999}"#[..], "max_tokens"),
+            (br#"{"model":"a","stream":true,"model":"b"}"#, "model"),
+            (
+                br#"{"stream_options":null,"stream_options":{}}"#,
+                "stream_options",
+            ),
+            (br#"{"max_tokens":"5000"}"#, "max_tokens"),
+            (br#"{"max_tokens":1e9}"#, "max_tokens"),
+            (br#"{"max_tokens":-1}"#, "max_tokens"),
+            (br#"{"stream":"true"}"#, "stream"),
+            (br#"{"stream_options":[]}"#, "stream_options"),
+            (
+                br#"{"stream_options":{"include_usage":1}}"#,
+                "include_usage",
+            ),
+            (br#"{"store":"yes"}"#, "store"),
+        ] {
+            let p = read(body).unwrap_err();
+            assert!(
+                p.0.contains(field),
+                "{}: {}",
+                String::from_utf8_lossy(body),
+                p.0
+            );
+        }
+        // Fields the relay does not read may repeat: the provider's business.
+        let info = read(
+            br#"{"user":"a","user":"b","max_tokens":null,"stream":null,"stream_options":null}"#,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (info.max_tokens, info.stream, info.include_usage),
+            (None, false, false)
+        );
+        assert!(info.stream_options_present);
+        assert_eq!(read(b"[1]").unwrap(), None);
+        assert_eq!(read(b"{} {}").unwrap(), None);
+        assert_eq!(read(b"nope").unwrap(), None);
+    }
+
+    #[test]
+    fn usage_is_asked_for_when_stream_options_is_null() {
+        let body = br#"{"model":"m","stream":true,"stream_options":null}"#;
+        let info = parse(body).unwrap();
+        let out = rewrite(body, &info, USAGE).unwrap();
+        assert!(out.usage_added);
+        let v: serde_json::Value = serde_json::from_slice(&out.body).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+    }
+
+    #[test]
+    fn store_is_forced_off_when_asked_or_defaulted() {
+        let off = Rewrite {
+            usage: false,
+            store_off: true,
+        };
+        for body in [
+            &br#"{"model":"m","input":"x"}"#[..],
+            br#"{"model":"m","store":true}"#,
+            br#"{"model":"m","store":null}"#,
+            br#"{}"#,
+        ] {
+            let info = parse(body).unwrap();
+            let out = rewrite(body, &info, off).unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&out.body).unwrap();
+            assert_eq!(v["store"], false, "{}", String::from_utf8_lossy(body));
+        }
+        let body = br#"{"model":"m","store":false}"#;
+        assert_eq!(rewrite(body, &parse(body).unwrap(), off), None);
+        // Both at once, inserted without touching the client's bytes.
+        let body = br#"{"model":"m","stream":true}"#;
+        let both = Rewrite {
+            usage: true,
+            store_off: true,
+        };
+        let out = rewrite(body, &parse(body).unwrap(), both).unwrap();
+        assert_eq!(
+            out.body,
+            br#"{"model":"m","stream":true,"stream_options":{"include_usage":true},"store":false}"#
+        );
+    }
+
+    #[test]
+    fn a_store_off_body_too_large_to_read_is_refused() {
+        let mut c = BodyCollector::default();
+        c.reset(Rewrite {
+            usage: false,
+            store_off: true,
+        });
+        let (step, end) = c.step(&vec![b' '; MAX_READ + 1], false);
+        assert_eq!(step, BodyStep::Replace(bytes::Bytes::new()));
+        assert!(end.unwrap().unreadable);
+    }
 
     #[test]
     fn reads_fields_wherever_they_are() {
@@ -211,7 +536,9 @@ mod tests {
                 model: Some("gpt-4o".into()),
                 stream: true,
                 max_tokens: Some(50),
-                include_usage: true
+                include_usage: true,
+                stream_options_present: true,
+                ..Default::default()
             })
         );
         let anthropic = br#"{"model":"claude","max_tokens":1024,"messages":[]}"#;
@@ -233,7 +560,7 @@ mod tests {
     fn held_streaming_body_gets_usage_requested() {
         let body = br#"{"model":"m","stream":true,"messages":[]}  "#;
         let mut c = BodyCollector::default();
-        c.reset(true);
+        c.reset(USAGE);
         assert_eq!(
             c.step(&body[..7], false).0,
             BodyStep::Replace(bytes::Bytes::new())
@@ -248,7 +575,7 @@ mod tests {
             br#"{"stream":false}"#,
             b"not json",
         ] {
-            c.reset(true);
+            c.reset(USAGE);
             let (step, end) = c.step(body, true);
             assert_eq!(step, BodyStep::Replace(bytes::Bytes::copy_from_slice(body)));
             assert!(!end.unwrap().usage_added);
@@ -256,11 +583,13 @@ mod tests {
         // stream_options without include_usage.
         let info =
             parse(br#"{"stream":true,"stream_options":{"include_obfuscation":false}}"#).unwrap();
-        let out = with_usage_requested(
+        let out = rewrite(
             br#"{"stream":true,"stream_options":{"include_obfuscation":false}}"#,
             &info,
+            USAGE,
         )
-        .unwrap();
+        .unwrap()
+        .body;
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["stream_options"]["include_usage"], true);
         assert_eq!(v["stream_options"]["include_obfuscation"], false);
@@ -269,7 +598,7 @@ mod tests {
     #[test]
     fn a_held_body_over_the_cap_is_released_unchanged() {
         let mut c = BodyCollector::default();
-        c.reset(true);
+        c.reset(USAGE);
         let big = vec![b'x'; MAX_READ + 1];
         assert_eq!(
             c.step(&big[..10], false).0,

@@ -38,6 +38,8 @@ pub struct Route {
     pub retry_after_send: bool,
     /// Active health checks of the upstreams, if any.
     pub health_check: Option<crate::config::HealthCheck>,
+    /// What the route serves and which headers it sets (see [`crate::policy`]).
+    pub policy: crate::policy::RoutePolicy,
     /// Round-robin cursors: each pick starts one upstream (key) further.
     next: AtomicUsize,
     next_key: AtomicUsize,
@@ -208,6 +210,7 @@ impl Route {
             retry_on: c.retry_on.clone(),
             retry_after_send: c.retry_after_send,
             health_check: c.health_check.clone(),
+            policy: c.policy.clone(),
             next: AtomicUsize::new(0),
             next_key: AtomicUsize::new(0),
         })
@@ -329,6 +332,33 @@ impl Route {
         match (&self.key, key) {
             (RouteKey::Pool { keys, .. }, Some(k)) => keys.get(k),
             _ => None,
+        }
+    }
+
+    /// The path the provider sees for a request path (on the first upstream; every
+    /// upstream of a route with whole-path endpoints has the same base path).
+    pub fn provider_path(&self, path: &str) -> String {
+        self.upstream_target(&self.upstreams[0].url, path)
+    }
+
+    /// Whether the route serves `method` on `path`: `Ok`, or the refusal.
+    pub fn check_endpoint(
+        &self,
+        method: &http::Method,
+        path: &str,
+    ) -> Result<(), crate::error::RelayError> {
+        use crate::error::RelayError;
+        use crate::policy::Allowed;
+        let provider_path = self.provider_path(path);
+        match self.policy.endpoints.check(method, &provider_path) {
+            Allowed::Yes => Ok(()),
+            Allowed::WrongMethod => Err(RelayError::EndpointMethod {
+                allow: self.policy.endpoints.methods_for(&provider_path),
+            }),
+            Allowed::No => Err(RelayError::EndpointNotServed {
+                method: method.to_string(),
+                path: path.to_string(),
+            }),
         }
     }
 

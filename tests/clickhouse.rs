@@ -94,7 +94,12 @@ fn every_outcome_lands_once_with_its_values_and_the_seed_queries_answer() {
     assert!(rows
         .iter()
         .all(|r| !r["batch_id"].as_str().unwrap().is_empty()));
-    let by_id = |id: &str| rows.iter().find(|r| r["request_id"] == id).unwrap().clone();
+    let by_id = |id: &str| {
+        rows.iter()
+            .find(|r| r["client_request_id"] == id)
+            .unwrap()
+            .clone()
+    };
     let stream = by_id("row-stream");
     assert_eq!(stream["tenant"], "acme");
     assert_eq!(stream["route"], "openai");
@@ -148,7 +153,7 @@ fn every_outcome_lands_once_with_its_values_and_the_seed_queries_answer() {
         .sum();
     assert_eq!(acme["total_out"].as_u64().unwrap(), sum_out);
     let one = ch.rows(
-        "SELECT request_id, outcome FROM relay_test.stream_logs WHERE request_id = 'row-404'",
+        "SELECT client_request_id, outcome FROM relay_test.stream_logs WHERE client_request_id = 'row-404'",
     );
     assert_eq!(one.len(), 1);
     assert_eq!(one[0]["outcome"], "no_route");
@@ -159,11 +164,16 @@ fn every_outcome_lands_once_with_its_values_and_the_seed_queries_answer() {
     relay.metrics_with("\nstream_relay_rows_dropped_total 0\n");
     relay.metrics_with("\nstream_relay_clickhouse_up 1\n");
     relay.metrics_with("stream_relay_rows_spool_total{event=\"spooled\"} 0\n");
-    // The migrations ran once.
+    // The migrations ran once each (the table, then the columns added to it).
     assert_eq!(
         ch.query("SELECT count() FROM relay_test.stream_relay_migrations")
             .trim(),
-        "1"
+        "2"
+    );
+    assert_eq!(
+        ch.query("SELECT count() FROM system.columns WHERE database = 'relay_test' AND table = 'stream_logs' AND name IN ('client_request_id', 'usage_unknown')")
+            .trim(),
+        "2"
     );
 }
 
@@ -290,17 +300,17 @@ fn a_relay_stopped_mid_traffic_leaves_no_row_behind() {
     let _relay = RelayProc::start(&conf, &[]);
     wait_count(
         &ch,
-        "SELECT count() FROM relay_test.stream_logs WHERE request_id LIKE 'stop-%'",
+        "SELECT count() FROM relay_test.stream_logs WHERE client_request_id LIKE 'stop-%'",
         80,
     );
     wait_count(
         &ch,
-        "SELECT count() FROM relay_test.stream_logs WHERE request_id LIKE 'open-0-%' AND outcome = 'ok'",
+        "SELECT count() FROM relay_test.stream_logs WHERE client_request_id LIKE 'open-0-%' AND outcome = 'ok'",
         3,
     );
     wait_count(
         &ch,
-        "SELECT count() FROM relay_test.stream_logs WHERE request_id LIKE 'open-1-%' AND outcome = 'shutdown' AND status = 200 AND response_bytes > 0",
+        "SELECT count() FROM relay_test.stream_logs WHERE client_request_id LIKE 'open-1-%' AND outcome = 'shutdown' AND status = 200 AND response_bytes > 0",
         3,
     );
     assert_eq!(
@@ -345,13 +355,13 @@ fn rows_clickhouse_refuses_are_kept_aside_and_the_rest_written() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(entries.len(), 1, "{letters}");
-    assert_eq!(entries[0]["row"]["request_id"], "mixed-3");
+    assert_eq!(entries[0]["row"]["client_request_id"], "mixed-3");
     assert!(
         entries[0]["error"].as_str().unwrap().contains("395"),
         "{letters}"
     );
     assert_eq!(
-        ch.query("SELECT count() FROM relay_test.stream_logs WHERE request_id = 'mixed-3'")
+        ch.query("SELECT count() FROM relay_test.stream_logs WHERE client_request_id = 'mixed-3'")
             .trim(),
         "0"
     );

@@ -191,7 +191,7 @@ proptest! {
     fn request_body_reader_any_bytes_any_cuts(data in input(), cuts in cuts(), hold in any::<bool>()) {
         let parts = pieces(&data, &cuts);
         let mut c = BodyCollector::default();
-        c.reset(hold);
+        c.reset(request_info::Rewrite { usage: hold, store_off: false });
         let mut sent = Vec::new();
         let mut end = None;
         for (i, p) in parts.iter().enumerate() {
@@ -216,6 +216,91 @@ proptest! {
         prop_assert_eq!(end.invalid_json, !stream_relay::gate::is_json(&data));
         // The early-read path parses the same bytes without a panic.
         let _ = request_info::parse(&data);
+    }
+}
+
+/// Percent-decodes once (invalid escapes are kept as they are).
+fn decode(s: &[u8]) -> Vec<u8> {
+    let h = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        if s[i] == b'%' && i + 2 < s.len() {
+            if let (Some(a), Some(b)) = (h(s[i + 1]), h(s[i + 2])) {
+                out.push(a * 16 + b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(s[i]);
+        i += 1;
+    }
+    out
+}
+
+/// What a server that decodes (once or twice) and treats `\\` as `/` would resolve the
+/// path to: its segments, with `;params` cut.
+fn resolved_segments(path: &[u8], decodings: usize) -> Vec<Vec<u8>> {
+    let mut p = path.to_vec();
+    for _ in 0..decodings {
+        p = decode(&p);
+    }
+    p.split(|b| *b == b'/' || *b == b'\\')
+        .skip(1)
+        .map(|s| s.split(|b| *b == b';').next().unwrap_or_default().to_vec())
+        .collect()
+}
+
+fn path_segment() -> impl Strategy<Value = String> {
+    prop_oneof![
+        "[a-z0-9_-]{1,8}",
+        Just(".".to_string()),
+        Just("..".to_string()),
+        Just("%2e".to_string()),
+        Just("%2E%2e".to_string()),
+        Just(".%2e".to_string()),
+        Just("%252e%252e".to_string()),
+        Just("a%2fb".to_string()),
+        Just("a%5Cb".to_string()),
+        Just("a\\b".to_string()),
+        Just(String::new()),
+        Just("%00".to_string()),
+        Just("%0a".to_string()),
+        Just("..;x".to_string()),
+        Just("%".to_string()),
+        Just("%g1".to_string()),
+        Just("%20".to_string()),
+        Just("...".to_string()),
+        Just(".x".to_string()),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(cases()))]
+
+    /// A path the checker lets through means the same to every server behind the relay:
+    /// decoded once or twice, with `\\` taken as `/` and `;params` cut, it has no `.`,
+    /// `..` or empty segment and no control byte; and a path of plain segments passes.
+    #[test]
+    fn path_checker_passes_only_paths_that_resolve_to_themselves(
+        segs in proptest::collection::vec(path_segment(), 0..6)
+    ) {
+        let path = format!("/{}", segs.join("/"));
+        let ok = stream_relay::policy::check_path(&path).is_ok();
+        if ok {
+            for d in 0..=2 {
+                for seg in resolved_segments(path.as_bytes(), d) {
+                    prop_assert!(!seg.is_empty() || path == "/", "{path}: empty segment after {d} decodings");
+                    prop_assert!(seg != b"." && seg != b"..", "{path}: dot segment after {d} decodings");
+                }
+                let decoded = resolved_segments(path.as_bytes(), d.min(1)).concat();
+                prop_assert!(!decoded.iter().any(|b| *b < 0x20 || *b == 0x7f), "{path}: control byte");
+            }
+        }
+        let plain = segs.iter().all(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'));
+        if plain {
+            prop_assert!(ok, "{path} refused");
+        }
     }
 }
 

@@ -260,7 +260,11 @@ fn each_hostile_input_gets_its_answer_while_others_are_served() {
         assert_eq!(v["error"]["type"], "invalid_request_error", "{id}: {body}");
         let deadline = Instant::now() + Duration::from_secs(5);
         let row = loop {
-            if let Some(r) = relay.rows().into_iter().find(|r| r["request_id"] == *id) {
+            if let Some(r) = relay
+                .rows()
+                .into_iter()
+                .find(|r| r["client_request_id"] == *id)
+            {
                 break r;
             }
             assert!(Instant::now() < deadline, "{id}: no row");
@@ -372,7 +376,12 @@ fn broken_upstream_answers_pass_through_as_they_came_and_are_recorded() {
     assert_eq!(r.status, 200);
     assert_eq!(r.body, b"<html>oops</html>");
     let rows = relay.rows_at_least(3);
-    let row = |id: &str| rows.iter().find(|r| r["request_id"] == id).unwrap().clone();
+    let row = |id: &str| {
+        rows.iter()
+            .find(|r| r["client_request_id"] == id)
+            .unwrap()
+            .clone()
+    };
     assert_eq!(row("garbage")["outcome"], "ok");
     assert_eq!(
         row("garbage")["tokens_out"],
@@ -493,7 +502,10 @@ fn a_trickling_request_head_gets_408_at_the_head_deadline() {
         assert_eq!(row["status"], 408, "{row}");
         assert!(row["client_addr"].is_string(), "{row}");
     }
-    let trickle = rows.iter().find(|r| r["request_id"] == "trickle").unwrap();
+    let trickle = rows
+        .iter()
+        .find(|r| r["client_request_id"] == "trickle")
+        .unwrap();
     assert_eq!(trickle["route"], "anthropic");
     relay.metrics_with("stream_relay_connections_idle_closed_total 1\n");
 

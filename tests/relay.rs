@@ -7,6 +7,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::*;
+use stream_relay::mock::credential_digest as digest;
 
 const LIMITED_KEY: &str = "sk-tenant-limited";
 
@@ -200,18 +201,27 @@ fn provider_key_is_injected_and_tenant_key_never_forwarded() {
         &chat_body(false, false),
     );
     assert_eq!(via.status, 200);
+    // The client reads back its own id; upstream goes the relay's own.
     assert_eq!(via.header("x-request-id"), Some("client-chosen-id-42"));
     let stats = mock.stats();
     assert_eq!(stats["auth_failures"], 0);
     let seen = stats["last_headers"].as_object().unwrap();
-    assert_eq!(seen["authorization"], format!("Bearer {PROVIDER_KEY}"));
-    assert_eq!(seen["x-request-id"], "client-chosen-id-42");
+    // The mock keeps credentials as digests only.
+    assert_eq!(
+        seen["authorization"],
+        digest(&format!("Bearer {PROVIDER_KEY}"))
+    );
+    let upstream_id = seen["x-request-id"].as_str().unwrap();
+    assert_ne!(upstream_id, "client-chosen-id-42");
+    assert_eq!(upstream_id.len(), 32);
     assert!(seen.get("accept-encoding").is_none());
     assert!(seen.get("x-api-key").is_none());
     assert_eq!(seen["host"], mock.addr.to_string());
     for (name, value) in seen {
         assert!(
-            !value.as_str().unwrap().contains(TENANT_KEY),
+            !value.as_str().unwrap().contains(TENANT_KEY)
+                && value != &digest(TENANT_KEY)
+                && value != &digest(&format!("Bearer {TENANT_KEY}")),
             "tenant key forwarded in {name}"
         );
     }
@@ -226,7 +236,7 @@ fn provider_key_is_injected_and_tenant_key_never_forwarded() {
     );
     assert_eq!(via.status, 200);
     let seen = mock.stats()["last_headers"].clone();
-    assert_eq!(seen["api-key"], PROVIDER_KEY);
+    assert_eq!(seen["api-key"], digest(PROVIDER_KEY));
     assert!(seen.get("authorization").is_none());
 
     // Anthropic style: `x-api-key`, and the tenant's own x-api-key is replaced.
@@ -242,7 +252,7 @@ fn provider_key_is_injected_and_tenant_key_never_forwarded() {
     );
     assert_eq!(via.status, 200);
     let seen = mock.stats()["last_headers"].clone();
-    assert_eq!(seen["x-api-key"], PROVIDER_KEY);
+    assert_eq!(seen["x-api-key"], digest(PROVIDER_KEY));
     assert_eq!(seen["anthropic-version"], "2023-06-01");
     assert_eq!(mock.stats()["auth_failures"], 0);
 }

@@ -49,7 +49,11 @@ fn events(body: &[u8]) -> Vec<(String, String)> {
 fn row(relay: &RelayProc, id: &str) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if let Some(r) = relay.rows().into_iter().find(|r| r["request_id"] == id) {
+        if let Some(r) = relay
+            .rows()
+            .into_iter()
+            .find(|r| r["client_request_id"] == id)
+        {
             return r;
         }
         assert!(Instant::now() < deadline, "no row for {id}");

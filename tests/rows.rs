@@ -33,7 +33,12 @@ fn every_outcome_yields_exactly_one_row() {
     let rows = relay.rows_at_least(expected.len() + 1);
     assert_eq!(rows.len(), expected.len() + 1, "{rows:#?}");
     assert_every_outcome_row(&rows, &expected, "rows-test/1");
-    let by_id = |id: &str| rows.iter().find(|r| r["request_id"] == id).unwrap().clone();
+    let by_id = |id: &str| {
+        rows.iter()
+            .find(|r| r["client_request_id"] == id)
+            .unwrap()
+            .clone()
+    };
     let stream = by_id("row-stream");
     assert_eq!(stream["tenant"], "acme");
     assert_eq!(stream["route"], "openai");

@@ -38,7 +38,7 @@ fn https_upstream_is_verified_against_the_route_ca() {
     let ca = pki.join("ca.pem");
     let config = format!(
         r#"routes:
-  - {{ name: tls, prefix: /tls/v1, provider: openai, upstreams: ["https://localhost:{port}/v1"], key: "env:TEST_PROVIDER_KEY", ca_file: "{ca}" }}
+  - {{ name: tls, prefix: /tls, provider: openai, upstreams: ["https://localhost:{port}"], key: "env:TEST_PROVIDER_KEY", ca_file: "{ca}", endpoints: ["POST chat/completions", "GET /mock/stats"] }}
   - {{ name: untrusted, prefix: /untrusted/v1, provider: openai, upstreams: ["https://localhost:{port}/v1"], key: "env:TEST_PROVIDER_KEY" }}
   - {{ name: wrongname, prefix: /wrongname/v1, provider: openai, upstreams: ["https://127.0.0.1:{port}/v1"], key: "env:TEST_PROVIDER_KEY", ca_file: "{ca}" }}
 tenants:
@@ -64,7 +64,8 @@ tenants:
         let r = request(
             relay.addr,
             "GET",
-            "/tls/v1/mock/stats",
+            // The operator listed the mock's stats among the route's endpoints.
+            "/tls/mock/stats",
             &[("authorization", &auth)],
             b"",
         );

@@ -242,7 +242,10 @@ fn streams_cut_by_a_shutdown_still_get_their_rows() {
         let rows = relay.rows();
         for i in 0..4 {
             let id = format!("cut-{i}");
-            let mine: Vec<_> = rows.iter().filter(|r| r["request_id"] == id).collect();
+            let mine: Vec<_> = rows
+                .iter()
+                .filter(|r| r["client_request_id"] == id)
+                .collect();
             assert_eq!(mine.len(), 1, "{signal}: rows of {id}: {rows:?}");
             let row = mine[0];
             assert_eq!(row["outcome"], "shutdown", "{signal}: {row}");
@@ -295,7 +298,7 @@ fn a_request_on_a_connection_accepted_before_sigterm_is_served() {
     let rows = relay.rows();
     let row = rows
         .iter()
-        .find(|r| r["request_id"] == "late-comer")
+        .find(|r| r["client_request_id"] == "late-comer")
         .unwrap();
     assert_eq!(row["outcome"], "ok", "{row}");
 }

@@ -88,6 +88,8 @@ struct ChRow<'a> {
     user_agent: Option<&'a str>,
     request_body: Option<&'a str>,
     response_body: Option<&'a str>,
+    client_request_id: Option<&'a str>,
+    usage_unknown: u8,
 }
 
 impl<'a> ChRow<'a> {
@@ -125,6 +127,8 @@ impl<'a> ChRow<'a> {
             user_agent: r.user_agent.as_deref(),
             request_body: r.request_body.as_deref(),
             response_body: r.response_body.as_deref(),
+            client_request_id: r.client_request_id.as_deref(),
+            usage_unknown: u8::from(r.usage_unknown),
         }
     }
 }

@@ -15,11 +15,31 @@ pub struct Migration {
     pub sql: &'static str,
 }
 
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "stream_logs",
-    sql: include_str!("migrations/0001_stream_logs.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "stream_logs",
+        sql: include_str!("migrations/0001_stream_logs.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "client_id_usage_unknown",
+        sql: include_str!("migrations/0002_client_id_usage_unknown.sql"),
+    },
+];
+
+/// The table and column an `ALTER TABLE db.t ADD COLUMN c ...` statement adds; such a
+/// statement runs only when the column is missing (18.16 has no `IF NOT EXISTS` there).
+pub fn added_column(statement: &str) -> Option<(&str, &str)> {
+    let rest = statement.strip_prefix("ALTER TABLE ")?;
+    let (table, rest) = rest.split_once(' ')?;
+    let column = rest
+        .strip_prefix("ADD COLUMN ")?
+        .split_whitespace()
+        .next()?;
+    let table = table.rsplit('.').next()?;
+    Some((table, column))
+}
 
 /// A migration's statements for `database`: comment lines dropped, split at `;`.
 pub fn statements(sql: &str, database: &str) -> Vec<String> {
@@ -62,6 +82,18 @@ pub async fn migrate(
     let mut applied = Vec::new();
     for m in MIGRATIONS {
         for statement in statements(m.sql, database) {
+            if let Some((table, column)) = added_column(&statement) {
+                let have: u64 = client
+                    .query("SELECT count() FROM system.columns WHERE database = ? AND table = ? AND name = ?")
+                    .bind(database)
+                    .bind(table)
+                    .bind(column)
+                    .fetch_one()
+                    .await?;
+                if have > 0 {
+                    continue;
+                }
+            }
             client.query(&statement).execute().await?;
         }
         if done.contains(&m.version) {
@@ -97,7 +129,10 @@ mod tests {
         for (i, m) in MIGRATIONS.iter().enumerate() {
             assert_eq!(m.version as usize, i + 1);
             for s in statements(m.sql, "db") {
-                assert!(s.contains("IF NOT EXISTS"), "not idempotent: {s}");
+                assert!(
+                    s.contains("IF NOT EXISTS") || added_column(&s).is_some(),
+                    "not idempotent: {s}"
+                );
                 assert!(!s.contains("{database}"));
             }
         }
@@ -105,16 +140,33 @@ mod tests {
 
     #[test]
     fn the_table_has_every_row_column() {
-        let sql = statements(MIGRATIONS[0].sql, "db").join("\n");
+        let sql: String = MIGRATIONS
+            .iter()
+            .flat_map(|m| statements(m.sql, "db"))
+            .collect::<Vec<_>>()
+            .join("\n");
         let row = serde_json::to_value(crate::record::tests::sample_row()).unwrap();
         for column in row.as_object().unwrap().keys() {
             let column = if column == "time_ms" { "time" } else { column };
             assert!(
-                sql.contains(&format!("    {column} ")),
+                sql.contains(&format!("    {column} "))
+                    || sql.contains(&format!("ADD COLUMN {column} ")),
                 "no column {column}"
             );
         }
         assert!(sql.contains("    batch_id String"));
+    }
+
+    #[test]
+    fn added_columns_are_found() {
+        assert_eq!(
+            added_column("ALTER TABLE db.stream_logs ADD COLUMN usage_unknown UInt8 DEFAULT 0"),
+            Some(("stream_logs", "usage_unknown"))
+        );
+        assert_eq!(
+            added_column("CREATE TABLE IF NOT EXISTS db.x (a UInt8)"),
+            None
+        );
     }
 
     #[test]

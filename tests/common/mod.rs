@@ -877,7 +877,10 @@ pub fn assert_every_outcome_row(
     user_agent: &str,
 ) {
     for &(id, status, outcome) in expected {
-        let matching: Vec<_> = rows.iter().filter(|r| r["request_id"] == id).collect();
+        let matching: Vec<_> = rows
+            .iter()
+            .filter(|r| r["client_request_id"] == id)
+            .collect();
         assert_eq!(matching.len(), 1, "{id}");
         let r = matching[0];
         assert_eq!(r["status"], status, "{id}");
