@@ -1373,6 +1373,13 @@ impl ProxyHttp for RelayProxy {
         }
     }
 
+    /// A refusal of the relay's own and a client that went away are in the row and the
+    /// access line: an ERROR line for each (Pingora's, with the client's Host in it)
+    /// would let any client fill the error log.
+    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, e: &Error) -> bool {
+        ctx.refusal.is_some() || e.esource() == &ErrorSource::Downstream
+    }
+
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         // Bodyless answers never reach the body filter's end: no deadline applies now.
         if let Some(g) = &ctx.stall {

@@ -161,4 +161,25 @@ fn shipped_configuration_serves_a_first_stream() {
         &chat_body(true, false),
     );
     assert_eq!(r.status, 403, "the demo key may only use the mock routes");
+    // The public demo key cannot read the mock's stats (with the injected key and the
+    // last request's headers) nor break it for everyone through a route.
+    let demo = [("authorization", "Bearer sk-relay-demo")];
+    let stats =
+        |path: &str, method: &str| request(relay.addr, method, path, &demo, b"{\"status\":500}");
+    for (method, path) in [
+        ("GET", "/mock/openai/v1/mock/stats"),
+        ("GET", "/mock/anthropic/mock/stats"),
+        ("POST", "/mock/anthropic/mock/control"),
+        ("POST", "/mock/audio/v1/mock/control"),
+    ] {
+        assert_eq!(stats(path, method).status, 404, "{method} {path}");
+    }
+    let r = request(
+        relay.addr,
+        "POST",
+        "/mock/openai/v1/chat/completions",
+        &demo,
+        &chat_body(false, false),
+    );
+    assert_eq!(r.status, 200, "the mock still serves: nothing was broken");
 }
