@@ -14,15 +14,19 @@
 //! accepted a moment before whose request is on its way. Behind the gate, Pingora only
 //! gets connections whose head is already in memory, and reads it at once.
 //!
-//! Later requests on a kept-alive connection are read by Pingora, with its per-read
-//! keep-alive timeout.
+//! Every later head on a kept-alive connection goes through the gate too: the gate runs
+//! the HTTP/1 keep-alive loop itself (as Pingora's `ServerApp` for an `HttpServerApp`
+//! would), so each head has a deadline of its own: Pingora's 60 s keep-alive wait for its
+//! first byte, then `head_timeout` from that byte for the whole head. A connection idle
+//! between requests is closed quietly at shutdown, as Pingora does.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use log::debug;
-use pingora_core::apps::ServerApp;
+use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
+use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::l4::stream::Stream as L4Stream;
 use pingora_core::protocols::{GetSocketDigest, Stream};
 use pingora_core::server::ShutdownWatch;
@@ -102,20 +106,51 @@ impl HeadEnd {
     }
 }
 
-/// Reads into `buf` until the head is whole, the client goes, `max_bytes` pass or
-/// `deadline` does.
+/// How long a head may take: `idle` is the deadline for its first byte; once that came,
+/// the whole head is due by `whole` (fixed) or `head_timeout` after the first byte.
+struct HeadDeadline {
+    idle: tokio::time::Instant,
+    after_first_byte: Option<Duration>,
+}
+
+/// Pingora's keep-alive wait for the next request on a connection (its default, 60 s).
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+
+/// Reads into `buf` until the head is whole, the client goes, `max_bytes` pass or the
+/// deadline does. Returns when the head's first byte came, too.
 async fn read_head(
     stream: &mut L4Stream,
     buf: &mut Vec<u8>,
     max_bytes: usize,
-    deadline: tokio::time::Instant,
+    deadline: HeadDeadline,
+) -> (Head, Option<Instant>) {
+    let mut first_byte = None;
+    let head = read_head_inner(stream, buf, max_bytes, deadline, &mut first_byte).await;
+    (head, first_byte)
+}
+
+async fn read_head_inner(
+    stream: &mut L4Stream,
+    buf: &mut Vec<u8>,
+    max_bytes: usize,
+    deadline: HeadDeadline,
+    first_byte: &mut Option<Instant>,
 ) -> Head {
     let mut end = HeadEnd::default();
+    let mut due = deadline.idle;
     loop {
         if buf.capacity() - buf.len() < 512 {
             buf.reserve(4096);
         }
-        match tokio::time::timeout_at(deadline, stream.read_buf(buf)).await {
+        let read = tokio::time::timeout_at(due, stream.read_buf(buf)).await;
+        if first_byte.is_none() && !buf.is_empty() {
+            let now = Instant::now();
+            *first_byte = Some(now);
+            if let Some(d) = deadline.after_first_byte {
+                due = tokio::time::Instant::from_std(now) + d;
+            }
+        }
+        match read {
             Err(_) => return Head::Late,
             Ok(Err(e)) => {
                 debug!("client connection failed before its request head: {e}");
@@ -252,14 +287,83 @@ impl<A> HeadGate<A> {
     }
 }
 
-/// When a connection was accepted (as far as the gate can tell: when it got it).
+/// When a request's head began (as far as the gate can tell).
 struct Accepted {
     at: Instant,
     wall: SystemTime,
 }
 
+impl Accepted {
+    fn now() -> Accepted {
+        Accepted {
+            at: Instant::now(),
+            wall: SystemTime::now(),
+        }
+    }
+}
+
+impl<A: HttpServerApp + Send + Sync + 'static> HeadGate<A> {
+    /// Reads one head of `l4` through the gate: `true` when it is whole and rewound for
+    /// Pingora, `false` when the connection was answered or is to be closed. `later`: a
+    /// head after an earlier request on the same connection.
+    async fn gate_head(&self, l4: &mut L4Stream, later: bool, shutdown: &ShutdownWatch) -> bool {
+        let accepted = Accepted::now();
+        let deadline = if later {
+            HeadDeadline {
+                idle: tokio::time::Instant::from_std(accepted.at) + KEEPALIVE_IDLE,
+                after_first_byte: Some(self.timeout),
+            }
+        } else {
+            HeadDeadline {
+                idle: tokio::time::Instant::from_std(accepted.at) + self.timeout,
+                after_first_byte: None,
+            }
+        };
+        let mut buf = Vec::with_capacity(2048);
+        let (head, first_byte) = if later {
+            // An idle kept-alive connection is dropped at shutdown (as Pingora does); one
+            // whose next head has begun is read to its end.
+            let mut watch = shutdown.clone();
+            let mut read = std::pin::pin!(read_head(l4, &mut buf, self.max_bytes, deadline));
+            tokio::select! {
+                biased;
+                r = &mut read => r,
+                _ = watch.wait_for(|down| *down) => return false,
+            }
+        } else {
+            read_head(l4, &mut buf, self.max_bytes, deadline).await
+        };
+        let accepted = match (later, first_byte) {
+            (true, Some(at)) => Accepted {
+                at,
+                wall: SystemTime::now() - at.elapsed(),
+            },
+            _ => accepted,
+        };
+        let refusal = match head {
+            Head::Whole if unparseable(&buf) => RelayError::BadRequest,
+            Head::Whole => {
+                l4.rewind(&buf);
+                return true;
+            }
+            Head::Gone => return false,
+            Head::TooLarge => RelayError::HeadersTooLarge,
+            Head::Late if buf.is_empty() => {
+                // Nothing at all is an idle connection, not a request: closed quietly.
+                if !later {
+                    self.recorder.metrics.connection_idle_closed();
+                }
+                return false;
+            }
+            Head::Late => RelayError::HeadTimeout,
+        };
+        self.refuse(l4, &buf, refusal, accepted).await;
+        false
+    }
+}
+
 #[async_trait]
-impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeadGate<A> {
+impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for HeadGate<A> {
     async fn process_new(
         self: &Arc<Self>,
         stream: Stream,
@@ -268,43 +372,38 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeadGate<A> {
         if !stream.as_any().is::<L4Stream>() {
             return self.inner.process_new(stream, shutdown).await;
         }
-        let accepted = Accepted {
-            at: Instant::now(),
-            wall: SystemTime::now(),
-        };
         let mut l4: Box<L4Stream> = stream
             .into_any()
             .downcast()
             .expect("checked to be an L4 stream");
-        let deadline = tokio::time::Instant::from_std(accepted.at) + self.timeout;
-        let mut buf = Vec::with_capacity(2048);
-        match read_head(&mut l4, &mut buf, self.max_bytes, deadline).await {
-            Head::Whole if unparseable(&buf) => {
-                self.refuse(&mut l4, &buf, RelayError::BadRequest, accepted)
-                    .await;
-                None
+        // The HTTP/1 keep-alive loop Pingora runs for an `HttpServerApp`, with every head
+        // read through the gate first.
+        let mut settings: Option<HttpPersistentSettings> = None;
+        let mut later = false;
+        loop {
+            if !self.gate_head(&mut l4, later, shutdown).await {
+                return None;
             }
-            Head::Whole => {
-                l4.rewind(&buf);
-                drop(buf);
-                self.inner.process_new(l4, shutdown).await
-            }
-            Head::Gone => None,
-            Head::TooLarge => {
-                self.refuse(&mut l4, &buf, RelayError::HeadersTooLarge, accepted)
-                    .await;
-                None
-            }
-            Head::Late => {
-                // Nothing at all is an idle connection, not a request: closed quietly.
-                if buf.is_empty() {
-                    self.recorder.metrics.connection_idle_closed();
-                } else {
-                    self.refuse(&mut l4, &buf, RelayError::HeadTimeout, accepted)
-                        .await;
+            let mut session = ServerSession::new_http1(l4);
+            match settings.take() {
+                Some(s) => s.apply_to_session(&mut session),
+                None => {
+                    session.set_keepalive(if *shutdown.borrow() { None } else { Some(60) });
+                    session.set_keepalive_reuses_remaining(
+                        self.inner
+                            .server_options()
+                            .and_then(|o| o.keepalive_request_limit),
+                    );
                 }
-                None
             }
+            let (stream, next) = self
+                .inner
+                .process_new_http(session, shutdown)
+                .await?
+                .consume();
+            settings = next;
+            l4 = stream.into_any().downcast().ok()?;
+            later = true;
         }
     }
 

@@ -704,3 +704,111 @@ tenants:
         )))
     );
 }
+
+/// Two requests on one kept-alive connection; the first is an ordinary chat request.
+fn kept_alive(relay: &RelayProc) -> TcpStream {
+    let mut s = TcpStream::connect(relay.addr).unwrap();
+    s.set_nodelay(true).unwrap();
+    let a = auth();
+    s.write_all(&build_request(
+        "POST",
+        CHAT,
+        &[("authorization", &a)],
+        &chat_body(false, false),
+    ))
+    .unwrap();
+    let r = read_response(&mut s, Instant::now(), Duration::from_secs(10), usize::MAX);
+    assert_eq!(r.status, 200);
+    assert!(r.complete);
+    s
+}
+
+#[test]
+fn every_head_of_a_kept_alive_connection_has_a_deadline() {
+    let (up, log) = recording_upstream();
+    let relay = RelayProc::start_with_listen(
+        &format!(
+            r#"routes:
+  - {{ name: anthropic, prefix: /anthropic, provider: anthropic, upstreams: ["http://{up}"] }}
+  - {{ name: openai, prefix: /openai/v1, provider: openai, upstreams: ["http://{up}/v1"] }}
+tenants:
+  - {{ id: acme, key_sha256: ["{h}"] }}
+"#,
+            h = hash(TENANT_KEY)
+        ),
+        "  head_timeout: 2s\n",
+    );
+    // A second head trickled a byte every 100 ms (it would take 20 s) gets 408 about
+    // 2 s after its first byte, in the route's shape, with a row.
+    let mut s = kept_alive(&relay);
+    // The request line and the id come at once (so the route, and the shape, are
+    // known), the rest a byte at a time.
+    let head = format!(
+        "authorization: {}\r\n{}\r\n\r\n",
+        auth(),
+        "x-pad: ".to_string() + &"a".repeat(200)
+    );
+    let mut writer = s.try_clone().unwrap();
+    let started = Instant::now();
+    writer
+        .write_all(
+            b"POST /anthropic/v1/messages HTTP/1.1\r\nhost: relay\r\nx-request-id: trickle-2\r\n",
+        )
+        .unwrap();
+    let drip = std::thread::spawn(move || {
+        for b in head.as_bytes() {
+            if writer.write_all(&[*b]).is_err() {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        true
+    });
+    let r = read_response(&mut s, started, Duration::from_secs(15), usize::MAX);
+    let took = started.elapsed();
+    assert_eq!(r.status, 408, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["error"]["type"], "invalid_request_error");
+    assert_eq!(
+        r.json()["type"],
+        "error",
+        "Anthropic's shape: the route was known"
+    );
+    assert!(
+        took < Duration::from_secs(12),
+        "the answer came after {took:?}"
+    );
+    assert!(
+        !drip.join().unwrap(),
+        "the drip finished: no deadline cut it"
+    );
+    assert_eq!(row(&relay, "trickle-2")["outcome"], "head_timeout");
+
+    // A malformed second head gets the relay's 400 and a row, not a bare answer.
+    let mut s = kept_alive(&relay);
+    s.write_all(b"POST /openai/v1/chat/completions HTTP/1.1\r\nhost: relay\r\nx-request-id: bad-2\r\nbad header line\r\n\r\n")
+        .unwrap();
+    let r = read_response(&mut s, Instant::now(), Duration::from_secs(10), usize::MAX);
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["code"], "bad_request");
+    assert_eq!(row(&relay, "bad-2")["outcome"], "bad_request");
+
+    // Waiting between requests is not a slow head: a kept-alive connection idle for
+    // longer than head_timeout still serves its next request.
+    let mut s = kept_alive(&relay);
+    std::thread::sleep(Duration::from_millis(2500));
+    let a = auth();
+    s.write_all(&build_request(
+        "POST",
+        CHAT,
+        &[("authorization", &a)],
+        &chat_body(false, false),
+    ))
+    .unwrap();
+    let r = read_response(&mut s, Instant::now(), Duration::from_secs(10), usize::MAX);
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        log.lock().unwrap().len(),
+        4,
+        "three first requests and the one after the idle wait"
+    );
+}
