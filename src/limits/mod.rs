@@ -13,7 +13,7 @@
 pub mod local;
 pub mod redis;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use pingora_limits::inflight::Guard;
@@ -64,6 +64,10 @@ pub struct Admission {
     pub slot: Option<Guard>,
     /// What the shared (Redis) limiter must be told at the end.
     pub shared: Option<SharedHold>,
+    /// When the local token window the reservation was counted in ends (local limiter
+    /// only). Unused tokens are given back only before then: handed to a later window
+    /// they would be credit the tenant never had.
+    pub window_ends: Option<Instant>,
     pub requests: Option<Budget>,
     pub tokens: Option<Budget>,
 }
