@@ -160,7 +160,8 @@ fn token_reservations_settle_in_redis() {
         assert_eq!(r.header("x-ratelimit-limit-tokens"), Some("300"));
     }
     let auth = format!("Bearer {KEY}");
-    let greedy = r#"{"model":"m","max_tokens":1000,"messages":[]}"#;
+    // About 270 tokens asked, with some 165 used in the window: over the budget's rest.
+    let greedy = r#"{"model":"m","max_tokens":250,"messages":[]}"#;
     let r = request(
         relays[0].addr,
         "POST",
@@ -170,6 +171,17 @@ fn token_reservations_settle_in_redis() {
     );
     assert_eq!(r.status, 429);
     assert_eq!(r.json()["error"]["type"], "tokens");
+    // More than the whole budget can never be admitted: a 400, not a 429.
+    let too_big = r#"{"model":"m","max_tokens":1000,"messages":[]}"#;
+    let r = request(
+        relays[1].addr,
+        "POST",
+        "/openai/v1/chat/completions",
+        &[("authorization", &auth)],
+        too_big.as_bytes(),
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["code"], "tokens_exceed_limit");
     assert_eq!(mock.stats()["requests"], 5);
 }
 
@@ -200,7 +212,7 @@ fn next_window(key: &str) -> String {
 /// window, never below zero, and not at all once that window's key is gone.
 #[test]
 fn settlements_in_redis_credit_no_later_window_and_never_go_below_zero() {
-    use stream_relay::limits::Limiter;
+    use stream_relay::limits::{LimitKind, Limiter};
     let redis = RedisProc::start();
     let l = direct_limiter(&redis);
     let lim = stream_relay::config::Limits {
@@ -273,5 +285,20 @@ fn settlements_in_redis_credit_no_later_window_and_never_go_below_zero() {
         l.settle("t", &lim, d, Some(150)).await;
         assert_eq!(get(&mut c, &d_key).await, Some(before + 50));
 
+        // An estimate over the limit itself is refused for good, without asking Redis
+        // (nothing counted).
+        let snapshot: Vec<Option<i64>> = {
+            let mut v = Vec::new();
+            for k in &keys {
+                v.push(get(&mut c, k).await);
+            }
+            v
+        };
+        let r = l.admit("t", "r4", &lim, 1001).await.err().expect("refused");
+        assert_eq!(r.kind, LimitKind::ExceedsLimit);
+        assert_eq!(r.retry_after, Duration::ZERO);
+        for (k, v) in keys.iter().zip(snapshot) {
+            assert_eq!(get(&mut c, k).await, v, "{k}");
+        }
     });
 }

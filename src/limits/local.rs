@@ -134,6 +134,9 @@ impl LocalLimiter {
         limits: &Limits,
         tokens: u64,
     ) -> Result<Admission, Refused> {
+        if let Some(refused) = super::exceeds_limit(limits, tokens) {
+            return Err(refused);
+        }
         let mut requests = None;
         let mut token_budget = None;
         let mut window_ends = None;
@@ -373,6 +376,22 @@ mod tests {
             l.admit_now("t", &lim, 1).err().unwrap().kind,
             LimitKind::TokensPerMinute
         );
+    }
+
+    #[test]
+    fn an_estimate_over_the_limit_is_refused_for_good_and_counts_nothing() {
+        let l = LocalLimiter::default();
+        let lim = Limits {
+            requests_per_second: Some(100),
+            ..limits(Some(2), Some(1000), None)
+        };
+        let r = l.admit_now("t", &lim, 2000).err().unwrap();
+        assert_eq!(r.kind, LimitKind::ExceedsLimit);
+        assert_eq!(r.kind.label(), "tokens_exceed_limit");
+        assert!(!r.kind.is_tokens());
+        // Exactly the limit is still admissible, and the refusal took no request count.
+        let ok = l.admit_now("t", &lim, 1000).ok().unwrap();
+        assert_eq!(ok.requests.unwrap().remaining, 1);
     }
 
     #[test]

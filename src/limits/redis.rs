@@ -318,6 +318,10 @@ impl Limiter for RedisLimiter {
         limits: &Limits,
         tokens: u64,
     ) -> Result<Admission, Refused> {
+        // No shared count can change this answer: Redis is not asked.
+        if let Some(refused) = super::exceeds_limit(limits, tokens) {
+            return Err(refused);
+        }
         if !self.may_ask() {
             return self.fallback(tenant, limits, tokens);
         }
