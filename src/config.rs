@@ -419,7 +419,9 @@ pub struct RawListen {
     #[serde(default)]
     pub body_read_timeout: Option<String>,
     /// Open client connections in all; more are closed at accept. 0: no cap. Default
-    /// 50000.
+    /// 50000. At start it is checked against the file limit (RLIMIT_NOFILE): the soft
+    /// limit is raised to the hard one when needed, and a cap that still does not fit
+    /// (2 files per connection plus 64) is lowered, with a warning.
     #[serde(default)]
     pub max_connections: Option<usize>,
     /// Open client connections per client address. 0 (default): no cap. Clients behind
@@ -1041,6 +1043,7 @@ impl RawConfig {
             proxy_listen: self.listen.proxy,
             proxy_read_buffer: self.listen.read_buffer_bytes,
             input_limits,
+            // Fitted to the file limit at start (`fdlimit`, called from `main`).
             max_connections: self.listen.max_connections.unwrap_or(50_000),
             max_connections_per_address: self.listen.max_connections_per_address.unwrap_or(0),
             admin_listen: self.listen.admin,
