@@ -118,6 +118,26 @@ fn check_warns_when_the_file_limit_cannot_hold_max_connections() {
     assert!(!err.contains("capped at"), "{err}");
 }
 
+/// Off loopback, an unset per-address cap defaults to 1000 and the log says so; set (0
+/// included) it stays, unmentioned; on loopback there is none.
+#[test]
+fn check_names_the_per_address_default_beyond_loopback() {
+    let said = "listen.max_connections_per_address is not set and listen.proxy 0.0.0.0:8080 is beyond loopback: each client address may hold 1000 open connections";
+    let open = GOOD.replace("127.0.0.1:8080", "0.0.0.0:8080");
+    let (code, out) = check(&open);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(said), "{out}");
+    let set = GOOD.replace(
+        "listen: { proxy: 127.0.0.1:8080 }",
+        "listen: { proxy: 0.0.0.0:8080, max_connections_per_address: 0 }",
+    );
+    let (code, out) = check(&set);
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains("max_connections_per_address is not set"), "{out}");
+    let (_, out) = check(GOOD);
+    assert!(!out.contains("max_connections_per_address is not set"), "{out}");
+}
+
 #[test]
 fn hash_key_matches_the_library_and_reads_stdin() {
     let out = Command::new(BIN)
