@@ -1061,10 +1061,8 @@ impl RawConfig {
                 .map(|h| h.trim().to_string())
                 .unwrap_or_else(|_| "stream-relay".into())
         });
-        let (max_connections_per_address, per_address_defaulted) = per_address_cap(
-            &self.listen.proxy,
-            self.listen.max_connections_per_address,
-        );
+        let (max_connections_per_address, per_address_defaulted) =
+            per_address_cap(&self.listen.proxy, self.listen.max_connections_per_address);
         Ok(Config {
             rows_file_queue: f.queue,
             rows_file,
@@ -1503,15 +1501,24 @@ mod tests {
         assert_eq!(per_address_cap("127.0.0.1:8080", Some(20)), (20, false));
         // Through the whole validation.
         let c = load(&minimal("", "  []\n").replace("127.0.0.1:8080", "0.0.0.0:8080")).unwrap();
-        assert_eq!((c.max_connections_per_address, c.per_address_defaulted), (1000, true));
+        assert_eq!(
+            (c.max_connections_per_address, c.per_address_defaulted),
+            (1000, true)
+        );
         let c = load(&minimal("", "  []\n")).unwrap();
-        assert_eq!((c.max_connections_per_address, c.per_address_defaulted), (0, false));
+        assert_eq!(
+            (c.max_connections_per_address, c.per_address_defaulted),
+            (0, false)
+        );
         let c = load(&minimal("", "  []\n").replace(
             "proxy: 127.0.0.1:8080",
             "proxy: 0.0.0.0:8080, max_connections_per_address: 0",
         ))
         .unwrap();
-        assert_eq!((c.max_connections_per_address, c.per_address_defaulted), (0, false));
+        assert_eq!(
+            (c.max_connections_per_address, c.per_address_defaulted),
+            (0, false)
+        );
     }
 
     #[test]

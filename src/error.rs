@@ -299,7 +299,10 @@ mod tests {
         assert_eq!(v["error"]["type"], "invalid_request_error");
         assert_eq!(v["error"]["code"], "tokens_exceed_limit");
         let m = v["error"]["message"].as_str().unwrap();
-        assert!(m.contains("(5013)") && m.contains("tokens_per_minute limit (1000)"), "{m}");
+        assert!(
+            m.contains("(5013)") && m.contains("tokens_per_minute limit (1000)"),
+            "{m}"
+        );
         assert!(m.contains("lower max_tokens"), "{m}");
         let v: Value = serde_json::from_slice(&e.body(ErrorShape::Anthropic)).unwrap();
         assert_eq!(v["error"]["type"], "invalid_request_error");

@@ -53,6 +53,8 @@ pub fn plan(max_connections: usize, soft: u64, hard: u64) -> Plan {
     }
 }
 
+// rlim_t is narrower than u64 on some targets.
+#[allow(clippy::unnecessary_cast)]
 fn get() -> std::io::Result<(u64, u64)> {
     let mut r = libc::rlimit {
         rlim_cur: 0,

@@ -133,9 +133,15 @@ fn check_names_the_per_address_default_beyond_loopback() {
     );
     let (code, out) = check(&set);
     assert_eq!(code, 0, "{out}");
-    assert!(!out.contains("max_connections_per_address is not set"), "{out}");
+    assert!(
+        !out.contains("max_connections_per_address is not set"),
+        "{out}"
+    );
     let (_, out) = check(GOOD);
-    assert!(!out.contains("max_connections_per_address is not set"), "{out}");
+    assert!(
+        !out.contains("max_connections_per_address is not set"),
+        "{out}"
+    );
 }
 
 #[test]

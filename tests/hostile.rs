@@ -432,10 +432,15 @@ fn max_connections_is_lowered_to_what_the_file_limit_holds() {
     let log = relay.stderr();
     assert!(
         log.contains("listen.max_connections 50000 needs up to 100064 open files")
-            && log.contains("the file limit (RLIMIT_NOFILE) is 256: client connections are capped at 96"),
+            && log.contains(
+                "the file limit (RLIMIT_NOFILE) is 256: client connections are capped at 96"
+            ),
         "{log}"
     );
-    assert!(log.contains("client connections capped: 96 in all"), "{log}");
+    assert!(
+        log.contains("client connections capped: 96 in all"),
+        "{log}"
+    );
     // Wait for a reading without the readiness probes' connections.
     std::thread::sleep(Duration::from_millis(1200));
     let idle: Vec<TcpStream> = (0..110)

@@ -234,7 +234,9 @@ fn settlements_in_redis_credit_no_later_window_and_never_go_below_zero() {
             tokio::time::sleep(Duration::from_millis(60_000 - into + 100)).await;
         }
 
-        let a = l.admit("t", "r1", &lim, 600).await.ok().expect("admitted");
+        let Ok(a) = l.admit("t", "r1", &lim, 600).await else {
+            panic!("r1 refused");
+        };
         let key = a.shared.as_ref().unwrap().tokens_key.clone();
         assert!(key.contains(":tpm:"), "{key}");
         assert_eq!(get(&mut c, &key).await, Some(600));
@@ -254,11 +256,17 @@ fn settlements_in_redis_credit_no_later_window_and_never_go_below_zero() {
         a.reserved_tokens = 5000;
         l.settle("t", &lim, a, Some(0)).await;
         assert_eq!(get(&mut c, &key).await, Some(0), "below zero");
-        assert_eq!(get(&mut c, &later).await, Some(300), "later window credited");
+        assert_eq!(
+            get(&mut c, &later).await,
+            Some(300),
+            "later window credited"
+        );
 
         // A window whose key is gone (expired after two windows) is not recreated and
         // nothing is credited elsewhere.
-        let b = l.admit("t", "r2", &lim, 200).await.ok().expect("admitted");
+        let Ok(b) = l.admit("t", "r2", &lim, 200).await else {
+            panic!("r2 refused");
+        };
         let b_key = b.shared.as_ref().unwrap().tokens_key.clone();
         let _: i64 = redis::cmd("DEL")
             .arg(&b_key)
@@ -279,7 +287,9 @@ fn settlements_in_redis_credit_no_later_window_and_never_go_below_zero() {
         assert_eq!(get(&mut c, &later).await, Some(300));
 
         // Used beyond the estimate still counts, in the reservation's window.
-        let d = l.admit("t", "r3", &lim, 100).await.ok().expect("admitted");
+        let Ok(d) = l.admit("t", "r3", &lim, 100).await else {
+            panic!("r3 refused");
+        };
         let d_key = d.shared.as_ref().unwrap().tokens_key.clone();
         let before = get(&mut c, &d_key).await.unwrap();
         l.settle("t", &lim, d, Some(150)).await;
