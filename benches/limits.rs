@@ -37,7 +37,7 @@ fn bench(c: &mut Criterion) {
                 .admit_now(black_box(&tenants[i]), &l, 500)
                 .ok()
                 .unwrap();
-            local.settle_now(&tenants[i], &l, a.reserved_tokens, Some(120));
+            local.settle_now(&tenants[i], &l, &a, Some(120));
         })
     });
 

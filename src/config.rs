@@ -419,13 +419,43 @@ pub struct RawListen {
     #[serde(default)]
     pub body_read_timeout: Option<String>,
     /// Open client connections in all; more are closed at accept. 0: no cap. Default
-    /// 50000.
+    /// 50000. At start it is checked against the file limit (RLIMIT_NOFILE): the soft
+    /// limit is raised to the hard one when needed, and a cap that still does not fit
+    /// (2 files per connection plus 64) is lowered, with a warning.
     #[serde(default)]
     pub max_connections: Option<usize>,
-    /// Open client connections per client address. 0 (default): no cap. Clients behind
-    /// one NAT or balancer share an address: mind them.
+    /// Open client connections per client address; 0: no cap. Default: none on a
+    /// loopback `proxy` address, [`PER_ADDRESS_BEYOND_LOOPBACK`] on any other. Clients
+    /// behind one NAT or balancer share an address: mind them (behind a balancer in TCP
+    /// mode, set 0 and cap per client there).
     #[serde(default)]
     pub max_connections_per_address: Option<usize>,
+}
+
+/// The per-address cap when `listen.max_connections_per_address` is not set and the proxy
+/// listens beyond loopback, where one address must not take the whole of
+/// `max_connections`: 1000 is 2% of the default 50000, twice what `conf/haproxy.cfg`
+/// allows a client address, and as many as the OpenAI Python SDK's connection pool opens
+/// at most, so one ordinary client (or a small NAT) is never cut short.
+pub const PER_ADDRESS_BEYOND_LOOPBACK: usize = 1000;
+
+/// The per-address cap for a proxy on `proxy_listen` with `set` configured, and whether it
+/// is the default for a listener beyond loopback. What is set (0 included) stays; unset,
+/// loopback gets no cap (every client there is this machine) and any other address
+/// [`PER_ADDRESS_BEYOND_LOOPBACK`]. An address that does not parse counts as beyond
+/// loopback.
+pub fn per_address_cap(proxy_listen: &str, set: Option<usize>) -> (usize, bool) {
+    if let Some(n) = set {
+        return (n, false);
+    }
+    let loopback = proxy_listen
+        .parse::<std::net::SocketAddr>()
+        .is_ok_and(|a| a.ip().is_loopback());
+    if loopback {
+        (0, false)
+    } else {
+        (PER_ADDRESS_BEYOND_LOOPBACK, true)
+    }
 }
 
 fn default_read_buffer() -> usize {
@@ -669,6 +699,9 @@ pub struct Config {
     /// Client connection caps (0: none).
     pub max_connections: usize,
     pub max_connections_per_address: usize,
+    /// `max_connections_per_address` is the default for a listener beyond loopback (not
+    /// set in the file): said in the log at start.
+    pub per_address_defaulted: bool,
     pub admin_listen: Option<String>,
     pub mock_listen: Option<String>,
     pub routes: Vec<RouteConfig>,
@@ -1024,6 +1057,8 @@ impl RawConfig {
                 .map(|h| h.trim().to_string())
                 .unwrap_or_else(|_| "stream-relay".into())
         });
+        let (max_connections_per_address, per_address_defaulted) =
+            per_address_cap(&self.listen.proxy, self.listen.max_connections_per_address);
         Ok(Config {
             rows_file_queue: f.queue,
             rows_file,
@@ -1037,8 +1072,10 @@ impl RawConfig {
             proxy_listen: self.listen.proxy,
             proxy_read_buffer: self.listen.read_buffer_bytes,
             input_limits,
+            // Fitted to the file limit at start (`fdlimit`, called from `main`).
             max_connections: self.listen.max_connections.unwrap_or(50_000),
-            max_connections_per_address: self.listen.max_connections_per_address.unwrap_or(0),
+            max_connections_per_address,
+            per_address_defaulted,
             admin_listen: self.listen.admin,
             mock_listen: self.mock.map(|m| m.listen),
             routes,
@@ -1497,6 +1534,40 @@ mod tests {
         format!(
             "listen: {{ proxy: 127.0.0.1:8080 }}\nroutes:\n  - name: openai\n    prefix: /openai/v1\n    provider: openai\n    upstreams: [https://api.openai.com/v1]\n{route_extra}tenants:\n{tenant}"
         )
+    }
+
+    #[test]
+    fn per_address_cap_defaults_beyond_loopback_only_when_not_set() {
+        assert_eq!(per_address_cap("127.0.0.1:8080", None), (0, false));
+        assert_eq!(per_address_cap("127.0.0.2:8080", None), (0, false));
+        assert_eq!(per_address_cap("[::1]:8080", None), (0, false));
+        assert_eq!(per_address_cap("0.0.0.0:8080", None), (1000, true));
+        assert_eq!(per_address_cap("[::]:8080", None), (1000, true));
+        assert_eq!(per_address_cap("10.0.0.11:8080", None), (1000, true));
+        // What is set stays, 0 (no cap) included, on any address.
+        assert_eq!(per_address_cap("0.0.0.0:8080", Some(0)), (0, false));
+        assert_eq!(per_address_cap("0.0.0.0:8080", Some(20)), (20, false));
+        assert_eq!(per_address_cap("127.0.0.1:8080", Some(20)), (20, false));
+        // Through the whole validation.
+        let c = load(&minimal("", "  []\n").replace("127.0.0.1:8080", "0.0.0.0:8080")).unwrap();
+        assert_eq!(
+            (c.max_connections_per_address, c.per_address_defaulted),
+            (1000, true)
+        );
+        let c = load(&minimal("", "  []\n")).unwrap();
+        assert_eq!(
+            (c.max_connections_per_address, c.per_address_defaulted),
+            (0, false)
+        );
+        let c = load(&minimal("", "  []\n").replace(
+            "proxy: 127.0.0.1:8080",
+            "proxy: 0.0.0.0:8080, max_connections_per_address: 0",
+        ))
+        .unwrap();
+        assert_eq!(
+            (c.max_connections_per_address, c.per_address_defaulted),
+            (0, false)
+        );
     }
 
     #[test]

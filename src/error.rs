@@ -82,6 +82,12 @@ pub enum RelayError {
         limit: &'static str,
         tokens: bool,
     },
+    /// The request's token estimate alone is over the key's `tokens_per_minute`, so no
+    /// wait would admit it: a bad request, never a retryable 429.
+    TokensExceedLimit {
+        estimate: u64,
+        limit: u64,
+    },
     ProviderKeyMissing {
         route: String,
     },
@@ -97,7 +103,9 @@ pub enum RelayError {
 impl RelayError {
     pub fn status(&self) -> u16 {
         match self {
-            RelayError::BadRequest | RelayError::InvalidJson => 400,
+            RelayError::BadRequest
+            | RelayError::InvalidJson
+            | RelayError::TokensExceedLimit { .. } => 400,
             RelayError::MethodNotAllowed => 405,
             RelayError::BodyTimeout | RelayError::HeadTimeout => 408,
             RelayError::BodyTooLarge { .. } => 413,
@@ -139,6 +147,7 @@ impl RelayError {
             RelayError::InvalidKey => "invalid_key",
             RelayError::RouteForbidden { .. } => "route_forbidden",
             RelayError::RateLimited { .. } => "rate_limited",
+            RelayError::TokensExceedLimit { .. } => "tokens_exceed_limit",
             RelayError::ProviderKeyMissing { .. } => "provider_key_missing",
             RelayError::LimiterUnavailable => "limiter_unavailable",
             RelayError::UpstreamUnavailable => "upstream_unavailable",
@@ -187,6 +196,9 @@ impl RelayError {
             RelayError::RateLimited { limit, .. } => format!(
                 "Rate limit reached for this API key ({limit}); retry after the time in the Retry-After header."
             ),
+            RelayError::TokensExceedLimit { estimate, limit } => format!(
+                "This request's estimated tokens ({estimate}) exceed this API key's tokens_per_minute limit ({limit}), so it can never be admitted: lower max_tokens (the estimate is max_tokens, or the relay's default, plus a quarter of the request body's bytes)."
+            ),
             RelayError::ProviderKeyMissing { route } => format!(
                 "The route `{route}` is not available: the relay has no provider key configured for it."
             ),
@@ -233,6 +245,9 @@ impl RelayError {
             RelayError::RouteForbidden { .. } => ("permission_error", "route_not_allowed"),
             RelayError::RateLimited { tokens: true, .. } => ("tokens", "rate_limit_exceeded"),
             RelayError::RateLimited { tokens: false, .. } => ("requests", "rate_limit_exceeded"),
+            RelayError::TokensExceedLimit { .. } => {
+                ("invalid_request_error", "tokens_exceed_limit")
+            }
             RelayError::ProviderKeyMissing { .. } => ("api_error", "provider_key_missing"),
             RelayError::LimiterUnavailable => ("api_error", "limiter_unavailable"),
             RelayError::UpstreamUnavailable => ("api_error", "upstream_unavailable"),
@@ -254,7 +269,8 @@ impl RelayError {
             | RelayError::EndpointMethod { .. }
             | RelayError::UpgradeRefused
             | RelayError::BodyField(_)
-            | RelayError::BadContentLength => "invalid_request_error",
+            | RelayError::BadContentLength
+            | RelayError::TokensExceedLimit { .. } => "invalid_request_error",
             RelayError::BodyTooLarge { .. } => "request_too_large",
             RelayError::NoRoute | RelayError::EndpointNotServed { .. } => "not_found_error",
             RelayError::MissingKey | RelayError::InvalidKey => "authentication_error",
@@ -329,6 +345,26 @@ mod tests {
     }
 
     #[test]
+    fn an_estimate_over_the_limit_says_both_numbers_in_both_shapes() {
+        let e = RelayError::TokensExceedLimit {
+            estimate: 5013,
+            limit: 1000,
+        };
+        let v: Value = serde_json::from_slice(&e.body(ErrorShape::OpenAi)).unwrap();
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(v["error"]["code"], "tokens_exceed_limit");
+        let m = v["error"]["message"].as_str().unwrap();
+        assert!(
+            m.contains("(5013)") && m.contains("tokens_per_minute limit (1000)"),
+            "{m}"
+        );
+        assert!(m.contains("lower max_tokens"), "{m}");
+        let v: Value = serde_json::from_slice(&e.body(ErrorShape::Anthropic)).unwrap();
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(v["error"]["message"], m);
+    }
+
+    #[test]
     fn statuses_and_labels() {
         let all = [
             RelayError::BadRequest,
@@ -357,6 +393,10 @@ mod tests {
                 limit: "requests_per_minute",
                 tokens: false,
             },
+            RelayError::TokensExceedLimit {
+                estimate: 5000,
+                limit: 1000,
+            },
             RelayError::ProviderKeyMissing { route: "r".into() },
             RelayError::LimiterUnavailable,
             RelayError::UpstreamUnavailable,
@@ -369,10 +409,11 @@ mod tests {
             statuses,
             [
                 400, 405, 431, 413, 400, 408, 408, 404, 400, 404, 405, 400, 400, 400, 401, 401,
-                403, 429, 503, 503, 502, 504, 504, 500
+                403, 429, 400, 503, 503, 502, 504, 504, 500
             ]
         );
         let mut kinds: Vec<&str> = all.iter().map(|e| e.kind()).collect();
+        kinds.sort_unstable();
         kinds.dedup();
         assert_eq!(kinds.len(), all.len());
     }

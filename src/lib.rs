@@ -10,6 +10,7 @@ pub mod config;
 pub mod conncap;
 pub mod cost;
 pub mod error;
+pub mod fdlimit;
 pub mod gate;
 pub mod headgate;
 pub mod health;

@@ -57,13 +57,23 @@ fn run_relay(args: &[String], mut check_only: bool) -> ExitCode {
             other => return usage_error(&format!("unknown argument `{other}`")),
         }
     }
-    let config = match Config::load(&conf) {
+    let mut config = match Config::load(&conf) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{}: {e}", conf.display());
             return ExitCode::from(2);
         }
     };
+    // A cap the file limit cannot hold is lowered here (with a warning); `-t` warns alike.
+    config.max_connections =
+        stream_relay::fdlimit::fit_max_connections(config.max_connections, check_only);
+    if config.per_address_defaulted {
+        log::info!(
+            "listen.max_connections_per_address is not set and listen.proxy {} is beyond loopback: each client address may hold {} open connections (set it to change this; 0 for no cap, as behind a balancer)",
+            config.proxy_listen,
+            config.max_connections_per_address
+        );
+    }
     if check_only {
         println!("{}: configuration is valid", conf.display());
         return ExitCode::SUCCESS;

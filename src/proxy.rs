@@ -822,6 +822,15 @@ impl RelayProxy {
                 ctx.admission = Some(admission);
                 Ok(true)
             }
+            Err(refused) if refused.kind == limits::LimitKind::ExceedsLimit => {
+                // No wait would admit it: a 400 without Retry-After, nothing counted.
+                let e = RelayError::TokensExceedLimit {
+                    estimate,
+                    limit: ctx.limits.tokens_per_minute.unwrap_or_default(),
+                };
+                self.answer_locally(session, ctx, e).await?;
+                Ok(false)
+            }
             Err(refused) => {
                 let mut headers =
                     limits::headers(refused.requests.as_ref(), refused.tokens.as_ref());

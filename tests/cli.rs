@@ -82,6 +82,68 @@ fn check_accepts_a_valid_file_and_names_the_bad_key() {
     );
 }
 
+/// `-t` under a file limit of 256 warns that the default cap of 50000 connections would
+/// be lowered to 96 (and still accepts the file); a cap that fits gets no warning.
+#[test]
+fn check_warns_when_the_file_limit_cannot_hold_max_connections() {
+    let under_256 = |yaml: &str| {
+        let dir = temp_dir("check-nofile");
+        let path = dir.join("relay.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg("ulimit -n 256 && exec \"$0\" -t -c \"$1\"")
+            .arg(BIN)
+            .arg(&path)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = under_256(GOOD);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("listen.max_connections 50000 needs up to 100064 open files")
+            && err.contains("is 256: client connections are capped at 96"),
+        "{err}"
+    );
+    let fits = GOOD.replace(
+        "listen: { proxy: 127.0.0.1:8080 }",
+        "listen: { proxy: 127.0.0.1:8080, max_connections: 96 }",
+    );
+    let (code, err) = under_256(&fits);
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("capped at"), "{err}");
+}
+
+/// Off loopback, an unset per-address cap defaults to 1000 and the log says so; set (0
+/// included) it stays, unmentioned; on loopback there is none.
+#[test]
+fn check_names_the_per_address_default_beyond_loopback() {
+    let said = "listen.max_connections_per_address is not set and listen.proxy 0.0.0.0:8080 is beyond loopback: each client address may hold 1000 open connections";
+    let open = GOOD.replace("127.0.0.1:8080", "0.0.0.0:8080");
+    let (code, out) = check(&open);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(said), "{out}");
+    let set = GOOD.replace(
+        "listen: { proxy: 127.0.0.1:8080 }",
+        "listen: { proxy: 0.0.0.0:8080, max_connections_per_address: 0 }",
+    );
+    let (code, out) = check(&set);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        !out.contains("max_connections_per_address is not set"),
+        "{out}"
+    );
+    let (_, out) = check(GOOD);
+    assert!(
+        !out.contains("max_connections_per_address is not set"),
+        "{out}"
+    );
+}
+
 #[test]
 fn hash_key_matches_the_library_and_reads_stdin() {
     let out = Command::new(BIN)

@@ -94,11 +94,12 @@ fn token_reservations_are_settled_with_actual_usage() {
         let r = admitted_after_settlement(&format!("request {i}"), || chat(&relay, TPM_KEY, &body));
         assert_eq!(r.status, 200, "request {i}");
     }
-    // A request asking for more than the budget is refused before the upstream.
+    // A request asking for more than the budget has left (about 270 of the 300, with
+    // five settled requests in the window) is refused before the upstream.
     let before = mock.stats()["requests"].as_u64().unwrap();
     let greedy = serde_json::json!({
         "model": "gpt-4o-mini",
-        "max_tokens": 1000,
+        "max_tokens": 250,
         "messages": [{"role": "user", "content": "Say hello"}],
     })
     .to_string();
@@ -107,6 +108,90 @@ fn token_reservations_are_settled_with_actual_usage() {
     assert_eq!(r.json()["error"]["type"], "tokens");
     assert_eq!(r.header("x-ratelimit-limit-tokens"), Some("300"));
     assert_eq!(mock.stats()["requests"].as_u64().unwrap(), before);
+}
+
+/// A request whose estimate alone is over the key's tokens_per_minute could never be
+/// admitted: it gets a 400 saying so (not a 429 to retry), costs nothing upstream and is
+/// recorded with its own outcome; an ordinary request of the same key is served.
+#[test]
+fn an_estimate_over_the_token_limit_is_a_bad_request_not_a_retry() {
+    let mock = MockProc::start(None);
+    let u = mock.url();
+    let key = "sk-tenant-small-tpm";
+    let relay = RelayProc::start(
+        &format!(
+            r#"routes:
+  - {{ name: openai, prefix: /openai/v1, provider: openai, upstreams: ["{u}/v1"] }}
+  - {{ name: anthropic, prefix: /anthropic, provider: anthropic, upstreams: ["{u}"] }}
+limits:
+  default_max_tokens: 100
+tenants:
+  - {{ id: small, key_sha256: ["{h}"], limits: {{ tokens_per_minute: 1000 }} }}
+"#,
+            h = hash(key)
+        ),
+        &[],
+    );
+    let huge = serde_json::json!({
+        "model": "gpt-4o-mini",
+        "max_tokens": 5000,
+        "messages": [{"role": "user", "content": "Say hello"}],
+    })
+    .to_string();
+    let estimate = 5000 + huge.len().div_ceil(4);
+    let auth = format!("Bearer {key}");
+    let r = request(
+        relay.addr,
+        "POST",
+        "/openai/v1/chat/completions",
+        &[("authorization", &auth), ("x-request-id", "too-big")],
+        huge.as_bytes(),
+    );
+    assert_eq!(r.status, 400);
+    let v = r.json();
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    assert_eq!(v["error"]["code"], "tokens_exceed_limit");
+    let m = v["error"]["message"].as_str().unwrap();
+    assert!(m.contains(&format!("estimated tokens ({estimate})")), "{m}");
+    assert!(m.contains("tokens_per_minute limit (1000)"), "{m}");
+    assert!(m.contains("lower max_tokens"), "{m}");
+    assert_eq!(r.header("retry-after"), None);
+
+    // The same in Anthropic's shape.
+    let body = serde_json::json!({
+        "model": "claude-3-5-haiku-latest",
+        "max_tokens": 5000,
+        "messages": [{"role": "user", "content": "Say hello"}],
+    })
+    .to_string();
+    let r = request(
+        relay.addr,
+        "POST",
+        "/anthropic/v1/messages",
+        &[("x-api-key", key), ("anthropic-version", "2023-06-01")],
+        body.as_bytes(),
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["type"], "error");
+    assert_eq!(r.json()["error"]["type"], "invalid_request_error");
+    assert_eq!(r.header("retry-after"), None);
+    assert_eq!(mock.stats()["requests"], 0, "the upstream was asked");
+
+    // The honest request of the same key goes through.
+    let r = chat(&relay, key, &chat_body(false, false));
+    assert_eq!(r.status, 200);
+    assert_eq!(mock.stats()["requests"], 1);
+
+    let rows = relay.rows_at_least(3);
+    let row = rows
+        .iter()
+        .find(|r| r["request_id"] == "too-big")
+        .expect("a row for the refused request");
+    assert_eq!(row["outcome"], "tokens_exceed_limit");
+    assert_eq!(row["status"], 400);
+    relay.metrics_with(
+        r#"stream_relay_requests_total{outcome="tokens_exceed_limit",route="openai",status_class="4xx"} 1"#,
+    );
 }
 
 #[test]

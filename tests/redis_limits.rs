@@ -160,7 +160,8 @@ fn token_reservations_settle_in_redis() {
         assert_eq!(r.header("x-ratelimit-limit-tokens"), Some("300"));
     }
     let auth = format!("Bearer {KEY}");
-    let greedy = r#"{"model":"m","max_tokens":1000,"messages":[]}"#;
+    // About 270 tokens asked, with some 165 used in the window: over the budget's rest.
+    let greedy = r#"{"model":"m","max_tokens":250,"messages":[]}"#;
     let r = request(
         relays[0].addr,
         "POST",
@@ -170,5 +171,144 @@ fn token_reservations_settle_in_redis() {
     );
     assert_eq!(r.status, 429);
     assert_eq!(r.json()["error"]["type"], "tokens");
+    // More than the whole budget can never be admitted: a 400, not a 429.
+    let too_big = r#"{"model":"m","max_tokens":1000,"messages":[]}"#;
+    let r = request(
+        relays[1].addr,
+        "POST",
+        "/openai/v1/chat/completions",
+        &[("authorization", &auth)],
+        too_big.as_bytes(),
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["code"], "tokens_exceed_limit");
     assert_eq!(mock.stats()["requests"], 5);
+}
+
+/// A limiter of this test's own on `redis`, asked directly (no relay in between).
+fn direct_limiter(redis: &RedisProc) -> stream_relay::limits::redis::RedisLimiter {
+    let config = stream_relay::config::RedisConfig {
+        url: stream_relay::secret::Secret::new(redis.url()),
+        timeout: Duration::from_secs(2),
+        refuse_when_down: true,
+        key_prefix: "settle-test".into(),
+        slot_ttl: Duration::from_secs(60),
+    };
+    let metrics = std::sync::Arc::new(stream_relay::metrics::Metrics::new(false));
+    stream_relay::limits::redis::RedisLimiter::new(&config, metrics).unwrap()
+}
+
+async fn get(c: &mut redis::aio::MultiplexedConnection, key: &str) -> Option<i64> {
+    redis::cmd("GET").arg(key).query_async(c).await.unwrap()
+}
+
+/// The window key after `key` (`...:tpm:N` -> `...:tpm:N+1`).
+fn next_window(key: &str) -> String {
+    let (head, n) = key.rsplit_once(':').unwrap();
+    format!("{head}:{}", n.parse::<u64>().unwrap() + 1)
+}
+
+/// Unused tokens go back only into the window they were reserved in: never into a later
+/// window, never below zero, and not at all once that window's key is gone.
+#[test]
+fn settlements_in_redis_credit_no_later_window_and_never_go_below_zero() {
+    use stream_relay::limits::{LimitKind, Limiter};
+    let redis = RedisProc::start();
+    let l = direct_limiter(&redis);
+    let lim = stream_relay::config::Limits {
+        tokens_per_minute: Some(1000),
+        ..Default::default()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+        // All of this runs within one minute window of Redis' clock: start afresh when
+        // fewer than 5 s of the current one are left.
+        let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut c).await.unwrap();
+        let into = (secs * 1000 + micros / 1000) % 60_000;
+        if into > 55_000 {
+            tokio::time::sleep(Duration::from_millis(60_000 - into + 100)).await;
+        }
+
+        let Ok(a) = l.admit("t", "r1", &lim, 600).await else {
+            panic!("r1 refused");
+        };
+        let key = a.shared.as_ref().unwrap().tokens_key.clone();
+        assert!(key.contains(":tpm:"), "{key}");
+        assert_eq!(get(&mut c, &key).await, Some(600));
+        // A later window already holds tokens of its own (as when a long request ends
+        // after its minute): its settlement must not touch them.
+        let later = next_window(&key);
+        let _: () = redis::cmd("SET")
+            .arg(&later)
+            .arg(300)
+            .arg("PX")
+            .arg(120_000)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        // As if it had reserved more than its window holds: the window stops at zero.
+        let mut a = a;
+        a.reserved_tokens = 5000;
+        l.settle("t", &lim, a, Some(0)).await;
+        assert_eq!(get(&mut c, &key).await, Some(0), "below zero");
+        assert_eq!(
+            get(&mut c, &later).await,
+            Some(300),
+            "later window credited"
+        );
+
+        // A window whose key is gone (expired after two windows) is not recreated and
+        // nothing is credited elsewhere.
+        let Ok(b) = l.admit("t", "r2", &lim, 200).await else {
+            panic!("r2 refused");
+        };
+        let b_key = b.shared.as_ref().unwrap().tokens_key.clone();
+        let _: i64 = redis::cmd("DEL")
+            .arg(&b_key)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        l.settle("t", &lim, b, Some(0)).await;
+        assert_eq!(get(&mut c, &b_key).await, None);
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("settle-test:*:tpm:*")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        for k in &keys {
+            let v = get(&mut c, k).await.unwrap();
+            assert!(v >= 0, "{k} = {v}");
+        }
+        assert_eq!(get(&mut c, &later).await, Some(300));
+
+        // Used beyond the estimate still counts, in the reservation's window.
+        let Ok(d) = l.admit("t", "r3", &lim, 100).await else {
+            panic!("r3 refused");
+        };
+        let d_key = d.shared.as_ref().unwrap().tokens_key.clone();
+        let before = get(&mut c, &d_key).await.unwrap();
+        l.settle("t", &lim, d, Some(150)).await;
+        assert_eq!(get(&mut c, &d_key).await, Some(before + 50));
+
+        // An estimate over the limit itself is refused for good, without asking Redis
+        // (nothing counted).
+        let snapshot: Vec<Option<i64>> = {
+            let mut v = Vec::new();
+            for k in &keys {
+                v.push(get(&mut c, k).await);
+            }
+            v
+        };
+        let r = l.admit("t", "r4", &lim, 1001).await.err().expect("refused");
+        assert_eq!(r.kind, LimitKind::ExceedsLimit);
+        assert_eq!(r.retry_after, Duration::ZERO);
+        for (k, v) in keys.iter().zip(snapshot) {
+            assert_eq!(get(&mut c, k).await, v, "{k}");
+        }
+    });
 }

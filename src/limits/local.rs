@@ -3,7 +3,7 @@
 //! concurrency slot when dropped. Counts are approximate by design (count-min sketches:
 //! a collision can only over-count), and each relay of a fleet counts alone.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pingora_limits::inflight::Inflight;
 use pingora_limits::rate::{Rate, RateComponents};
@@ -22,10 +22,18 @@ pub struct LocalLimiter {
 
 impl Default for LocalLimiter {
     fn default() -> Self {
+        LocalLimiter::with_token_window(Duration::from_secs(60))
+    }
+}
+
+impl LocalLimiter {
+    /// A limiter whose token windows last `window` (a minute in service; shorter in
+    /// tests, which cannot wait for a minute to pass).
+    fn with_token_window(window: Duration) -> Self {
         LocalLimiter {
             per_second: Rate::new(Duration::from_secs(1)),
             per_minute: Rate::new(Duration::from_secs(60)),
-            tokens_per_minute: Rate::new(Duration::from_secs(60)),
+            tokens_per_minute: Rate::new(window),
             inflight: Inflight::new(),
         }
     }
@@ -59,8 +67,12 @@ fn wait_for_room(c: &RateComponents, limit: f64, need: f64) -> Duration {
     .min(c.interval * 2)
 }
 
-/// One rate check: count `n` events for `key`, or refuse and count nothing.
-fn take(rate: &Rate, key: &str, n: u64, limit: u64) -> Result<Budget, Duration> {
+/// One rate check: count `n` events for `key`, or refuse and count nothing. With the
+/// budget comes the end of the window the events were counted in: an estimate on the
+/// early side (time before the count is taken off), so that before it the events are
+/// surely still in the current window.
+fn take(rate: &Rate, key: &str, n: u64, limit: u64) -> Result<(Budget, Instant), Duration> {
+    let before = Instant::now();
     let n = n as isize;
     rate.observe(&key, n);
     let c = rate.rate_with(&key, |c| c);
@@ -71,11 +83,25 @@ fn take(rate: &Rate, key: &str, n: u64, limit: u64) -> Result<Budget, Duration> 
         let wait = wait_for_room(&c, limit as f64, n as f64);
         return Err(wait.max(Duration::from_millis(1)));
     }
-    Ok(Budget {
-        limit,
-        remaining: (limit as f64 - used).max(0.0) as u64,
-        reset: c.interval.mul_f64(1.0 - c.current_interval_fraction),
-    })
+    let left_in_window = c.interval.mul_f64(1.0 - c.current_interval_fraction);
+    // The count is never below what was just added unless the window turned between
+    // `observe` and `rate_with`: then the events sit in a window that has already ended.
+    let window_ends = if c.curr_samples < n {
+        before
+    } else {
+        // Rate measures in whole milliseconds: keep one (and a rounding) to spare.
+        (before + left_in_window)
+            .checked_sub(Duration::from_millis(2))
+            .unwrap_or(before)
+    };
+    Ok((
+        Budget {
+            limit,
+            remaining: (limit as f64 - used).max(0.0) as u64,
+            reset: left_in_window,
+        },
+        window_ends,
+    ))
 }
 
 #[async_trait]
@@ -97,7 +123,7 @@ impl Limiter for LocalLimiter {
         admission: Admission,
         actual: Option<u64>,
     ) {
-        self.settle_now(tenant, limits, admission.reserved_tokens, actual);
+        self.settle_now(tenant, limits, &admission, actual);
     }
 }
 
@@ -108,8 +134,12 @@ impl LocalLimiter {
         limits: &Limits,
         tokens: u64,
     ) -> Result<Admission, Refused> {
+        if let Some(refused) = super::exceeds_limit(limits, tokens) {
+            return Err(refused);
+        }
         let mut requests = None;
         let mut token_budget = None;
+        let mut window_ends = None;
         // Each check that passes is undone if a later one refuses.
         let mut undo: Vec<(&Rate, isize)> = Vec::with_capacity(3);
         let refuse = |kind, wait, requests, tokens, undo: Vec<(&Rate, isize)>| {
@@ -137,7 +167,7 @@ impl LocalLimiter {
         ] {
             if let Some(limit) = limit {
                 match take(rate, tenant, 1, limit) {
-                    Ok(b) => {
+                    Ok((b, _)) => {
                         // The tighter budget is the one a client should see.
                         if requests
                             .as_ref()
@@ -160,8 +190,9 @@ impl LocalLimiter {
         }
         if let Some(limit) = limits.tokens_per_minute {
             match take(&self.tokens_per_minute, tenant, tokens, limit) {
-                Ok(b) => {
+                Ok((b, ends)) => {
                     token_budget = Some(b);
+                    window_ends = Some(ends);
                     undo.push((&self.tokens_per_minute, tokens as isize));
                 }
                 Err(wait) => {
@@ -200,20 +231,55 @@ impl LocalLimiter {
             },
             slot,
             shared: None,
+            window_ends,
             requests,
             tokens: token_budget,
         })
     }
 
-    pub fn settle_now(&self, tenant: &str, limits: &Limits, reserved: u64, actual: Option<u64>) {
+    /// Settles a reservation with the tokens used (`None`: unknown, the estimate stands).
+    /// Tokens used beyond the estimate count in the current window. Unused ones go back
+    /// only into the window they were reserved in, and never take its count below zero:
+    /// once that window has ended they are not given back at all, since subtracted from
+    /// a later window they would let the tenant spend them twice (a long request
+    /// settling a minute later would open room for more than the limit).
+    pub fn settle_now(
+        &self,
+        tenant: &str,
+        limits: &Limits,
+        admission: &Admission,
+        actual: Option<u64>,
+    ) {
+        let reserved = admission.reserved_tokens;
         if limits.tokens_per_minute.is_none() || reserved == 0 {
             return;
         }
-        if let Some(actual) = actual {
-            let delta = actual as isize - reserved as isize;
-            if delta != 0 {
-                self.tokens_per_minute.observe(&tenant, delta);
+        let Some(actual) = actual else {
+            return;
+        };
+        let rate = &self.tokens_per_minute;
+        if actual >= reserved {
+            if actual > reserved {
+                rate.observe(&tenant, (actual - reserved) as isize);
             }
+            return;
+        }
+        let same_window = admission
+            .window_ends
+            .is_some_and(|ends| Instant::now() < ends);
+        if !same_window {
+            return;
+        }
+        let held = rate.rate_with(&tenant, |c| c.curr_samples).max(0) as u64;
+        let back = (reserved - actual).min(held);
+        if back == 0 {
+            return;
+        }
+        let now = rate.observe(&tenant, -(back as isize));
+        if now < 0 {
+            // The window turned between the check and the subtraction: the later window
+            // keeps no credit.
+            rate.observe(&tenant, -now);
         }
     }
 }
@@ -257,9 +323,75 @@ mod tests {
             LimitKind::TokensPerMinute
         );
         // The first used only 100: 900 are free again.
-        l.settle_now("t", &lim, 600, Some(100));
+        l.settle_now("t", &lim, &a, Some(100));
         let b = l.admit_now("t", &lim, 600).ok().unwrap();
         assert_eq!(b.tokens.unwrap().remaining, 300);
+    }
+
+    /// A request reserves 900 of 1000 tokens and ends, having used none, after its
+    /// window has turned. Giving the 900 back then would take the new window to -900
+    /// and let the tenant spend 1900 tokens in it.
+    #[test]
+    fn unused_tokens_never_go_back_into_a_later_window() {
+        let window = Duration::from_millis(400);
+        let l = LocalLimiter::with_token_window(window);
+        let lim = limits(None, Some(1000), None);
+        let a = l.admit_now("t", &lim, 900).ok().unwrap();
+        assert!(a.window_ends.unwrap() <= Instant::now() + window);
+        // Sleeping a whole window always passes the end of the one it was counted in;
+        // half a window more puts the settlement well into a later one.
+        std::thread::sleep(window.mul_f64(1.5));
+        l.settle_now("t", &lim, &a, Some(0));
+        let c = l.tokens_per_minute.rate_with(&"t", |c| c);
+        assert_eq!(c.curr_samples, 0, "no credit in the later window");
+        let mut admitted = 0;
+        for _ in 0..30 {
+            if l.admit_now("t", &lim, 100).is_ok() {
+                admitted += 100;
+            }
+        }
+        let after = l.tokens_per_minute.rate_with(&"t", |c| c);
+        // Counted within one window (a turn during the loop would reset the fraction).
+        if after.current_interval_fraction >= c.current_interval_fraction {
+            assert!(admitted <= 1000, "admitted {admitted} tokens in one window");
+            assert!(after.curr_samples <= 1000);
+        }
+    }
+
+    /// A settlement gives back at most what its window holds.
+    #[test]
+    fn a_settlement_never_takes_a_window_below_zero() {
+        let l = LocalLimiter::default();
+        let lim = limits(None, Some(1000), None);
+        let mut a = l.admit_now("t", &lim, 600).ok().unwrap();
+        // As if more had been reserved than the window holds (a count lost to a turn).
+        a.reserved_tokens = 5000;
+        l.settle_now("t", &lim, &a, Some(0));
+        let c = l.tokens_per_minute.rate_with(&"t", |c| c);
+        assert_eq!(c.curr_samples, 0);
+        // And the budget is exactly the limit again, not more.
+        let b = l.admit_now("t", &lim, 1000).ok().unwrap();
+        assert_eq!(b.tokens.unwrap().remaining, 0);
+        assert_eq!(
+            l.admit_now("t", &lim, 1).err().unwrap().kind,
+            LimitKind::TokensPerMinute
+        );
+    }
+
+    #[test]
+    fn an_estimate_over_the_limit_is_refused_for_good_and_counts_nothing() {
+        let l = LocalLimiter::default();
+        let lim = Limits {
+            requests_per_second: Some(100),
+            ..limits(Some(2), Some(1000), None)
+        };
+        let r = l.admit_now("t", &lim, 2000).err().unwrap();
+        assert_eq!(r.kind, LimitKind::ExceedsLimit);
+        assert_eq!(r.kind.label(), "tokens_exceed_limit");
+        assert!(!r.kind.is_tokens());
+        // Exactly the limit is still admissible, and the refusal took no request count.
+        let ok = l.admit_now("t", &lim, 1000).ok().unwrap();
+        assert_eq!(ok.requests.unwrap().remaining, 1);
     }
 
     #[test]

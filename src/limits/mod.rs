@@ -13,7 +13,7 @@
 pub mod local;
 pub mod redis;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use pingora_limits::inflight::Guard;
@@ -27,6 +27,9 @@ pub enum LimitKind {
     RequestsPerMinute,
     TokensPerMinute,
     Concurrency,
+    /// The request's token estimate alone is over `tokens_per_minute`: no wait would
+    /// ever admit it, so it is refused as a bad request, not a retryable 429.
+    ExceedsLimit,
     /// The shared limiter could not be asked and the policy is to refuse.
     Unavailable,
 }
@@ -38,6 +41,7 @@ impl LimitKind {
             LimitKind::RequestsPerMinute => "requests_per_minute",
             LimitKind::TokensPerMinute => "tokens_per_minute",
             LimitKind::Concurrency => "concurrent_requests",
+            LimitKind::ExceedsLimit => "tokens_exceed_limit",
             LimitKind::Unavailable => "limiter_unavailable",
         }
     }
@@ -64,6 +68,10 @@ pub struct Admission {
     pub slot: Option<Guard>,
     /// What the shared (Redis) limiter must be told at the end.
     pub shared: Option<SharedHold>,
+    /// When the local token window the reservation was counted in ends (local limiter
+    /// only). Unused tokens are given back only before then: handed to a later window
+    /// they would be credit the tenant never had.
+    pub window_ends: Option<Instant>,
     pub requests: Option<Budget>,
     pub tokens: Option<Budget>,
 }
@@ -147,6 +155,20 @@ pub fn openai_duration(d: Duration) -> String {
 /// plus a quarter of its body bytes for the input.
 pub fn estimate_tokens(max_tokens: Option<u64>, default_max: u64, body_bytes: usize) -> u64 {
     max_tokens.unwrap_or(default_max) + (body_bytes as u64).div_ceil(4)
+}
+
+/// The refusal of a request whose estimate alone is over the tenant's token limit, if it
+/// is: both limiters check this before counting anything.
+pub fn exceeds_limit(limits: &Limits, tokens: u64) -> Option<Refused> {
+    match limits.tokens_per_minute {
+        Some(limit) if tokens > limit => Some(Refused {
+            kind: LimitKind::ExceedsLimit,
+            retry_after: Duration::ZERO,
+            requests: None,
+            tokens: None,
+        }),
+        _ => None,
+    }
 }
 
 /// Limits are checked by one of these: the local one alone, or Redis shared by a fleet.

@@ -78,10 +78,22 @@ return {1, 0, 0, left[1], left[2], left[3], keys[3], resets[2], resets[3]}
 "#;
 
 /// Settlement. KEYS[1]: the tenant's key prefix. ARGV: tokens key ('' for none), token
-/// delta, in-flight member ('' for none).
+/// delta, in-flight member ('' for none). The delta goes into the window the tokens were
+/// reserved in (ARGV[1] names it), never into a later one, and only while that window's
+/// key lives; unused tokens given back never take its count below zero.
 const SETTLE: &str = r#"
-if ARGV[1] ~= '' and tonumber(ARGV[2]) ~= 0 and redis.call('EXISTS', ARGV[1]) == 1 then
-  redis.call('INCRBY', ARGV[1], ARGV[2])
+local delta = tonumber(ARGV[2])
+if ARGV[1] ~= '' and delta ~= 0 then
+  local held = redis.call('GET', ARGV[1])
+  if held then
+    held = tonumber(held)
+    if delta < 0 and -delta > held then
+      delta = -math.max(held, 0)
+    end
+    if delta ~= 0 then
+      redis.call('INCRBY', ARGV[1], delta)
+    end
+  end
 end
 if ARGV[3] ~= '' then
   redis.call('ZREM', KEYS[1] .. ':inflight', ARGV[3])
@@ -283,6 +295,7 @@ fn read_reply(
             0
         },
         slot: None,
+        window_ends: None,
         shared: Some(SharedHold {
             tokens_key: v.get(6).map(text).unwrap_or_default(),
             member: if limits.concurrent_requests.is_some() {
@@ -305,6 +318,10 @@ impl Limiter for RedisLimiter {
         limits: &Limits,
         tokens: u64,
     ) -> Result<Admission, Refused> {
+        // No shared count can change this answer: Redis is not asked.
+        if let Some(refused) = super::exceeds_limit(limits, tokens) {
+            return Err(refused);
+        }
         if !self.may_ask() {
             return self.fallback(tenant, limits, tokens);
         }
@@ -329,8 +346,7 @@ impl Limiter for RedisLimiter {
     ) {
         let Some(hold) = &admission.shared else {
             // Admitted by the local fallback: settled there.
-            self.local
-                .settle_now(tenant, limits, admission.reserved_tokens, actual);
+            self.local.settle_now(tenant, limits, &admission, actual);
             return;
         };
         let delta = match actual {

@@ -162,12 +162,18 @@ impl RelayProc {
 
     /// As [`RelayProc::start`], with `server.grace_period_seconds` set.
     pub fn start_with_grace(body: &str, env: &[(&str, &str)], grace_seconds: u64) -> RelayProc {
-        RelayProc::start_full(body, env, grace_seconds, "")
+        RelayProc::start_full(body, env, grace_seconds, "", None)
     }
 
     /// As [`RelayProc::start`], with more `listen:` lines (each `  key: value\n`).
     pub fn start_with_listen(body: &str, listen_extra: &str) -> RelayProc {
-        RelayProc::start_full(body, &[], 1, listen_extra)
+        RelayProc::start_full(body, &[], 1, listen_extra, None)
+    }
+
+    /// As [`RelayProc::start`], under a file limit (`ulimit -n`, soft and hard) of
+    /// `nofile`.
+    pub fn start_with_file_limit(body: &str, nofile: u32) -> RelayProc {
+        RelayProc::start_full(body, &[], 1, "", Some(nofile))
     }
 
     fn start_full(
@@ -175,6 +181,7 @@ impl RelayProc {
         env: &[(&str, &str)],
         grace_seconds: u64,
         listen_extra: &str,
+        nofile: Option<u32>,
     ) -> RelayProc {
         let dir = temp_dir("relay");
         let port = free_port();
@@ -192,7 +199,17 @@ impl RelayProc {
         let conf = dir.join("relay.yaml");
         std::fs::write(&conf, yaml).unwrap();
         let stderr_path = dir.join("stderr.log");
-        let mut cmd = Command::new(BIN);
+        // Under a file limit through the shell, which then becomes the relay (same pid).
+        let mut cmd = match nofile {
+            None => Command::new(BIN),
+            Some(n) => {
+                let mut c = Command::new("bash");
+                c.arg("-c")
+                    .arg(format!("ulimit -n {n} && exec \"$0\" \"$@\""))
+                    .arg(BIN);
+                c
+            }
+        };
         cmd.arg("-c")
             .arg(&conf)
             .env("RUST_LOG", "info")
