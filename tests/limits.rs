@@ -185,7 +185,7 @@ tenants:
     let rows = relay.rows_at_least(3);
     let row = rows
         .iter()
-        .find(|r| r["request_id"] == "too-big")
+        .find(|r| r["client_request_id"] == "too-big")
         .expect("a row for the refused request");
     assert_eq!(row["outcome"], "tokens_exceed_limit");
     assert_eq!(row["status"], 400);
