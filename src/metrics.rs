@@ -38,6 +38,7 @@ pub struct Metrics {
     tokens: IntCounterVec,
     cost: prometheus::CounterVec,
     cost_unknown: IntCounterVec,
+    usage_unknown: IntCounterVec,
     errors: IntCounterVec,
     open_streams: IntGaugeVec,
     response_bytes: IntCounterVec,
@@ -79,6 +80,8 @@ pub struct Finished<'a> {
     pub response_bytes: u64,
     /// A bounded error kind, when the request failed or its stream carried an error.
     pub error: Option<&'a str>,
+    /// A model request answered without a usage the relay could read.
+    pub usage_unknown: bool,
 }
 
 /// Handles a streaming response keeps: its route's gap histogram, and its place in the
@@ -313,6 +316,11 @@ impl Metrics {
                 "Answered requests whose cost is unknown (model without a price, or no usage from the provider).",
                 &["route"],
             ),
+            usage_unknown: counter(
+                "stream_relay_usage_unknown_requests_total",
+                "Model requests answered 2xx whose usage the provider never told (a cut stream, an unreadable or compressed answer): the tenant's token limit kept the estimate.",
+                &["route"],
+            ),
             errors: counter(
                 "stream_relay_errors_total",
                 "Failed requests and streams, by route and error kind.",
@@ -483,6 +491,9 @@ impl Metrics {
             None if answered => self.cost_unknown.with_label_values(&[f.route]).inc(),
             None => {}
         }
+        if f.usage_unknown {
+            self.usage_unknown.with_label_values(&[f.route]).inc();
+        }
         if let Some(kind) = f.error {
             self.errors.with_label_values(&[f.route, kind]).inc();
         }
@@ -546,6 +557,7 @@ mod tests {
             cost: Some(0.5),
             response_bytes: 2000,
             error: None,
+            usage_unknown: false,
         }
     }
 

@@ -486,7 +486,9 @@ impl Recorder {
             None
         };
         let tenant = ctx.tenant.as_deref().unwrap_or("-");
+        let usage_unknown = usage_unknown(ctx, &usage);
         self.metrics.request_done(&Finished {
+            usage_unknown,
             route,
             status: end.status,
             outcome,
@@ -562,7 +564,7 @@ impl Recorder {
             request_bytes: ctx.request_bytes,
             response_bytes: ctx.response_bytes,
             finish_reason: measure.and_then(|m| m.finish_reason.clone()),
-            usage_unknown: usage_unknown(ctx, &usage),
+            usage_unknown,
             client_addr: end.client_addr,
             user_agent: end.user_agent,
             request_body: route_ref

@@ -650,6 +650,7 @@ fn content_length_is_one_number_and_a_compressed_answer_is_flagged() {
     let row = row(&relay, "gz");
     assert_eq!(row["usage_unknown"], true);
     assert!(row["tokens_in"].is_null());
+    relay.metrics_with(r#"stream_relay_usage_unknown_requests_total{route="openai"} 1"#);
 }
 
 #[test]
