@@ -244,6 +244,38 @@ pub fn is_upgrade(req: &RequestHeader) -> bool {
             })
 }
 
+/// A client's offer to switch to cleartext HTTP/2 (`Upgrade: h2c`, sent by `curl
+/// --http2` on http:// URLs) may be ignored (RFC 9113 3.1 leaves it to the server): it is
+/// removed, and the request is served over HTTP/1.1 as if it had not offered.
+pub fn drop_h2c_offer(req: &mut RequestHeader) {
+    let h2c = req
+        .headers
+        .get(http::header::UPGRADE)
+        .is_some_and(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"h2c"));
+    if !h2c {
+        return;
+    }
+    req.remove_header(&http::header::UPGRADE);
+    req.remove_header("http2-settings");
+    let kept: Vec<String> = req
+        .headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or_default().split(','))
+        .map(str::trim)
+        .filter(|t| {
+            !t.is_empty()
+                && !t.eq_ignore_ascii_case("upgrade")
+                && !t.eq_ignore_ascii_case("http2-settings")
+        })
+        .map(str::to_string)
+        .collect();
+    req.remove_header(&http::header::CONNECTION);
+    if !kept.is_empty() {
+        let _ = req.insert_header(http::header::CONNECTION, kept.join(", "));
+    }
+}
+
 /// A route's policy, from its configuration.
 #[derive(Debug, Clone)]
 pub struct RoutePolicy {

@@ -898,6 +898,7 @@ impl ProxyHttp for RelayProxy {
             .as_downstream_mut()
             .set_read_timeout(Some(self.input.client_read_timeout));
         ctx.client_addr = session.client_addr().and_then(|a| a.as_inet()).copied();
+        crate::policy::drop_h2c_offer(session.req_header_mut());
         let req = session.req_header();
         ctx.request_id = request_id::new_id();
         ctx.client_request_id = req

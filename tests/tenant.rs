@@ -408,6 +408,29 @@ fn upgrades_are_refused_where_nothing_meters_them() {
         "reached the upstream: {:?}",
         paths(&log)
     );
+    // An offer of cleartext HTTP/2 (curl --http2) is no tunnel: ignored, served as
+    // HTTP/1.1, and nothing of it goes upstream.
+    let r = send(
+        &relay,
+        "POST",
+        CHAT,
+        &[
+            ("upgrade", "h2c"),
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("http2-settings", "AAMAAABkAAQCAAAAAAIAAAAA"),
+        ],
+        &chat_body(false, false),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let seen = log.lock().unwrap()[0].clone();
+    for h in ["upgrade", "http2-settings"] {
+        assert!(seen.header(h).is_none(), "{h} went upstream");
+    }
+    assert!(!seen
+        .header("connection")
+        .unwrap_or("")
+        .to_ascii_lowercase()
+        .contains("upgrade"));
 }
 
 #[test]
