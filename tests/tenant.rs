@@ -836,3 +836,32 @@ tenants:
         "three first requests and the one after the idle wait"
     );
 }
+
+#[test]
+fn a_refused_streamed_body_gets_its_answer_and_no_error_log_line() {
+    let (up, log) = recording_upstream();
+    let relay = relay(up, "");
+    // A chunked body (read while it flows, not before) with a second max_tokens.
+    let mut s = TcpStream::connect(relay.addr).unwrap();
+    let body = br#"{"model":"gpt-4o-mini","max_tokens":10,"messages":[],"max_tokens":99999}"#;
+    write!(
+        s,
+        "POST {CHAT} HTTP/1.1\r\nhost: tenant-controlled.example\r\nauthorization: {}\r\nx-request-id: chunked-dup\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n",
+        auth(),
+        body.len()
+    )
+    .unwrap();
+    s.write_all(body).unwrap();
+    s.write_all(b"\r\n0\r\n\r\n").unwrap();
+    let r = read_response(&mut s, Instant::now(), Duration::from_secs(10), usize::MAX);
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["error"]["code"], "invalid_body");
+    assert_eq!(row(&relay, "chunked-dup")["outcome"], "invalid_body");
+    // The held body never went upstream.
+    assert!(log.lock().unwrap().iter().all(|s| s.body.is_empty()));
+    let stderr = relay.stderr();
+    assert!(
+        !stderr.lines().any(|l| l.contains("ERROR")),
+        "an ERROR line for a tenant's bad request:\n{stderr}"
+    );
+}
