@@ -46,21 +46,6 @@ fn events(body: &[u8]) -> Vec<(String, String)> {
         .collect()
 }
 
-fn row(relay: &RelayProc, id: &str) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(r) = relay
-            .rows()
-            .into_iter()
-            .find(|r| r["client_request_id"] == id)
-        {
-            return r;
-        }
-        assert!(Instant::now() < deadline, "no row for {id}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn a_stream_that_stalls_after_its_first_event_ends_with_an_error_event() {
     let mock = MockProc::start(None);
@@ -92,7 +77,7 @@ fn a_stream_that_stalls_after_its_first_event_ends_with_an_error_event() {
         mock.wait_stat("cancelled", cancelled_before + 1, Duration::from_secs(5))
             > cancelled_before
     );
-    let stalled = row(&relay, "stall-openai");
+    let stalled = relay.row_for("stall-openai");
     assert_eq!(stalled["outcome"], "stream_stalled");
     assert_eq!(stalled["status"], 200);
     assert!(stalled["response_bytes"].as_u64().unwrap() > 0);
@@ -118,7 +103,10 @@ fn a_stream_that_stalls_after_its_first_event_ends_with_an_error_event() {
     let data: serde_json::Value = serde_json::from_str(data).unwrap();
     assert_eq!(data["type"], "error");
     assert_eq!(data["error"]["type"], "api_error");
-    assert_eq!(row(&relay, "stall-anthropic")["outcome"], "stream_stalled");
+    assert_eq!(
+        relay.row_for("stall-anthropic")["outcome"],
+        "stream_stalled"
+    );
 
     // A steady stream longer than the gap deadline is not touched.
     let r = request(
@@ -158,7 +146,7 @@ fn no_first_byte_in_time_is_a_504_and_not_retried() {
     assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
     let v = r.json();
     assert_eq!(v["error"]["code"], "first_byte_timeout");
-    assert_eq!(row(&relay, "slow-head")["outcome"], "first_byte_timeout");
+    assert_eq!(relay.row_for("slow-head")["outcome"], "first_byte_timeout");
     let after = mock.stats()["requests"].as_u64().unwrap();
     assert_eq!(after - before, 1, "the request was sent upstream once");
 }
@@ -185,5 +173,5 @@ fn the_total_deadline_ends_a_stream_that_keeps_going() {
     let last: serde_json::Value = serde_json::from_str(&ev.last().unwrap().1).unwrap();
     assert_eq!(last["error"]["code"], "total_timeout");
     assert!(ev.len() > 5 && ev.len() < 100, "{}", ev.len());
-    assert_eq!(row(&relay, "too-long")["outcome"], "total_timeout");
+    assert_eq!(relay.row_for("too-long")["outcome"], "total_timeout");
 }

@@ -148,20 +148,13 @@ fn send(
     request(relay.addr, method, path, &h, body)
 }
 
-/// The row of the request the client sent with `x-request-id: id`.
-fn row(relay: &RelayProc, id: &str) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(r) = relay
-            .rows()
-            .into_iter()
-            .find(|r| r["client_request_id"] == id)
-        {
-            return r;
-        }
-        assert!(Instant::now() < deadline, "no row for {id}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// Asserts that nothing reached the upstream.
+fn assert_untouched(log: &Log) {
+    assert!(
+        paths(log).is_empty(),
+        "reached the upstream: {:?}",
+        paths(log)
+    );
 }
 
 fn paths(log: &Log) -> Vec<String> {
@@ -242,13 +235,9 @@ fn a_route_serves_only_its_endpoints() {
         if *status == 405 {
             assert_eq!(r.header("allow"), Some("POST"));
         }
-        assert_eq!(row(&relay, &id)["outcome"], *outcome);
+        assert_eq!(relay.row_for(&id)["outcome"], *outcome);
     }
-    assert!(
-        paths(&log).is_empty(),
-        "reached the upstream: {:?}",
-        paths(&log)
-    );
+    assert_untouched(&log);
     // The inference endpoints pass.
     assert_eq!(
         send(&relay, "POST", CHAT, &[], &chat_body(false, false)).status,
@@ -354,13 +343,9 @@ fn paths_are_checked_before_routing() {
             String::from_utf8_lossy(&r.body)
         );
         assert_eq!(r.json()["error"]["code"], "invalid_path", "{path}");
-        assert_eq!(row(&relay, &id)["outcome"], "bad_path", "{path}");
+        assert_eq!(relay.row_for(&id)["outcome"], "bad_path", "{path}");
     }
-    assert!(
-        paths(&log).is_empty(),
-        "reached the upstream: {:?}",
-        paths(&log)
-    );
+    assert_untouched(&log);
     // The checked path is the one routed and sent.
     let r = request(
         relay.addr,
@@ -401,13 +386,9 @@ fn upgrades_are_refused_where_nothing_meters_them() {
             String::from_utf8_lossy(&r.body)
         );
         assert_eq!(r.json()["error"]["code"], "upgrade_not_supported");
-        assert_eq!(row(&relay, &id)["outcome"], "upgrade_refused");
+        assert_eq!(relay.row_for(&id)["outcome"], "upgrade_refused");
     }
-    assert!(
-        paths(&log).is_empty(),
-        "reached the upstream: {:?}",
-        paths(&log)
-    );
+    assert_untouched(&log);
     // An offer of cleartext HTTP/2 (curl --http2) is no tunnel: ignored, served as
     // HTTP/1.1, and nothing of it goes upstream.
     let r = send(
@@ -454,13 +435,9 @@ fn bodies_are_read_as_the_provider_reads_them() {
         let r = send(&relay, "POST", CHAT, &[("x-request-id", &id)], body);
         assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
         assert_eq!(r.json()["error"]["code"], "invalid_body");
-        assert_eq!(row(&relay, &id)["outcome"], "invalid_body");
+        assert_eq!(relay.row_for(&id)["outcome"], "invalid_body");
     }
-    assert!(
-        paths(&log).is_empty(),
-        "reached the upstream: {:?}",
-        paths(&log)
-    );
+    assert_untouched(&log);
 
     // `stream_options: null` is no request for usage: the relay asks for it, and counts it.
     let body = br#"{"model":"gpt-4o-mini","stream":true,"stream_options":null,"max_tokens":20,"messages":[]}"#;
@@ -473,7 +450,7 @@ fn bodies_are_read_as_the_provider_reads_them() {
     );
     let seen = log.lock().unwrap()[0].clone();
     assert_eq!(seen.json()["stream_options"]["include_usage"], true);
-    let row = row(&relay, "null-opts");
+    let row = relay.row_for("null-opts");
     assert_eq!(
         (row["tokens_in"].as_u64(), row["tokens_out"].as_u64()),
         (Some(7), Some(3))
@@ -652,13 +629,9 @@ fn content_length_is_one_number_and_a_compressed_answer_is_flagged() {
             "{lengths}: {}",
             String::from_utf8_lossy(&r.body)
         );
-        assert_eq!(row(&relay, &id)["outcome"], "bad_content_length");
+        assert_eq!(relay.row_for(&id)["outcome"], "bad_content_length");
     }
-    assert!(
-        paths(&log).is_empty(),
-        "reached the upstream: {:?}",
-        paths(&log)
-    );
+    assert_untouched(&log);
     // An upstream that compresses although asked not to: passed on, its usage unreadable.
     let r = send(
         &relay,
@@ -670,7 +643,7 @@ fn content_length_is_one_number_and_a_compressed_answer_is_flagged() {
     assert_eq!(r.status, 200);
     assert_eq!(r.header("content-encoding"), Some("gzip"));
     assert!(log.lock().unwrap()[0].header("accept-encoding").is_none());
-    let row = row(&relay, "gz");
+    let row = relay.row_for("gz");
     assert_eq!(row["usage_unknown"], true);
     assert!(row["tokens_in"].is_null());
     relay.metrics_with(r#"stream_relay_usage_unknown_requests_total{route="openai"} 1"#);
@@ -805,7 +778,7 @@ tenants:
         !drip.join().unwrap(),
         "the drip finished: no deadline cut it"
     );
-    assert_eq!(row(&relay, "trickle-2")["outcome"], "head_timeout");
+    assert_eq!(relay.row_for("trickle-2")["outcome"], "head_timeout");
 
     // A malformed second head gets the relay's 400 and a row, not a bare answer.
     let mut s = kept_alive(&relay);
@@ -814,7 +787,7 @@ tenants:
     let r = read_response(&mut s, Instant::now(), Duration::from_secs(10), usize::MAX);
     assert_eq!(r.status, 400);
     assert_eq!(r.json()["error"]["code"], "bad_request");
-    assert_eq!(row(&relay, "bad-2")["outcome"], "bad_request");
+    assert_eq!(relay.row_for("bad-2")["outcome"], "bad_request");
 
     // Waiting between requests is not a slow head: a kept-alive connection idle for
     // longer than head_timeout still serves its next request.
@@ -856,7 +829,7 @@ fn a_refused_streamed_body_gets_its_answer_and_no_error_log_line() {
     let r = read_response(&mut s, Instant::now(), Duration::from_secs(10), usize::MAX);
     assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json()["error"]["code"], "invalid_body");
-    assert_eq!(row(&relay, "chunked-dup")["outcome"], "invalid_body");
+    assert_eq!(relay.row_for("chunked-dup")["outcome"], "invalid_body");
     // The held body never went upstream.
     assert!(log.lock().unwrap().iter().all(|s| s.body.is_empty()));
     let stderr = relay.stderr();

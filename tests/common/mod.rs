@@ -303,6 +303,23 @@ impl RelayProc {
         }
     }
 
+    /// The row of the request the client sent with `x-request-id: id`, once written
+    /// (10 s at most).
+    pub fn row_for(&self, id: &str) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(r) = self
+                .rows()
+                .into_iter()
+                .find(|r| r["client_request_id"] == id)
+            {
+                return r;
+            }
+            assert!(Instant::now() < deadline, "no row for {id}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
