@@ -93,40 +93,57 @@ fn fake_upstream() -> Fake {
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(mut s) = conn else { continue };
-            let mut buf = Vec::new();
-            if read_upstream_request(&mut s, &mut buf).is_none() {
-                continue;
-            }
-            let Some(p) = plan.lock().unwrap().take() else {
-                continue;
-            };
-            let run = |s: &mut TcpStream| -> std::io::Result<bool> {
-                s.write_all(HEAD)?;
-                write_chunked(s, &p.before)?;
-                write_chunked(s, &p.event[..FIRST_PART])?;
-                let deadline = Instant::now() + Duration::from_secs(10);
-                let mut waited_out = false;
-                while client_has.load(Ordering::SeqCst) < SEEN_BEFORE_REST {
-                    if Instant::now() > deadline {
-                        waited_out = true;
-                        break;
+            let (plan, client_has, sent) = (plan.clone(), client_has.clone(), sent.clone());
+            // One thread per connection, each answering requests until the relay closes
+            // it (it may keep a connection for the next request).
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                while let Some((head, len)) = read_upstream_request(&mut s, &mut buf) {
+                    let chat = buf.starts_with(b"POST ");
+                    buf.drain(..head + len);
+                    if !chat {
+                        // Not the request under test (a probe, say): no plan for it.
+                        let no = b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n";
+                        if s.write_all(no).is_err() {
+                            return;
+                        }
+                        continue;
                     }
-                    std::thread::sleep(Duration::from_millis(5));
+                    let Some(p) = plan.lock().unwrap().take() else {
+                        return;
+                    };
+                    match answer(&mut s, &p, &client_has) {
+                        Ok(waited_out) => {
+                            *sent.lock().unwrap() = Some((Instant::now(), waited_out))
+                        }
+                        Err(_) => return,
+                    }
                 }
-                write_chunked(s, &p.event[FIRST_PART..])?;
-                write_chunked(s, &p.after)?;
-                s.write_all(b"0\r\n\r\n")?;
-                Ok(waited_out)
-            };
-            if let Ok(waited_out) = run(&mut s) {
-                *sent.lock().unwrap() = Some((Instant::now(), waited_out));
-            }
-            // Keep the connection open until the relay has read it all.
-            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-            let _ = s.read(&mut [0u8; 1]);
+            });
         }
     });
     fake
+}
+
+/// Writes the answer to one request; whether the upstream stopped waiting for the
+/// client to have [`SEEN_BEFORE_REST`] bytes.
+fn answer(s: &mut TcpStream, p: &Plan, client_has: &AtomicUsize) -> std::io::Result<bool> {
+    s.write_all(HEAD)?;
+    write_chunked(s, &p.before)?;
+    write_chunked(s, &p.event[..FIRST_PART])?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut waited_out = false;
+    while client_has.load(Ordering::SeqCst) < SEEN_BEFORE_REST {
+        if Instant::now() > deadline {
+            waited_out = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    write_chunked(s, &p.event[FIRST_PART..])?;
+    write_chunked(s, &p.after)?;
+    s.write_all(b"0\r\n\r\n")?;
+    Ok(waited_out)
 }
 
 /// Sends a streaming chat request and reads the chunked answer, publishing the body
