@@ -6,7 +6,9 @@
 //! chunk: no copy, no allocation. Only an event that spans chunks or has several `data:`
 //! lines is assembled, in a buffer reused from event to event. Lines end in LF, CRLF or
 //! a lone CR; `:` lines are comments; `id:` and `retry:` are ignored (the relay does not
-//! reconnect). Pure and synchronous: no I/O, no clock.
+//! reconnect). An event whose lines hold more than [`MAX_EVENT`] bytes is not read: the
+//! reader keeps none of it, skips to its end and counts it ([`SseReader::oversized`]).
+//! Pure and synchronous: no I/O, no clock.
 
 use memchr::memchr2;
 
@@ -19,18 +21,31 @@ pub struct Event<'a> {
 
 /// The longest event name kept; longer names are cut (no provider uses one).
 const MAX_NAME: usize = 64;
-/// An unterminated line longer than this is dropped rather than buffered without end.
-const MAX_LINE: usize = 8 << 20;
+/// The most bytes one event's lines may hold (line ends not counted) and still be read.
+/// A usage event is a few hundred bytes; what an upstream sends past this is not kept.
+pub const MAX_EVENT: usize = 1 << 20;
 
-#[derive(Default)]
 pub struct SseReader {
     /// Bytes of a line not yet ended, carried to the next chunk.
     carry: Vec<u8>,
     /// The previous chunk ended in `\r`: a leading `\n` belongs to that line end.
     skip_lf: bool,
-    /// The carried line grew past [`MAX_LINE`]; skip to its end.
-    discarding: bool,
+    /// Bytes of the current event's ended lines (line ends not counted).
+    event_len: usize,
+    /// The current event outgrew `max_event`: its lines are skipped to its blank line.
+    skipping: bool,
+    /// While skipping: the current line has bytes, so its end is not a blank line.
+    skipped_line_open: bool,
+    /// Events skipped for their size.
+    oversized: u64,
+    max_event: usize,
     state: EventState,
+}
+
+impl Default for SseReader {
+    fn default() -> Self {
+        SseReader::with_max_event(MAX_EVENT)
+    }
 }
 
 struct EventState {
@@ -67,6 +82,27 @@ impl SseReader {
         SseReader::default()
     }
 
+    /// A reader that skips events larger than `max_event` bytes instead of
+    /// [`MAX_EVENT`].
+    pub fn with_max_event(max_event: usize) -> SseReader {
+        SseReader {
+            carry: Vec::new(),
+            skip_lf: false,
+            event_len: 0,
+            skipping: false,
+            skipped_line_open: false,
+            oversized: 0,
+            max_event,
+            state: EventState::default(),
+        }
+    }
+
+    /// How many events were skipped, unread, for being larger than the cap (counted
+    /// when an event outgrows it, so also one the stream cuts off).
+    pub fn oversized(&self) -> u64 {
+        self.oversized
+    }
+
     /// Feeds one chunk; `on_event` is called for every event it completes.
     pub fn feed<F: FnMut(Event<'_>)>(&mut self, chunk: &[u8], mut on_event: F) {
         let mut pos = 0;
@@ -78,12 +114,14 @@ impl SseReader {
         }
         while pos < chunk.len() {
             let Some(rel) = memchr2(b'\n', b'\r', &chunk[pos..]) else {
-                if !self.discarding {
-                    self.carry.extend_from_slice(&chunk[pos..]);
-                    if self.carry.len() > MAX_LINE {
-                        self.carry.clear();
-                        self.discarding = true;
-                    }
+                let rest = &chunk[pos..];
+                if self.skipping {
+                    self.skipped_line_open = true;
+                } else if self.event_len + self.carry.len() + rest.len() > self.max_event {
+                    self.overflow();
+                    self.skipped_line_open = true;
+                } else {
+                    self.carry.extend_from_slice(rest);
                 }
                 break;
             };
@@ -96,11 +134,23 @@ impl SseReader {
                 }
                 _ => end + 1,
             };
-            if self.discarding {
-                self.discarding = false;
+            let len = self.carry.len() + rel;
+            if self.skipping {
+                if len == 0 && !self.skipped_line_open {
+                    // The blank line that ends the skipped event.
+                    self.skipping = false;
+                }
+                self.skipped_line_open = false;
+            } else if self.event_len + len > self.max_event {
+                self.overflow();
+            } else if len == 0 {
+                self.event_len = 0;
+                self.state.line(chunk, pos, end, true, &mut on_event);
             } else if self.carry.is_empty() {
+                self.event_len += len;
                 self.state.line(chunk, pos, end, true, &mut on_event);
             } else {
+                self.event_len += len;
                 self.carry.extend_from_slice(&chunk[pos..end]);
                 let line = std::mem::take(&mut self.carry);
                 self.state.line(&line, 0, line.len(), false, &mut on_event);
@@ -114,6 +164,27 @@ impl SseReader {
             self.state.owned.clear();
             self.state.owned.extend_from_slice(&chunk[s..e]);
             self.state.data = Data::Owned;
+        }
+    }
+
+    /// The current event is larger than the cap: drop what is kept of it and skip the
+    /// rest of its lines.
+    fn overflow(&mut self) {
+        self.oversized += 1;
+        self.skipping = true;
+        self.skipped_line_open = false;
+        self.event_len = 0;
+        self.carry.clear();
+        self.state.data = Data::None;
+        self.state.name_len = 0;
+        self.state.owned.clear();
+        // Give back what the big event grew; the next events are small again.
+        const KEEP: usize = 64 << 10;
+        if self.carry.capacity() > KEEP {
+            self.carry = Vec::new();
+        }
+        if self.state.owned.capacity() > KEEP {
+            self.state.owned = Vec::new();
         }
     }
 }
@@ -267,6 +338,93 @@ mod tests {
         assert!(collect(&[b"data: partial"]).is_empty());
         assert!(collect(&[b"data: partial\n"]).is_empty());
         assert_eq!(collect(&[b"data: partial\n", b"\n"]).len(), 1);
+    }
+
+    fn collect_capped(max: usize, chunks: &[&[u8]]) -> (Vec<String>, u64) {
+        let mut r = SseReader::with_max_event(max);
+        let mut out = Vec::new();
+        for c in chunks {
+            r.feed(c, |e| {
+                out.push(String::from_utf8_lossy(e.data).into_owned())
+            });
+        }
+        (out, r.oversized())
+    }
+
+    #[test]
+    fn an_event_over_the_cap_is_skipped_and_the_next_is_read() {
+        // Lines of one event are counted together, without their line ends: 6 + 58 = 64
+        // bytes is read, 65 is not.
+        let fits = format!("data: {}", "a".repeat(58));
+        let over = format!("data: {}", "b".repeat(59));
+        let two_lines = format!("data: {}\r\ndata: {}", "c".repeat(30), "c".repeat(30));
+        let s = format!(
+            "data: first\n\n{fits}\n\n{over}\n\nevent: x\n{two_lines}\r\n\r\n: note\ndata: last\r\n\r\n"
+        );
+        let s = s.as_bytes();
+        let whole = collect_capped(64, &[s]);
+        assert_eq!(
+            whole,
+            (vec!["first".into(), "a".repeat(58), "last".into()], 2)
+        );
+        for i in 0..=s.len() {
+            assert_eq!(
+                collect_capped(64, &[&s[..i], &s[i..]]),
+                whole,
+                "split at {i}"
+            );
+            for j in (i..=s.len()).step_by(7) {
+                assert_eq!(
+                    collect_capped(64, &[&s[..i], &s[i..j], &s[j..]]),
+                    whole,
+                    "split at {i},{j}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_huge_event_of_many_data_lines_keeps_no_more_than_the_cap() {
+        let mut s = b"data: before\n\n".to_vec();
+        while s.len() < 3 * MAX_EVENT {
+            s.extend_from_slice(b"data: {\"choices\":[{\"delta\":{\"content\":\"ab\"}}]}\n");
+        }
+        s.extend_from_slice(b"\ndata: after\n\n");
+        let mut r = SseReader::new();
+        let mut events = Vec::new();
+        for piece in s.chunks(4000) {
+            r.feed(piece, |e| events.push(e.data.to_vec()));
+            assert!(r.state.owned.len() <= MAX_EVENT, "{}", r.state.owned.len());
+            assert!(r.state.owned.capacity() <= 2 * MAX_EVENT);
+            assert!(r.carry.len() <= MAX_EVENT);
+        }
+        assert_eq!(events, [b"before".to_vec(), b"after".to_vec()]);
+        assert_eq!(r.oversized(), 1);
+        // What the big event grew was given back.
+        assert!(r.state.owned.capacity() <= 64 << 10);
+    }
+
+    #[test]
+    fn a_huge_single_line_is_not_carried_past_the_cap() {
+        let mut s = b"data: ".to_vec();
+        s.resize(3 * MAX_EVENT, b'x');
+        s.extend_from_slice(b"\r\n\r\ndata: after\r\n\r\n");
+        let mut r = SseReader::new();
+        let mut events = Vec::new();
+        for piece in s.chunks(1500) {
+            r.feed(piece, |e| events.push(e.data.to_vec()));
+            assert!(r.carry.len() <= MAX_EVENT);
+        }
+        assert_eq!(events, [b"after".to_vec()]);
+        assert_eq!(r.oversized(), 1);
+        // The same stream at once.
+        let mut r = SseReader::new();
+        let mut n = 0;
+        r.feed(&s, |e| {
+            assert_eq!(e.data, b"after");
+            n += 1
+        });
+        assert_eq!((n, r.oversized()), (1, 1));
     }
 
     #[test]

@@ -123,14 +123,76 @@ fn tap_measure(kind: TapKind, parts: &[&[u8]]) -> String {
     format!("{:?}", tap.measure)
 }
 
+/// An OpenAI-style stream the relay asked usage for, as whole events with LF or CRLF
+/// ends: content chunks of any size up to `max_pad` (so some are far over a small
+/// stripper cap), comments, multi-line events, `[DONE]`, and at most one usage-only
+/// chunk. The stream, and the stream without that usage chunk.
+fn usage_stream(max_pad: usize) -> impl Strategy<Value = (Vec<u8>, Vec<u8>)> {
+    const USAGE: &str = r#"data: {"id":"c","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
+    let event = prop_oneof![
+        (0..max_pad).prop_map(|n| format!(
+            r#"data: {{"choices":[{{"delta":{{"content":"{}"}}}}]}}"#,
+            "x".repeat(n)
+        )),
+        Just(": keep-alive".to_string()),
+        (0..max_pad).prop_map(|n| format!("event: x\ndata: {}\ndata: b", "y".repeat(n))),
+        Just("data: [DONE]".to_string()),
+    ];
+    let ending = prop_oneof![Just("\n"), Just("\r\n")];
+    (
+        proptest::collection::vec((event, ending.clone()), 0..12),
+        proptest::option::of((any::<prop::sample::Index>(), ending)),
+    )
+        .prop_map(|(events, usage)| {
+            let ended = |e: &str, end: &str| format!("{}{end}{end}", e.replace('\n', end));
+            let mut with: Vec<String> = events.iter().map(|(e, end)| ended(e, end)).collect();
+            let without = with.concat().into_bytes();
+            if let Some((at, end)) = usage {
+                with.insert(at.index(with.len() + 1), ended(USAGE, end));
+            }
+            (with.concat().into_bytes(), without)
+        })
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
+
+    #[test]
+    fn usage_stripper_removes_exactly_the_usage_chunk_any_cuts_any_cap(
+        (stream, expected) in usage_stream(600),
+        cuts in cuts(),
+        cap in 128usize..1000,
+    ) {
+        let mut s = UsageStripper::with_max_event(cap);
+        let parts = pieces(&stream, &cuts);
+        let mut out = Vec::new();
+        for (i, p) in parts.iter().enumerate() {
+            out.extend_from_slice(&s.feed(p, i + 1 == parts.len()));
+        }
+        prop_assert_eq!(String::from_utf8(out).unwrap(), String::from_utf8(expected).unwrap());
+    }
 
     #[test]
     fn sse_reader_any_bytes_any_cuts(data in input(), cuts in cuts()) {
         let whole = read_events(&[&data]);
         let cut = read_events(&pieces(&data, &cuts));
         prop_assert_eq!(whole, cut);
+    }
+
+    #[test]
+    fn sse_reader_with_a_small_cap_any_cuts(data in input(), cuts in cuts(), cap in 0usize..200) {
+        let read = |parts: &[&[u8]]| {
+            let mut r = SseReader::with_max_event(cap);
+            let mut out = Vec::new();
+            for p in parts {
+                r.feed(p, |e| out.push((e.name.to_vec(), e.data.to_vec())));
+            }
+            (out, r.oversized())
+        };
+        let whole = read(&[&data]);
+        prop_assert_eq!(&whole, &read(&pieces(&data, &cuts)));
+        // Nothing read is larger than the cap.
+        prop_assert!(whole.0.iter().all(|(_, d)| d.len() <= cap));
     }
 
     #[test]

@@ -53,6 +53,9 @@ pub struct Measure {
     pub stream_error: Option<String>,
     /// OpenAI's `[DONE]` or Anthropic's `message_stop` was seen.
     pub finished: bool,
+    /// An event was too large to read ([`crate::sse::MAX_EVENT`]) and went by unread:
+    /// it may have carried usage, so `usage` may be incomplete.
+    pub usage_unreadable: bool,
 }
 
 /// Which reader a response gets, from its content type and the route's provider.
@@ -127,6 +130,9 @@ impl Tap {
                     };
                     outputs += u64::from(output);
                 });
+                if self.sse.oversized() > 0 {
+                    self.measure.usage_unreadable = true;
+                }
                 self.outputs(outputs, now, on_gap);
             }
             TapKind::Audio => {
@@ -242,6 +248,28 @@ mod tests {
         assert_eq!(m.first_output, Some(Duration::from_millis(20)));
         assert_eq!(m.output_events, 3);
         assert_eq!(m.max_gap, Some(Duration::from_millis(10)));
+    }
+
+    #[test]
+    fn an_event_too_large_to_read_marks_usage_unreadable() {
+        let mut s =
+            b"data: {\"model\":\"m\",\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n".to_vec();
+        let small = run(TapKind::OpenAiSse, &s, &[]);
+        assert!(!small.usage_unreadable);
+        s.extend_from_slice(b"data: {\"choices\":[{\"delta\":{\"content\":\"");
+        s.resize(s.len() + crate::sse::MAX_EVENT, b'x');
+        s.extend_from_slice(b"\"}}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}\n\ndata: [DONE]\n\n");
+        let cuts: Vec<usize> = (1..s.len()).step_by(65_536).collect();
+        for cuts in [&[][..], &cuts] {
+            let m = run(TapKind::OpenAiSse, &s, cuts);
+            assert!(m.usage_unreadable);
+            // The events after the big one are read again.
+            assert_eq!((m.usage.input, m.usage.output), (Some(3), Some(1)));
+            assert!(m.finished);
+            // The big event's content went unread: only the first counts as output.
+            assert_eq!(m.output_events, 1);
+            assert_eq!(m.model.as_deref(), Some("m"));
+        }
     }
 
     #[test]
