@@ -580,7 +580,8 @@ impl Recorder {
 
 /// A model request the provider answered (2xx) without a usage the relay could read:
 /// a text answer (SSE or JSON, or one compressed against the relay's request) for a body
-/// that named a model, with neither token count known.
+/// that named a model, with neither token count known, or with one missing after the
+/// tap had to skip an event too large to read (it may have held the count).
 fn usage_unknown(ctx: &RequestCtx, usage: &crate::tap::Usage) -> bool {
     let answered = ctx.upstream_status.is_some_and(|s| (200..300).contains(&s));
     let model_request = ctx.request_info.as_ref().is_some_and(|i| i.model.is_some());
@@ -591,7 +592,13 @@ fn usage_unknown(ctx: &RequestCtx, usage: &crate::tap::Usage) -> bool {
                 TapKind::OpenAiSse | TapKind::AnthropicSse | TapKind::Json
             )
         });
-    answered && model_request && text && usage.input.is_none() && usage.output.is_none()
+    let skipped = ctx
+        .tap
+        .as_ref()
+        .is_some_and(|t| t.measure.usage_unreadable);
+    let missing = (usage.input.is_none() && usage.output.is_none())
+        || (skipped && (usage.input.is_none() || usage.output.is_none()));
+    answered && model_request && text && missing
 }
 
 pub struct RelayProxy {

@@ -287,19 +287,23 @@ fn a_huge_event_passes_unchanged_and_at_once_in_bounded_memory() {
     let rows = relay.rows_at_least(2);
     let row = |id: &str| {
         rows.iter()
-            .find(|r| r["request_id"] == id)
+            .find(|r| r["client_request_id"] == id)
             .unwrap_or_else(|| panic!("no row for {id} in {rows:?}"))
             .clone()
     };
     let a = row("many-lines");
     assert_eq!(a["outcome"], "ok");
     assert_eq!(a["status"], 200);
-    // The usage chunk after the huge event is read.
+    // The usage chunk after the huge event is read: the usage is known.
     assert_eq!(
         (a["tokens_in"].as_u64(), a["tokens_out"].as_u64()),
         (Some(3), Some(1))
     );
+    assert_eq!(a["usage_unknown"], false);
     let b = row("one-line");
     assert_eq!(b["outcome"], "ok");
     assert!(b["response_bytes"].as_u64().unwrap() > 60 << 20);
+    // No usage came after the skipped event: the row says so.
+    assert_eq!(b["usage_unknown"], true);
+    assert!(b["tokens_in"].is_null());
 }
