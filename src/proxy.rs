@@ -97,7 +97,7 @@ pub struct RequestCtx {
     /// The body must be JSON (see `gate::wants_json`).
     json_required: bool,
     /// The upstream answered in a content encoding the tap cannot read.
-    usage_unreadable: bool,
+    encoded_answer: bool,
     /// Body bytes this attempt has passed (a retry replays from 0).
     attempt_body_offset: u64,
     /// When the current attempt was chosen.
@@ -245,7 +245,7 @@ impl RequestCtx {
             early_body: None,
             stall: None,
             json_required: false,
-            usage_unreadable: false,
+            encoded_answer: false,
             attempt_body_offset: 0,
             attempt_started: now,
             captured_request: Vec::new(),
@@ -585,17 +585,14 @@ impl Recorder {
 fn usage_unknown(ctx: &RequestCtx, usage: &crate::tap::Usage) -> bool {
     let answered = ctx.upstream_status.is_some_and(|s| (200..300).contains(&s));
     let model_request = ctx.request_info.as_ref().is_some_and(|i| i.model.is_some());
-    let text = ctx.usage_unreadable
+    let text = ctx.encoded_answer
         || ctx.tap.as_ref().is_some_and(|t| {
             matches!(
                 t.kind(),
                 TapKind::OpenAiSse | TapKind::AnthropicSse | TapKind::Json
             )
         });
-    let skipped = ctx
-        .tap
-        .as_ref()
-        .is_some_and(|t| t.measure.usage_unreadable);
+    let skipped = ctx.tap.as_ref().is_some_and(|t| t.measure.usage_unreadable);
     let missing = (usage.input.is_none() && usage.output.is_none())
         || (skipped && (usage.input.is_none() || usage.output.is_none()));
     answered && model_request && text && missing
@@ -1165,7 +1162,7 @@ impl ProxyHttp for RelayProxy {
             .headers
             .get(http::header::CONTENT_ENCODING)
             .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
-        ctx.usage_unreadable = encoded;
+        ctx.encoded_answer = encoded;
         let kind = if encoded {
             TapKind::None
         } else {
