@@ -1,5 +1,6 @@
-//! The first request head of each client connection must arrive whole within
-//! `listen.head_timeout`, and within `listen.max_header_bytes`.
+//! Every request head of a client connection must arrive whole within
+//! `listen.head_timeout` (a later one on a kept-alive connection: from its first byte),
+//! and within `listen.max_header_bytes`.
 //!
 //! Pingora times out each read of a head (60 s), not the head: a client sending a byte
 //! every few seconds holds a connection (and a task) for hours. This gate wraps the
