@@ -124,9 +124,18 @@ async fn read_head(
     buf: &mut Vec<u8>,
     max_bytes: usize,
     deadline: HeadDeadline,
+    idle_until_shutdown: Option<&ShutdownWatch>,
 ) -> (Head, Option<Instant>) {
     let mut first_byte = None;
-    let head = read_head_inner(stream, buf, max_bytes, deadline, &mut first_byte).await;
+    let head = read_head_inner(
+        stream,
+        buf,
+        max_bytes,
+        deadline,
+        idle_until_shutdown,
+        &mut first_byte,
+    )
+    .await;
     (head, first_byte)
 }
 
@@ -135,6 +144,7 @@ async fn read_head_inner(
     buf: &mut Vec<u8>,
     max_bytes: usize,
     deadline: HeadDeadline,
+    idle_until_shutdown: Option<&ShutdownWatch>,
     first_byte: &mut Option<Instant>,
 ) -> Head {
     let mut end = HeadEnd::default();
@@ -143,7 +153,17 @@ async fn read_head_inner(
         if buf.capacity() - buf.len() < 512 {
             buf.reserve(4096);
         }
-        let read = tokio::time::timeout_at(due, stream.read_buf(buf)).await;
+        let read = match idle_until_shutdown {
+            Some(watch) if buf.is_empty() => {
+                let mut watch = watch.clone();
+                tokio::select! {
+                    biased;
+                    r = tokio::time::timeout_at(due, stream.read_buf(buf)) => r,
+                    _ = watch.wait_for(|down| *down) => return Head::Gone,
+                }
+            }
+            _ => tokio::time::timeout_at(due, stream.read_buf(buf)).await,
+        };
         if first_byte.is_none() && !buf.is_empty() {
             let now = Instant::now();
             *first_byte = Some(now);
@@ -321,19 +341,12 @@ impl<A: HttpServerApp + Send + Sync + 'static> HeadGate<A> {
             }
         };
         let mut buf = Vec::with_capacity(2048);
-        let (head, first_byte) = if later {
-            // An idle kept-alive connection is dropped at shutdown (as Pingora does); one
-            // whose next head has begun is read to its end.
-            let mut watch = shutdown.clone();
-            let mut read = std::pin::pin!(read_head(l4, &mut buf, self.max_bytes, deadline));
-            tokio::select! {
-                biased;
-                r = &mut read => r,
-                _ = watch.wait_for(|down| *down) => return false,
-            }
-        } else {
-            read_head(l4, &mut buf, self.max_bytes, deadline).await
-        };
+        // An idle kept-alive connection is dropped at shutdown (as Pingora does); one
+        // whose next head has begun is read to its end. A first head is always read: its
+        // connection was accepted for a request.
+        let idle_until_shutdown = later.then_some(shutdown);
+        let (head, first_byte) =
+            read_head(l4, &mut buf, self.max_bytes, deadline, idle_until_shutdown).await;
         let accepted = match (later, first_byte) {
             (true, Some(at)) => Accepted {
                 at,

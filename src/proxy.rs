@@ -655,15 +655,15 @@ async fn read_small_body(session: &mut Session, len: usize) -> Result<Vec<u8>> {
 }
 
 /// What the route may change in this request's body: usage asked for on a chat stream
-/// (`ensure_usage`), `store` turned off (`store: force_off`).
-fn body_rewrite(route: &Route, req: &RequestHeader) -> Rewrite {
-    let path = req.uri.path();
+/// (`ensure_usage`), `store` turned off (`store: force_off`). `provider_path`: the path
+/// the provider sees, which is what the endpoints were checked against.
+fn body_rewrite(route: &Route, method: &http::Method, provider_path: &str) -> Rewrite {
     Rewrite {
         usage: route.ensure_usage
-            && req.method == http::Method::POST
-            && path.ends_with("/chat/completions"),
+            && *method == http::Method::POST
+            && provider_path.ends_with("/chat/completions"),
         store_off: route.policy.store == crate::policy::Store::ForceOff
-            && crate::policy::stores(&req.method, path),
+            && crate::policy::stores(method, provider_path),
     }
 }
 
@@ -674,10 +674,19 @@ fn prepare_early_body(
     body: &[u8],
     rw: Rewrite,
 ) -> std::result::Result<(), RelayError> {
-    let info = request_info::read(body).map_err(|p| RelayError::BodyField(p.0))?;
-    let rewritten = info
-        .as_ref()
-        .and_then(|i| request_info::rewrite(body, i, rw));
+    let refuse = |p: request_info::FieldProblem| RelayError::BodyField(p.0);
+    let info = request_info::read(body).map_err(refuse)?;
+    let rewritten = match &info {
+        Some(i) => request_info::rewrite(body, i, rw).map_err(refuse)?,
+        // JSON that is no request object cannot be sent with `store: false`: refused
+        // rather than sent as it is (JSON that does not parse is the JSON gate's).
+        None if rw.store_off && gate::is_json(body) => {
+            return Err(RelayError::BodyField(
+                "the body is not a JSON object".into(),
+            ))
+        }
+        None => None,
+    };
     ctx.strip_usage = rewritten
         .as_ref()
         .filter(|r| r.usage_added)
@@ -929,7 +938,9 @@ impl ProxyHttp for RelayProxy {
                 ctx.json_required = gate::wants_json(req);
                 let mut body_bytes = announced.unwrap_or(0);
                 if let Some(len) = request_info::early_read_len(session.req_header()) {
-                    let rw = body_rewrite(ctx.route.as_ref().expect("set"), session.req_header());
+                    let route = ctx.route.as_ref().expect("set");
+                    let req = session.req_header();
+                    let rw = body_rewrite(route, &req.method, &route.provider_path(req.uri.path()));
                     let read = read_small_body(session, len);
                     let body = match tokio::time::timeout(self.input.body_read_timeout, read).await
                     {
@@ -1043,7 +1054,7 @@ impl ProxyHttp for RelayProxy {
         }
         // A larger body the route may rewrite is held and may grow (`stream_options`,
         // `store`): its length is not known yet, so it goes upstream chunked.
-        let rw = body_rewrite(route, upstream_request);
+        let rw = body_rewrite(route, &upstream_request.method, upstream_request.uri.path());
         if rw.any() {
             upstream_request.remove_header(&http::header::CONTENT_LENGTH);
             upstream_request.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;

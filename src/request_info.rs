@@ -141,16 +141,24 @@ impl BodyCollector {
         if !self.hold() {
             return (BodyStep::Pass, Some(end));
         }
-        match end
-            .info
-            .as_ref()
-            .and_then(|i| rewrite(&buf, i, self.rewrite))
-        {
-            Some(r) => {
+        let rewritten = match &end.info {
+            Some(i) => rewrite(&buf, i, self.rewrite),
+            // Not a request object (the JSON gate answers) or refused already.
+            None if self.rewrite.store_off && end.problem.is_none() && !end.invalid_json => {
+                Err(FieldProblem("the body is not a JSON object".into()))
+            }
+            None => Ok(None),
+        };
+        match rewritten {
+            Ok(Some(r)) => {
                 end.usage_added = r.usage_added;
                 (BodyStep::Replace(r.body.into()), Some(end))
             }
-            None => (BodyStep::Replace(buf.into()), Some(end)),
+            Ok(None) => (BodyStep::Replace(buf.into()), Some(end)),
+            Err(p) => {
+                end.problem = Some(p);
+                (BodyStep::Replace(bytes::Bytes::new()), Some(end))
+            }
         }
     }
 }
@@ -178,72 +186,162 @@ pub struct Rewritten {
     pub usage_added: bool,
 }
 
-/// The body as `rewrite` says it must go, or `None` when nothing needs to change. A
-/// missing field is inserted before the closing brace, leaving every other byte as the
-/// client sent it; a present one (`stream_options: null`, `store: true`) is replaced in
-/// a re-serialised document. Duplicate keys were refused when the body was read, so
-/// there is one value to change.
-pub fn rewrite(body: &[u8], info: &RequestInfo, rewrite: Rewrite) -> Option<Rewritten> {
-    let usage = rewrite.usage && info.stream && !info.include_usage;
+/// The body as `rewrite` says it must go, or `None` when nothing needs to change. Every
+/// byte the relay does not change stays as the client sent it: a missing field is
+/// inserted before the closing brace, a present one (`store: true`, `stream_options:
+/// null`) has its value replaced where it stands. Duplicate keys were refused when the
+/// body was read, so there is one value to change. `Err` when `store` must be turned off
+/// and cannot be (the body is refused rather than sent as it is); usage that cannot be
+/// asked for leaves the body as it is (the row then says the usage is unknown).
+pub fn rewrite(
+    body: &[u8],
+    info: &RequestInfo,
+    rewrite: Rewrite,
+) -> Result<Option<Rewritten>, FieldProblem> {
+    let mut usage = rewrite.usage && info.stream && !info.include_usage;
     let store = rewrite.store_off && info.store != Some(false);
-    if !usage && !store {
-        return None;
+    let cannot_store =
+        || FieldProblem("the body could not be rewritten with `store: false`".into());
+    // (start, end, replacement) of the bytes that change.
+    let mut edits: Vec<(usize, usize, Vec<u8>)> = Vec::with_capacity(2);
+    if usage && info.stream_options_present {
+        match top_level_value(body, "stream_options")
+            .and_then(|(a, b)| with_include_usage(&body[a..b]).map(|v| (a, b, v)))
+        {
+            Some(edit) => edits.push(edit),
+            None => usage = false,
+        }
     }
-    let replace = (usage && info.stream_options_present) || (store && info.store_present);
-    let out = if replace {
-        let mut doc: serde_json::Value = serde_json::from_slice(body).ok()?;
-        let obj = doc.as_object_mut()?;
-        if usage {
-            match obj
-                .get_mut("stream_options")
-                .and_then(|o| o.as_object_mut())
-            {
-                Some(opts) => {
-                    opts.insert("include_usage".into(), serde_json::Value::Bool(true));
-                }
-                None => {
-                    obj.insert(
-                        "stream_options".into(),
-                        serde_json::json!({"include_usage": true}),
-                    );
-                }
-            }
-        }
-        if store {
-            obj.insert("store".into(), serde_json::Value::Bool(false));
-        }
-        serde_json::to_vec(&doc).ok()?
-    } else {
-        let close = body.iter().rposition(|b| !b.is_ascii_whitespace())?;
-        if body[close] != b'}' {
-            return None;
-        }
+    if store && info.store_present {
+        let (a, b) = top_level_value(body, "store").ok_or_else(cannot_store)?;
+        edits.push((a, b, b"false".to_vec()));
+    }
+    let mut inserts: Vec<&[u8]> = Vec::with_capacity(2);
+    if usage && !info.stream_options_present {
+        inserts.push(br#""stream_options":{"include_usage":true}"#);
+    }
+    if store && !info.store_present {
+        inserts.push(br#""store":false"#);
+    }
+    if edits.is_empty() && inserts.is_empty() {
+        return if store { Err(cannot_store()) } else { Ok(None) };
+    }
+    let close = match body.iter().rposition(|b| !b.is_ascii_whitespace()) {
+        Some(i) if body[i] == b'}' => i,
+        _ if store => return Err(cannot_store()),
+        _ => return Ok(None),
+    };
+    if !inserts.is_empty() {
         let empty = body[..close]
             .iter()
             .rposition(|b| !b.is_ascii_whitespace())
             .is_some_and(|i| body[i] == b'{');
-        let mut out = Vec::with_capacity(body.len() + 56);
-        out.extend_from_slice(&body[..close]);
-        let mut sep = !empty;
-        for (wanted, field) in [
-            (usage, &br#""stream_options":{"include_usage":true}"#[..]),
-            (store, br#""store":false"#),
-        ] {
-            if wanted {
-                if sep {
-                    out.push(b',');
-                }
-                out.extend_from_slice(field);
-                sep = true;
+        let mut added = Vec::with_capacity(64);
+        for (i, field) in inserts.iter().enumerate() {
+            if i > 0 || !empty {
+                added.push(b',');
             }
+            added.extend_from_slice(field);
         }
-        out.extend_from_slice(&body[close..]);
-        out
-    };
-    Some(Rewritten {
+        edits.push((close, close, added));
+    }
+    edits.sort_by_key(|e| e.0);
+    let mut out = Vec::with_capacity(body.len() + 64);
+    let mut at = 0;
+    for (a, b, with) in edits {
+        out.extend_from_slice(&body[at..a]);
+        out.extend_from_slice(&with);
+        at = b;
+    }
+    out.extend_from_slice(&body[at..]);
+    Ok(Some(Rewritten {
         body: out,
         usage_added: usage,
-    })
+    }))
+}
+
+/// `stream_options` as sent (`null` or an object) with `include_usage: true` in it.
+fn with_include_usage(value: &[u8]) -> Option<Vec<u8>> {
+    if value == b"null" {
+        return Some(br#"{"include_usage":true}"#.to_vec());
+    }
+    let mut opts: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(value).ok()?;
+    opts.insert("include_usage".into(), serde_json::Value::Bool(true));
+    serde_json::to_vec(&opts).ok()
+}
+
+/// The byte span of the value of top-level `key` in a JSON object, if it is there. The
+/// body was read whole before, so it is well formed; anything unexpected gives `None`.
+fn top_level_value(body: &[u8], key: &str) -> Option<(usize, usize)> {
+    let ws = |i: &mut usize| {
+        while body.get(*i).is_some_and(u8::is_ascii_whitespace) {
+            *i += 1;
+        }
+    };
+    // The index just past the string that starts at `i` (a `"`).
+    let string_end = |mut i: usize| -> Option<usize> {
+        i += 1;
+        loop {
+            match *body.get(i)? {
+                b'\\' => i += 2,
+                b'"' => return Some(i + 1),
+                _ => i += 1,
+            }
+        }
+    };
+    let mut i = 0;
+    ws(&mut i);
+    if body.get(i) != Some(&b'{') {
+        return None;
+    }
+    i += 1;
+    loop {
+        ws(&mut i);
+        if body.get(i) != Some(&b'"') {
+            return None;
+        }
+        let key_end = string_end(i)?;
+        let raw = &body[i..key_end];
+        let matches = if raw.contains(&b'\\') {
+            serde_json::from_slice::<String>(raw).ok().as_deref() == Some(key)
+        } else {
+            &raw[1..raw.len() - 1] == key.as_bytes()
+        };
+        i = key_end;
+        ws(&mut i);
+        if body.get(i) != Some(&b':') {
+            return None;
+        }
+        i += 1;
+        ws(&mut i);
+        let start = i;
+        let mut depth = 0usize;
+        loop {
+            match *body.get(i)? {
+                b'"' => {
+                    i = string_end(i)?;
+                    continue;
+                }
+                b'{' | b'[' => depth += 1,
+                b'}' | b']' if depth > 0 => depth -= 1,
+                b',' | b'}' if depth == 0 => break,
+                _ => {}
+            }
+            i += 1;
+        }
+        let mut end = i;
+        while end > start && body[end - 1].is_ascii_whitespace() {
+            end -= 1;
+        }
+        if matches {
+            return Some((start, end));
+        }
+        if body[i] == b'}' {
+            return None;
+        }
+        i += 1;
+    }
 }
 
 /// Why a body the relay reads is refused (400): a field it reads is there twice (its
@@ -257,13 +355,24 @@ pub fn read(body: &[u8]) -> Result<Option<RequestInfo>, FieldProblem> {
     use serde::de::Deserializer as _;
     let mut de = serde_json::Deserializer::from_slice(body);
     let fields = match de.deserialize_any(TopVisitor) {
-        Ok(Some(f)) => f,
-        _ => return Ok(None),
+        Ok(Some(f)) if de.end().is_ok() => f,
+        Ok(_) => return Ok(None),
+        // A JSON object (as the JSON gate and a lenient provider read it) whose fields the
+        // relay could not read (a lone surrogate, a number out of range in a field it
+        // reads): refused, rather than counted at a default the provider would not use.
+        Err(_) if starts_object(body) && crate::gate::is_json(body) => {
+            return Err(FieldProblem(
+                "a field the relay reads (model, stream, max_tokens, stream_options, store) could not be read"
+                    .into(),
+            ))
+        }
+        Err(_) => return Ok(None),
     };
-    if de.end().is_err() {
-        return Ok(None);
-    }
     fields.into_info()
+}
+
+fn starts_object(body: &[u8]) -> bool {
+    body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
 }
 
 /// The fields read from one body; `Err` values are the first problem met.
@@ -473,7 +582,7 @@ mod tests {
     fn usage_is_asked_for_when_stream_options_is_null() {
         let body = br#"{"model":"m","stream":true,"stream_options":null}"#;
         let info = parse(body).unwrap();
-        let out = rewrite(body, &info, USAGE).unwrap();
+        let out = rewrite(body, &info, USAGE).unwrap().unwrap();
         assert!(out.usage_added);
         let v: serde_json::Value = serde_json::from_slice(&out.body).unwrap();
         assert_eq!(v["stream_options"]["include_usage"], true);
@@ -492,23 +601,70 @@ mod tests {
             br#"{}"#,
         ] {
             let info = parse(body).unwrap();
-            let out = rewrite(body, &info, off).unwrap();
+            let out = rewrite(body, &info, off).unwrap().unwrap();
             let v: serde_json::Value = serde_json::from_slice(&out.body).unwrap();
             assert_eq!(v["store"], false, "{}", String::from_utf8_lossy(body));
         }
         let body = br#"{"model":"m","store":false}"#;
-        assert_eq!(rewrite(body, &parse(body).unwrap(), off), None);
+        assert_eq!(rewrite(body, &parse(body).unwrap(), off), Ok(None));
         // Both at once, inserted without touching the client's bytes.
         let body = br#"{"model":"m","stream":true}"#;
         let both = Rewrite {
             usage: true,
             store_off: true,
         };
-        let out = rewrite(body, &parse(body).unwrap(), both).unwrap();
+        let out = rewrite(body, &parse(body).unwrap(), both).unwrap().unwrap();
         assert_eq!(
             out.body,
             br#"{"model":"m","stream":true,"stream_options":{"include_usage":true},"store":false}"#
         );
+    }
+
+    #[test]
+    fn a_rewrite_changes_only_the_value_it_must() {
+        let off = Rewrite {
+            usage: true,
+            store_off: true,
+        };
+        // Key order, number spelling and escapes elsewhere stay as the client sent them.
+        let body = br#"{ "store" : true , "z":1e2, "a":{"y":"\u00e9","b":[1,{"store":true}]}, "stream":true, "stream_options": null }"#;
+        let out = rewrite(body, &parse(body).unwrap(), off).unwrap().unwrap();
+        assert!(out.usage_added);
+        assert_eq!(
+            std::str::from_utf8(&out.body).unwrap(),
+            r#"{ "store" : false , "z":1e2, "a":{"y":"\u00e9","b":[1,{"store":true}]}, "stream":true, "stream_options": {"include_usage":true} }"#
+        );
+        // An escaped key is the same key.
+        let body = br#"{"st\u006fre":true,"model":"m"}"#;
+        let out = rewrite(body, &parse(body).unwrap(), off).unwrap().unwrap();
+        assert_eq!(&out.body[..], br#"{"st\u006fre":false,"model":"m"}"#);
+    }
+
+    #[test]
+    fn bodies_the_relay_cannot_read_or_rewrite_fail_closed() {
+        // A lone surrogate in a field the relay reads: the JSON gate takes it, the relay
+        // cannot read it, so it is refused instead of counted at defaults.
+        let body =
+            br#"{"model":"m","max_tokens":10,"max_tokens":100000,"stream_options":{"x":"\udc00"}}"#;
+        assert!(crate::gate::is_json(body));
+        assert!(read(body).is_err());
+        // Elsewhere it does not matter to the relay, and `store` is still turned off.
+        let body = br#"{"model":"m","store":true,"input":"hi \ud83d","n":1e400}"#;
+        let off = Rewrite {
+            usage: false,
+            store_off: true,
+        };
+        let out = rewrite(body, &parse(body).unwrap(), off).unwrap().unwrap();
+        assert_eq!(
+            &out.body[..],
+            br#"{"model":"m","store":false,"input":"hi \ud83d","n":1e400}"#
+        );
+        // A held body that is JSON but no object cannot be sent with store: false.
+        let mut c = BodyCollector::default();
+        c.reset(off);
+        let (step, end) = c.step(b"[1,2]", true);
+        assert_eq!(step, BodyStep::Replace(bytes::Bytes::new()));
+        assert!(end.unwrap().problem.is_some());
     }
 
     #[test]
@@ -588,6 +744,7 @@ mod tests {
             &info,
             USAGE,
         )
+        .unwrap()
         .unwrap()
         .body;
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();

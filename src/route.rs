@@ -335,8 +335,8 @@ impl Route {
         }
     }
 
-    /// The path the provider sees for a request path (on the first upstream; every
-    /// upstream of a route with whole-path endpoints has the same base path).
+    /// The path the provider sees for a request path, on the first upstream (the body
+    /// rewrites are decided on it; every upstream was checked to serve the request).
     pub fn provider_path(&self, path: &str) -> String {
         self.upstream_target(&self.upstreams[0].url, path)
     }
@@ -349,17 +349,30 @@ impl Route {
     ) -> Result<(), crate::error::RelayError> {
         use crate::error::RelayError;
         use crate::policy::Allowed;
-        let provider_path = self.provider_path(path);
-        match self.policy.endpoints.check(method, &provider_path) {
-            Allowed::Yes => Ok(()),
-            Allowed::WrongMethod => Err(RelayError::EndpointMethod {
-                allow: self.policy.endpoints.methods_for(&provider_path),
-            }),
-            Allowed::No => Err(RelayError::EndpointNotServed {
-                method: method.to_string(),
-                path: path.to_string(),
-            }),
+        // Every upstream a request may fail over to must serve it: their base paths may
+        // differ (suffix patterns allow that), and each sees its own path.
+        for (i, u) in self.upstreams.iter().enumerate() {
+            let base = &u.url.base_path;
+            if self.upstreams[..i].iter().any(|v| v.url.base_path == *base) {
+                continue;
+            }
+            let provider_path = self.upstream_target(&u.url, path);
+            match self.policy.endpoints.check(method, &provider_path) {
+                Allowed::Yes => {}
+                Allowed::WrongMethod => {
+                    return Err(RelayError::EndpointMethod {
+                        allow: self.policy.endpoints.methods_for(&provider_path),
+                    })
+                }
+                Allowed::No => {
+                    return Err(RelayError::EndpointNotServed {
+                        method: method.to_string(),
+                        path: path.to_string(),
+                    })
+                }
+            }
         }
+        Ok(())
     }
 
     /// Builds the upstream request target: the upstream's base path, then the request

@@ -54,8 +54,17 @@ fn recording_upstream() -> (SocketAddr, Log) {
             std::thread::spawn(move || {
                 let mut buf = Vec::new();
                 while let Some((head, len)) = read_upstream_request(&mut s, &mut buf) {
-                    let req = parse(&buf[..head], &buf[head..head + len]);
+                    let mut req = parse(&buf[..head], &buf[head..head + len]);
                     buf.drain(..head + len);
+                    if req.header("transfer-encoding") == Some("chunked") {
+                        match read_chunked(&mut s, &mut buf) {
+                            Some(body) => req.body = body,
+                            None => {
+                                seen.lock().unwrap().push(req);
+                                return;
+                            }
+                        }
+                    }
                     let answer = answer(&req);
                     seen.lock().unwrap().push(req);
                     if s.write_all(&answer).is_err() {
@@ -66,6 +75,45 @@ fn recording_upstream() -> (SocketAddr, Log) {
         }
     });
     (addr, log)
+}
+
+/// A chunked body from `s` (what is already read in `buf`); `None` when the relay
+/// ended the request before its last chunk.
+fn read_chunked(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut body = Vec::new();
+    let mut more = |buf: &mut Vec<u8>| {
+        let mut b = [0u8; 65536];
+        match s.read(&mut b) {
+            Ok(0) | Err(_) => false,
+            Ok(n) => {
+                buf.extend_from_slice(&b[..n]);
+                true
+            }
+        }
+    };
+    loop {
+        let line_end = loop {
+            if let Some(i) = buf.windows(2).position(|w| w == b"\r\n") {
+                break i;
+            }
+            if !more(buf) {
+                return None;
+            }
+        };
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&buf[..line_end]).ok()?.trim(), 16).ok()?;
+        while buf.len() < line_end + 2 + size + 2 {
+            if !more(buf) {
+                return None;
+            }
+        }
+        body.extend_from_slice(&buf[line_end + 2..line_end + 2 + size]);
+        buf.drain(..line_end + 2 + size + 2);
+        if size == 0 {
+            return Some(body);
+        }
+    }
 }
 
 fn parse(head: &[u8], body: &[u8]) -> Seen {
@@ -832,5 +880,51 @@ fn a_refused_streamed_body_gets_its_answer_and_no_error_log_line() {
     assert!(
         !stderr.lines().any(|l| l.contains("ERROR")),
         "an ERROR line for a tenant's bad request:\n{stderr}"
+    );
+}
+
+#[test]
+fn held_bodies_are_read_and_rewritten_as_small_ones_are() {
+    let (up, log) = recording_upstream();
+    let relay = relay(up, "");
+    // Over 60 KiB, so read while it flows and sent upstream chunked.
+    let pad = "x".repeat(100 * 1024);
+    let stored = format!(
+        r#"{{"model":"gpt-4o-mini","input":"{pad}","store":true,"z":1e2,"metadata":{{"b":1,"a":2}}}}"#
+    );
+    let r = send(
+        &relay,
+        "POST",
+        "/stored/v1/responses",
+        &[],
+        stored.as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let seen = log.lock().unwrap()[0].clone();
+    // Only the value of `store` changed: every other byte as the client sent it.
+    assert_eq!(
+        String::from_utf8(seen.body).unwrap(),
+        stored.replace(r#""store":true"#, r#""store":false"#)
+    );
+    // A duplicate in a held body is refused at its end: the upstream gets no body.
+    let dup =
+        format!(r#"{{"model":"gpt-4o-mini","input":"{pad}","max_tokens":10,"max_tokens":99999}}"#);
+    let r = send(
+        &relay,
+        "POST",
+        CHAT,
+        &[("x-request-id", "held-dup")],
+        dup.as_bytes(),
+    );
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["error"]["code"], "invalid_body");
+    assert_eq!(relay.row_for("held-dup")["outcome"], "invalid_body");
+    assert!(
+        log.lock()
+            .unwrap()
+            .iter()
+            .skip(1)
+            .all(|s| s.body.is_empty()),
+        "the refused body reached the upstream"
     );
 }

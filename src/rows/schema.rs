@@ -82,19 +82,19 @@ pub async fn migrate(
     let mut applied = Vec::new();
     for m in MIGRATIONS {
         for statement in statements(m.sql, database) {
-            if let Some((table, column)) = added_column(&statement) {
-                let have: u64 = client
-                    .query("SELECT count() FROM system.columns WHERE database = ? AND table = ? AND name = ?")
-                    .bind(database)
-                    .bind(table)
-                    .bind(column)
-                    .fetch_one()
-                    .await?;
-                if have > 0 {
-                    continue;
+            let Some((table, column)) = added_column(&statement) else {
+                client.query(&statement).execute().await?;
+                continue;
+            };
+            if has_column(client, database, table, column).await? {
+                continue;
+            }
+            if let Err(e) = client.query(&statement).execute().await {
+                // Another relay of the fleet may have added it in between.
+                if !has_column(client, database, table, column).await? {
+                    return Err(e);
                 }
             }
-            client.query(&statement).execute().await?;
         }
         if done.contains(&m.version) {
             continue;
@@ -110,6 +110,22 @@ pub async fn migrate(
         applied.push(m.version);
     }
     Ok(applied)
+}
+
+async fn has_column(
+    client: &Client,
+    database: &str,
+    table: &str,
+    column: &str,
+) -> Result<bool, clickhouse::error::Error> {
+    let n: u64 = client
+        .query("SELECT count() FROM system.columns WHERE database = ? AND table = ? AND name = ?")
+        .bind(database)
+        .bind(table)
+        .bind(column)
+        .fetch_one()
+        .await?;
+    Ok(n > 0)
 }
 
 /// A database name that needs no quoting.
