@@ -390,7 +390,12 @@ impl Route {
         let mut target =
             String::with_capacity(upstream.base_path.len() + rest.len() + query.len() + 1);
         target.push_str(&upstream.base_path);
-        if rest.is_empty() || !rest.starts_with('/') {
+        // A request for the prefix itself goes to the base path itself (`/v1/messages`
+        // on a route whose prefix and base both name the endpoint), not to a path with
+        // a trailing `/` no provider serves.
+        if (rest.is_empty() && upstream.base_path.is_empty())
+            || (!rest.is_empty() && !rest.starts_with('/'))
+        {
             target.push('/');
         }
         target.push_str(rest);
@@ -476,7 +481,11 @@ mod tests {
         );
         assert_eq!(
             oa.upstream_target(&oa.upstreams[0].url, "/openai/v1"),
-            "/v1/"
+            "/v1"
+        );
+        assert_eq!(
+            oa.upstream_target(&oa.upstreams[0].url, "/openai/v1?x=1"),
+            "/v1?x=1"
         );
         let root = t.find("/v1/models").unwrap();
         assert_eq!(

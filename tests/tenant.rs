@@ -928,3 +928,30 @@ fn held_bodies_are_read_and_rewritten_as_small_ones_are() {
         "the refused body reached the upstream"
     );
 }
+
+#[test]
+fn a_route_whose_prefix_names_the_endpoint_sends_that_path() {
+    let (up, log) = recording_upstream();
+    // As in the benchmark's configuration: prefix and base path both name the endpoint.
+    let relay = RelayProc::start(
+        &format!(
+            r#"routes:
+  - {{ name: messages, prefix: /v1/messages, provider: anthropic, upstreams: ["http://{up}/v1/messages"] }}
+  - {{ name: models, prefix: /v1/models, provider: openai, upstreams: ["http://{up}/v1/models"] }}
+tenants:
+  - {{ id: acme, key_sha256: ["{h}"] }}
+"#,
+            h = hash(TENANT_KEY)
+        ),
+        &[],
+    );
+    assert_eq!(
+        send(&relay, "POST", "/v1/messages", &[], &anthropic_body(false)).status,
+        200
+    );
+    assert_eq!(
+        send(&relay, "GET", "/v1/models?limit=5", &[], b"").status,
+        200
+    );
+    assert_eq!(paths(&log), ["POST /v1/messages", "GET /v1/models?limit=5"]);
+}
