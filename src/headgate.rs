@@ -118,28 +118,9 @@ struct HeadDeadline {
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 
 /// Reads into `buf` until the head is whole, the client goes, `max_bytes` pass or the
-/// deadline does. Returns when the head's first byte came, too.
+/// deadline does; `first_byte` is set when the head's first byte came. With
+/// `idle_until_shutdown`, a connection that has sent nothing yet is given up at shutdown.
 async fn read_head(
-    stream: &mut L4Stream,
-    buf: &mut Vec<u8>,
-    max_bytes: usize,
-    deadline: HeadDeadline,
-    idle_until_shutdown: Option<&ShutdownWatch>,
-) -> (Head, Option<Instant>) {
-    let mut first_byte = None;
-    let head = read_head_inner(
-        stream,
-        buf,
-        max_bytes,
-        deadline,
-        idle_until_shutdown,
-        &mut first_byte,
-    )
-    .await;
-    (head, first_byte)
-}
-
-async fn read_head_inner(
     stream: &mut L4Stream,
     buf: &mut Vec<u8>,
     max_bytes: usize,
@@ -345,8 +326,16 @@ impl<A: HttpServerApp + Send + Sync + 'static> HeadGate<A> {
         // whose next head has begun is read to its end. A first head is always read: its
         // connection was accepted for a request.
         let idle_until_shutdown = later.then_some(shutdown);
-        let (head, first_byte) =
-            read_head(l4, &mut buf, self.max_bytes, deadline, idle_until_shutdown).await;
+        let mut first_byte = None;
+        let head = read_head(
+            l4,
+            &mut buf,
+            self.max_bytes,
+            deadline,
+            idle_until_shutdown,
+            &mut first_byte,
+        )
+        .await;
         let accepted = match (later, first_byte) {
             (true, Some(at)) => Accepted {
                 at,

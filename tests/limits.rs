@@ -12,23 +12,33 @@ const RPM_KEY: &str = "sk-tenant-rpm";
 const TPM_KEY: &str = "sk-tenant-tpm";
 const CONC_KEY: &str = "sk-tenant-conc";
 
-fn start() -> (MockProc, RelayProc) {
-    let mock = MockProc::start(None);
+/// The two routes to `mock` and `limits.default_max_tokens: 100`, then `tenants`.
+fn config_with(mock: &MockProc, tenants: &str) -> String {
     let u = mock.url();
-    let config = format!(
+    format!(
         r#"routes:
   - {{ name: openai, prefix: /openai/v1, provider: openai, upstreams: ["{u}/v1"] }}
   - {{ name: anthropic, prefix: /anthropic, provider: anthropic, upstreams: ["{u}"] }}
 limits:
   default_max_tokens: 100
 tenants:
-  - {{ id: rpm, key_sha256: ["{h1}"], limits: {{ requests_per_minute: 3 }} }}
+{tenants}"#
+    )
+}
+
+fn start() -> (MockProc, RelayProc) {
+    let mock = MockProc::start(None);
+    let config = config_with(
+        &mock,
+        &format!(
+            r#"  - {{ id: rpm, key_sha256: ["{h1}"], limits: {{ requests_per_minute: 3 }} }}
   - {{ id: tpm, key_sha256: ["{h2}"], limits: {{ tokens_per_minute: 300 }} }}
   - {{ id: conc, key_sha256: ["{h3}"], limits: {{ concurrent_requests: 1 }} }}
 "#,
-        h1 = hash(RPM_KEY),
-        h2 = hash(TPM_KEY),
-        h3 = hash(CONC_KEY),
+            h1 = hash(RPM_KEY),
+            h2 = hash(TPM_KEY),
+            h3 = hash(CONC_KEY),
+        ),
     );
     let relay = RelayProc::start(&config, &[]);
     (mock, relay)
@@ -116,19 +126,14 @@ fn token_reservations_are_settled_with_actual_usage() {
 #[test]
 fn an_estimate_over_the_token_limit_is_a_bad_request_not_a_retry() {
     let mock = MockProc::start(None);
-    let u = mock.url();
     let key = "sk-tenant-small-tpm";
     let relay = RelayProc::start(
-        &format!(
-            r#"routes:
-  - {{ name: openai, prefix: /openai/v1, provider: openai, upstreams: ["{u}/v1"] }}
-  - {{ name: anthropic, prefix: /anthropic, provider: anthropic, upstreams: ["{u}"] }}
-limits:
-  default_max_tokens: 100
-tenants:
-  - {{ id: small, key_sha256: ["{h}"], limits: {{ tokens_per_minute: 1000 }} }}
-"#,
-            h = hash(key)
+        &config_with(
+            &mock,
+            &format!(
+                "  - {{ id: small, key_sha256: [\"{h}\"], limits: {{ tokens_per_minute: 1000 }} }}\n",
+                h = hash(key)
+            ),
         ),
         &[],
     );
