@@ -757,13 +757,7 @@ pub enum KeyConfig {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Timeouts {
-    pub connect: Duration,
-    pub first_byte: Duration,
-    pub idle: Duration,
-    pub total: Duration,
-}
+pub use crate::stall::Timeouts;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamUrl {

@@ -5,7 +5,7 @@
 use bytes::Bytes;
 use serde_json::json;
 
-use crate::config::ProviderKind;
+use crate::provider::ProviderKind;
 
 /// Which provider's error JSON to write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -24,7 +24,15 @@ use std::time::{Duration, Instant};
 
 use std::sync::{OnceLock, Weak};
 
-use crate::config::Timeouts;
+/// A route's upstream deadlines (`routes[].timeouts`): connect (with TLS), first byte,
+/// the longest gap between chunks, and the whole request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub first_byte: Duration,
+    pub idle: Duration,
+    pub total: Duration,
+}
 
 /// How often armed guards are checked.
 pub const TICK: Duration = Duration::from_millis(50);

@@ -24,7 +24,7 @@ pub mod strip;
 
 use std::time::{Duration, Instant};
 
-use crate::config::ProviderKind;
+use crate::provider::ProviderKind;
 use crate::sse::SseReader;
 
 /// Token counts as the provider reported them; `None` where it did not say.
