@@ -323,17 +323,7 @@ impl Limits {
     }
 }
 
-#[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawPrice {
-    /// USD per million input (prompt) tokens.
-    pub input: f64,
-    /// USD per million input tokens read from the provider's cache. Default: `input`.
-    #[serde(default)]
-    pub cached_input: Option<f64>,
-    /// USD per million output (completion, including reasoning) tokens.
-    pub output: f64,
-}
+pub use crate::cost::RawPrice;
 
 #[derive(Debug, Clone, Copy, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -580,14 +570,6 @@ pub struct RawHealthCheck {
     pub timeout: Option<String>,
 }
 
-/// Validated `routes[].health_check`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HealthCheck {
-    pub path: String,
-    pub interval: Duration,
-    pub timeout: Duration,
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawBreaker {
@@ -735,7 +717,7 @@ pub struct RouteConfig {
     pub balance: Balance,
     /// One per upstream (all 1 unless weighted).
     pub weights: Vec<u32>,
-    pub breaker: crate::health::BreakerConfig,
+    pub breaker: crate::breaker::BreakerConfig,
     pub max_attempts: Option<usize>,
     pub retry_on: Vec<u16>,
     pub retry_after_send: bool,
@@ -758,40 +740,7 @@ pub enum KeyConfig {
 }
 
 pub use crate::stall::Timeouts;
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UpstreamUrl {
-    pub tls: bool,
-    pub host: String,
-    pub port: u16,
-    /// Path prefix with no trailing slash ("" for none).
-    pub base_path: String,
-}
-
-impl UpstreamUrl {
-    /// The `Host` header value: the port is left out when it is the scheme's default.
-    pub fn host_header(&self) -> String {
-        let default = if self.tls { 443 } else { 80 };
-        let host = if self.host.contains(':') {
-            format!("[{}]", self.host)
-        } else {
-            self.host.clone()
-        };
-        if self.port == default {
-            host
-        } else {
-            format!("{host}:{}", self.port)
-        }
-    }
-
-    pub fn authority(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
-        }
-    }
-}
+pub use crate::upstream::{parse_upstream_url, HealthCheck, UpstreamUrl};
 
 #[derive(Debug, Clone)]
 pub struct TenantConfig {
@@ -1278,8 +1227,8 @@ fn validate_route(
         (None, _) => vec![1; r.upstreams.len()],
     };
     let breaker = match &r.breaker {
-        None => crate::health::BreakerConfig::default(),
-        Some(b) => crate::health::BreakerConfig {
+        None => crate::breaker::BreakerConfig::default(),
+        Some(b) => crate::breaker::BreakerConfig {
             failures: match b.failures {
                 Some(0) => return Err(err(format!("{at}.breaker.failures"), "must be at least 1")),
                 Some(n) => n,
@@ -1426,55 +1375,6 @@ fn normalize_prefix(p: &str) -> Option<String> {
         "/".to_string()
     } else {
         trimmed.to_string()
-    })
-}
-
-/// Parses `http(s)://host[:port][/path]`.
-pub fn parse_upstream_url(url: &str) -> Result<UpstreamUrl, String> {
-    let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
-        (true, r)
-    } else if let Some(r) = url.strip_prefix("http://") {
-        (false, r)
-    } else {
-        return Err(format!("`{url}` must start with http:// or https://"));
-    };
-    if rest.contains(['?', '#', '@']) {
-        return Err(format!(
-            "`{url}`: query, fragment and credentials are not allowed"
-        ));
-    }
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, ""),
-    };
-    let default_port = if tls { 443 } else { 80 };
-    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-        let (h, after) = v6
-            .split_once(']')
-            .ok_or_else(|| format!("`{url}`: unclosed `[`"))?;
-        let port = match after.strip_prefix(':') {
-            Some(p) => p.parse().map_err(|_| format!("`{url}`: bad port"))?,
-            None if after.is_empty() => default_port,
-            None => return Err(format!("`{url}`: bad authority")),
-        };
-        (h.to_string(), port)
-    } else {
-        match authority.rsplit_once(':') {
-            Some((h, p)) => (
-                h.to_string(),
-                p.parse::<u16>().map_err(|_| format!("`{url}`: bad port"))?,
-            ),
-            None => (authority.to_string(), default_port),
-        }
-    };
-    if host.is_empty() || port == 0 {
-        return Err(format!("`{url}`: needs a host and a port above 0"));
-    }
-    Ok(UpstreamUrl {
-        tls,
-        host,
-        port,
-        base_path: path.trim_end_matches('/').to_string(),
     })
 }
 

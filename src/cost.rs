@@ -3,7 +3,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::config::RawPrice;
+use serde::Deserialize;
+
 use crate::tap::Usage;
 
 /// USD per token.
@@ -54,6 +55,19 @@ impl Pricing {
                 + output as f64 * p.output,
         )
     }
+}
+
+/// One model's prices (`pricing.MODEL`), in US dollars per million tokens.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPrice {
+    /// USD per million input (prompt) tokens.
+    pub input: f64,
+    /// USD per million input tokens read from the provider's cache. Default: `input`.
+    #[serde(default)]
+    pub cached_input: Option<f64>,
+    /// USD per million output (completion, including reasoning) tokens.
+    pub output: f64,
 }
 
 #[cfg(test)]

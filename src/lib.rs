@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod breaker;
 pub mod config;
 pub mod conncap;
 pub mod cost;

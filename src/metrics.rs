@@ -417,8 +417,23 @@ impl Metrics {
         self.client_connections.set(n as i64);
     }
 
-    pub fn breaker_transition(&self, route: &str, target: &str, t: crate::health::Transition) {
-        use crate::health::Transition;
+    /// Logs and counts a breaker's state change.
+    pub fn breaker_report(&self, route: &str, target: &str, t: crate::breaker::Transition) {
+        use crate::breaker::Transition;
+        match t {
+            Transition::Opened => log::warn!("route `{route}`: {target} set aside (circuit open)"),
+            Transition::HalfOpened => {
+                log::info!("route `{route}`: {target} probed again (circuit half-open)")
+            }
+            Transition::Closed => {
+                log::info!("route `{route}`: {target} back in use (circuit closed)")
+            }
+        }
+        self.breaker_transition(route, target, t);
+    }
+
+    pub fn breaker_transition(&self, route: &str, target: &str, t: crate::breaker::Transition) {
+        use crate::breaker::Transition;
         self.breaker_transitions
             .with_label_values(&[route, target, t.label()])
             .inc();

@@ -27,12 +27,12 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::auth::{AuthFailure, TenantTable};
+use crate::breaker::Transition;
 use crate::config::Limits;
 use crate::cost::Pricing;
 use crate::error::{ErrorShape, RelayError};
 use crate::gate;
 use crate::gate::InputLimits;
-use crate::health::Transition;
 use crate::limits::{self, Admission, Limiter};
 use crate::metrics::{Finished, Metrics, StreamHandles};
 use crate::record::Row;
@@ -704,7 +704,7 @@ impl RelayProxy {
     }
 
     fn report_transition(&self, route: &Route, target: &str, t: Transition) {
-        crate::health::report(&self.metrics, &route.name, target, t);
+        self.metrics.breaker_report(&route.name, target, t);
     }
 
     /// The current attempt's upstream answered well or failed.
@@ -744,7 +744,7 @@ impl RelayProxy {
                 let hold = resp
                     .headers
                     .get(http::header::RETRY_AFTER)
-                    .and_then(|v| crate::health::retry_after(v.as_bytes()));
+                    .and_then(|v| crate::breaker::retry_after(v.as_bytes()));
                 self.judge_upstream(ctx, true);
                 self.judge_key(ctx, false, hold.or(Some(Duration::from_secs(1))));
             }

@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use crate::breaker::{Breaker, Pass, Transition};
 use crate::config::{Balance, KeyConfig, ProviderKind, RouteConfig, Timeouts, UpstreamUrl};
-use crate::health::{Breaker, Pass, Transition};
 use crate::secret::SecretState;
 use crate::upstream::Upstream;
 

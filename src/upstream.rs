@@ -21,7 +21,7 @@ use pingora_core::utils::tls::{parse_x509, WrappedX509};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 
-use crate::config::{Timeouts, UpstreamUrl};
+use crate::stall::Timeouts;
 
 /// How long an idle pooled upstream connection is kept.
 const POOL_IDLE: Duration = Duration::from_secs(90);
@@ -39,7 +39,7 @@ pub struct Upstream {
     /// Pool key part for the trust configuration; see [`Upstream::peer`].
     trust_group: u64,
     /// Set aside after repeated failures (connect errors, 5xx, timeouts).
-    pub breaker: crate::health::Breaker,
+    pub breaker: crate::breaker::Breaker,
     /// Attempts using it now (for `balance: least_in_flight`).
     pub in_flight: AtomicUsize,
 }
@@ -58,13 +58,13 @@ impl Upstream {
     /// An upstream whose host is an IP literal needs no resolution; a name starts
     /// unresolved until [`Upstream::resolve_now`] runs.
     pub fn new(url: UpstreamUrl, ca: Option<(Arc<[WrappedX509]>, u64)>) -> Upstream {
-        Upstream::with_breaker(url, ca, crate::health::BreakerConfig::default())
+        Upstream::with_breaker(url, ca, crate::breaker::BreakerConfig::default())
     }
 
     pub fn with_breaker(
         url: UpstreamUrl,
         ca: Option<(Arc<[WrappedX509]>, u64)>,
-        breaker: crate::health::BreakerConfig,
+        breaker: crate::breaker::BreakerConfig,
     ) -> Upstream {
         let (ca, trust_group) = match ca {
             Some((certs, group)) => (Some(certs), group),
@@ -80,7 +80,7 @@ impl Upstream {
             next_addr: AtomicUsize::new(0),
             ca,
             trust_group,
-            breaker: crate::health::Breaker::new(breaker),
+            breaker: crate::breaker::Breaker::new(breaker),
             in_flight: AtomicUsize::new(0),
         }
     }
@@ -257,10 +257,100 @@ impl BackgroundService for Resolver {
     }
 }
 
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// Path prefix with no trailing slash ("" for none).
+    pub base_path: String,
+}
+
+impl UpstreamUrl {
+    /// The `Host` header value: the port is left out when it is the scheme's default.
+    pub fn host_header(&self) -> String {
+        let default = if self.tls { 443 } else { 80 };
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        if self.port == default {
+            host
+        } else {
+            format!("{host}:{}", self.port)
+        }
+    }
+
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Parses `http(s)://host[:port][/path]`.
+pub fn parse_upstream_url(url: &str) -> Result<UpstreamUrl, String> {
+    let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
+        (true, r)
+    } else if let Some(r) = url.strip_prefix("http://") {
+        (false, r)
+    } else {
+        return Err(format!("`{url}` must start with http:// or https://"));
+    };
+    if rest.contains(['?', '#', '@']) {
+        return Err(format!(
+            "`{url}`: query, fragment and credentials are not allowed"
+        ));
+    }
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    let default_port = if tls { 443 } else { 80 };
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (h, after) = v6
+            .split_once(']')
+            .ok_or_else(|| format!("`{url}`: unclosed `[`"))?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => p.parse().map_err(|_| format!("`{url}`: bad port"))?,
+            None if after.is_empty() => default_port,
+            None => return Err(format!("`{url}`: bad authority")),
+        };
+        (h.to_string(), port)
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (
+                h.to_string(),
+                p.parse::<u16>().map_err(|_| format!("`{url}`: bad port"))?,
+            ),
+            None => (authority.to_string(), default_port),
+        }
+    };
+    if host.is_empty() || port == 0 {
+        return Err(format!("`{url}`: needs a host and a port above 0"));
+    }
+    Ok(UpstreamUrl {
+        tls,
+        host,
+        port,
+        base_path: path.trim_end_matches('/').to_string(),
+    })
+}
+
+/// Active health checks of a route's upstreams (`routes[].health_check`), validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::parse_upstream_url;
 
     fn timeouts() -> Timeouts {
         Timeouts {
