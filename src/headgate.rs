@@ -34,7 +34,7 @@ use pingora_core::server::ShutdownWatch;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::error::{ErrorShape, RelayError};
-use crate::proxy::{Recorder, RefusedHead};
+use crate::recorder::{Recorder, RefusedHead};
 use crate::route::RouteTable;
 
 /// Wraps the proxy application (see the module documentation).

@@ -22,6 +22,7 @@ pub mod policy;
 pub mod provider;
 pub mod proxy;
 pub mod record;
+pub mod recorder;
 pub mod reload;
 pub mod request_id;
 pub mod request_info;

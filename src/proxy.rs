@@ -16,11 +16,11 @@
 //!    the context's `Drop` instead, so that it too has its row.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use log::{info, warn};
+use log::warn;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_core::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
@@ -34,8 +34,8 @@ use crate::error::{ErrorShape, RelayError};
 use crate::gate;
 use crate::gate::InputLimits;
 use crate::limits::{self, Admission, Limiter};
-use crate::metrics::{Finished, Metrics, StreamHandles};
-use crate::record::Row;
+use crate::metrics::{Metrics, StreamHandles};
+use crate::recorder::{End, Facts, Recorder};
 use crate::request_id;
 use crate::request_info::{self, BodyCollector, BodyStep, RequestInfo, Rewrite};
 use crate::route::Pick;
@@ -135,7 +135,7 @@ impl Drop for RequestCtx {
             self.request_id = request_id::new_id();
         }
         recorder.record(
-            self,
+            &self.facts(),
             End {
                 status: self.client_status.unwrap_or(0),
                 outcome,
@@ -208,6 +208,28 @@ fn keep_bytes(kept: &mut Vec<u8>, chunk: &[u8], limit: usize) {
 }
 
 impl RequestCtx {
+    /// What the request learned, for its record.
+    fn facts(&self) -> Facts<'_> {
+        Facts {
+            request_id: &self.request_id,
+            client_request_id: self.client_request_id.as_deref(),
+            start: self.start,
+            started_at: self.started_at,
+            route: self.route.as_ref(),
+            tenant: self.tenant.as_deref(),
+            request_info: self.request_info.as_ref(),
+            tap: self.tap.as_ref(),
+            upstream_status: self.upstream_status,
+            ttfb: self.ttfb,
+            attempts: self.attempts,
+            request_bytes: self.request_bytes,
+            response_bytes: self.response_bytes,
+            captured_request: &self.captured_request,
+            captured_response: &self.captured_response,
+            encoded_answer: self.encoded_answer,
+        }
+    }
+
     /// The id the client reads back: its own when it sent a sane one, else the relay's.
     pub fn answer_id(&self) -> &str {
         self.client_request_id
@@ -407,197 +429,6 @@ pub fn outcome(ctx: &RequestCtx, e: Option<&Error>) -> &'static str {
     }
 }
 
-/// Ends each request in the metrics, the access log and its row.
-pub struct Recorder {
-    pub metrics: Arc<Metrics>,
-    pub pricing: Arc<Pricing>,
-    /// Hand-off of each request's row to the background writer.
-    pub rows: crate::rows::RowSender,
-    /// This relay's name in rows.
-    pub instance: Arc<str>,
-}
-
-/// What is known of a request refused before its head was whole.
-pub struct RefusedHead {
-    pub request_id: String,
-    pub client_request_id: Option<String>,
-    /// When its connection was accepted.
-    pub start: Instant,
-    pub started_at: SystemTime,
-    /// The route its path names, when the request line arrived.
-    pub route: Option<Arc<Route>>,
-    pub client_addr: Option<std::net::SocketAddr>,
-}
-
-/// How a request ended, as far as its record needs.
-struct End<'a> {
-    /// Of the response head the client got (0: none).
-    status: u16,
-    outcome: &'static str,
-    /// What went wrong, appended to the row's error kind.
-    detail: Option<&'a (dyn std::fmt::Display + Sync)>,
-    client_addr: Option<String>,
-    user_agent: Option<String>,
-}
-
-impl Recorder {
-    /// A request the relay refused before its head was whole (see [`crate::headgate`]):
-    /// its metrics, access line and row.
-    pub fn refused_head(&self, refusal: RelayError, head: RefusedHead) {
-        let mut ctx = RequestCtx::new(head.start);
-        ctx.started_at = head.started_at;
-        ctx.request_id = head.request_id;
-        ctx.client_request_id = head.client_request_id;
-        ctx.route = head.route;
-        let status = refusal.status();
-        ctx.refusal = Some(refusal);
-        let end = End {
-            status,
-            outcome: outcome(&ctx, None),
-            detail: None,
-            client_addr: head.client_addr.map(|a| a.to_string()),
-            user_agent: None,
-        };
-        self.record(&ctx, end);
-    }
-
-    /// Metrics, access line and row of a request; returns its usage (for settlement).
-    fn record(&self, ctx: &RequestCtx, end: End<'_>) -> crate::tap::Usage {
-        let outcome = end.outcome;
-        let route = ctx.route.as_ref().map(|r| r.name.as_str()).unwrap_or("-");
-        let measure = ctx.tap.as_ref().map(|t| &t.measure);
-        let usage = measure.map(|m| m.usage).unwrap_or_default();
-        let requested = ctx.request_info.as_ref().and_then(|i| i.model.as_deref());
-        let answered = measure.and_then(|m| m.model.as_deref());
-        let (model, model_label) = accounted_model(&self.pricing, requested, answered);
-        let cost = model.and_then(|m| self.pricing.cost(m, &usage));
-        let audio = ctx.tap.as_ref().is_some_and(|t| t.kind() == TapKind::Audio);
-        let first_output = measure.and_then(|m| m.first_output);
-        let stream_error = measure.and_then(|m| m.stream_error.as_deref());
-        let error = if outcome != "ok" {
-            Some(outcome)
-        } else if ctx.upstream_status.is_some_and(|s| s >= 500) {
-            Some("upstream_5xx")
-        } else if ctx.upstream_status.is_some_and(|s| s >= 400) {
-            Some("upstream_4xx")
-        } else if stream_error.is_some() {
-            Some("stream_error")
-        } else {
-            None
-        };
-        let tenant = ctx.tenant.as_deref().unwrap_or("-");
-        let usage_unknown = usage_unknown(ctx, &usage);
-        self.metrics.request_done(&Finished {
-            usage_unknown,
-            route,
-            status: end.status,
-            outcome,
-            model: model_label,
-            tenant,
-            duration: ctx.start.elapsed(),
-            ttfb: ctx.ttfb,
-            first_output,
-            audio,
-            usage,
-            cost,
-            response_bytes: ctx.response_bytes,
-            error,
-        });
-        let ms = |d: Option<Duration>| d.map_or(-1.0, |d| d.as_secs_f64() * 1000.0);
-        let n = |v: Option<u64>| v.map_or(-1, |v| v as i64);
-        info!(
-            target: "access",
-            "{} client_id={} tenant={} route={} model={} status={} outcome={} upstream_status={} attempts={} ttfb_ms={:.1} ttft_ms={:.1} duration_ms={:.1} tokens_in={} tokens_out={} tokens_cached={} tokens_reasoning={} cost_usd={} finish={} bytes={}",
-            ctx.request_id,
-            ctx.client_request_id.as_deref().unwrap_or("-"),
-            tenant,
-            route,
-            model.unwrap_or("-"),
-            end.status,
-            outcome,
-            ctx.upstream_status.unwrap_or(0),
-            ctx.attempts,
-            ms(ctx.ttfb),
-            ms(first_output),
-            ctx.start.elapsed().as_secs_f64() * 1000.0,
-            n(usage.input),
-            n(usage.output),
-            n(usage.cached_input),
-            n(usage.reasoning),
-            cost.map_or("unknown".to_string(), |c| format!("{c:.8}")),
-            measure.and_then(|m| m.finish_reason.as_deref()).unwrap_or("-"),
-            ctx.response_bytes,
-        );
-        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-        let route_ref = ctx.route.as_ref();
-        self.rows.send(Row {
-            request_id: ctx.request_id.clone(),
-            client_request_id: ctx.client_request_id.clone(),
-            time_ms: ctx
-                .started_at
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
-            instance: self.instance.to_string(),
-            tenant: ctx.tenant.as_deref().map(str::to_string),
-            route: route_ref.map(|r| r.name.clone()),
-            provider: route_ref.map(|r| r.provider.as_str().into()),
-            model: model.map(str::to_string),
-            stream: ctx.request_info.as_ref().is_some_and(|i| i.stream),
-            status: end.status,
-            upstream_status: ctx.upstream_status,
-            outcome: outcome.into(),
-            error: error.map(|kind| match end.detail {
-                Some(detail) => format!("{kind}: {detail}"),
-                None => kind.to_string(),
-            }),
-            attempts: ctx.attempts as u32,
-            ttfb_ms: ctx.ttfb.map(ms),
-            ttft_ms: first_output.filter(|_| !audio).map(ms),
-            ttfa_ms: first_output.filter(|_| audio).map(ms),
-            max_gap_ms: measure.and_then(|m| m.max_gap).map(ms),
-            duration_ms: ms(ctx.start.elapsed()),
-            tokens_in: usage.input,
-            tokens_out: usage.output,
-            tokens_cached: usage.cached_input,
-            tokens_reasoning: usage.reasoning,
-            cost_usd: cost,
-            request_bytes: ctx.request_bytes,
-            response_bytes: ctx.response_bytes,
-            finish_reason: measure.and_then(|m| m.finish_reason.clone()),
-            usage_unknown,
-            client_addr: end.client_addr,
-            user_agent: end.user_agent,
-            request_body: route_ref
-                .filter(|r| r.capture.request > 0)
-                .map(|_| String::from_utf8_lossy(&ctx.captured_request).into_owned()),
-            response_body: route_ref
-                .filter(|r| r.capture.response > 0)
-                .map(|_| String::from_utf8_lossy(&ctx.captured_response).into_owned()),
-        });
-        usage
-    }
-}
-
-/// A model request the provider answered (2xx) without a usage the relay could read:
-/// a text answer (SSE or JSON, or one compressed against the relay's request) for a body
-/// that named a model, with neither token count known, or with one missing after the
-/// tap had to skip an event too large to read (it may have held the count).
-fn usage_unknown(ctx: &RequestCtx, usage: &crate::tap::Usage) -> bool {
-    let answered = ctx.upstream_status.is_some_and(|s| (200..300).contains(&s));
-    let model_request = ctx.request_info.as_ref().is_some_and(|i| i.model.is_some());
-    let text = ctx.encoded_answer
-        || ctx.tap.as_ref().is_some_and(|t| {
-            matches!(
-                t.kind(),
-                TapKind::OpenAiSse | TapKind::AnthropicSse | TapKind::Json
-            )
-        });
-    let skipped = ctx.tap.as_ref().is_some_and(|t| t.measure.usage_unreadable);
-    let missing = (usage.input.is_none() && usage.output.is_none())
-        || (skipped && (usage.input.is_none() || usage.output.is_none()));
-    answered && model_request && text && missing
-}
-
 pub struct RelayProxy {
     pub routes: Arc<RouteTable>,
     /// What a client may send (head size, read timeouts).
@@ -616,21 +447,6 @@ pub struct RelayProxy {
 /// The response header a non-streaming answer carries: the relay's own time, in
 /// milliseconds (routing, authentication and header handling; not the upstream's).
 pub const OVERHEAD_HEADER: &str = "x-relay-overhead-ms";
-
-/// The model a request is accounted to: the one the client asked for when it has a
-/// price, else the one the provider says answered.
-pub fn accounted_model<'a>(
-    pricing: &'a Pricing,
-    requested: Option<&'a str>,
-    answered: Option<&'a str>,
-) -> (Option<&'a str>, &'a str) {
-    for m in [requested, answered].into_iter().flatten() {
-        if let Some(known) = pricing.known(m) {
-            return (Some(m), known);
-        }
-    }
-    (requested.or(answered), "other")
-}
 
 /// Reads a body announced as `len` bytes (at most [`request_info::EARLY_READ_MAX`]) into
 /// Pingora's retry buffer, from which Pingora sends it upstream.
@@ -1430,7 +1246,7 @@ impl ProxyHttp for RelayProxy {
         };
         let outcome = end.outcome;
         let usage = match ctx.recorder.take() {
-            Some(recorder) => recorder.record(ctx, end),
+            Some(recorder) => recorder.record(&ctx.facts(), end),
             None => Default::default(),
         };
         // The open-stream gauge is released here, whatever ended the request.

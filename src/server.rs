@@ -116,7 +116,7 @@ pub fn build(
     let cap_metrics = metrics.clone();
     let health_metrics = metrics.clone();
     let pricing = Arc::new(config.pricing.clone());
-    let recorder = Arc::new(crate::proxy::Recorder {
+    let recorder = Arc::new(crate::recorder::Recorder {
         metrics: metrics.clone(),
         pricing: pricing.clone(),
         rows: row_sender,

@@ -87,6 +87,20 @@ rows:
         .spawn()
         .expect("start prometheus");
     let _prom = Proc::wrap(prom, "-TERM");
+    // Prometheus may take a while to listen on a busy machine: wait for it to say it is
+    // ready (bounded), and show its log if it never does.
+    let prom_addr: std::net::SocketAddr = format!("127.0.0.1:{prom_port}").parse().unwrap();
+    let ready_by = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(prom_addr).is_err()
+        || request(prom_addr, "GET", "/-/ready", &[], b"").status != 200
+    {
+        assert!(
+            Instant::now() < ready_by,
+            "prometheus never became ready:\n{}",
+            std::fs::read_to_string(dir.join("prometheus.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     // Mixed traffic for a while: streams, JSON, audio, an upstream error, a dead route.
     let stop = Arc::new(AtomicBool::new(false));
@@ -169,7 +183,6 @@ rows:
     let sqls = targets("rawSql");
     assert!(sqls.len() >= 3);
 
-    let prom_addr: std::net::SocketAddr = format!("127.0.0.1:{prom_port}").parse().unwrap();
     let query = |expr: &str| -> serde_json::Value {
         let r = request(
             prom_addr,
