@@ -12,13 +12,11 @@ use pingora_http::RequestHeader;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::config::TenantConfig;
-
 #[derive(Debug)]
 pub struct Tenant {
     pub id: Arc<str>,
     routes: Option<std::collections::HashSet<String>>,
-    pub limits: crate::config::Limits,
+    pub limits: crate::limits::Limits,
 }
 
 impl Tenant {
@@ -109,6 +107,16 @@ pub fn hash_key_hex(key: &str) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+/// A validated tenant (`tenants[]`).
+#[derive(Debug, Clone)]
+pub struct TenantConfig {
+    pub id: String,
+    pub key_hashes: Vec<[u8; 32]>,
+    /// None means every route.
+    pub routes: Option<std::collections::HashSet<String>>,
+    pub limits: crate::limits::Limits,
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! for example `routes[2].upstreams[0]: ...`.
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -225,15 +225,7 @@ pub struct RawRedis {
     pub slot_ttl: Option<String>,
 }
 
-/// Validated Redis settings.
-#[derive(Debug, Clone)]
-pub struct RedisConfig {
-    pub url: crate::secret::Secret,
-    pub timeout: Duration,
-    pub refuse_when_down: bool,
-    pub key_prefix: String,
-    pub slot_ttl: Duration,
-}
+pub use crate::limits::redis::RedisConfig;
 
 fn validate_redis(
     r: &RawRedis,
@@ -288,39 +280,23 @@ pub struct RawLimitsSection {
     pub default_max_tokens: Option<u64>,
 }
 
-/// Per-tenant limits; each is optional (absent: no limit).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Limits {
-    pub requests_per_second: Option<u64>,
-    pub requests_per_minute: Option<u64>,
-    /// Input plus output tokens per minute.
-    pub tokens_per_minute: Option<u64>,
-    /// Requests in flight at once (streams included).
-    pub concurrent_requests: Option<u64>,
-}
+pub use crate::limits::Limits;
 
-impl Limits {
-    pub fn is_empty(&self) -> bool {
-        *self == Limits::default()
-    }
-
-    fn validate(&self, at: &str) -> Result<(), ConfigError> {
-        for (name, v) in [
-            ("requests_per_second", self.requests_per_second),
-            ("requests_per_minute", self.requests_per_minute),
-            ("tokens_per_minute", self.tokens_per_minute),
-            ("concurrent_requests", self.concurrent_requests),
-        ] {
-            if v == Some(0) {
-                return Err(err(
-                    format!("{at}.{name}"),
-                    "must be at least 1 (leave it out for no limit)",
-                ));
-            }
+fn validate_limits(l: &Limits, at: &str) -> Result<(), ConfigError> {
+    for (name, v) in [
+        ("requests_per_second", l.requests_per_second),
+        ("requests_per_minute", l.requests_per_minute),
+        ("tokens_per_minute", l.tokens_per_minute),
+        ("concurrent_requests", l.concurrent_requests),
+    ] {
+        if v == Some(0) {
+            return Err(err(
+                format!("{at}.{name}"),
+                "must be at least 1 (leave it out for no limit)",
+            ));
         }
-        Ok(())
     }
+    Ok(())
 }
 
 pub use crate::cost::RawPrice;
@@ -579,15 +555,6 @@ pub struct RawBreaker {
     pub open_for: Option<String>,
 }
 
-/// How a route picks its upstream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Balance {
-    #[default]
-    RoundRobin,
-    LeastInFlight,
-    Weighted,
-}
-
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawCapture {
@@ -600,13 +567,6 @@ pub struct RawCapture {
 pub enum CaptureSize {
     Bytes(usize),
     Word(String),
-}
-
-/// Bytes of a body kept in its row: 0 is off, `usize::MAX` the whole body.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Capture {
-    pub request: usize,
-    pub response: usize,
 }
 
 fn capture_size(at: &str, c: &Option<CaptureSize>) -> Result<usize, ConfigError> {
@@ -702,54 +662,11 @@ pub struct Config {
     pub instance: String,
 }
 
-#[derive(Debug, Clone)]
-pub struct RouteConfig {
-    pub name: String,
-    pub prefix: String,
-    pub provider: ProviderKind,
-    pub upstreams: Vec<UpstreamUrl>,
-    pub key: KeyConfig,
-    pub ca_pem: Option<PathBuf>,
-    pub timeouts: Timeouts,
-    pub ensure_usage: bool,
-    pub capture: Capture,
-    pub max_body_bytes: usize,
-    pub balance: Balance,
-    /// One per upstream (all 1 unless weighted).
-    pub weights: Vec<u32>,
-    pub breaker: crate::breaker::BreakerConfig,
-    pub max_attempts: Option<usize>,
-    pub retry_on: Vec<u16>,
-    pub retry_after_send: bool,
-    pub health_check: Option<HealthCheck>,
-    pub policy: crate::policy::RoutePolicy,
-}
-
-#[derive(Debug, Clone)]
-pub enum KeyConfig {
-    /// The upstream needs no key (the mock, a private vLLM).
-    None,
-    Injected {
-        header: String,
-        /// Value template split around `{key}`.
-        prefix: String,
-        suffix: String,
-        /// One or more keys (`keys` is a pool), in order.
-        states: Vec<SecretState>,
-    },
-}
-
+pub use crate::route::{Balance, Capture, KeyConfig, RouteConfig};
 pub use crate::stall::Timeouts;
 pub use crate::upstream::{parse_upstream_url, HealthCheck, UpstreamUrl};
 
-#[derive(Debug, Clone)]
-pub struct TenantConfig {
-    pub id: String,
-    pub key_hashes: Vec<[u8; 32]>,
-    /// None means every route.
-    pub routes: Option<HashSet<String>>,
-    pub limits: Limits,
-}
+pub use crate::auth::TenantConfig;
 
 /// A configuration error that names the offending key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -913,7 +830,7 @@ impl RawConfig {
                 Some(t.routes.iter().cloned().collect())
             };
             if let Some(l) = &t.limits {
-                l.validate(&format!("{at}.limits"))?;
+                validate_limits(l, &format!("{at}.limits"))?;
             }
             tenants.push(TenantConfig {
                 id: t.id,
@@ -946,7 +863,7 @@ impl RawConfig {
                 ),
             ));
         }
-        self.limits.default.validate("limits.default")?;
+        validate_limits(&self.limits.default, "limits.default")?;
         if self.limits.default_max_tokens == Some(0) {
             return Err(err("limits.default_max_tokens", "must be at least 1"));
         }

@@ -28,11 +28,11 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::auth::{AuthFailure, TenantTable};
 use crate::breaker::Transition;
-use crate::config::Limits;
 use crate::cost::Pricing;
 use crate::error::{ErrorShape, RelayError};
 use crate::gate;
 use crate::gate::InputLimits;
+use crate::limits::Limits;
 use crate::limits::{self, Admission, Limiter};
 use crate::metrics::{Metrics, StreamHandles};
 use crate::recorder::{End, Facts, Recorder};
@@ -365,7 +365,7 @@ const TENANT_CREDENTIAL_HEADERS: [&str; 3] = ["authorization", "x-api-key", "api
 pub fn prepare_upstream_request(
     req: &mut RequestHeader,
     route: &Route,
-    upstream: &crate::config::UpstreamUrl,
+    upstream: &crate::upstream::UpstreamUrl,
     key: Option<usize>,
     request_id: &str,
 ) -> Result<()> {

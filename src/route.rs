@@ -6,9 +6,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::breaker::{Breaker, Pass, Transition};
-use crate::config::{Balance, KeyConfig, ProviderKind, RouteConfig, Timeouts, UpstreamUrl};
+use crate::provider::ProviderKind;
 use crate::secret::SecretState;
+use crate::stall::Timeouts;
 use crate::upstream::Upstream;
+use crate::upstream::UpstreamUrl;
 
 /// Upper bound on connection attempts per request when names resolve to many addresses.
 pub const MAX_ATTEMPTS: usize = 4;
@@ -25,7 +27,7 @@ pub struct Route {
     /// Ask OpenAI-style upstreams for usage the client did not ask for (see config).
     pub ensure_usage: bool,
     /// Body bytes kept in the request's row.
-    pub capture: crate::config::Capture,
+    pub capture: Capture,
     /// Largest request body accepted.
     pub max_body_bytes: usize,
     pub balance: Balance,
@@ -37,7 +39,7 @@ pub struct Route {
     pub retry_on: Vec<u16>,
     pub retry_after_send: bool,
     /// Active health checks of the upstreams, if any.
-    pub health_check: Option<crate::config::HealthCheck>,
+    pub health_check: Option<crate::upstream::HealthCheck>,
     /// What the route serves and which headers it sets (see [`crate::policy`]).
     pub policy: crate::policy::RoutePolicy,
     /// Round-robin cursors: each pick starts one upstream (key) further.
@@ -446,6 +448,60 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
         Some(rest) => rest.is_empty() || rest.starts_with('/'),
         None => false,
     }
+}
+
+/// A validated route (`routes[]`), from which [`Route`] is built.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub name: String,
+    pub prefix: String,
+    pub provider: ProviderKind,
+    pub upstreams: Vec<UpstreamUrl>,
+    pub key: KeyConfig,
+    pub ca_pem: Option<std::path::PathBuf>,
+    pub timeouts: Timeouts,
+    pub ensure_usage: bool,
+    pub capture: Capture,
+    pub max_body_bytes: usize,
+    pub balance: Balance,
+    /// One per upstream (all 1 unless weighted).
+    pub weights: Vec<u32>,
+    pub breaker: crate::breaker::BreakerConfig,
+    pub max_attempts: Option<usize>,
+    pub retry_on: Vec<u16>,
+    pub retry_after_send: bool,
+    pub health_check: Option<crate::upstream::HealthCheck>,
+    pub policy: crate::policy::RoutePolicy,
+}
+
+#[derive(Debug, Clone)]
+pub enum KeyConfig {
+    /// The upstream needs no key (the mock, a private vLLM).
+    None,
+    Injected {
+        header: String,
+        /// Value template split around `{key}`.
+        prefix: String,
+        suffix: String,
+        /// One or more keys (`keys` is a pool), in order.
+        states: Vec<SecretState>,
+    },
+}
+
+/// How a route picks its upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Balance {
+    #[default]
+    RoundRobin,
+    LeastInFlight,
+    Weighted,
+}
+
+/// Bytes of a body kept in its row: 0 is off, `usize::MAX` the whole body.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Capture {
+    pub request: usize,
+    pub response: usize,
 }
 
 #[cfg(test)]

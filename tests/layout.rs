@@ -1,5 +1,5 @@
 //! The modules of `src/` import one way: no module reaches itself through `crate::`
-//! paths. A module is a file, or a folder counted as one (`src/tap/openai.rs` is `tap`);
+//! paths, and only the wiring reads `config`. A module is a file, or a folder counted as one (`src/tap/openai.rs` is `tap`);
 //! `main.rs`, `lib.rs` and `src/bin` wire everything by design and are left out, and so is
 //! test code (from `#[cfg(test)] mod tests` on).
 
@@ -107,6 +107,24 @@ fn modules_import_one_way() {
         .map(|c| format!("{} -> {}", c.join(" -> "), c[0]))
         .collect();
     assert!(cycles.is_empty(), "import cycles:\n{}", cycles.join("\n"));
+}
+
+/// `config` is the top of the house: only the wiring reads it; every other module owns
+/// its settings type, which `config` builds.
+#[test]
+fn only_the_wiring_imports_config() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let wiring = ["server", "reload"];
+    let graph = module_graph(&src);
+    let readers: Vec<&String> = graph
+        .iter()
+        .filter(|(m, deps)| deps.contains("config") && !wiring.contains(&m.as_str()))
+        .map(|(m, _)| m)
+        .collect();
+    assert!(
+        readers.is_empty(),
+        "modules below the wiring import config: {readers:?}"
+    );
 }
 
 #[test]

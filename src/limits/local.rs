@@ -10,8 +10,8 @@ use pingora_limits::rate::{Rate, RateComponents};
 
 use async_trait::async_trait;
 
+use super::Limits;
 use super::{Admission, Budget, LimitKind, Limiter, Refused};
-use crate::config::Limits;
 
 pub struct LocalLimiter {
     per_second: Rate,

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use pingora_limits::inflight::Guard;
 
-use crate::config::Limits;
+use serde::Deserialize;
 
 /// Which limit refused a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -191,6 +191,24 @@ pub trait Limiter: Send + Sync {
         admission: Admission,
         actual: Option<u64>,
     );
+}
+
+/// Per-tenant limits; each is optional (absent: no limit).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub requests_per_second: Option<u64>,
+    pub requests_per_minute: Option<u64>,
+    /// Input plus output tokens per minute.
+    pub tokens_per_minute: Option<u64>,
+    /// Requests in flight at once (streams included).
+    pub concurrent_requests: Option<u64>,
+}
+
+impl Limits {
+    pub fn is_empty(&self) -> bool {
+        *self == Limits::default()
+    }
 }
 
 #[cfg(test)]

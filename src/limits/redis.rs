@@ -16,8 +16,8 @@ use redis::Script;
 use tokio::sync::OnceCell;
 
 use super::local::LocalLimiter;
+use super::Limits;
 use super::{Admission, Budget, LimitKind, Limiter, Refused, SharedHold};
-use crate::config::{Limits, RedisConfig};
 use crate::metrics::Metrics;
 
 /// Script version: a change of the script's keys or meaning bumps it, so relays of two
@@ -373,4 +373,13 @@ impl Limiter for RedisLimiter {
             self.failed("settle", &e);
         }
     }
+}
+/// Validated Redis settings (`redis`).
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    pub url: crate::secret::Secret,
+    pub timeout: Duration,
+    pub refuse_when_down: bool,
+    pub key_prefix: String,
+    pub slot_ttl: Duration,
 }
