@@ -136,15 +136,15 @@ impl Endpoint {
         self.anchored
     }
 
-    fn matches(&self, path: &[&str]) -> bool {
-        let n = self.segments.len();
-        if path.len() < n || (self.anchored && path.len() != n) {
-            return false;
-        }
-        self.segments
+    /// Compares segments from the end of `path`, without splitting it into a list.
+    fn matches(&self, path: &str) -> bool {
+        let mut parts = path.trim_start_matches('/').rsplit('/');
+        let tail_matches = self
+            .segments
             .iter()
-            .zip(&path[path.len() - n..])
-            .all(|(p, s)| p == "*" || p == s)
+            .rev()
+            .all(|p| parts.next().is_some_and(|s| p == "*" || p == s));
+        tail_matches && (!self.anchored || parts.next().is_none())
     }
 }
 
@@ -200,10 +200,9 @@ impl Endpoints {
 
     /// Checks `method` on `path`, the path the provider would see.
     pub fn check(&self, method: &Method, path: &str) -> Allowed {
-        let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         let mut path_served = false;
         for e in &self.0 {
-            if e.matches(&segments) {
+            if e.matches(path) {
                 if e.method == *method {
                     return Allowed::Yes;
                 }
@@ -219,10 +218,9 @@ impl Endpoints {
 
     /// `Allow` header value for a path served with other methods.
     pub fn methods_for(&self, path: &str) -> String {
-        let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         let mut out: Vec<&str> = Vec::new();
         for e in &self.0 {
-            if e.matches(&segments) && !out.contains(&e.method.as_str()) {
+            if e.matches(path) && !out.contains(&e.method.as_str()) {
                 out.push(e.method.as_str());
             }
         }
@@ -319,9 +317,10 @@ pub fn stores(method: &Method, path: &str) -> bool {
 }
 
 /// Request headers that never go upstream: the tenant's own cookies, the client's address
-/// as other proxies write it, and the provider account selectors (a route sets those
-/// itself, in `upstream_headers`).
-const REQUEST_DROP: [&str; 9] = [
+/// as other proxies write it (and every `x-forwarded-*`), the provider account selectors
+/// (a route sets those itself, in `upstream_headers`), and method overrides, which some
+/// servers obey in place of the method the endpoint list allowed.
+const REQUEST_DROP: [&str; 10] = [
     "cookie",
     "forwarded",
     "x-real-ip",
@@ -329,8 +328,9 @@ const REQUEST_DROP: [&str; 9] = [
     "openai-organization",
     "openai-project",
     "anthropic-organization-id",
-    "x-forwarded-for",
-    "x-forwarded-host",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
 ];
 
 /// Removes what a tenant may not send upstream (see [`REQUEST_DROP`]; every
@@ -490,6 +490,8 @@ mod tests {
         ] {
             req.insert_header(h, "tenant").unwrap();
         }
+        req.insert_header("x-http-method-override", "DELETE")
+            .unwrap();
         req.insert_header("openai-beta", "assistants=v2").unwrap();
         let route = [(
             http::HeaderName::from_static("openai-organization"),
