@@ -33,6 +33,7 @@ use pingora_core::protocols::{GetSocketDigest, Stream};
 use pingora_core::server::ShutdownWatch;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::answer::LocalAnswer;
 use crate::error::{ErrorShape, RelayError};
 use crate::recorder::{Recorder, RefusedHead};
 use crate::route::RouteTable;
@@ -235,8 +236,7 @@ impl<A> HeadGate<A> {
         let request_id = crate::request_id::new_id();
         // The client reads back the id it sent; the row is under the relay's own.
         let answer_id = client_id.clone().unwrap_or_else(|| request_id.clone());
-        let body = error.body(shape);
-        let status = error.status();
+        let answer = LocalAnswer::from(error);
         let client_addr = stream
             .get_socket_digest()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied());
@@ -245,7 +245,7 @@ impl<A> HeadGate<A> {
         {
             let _open = self.recorder.rows.open_request();
             self.recorder.refused_head(
-                error,
+                &answer.error,
                 RefusedHead {
                     request_id,
                     client_request_id: client_id,
@@ -256,17 +256,7 @@ impl<A> HeadGate<A> {
                 },
             );
         }
-        let reason = http::StatusCode::from_u16(status)
-            .ok()
-            .and_then(|s| s.canonical_reason())
-            .unwrap_or("");
-        let mut out = format!(
-            "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n{}: {answer_id}\r\n\r\n",
-            body.len(),
-            crate::request_id::HEADER
-        )
-        .into_bytes();
-        out.extend_from_slice(&body);
+        let out = answer.http1(shape, &answer_id);
         // Bounded: a client that neither reads its answer nor stops sending does not hold
         // the task. Closing with its bytes unread would reset the connection, and the
         // client could miss the answer: the write side is shut first and what it still

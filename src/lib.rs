@@ -5,6 +5,7 @@
 //! `error` shapes every answer the relay writes itself, `metrics` observes the end.
 
 pub mod admin;
+pub mod answer;
 pub mod auth;
 pub mod breaker;
 pub mod config;

@@ -1,0 +1,319 @@
+//! Admission stage (`request_filter`): route, authenticate and authorize the request
+//! ([`admit`], pure), check its head and read a small body, then hold the tenant to its
+//! limits (the pingora-limits or Redis estimate). Anything refused here is answered by
+//! the relay itself.
+
+use std::sync::Arc;
+
+use pingora_core::Result;
+use pingora_http::RequestHeader;
+use pingora_proxy::Session;
+
+use super::body;
+use super::ctx::{Admitted, RequestCtx};
+use super::RelayProxy;
+use crate::answer::LocalAnswer;
+use crate::auth::{AuthFailure, TenantTable};
+use crate::error::{ErrorShape, RelayError};
+use crate::gate;
+use crate::limits::{self, Limits};
+use crate::request_info;
+use crate::route::{Route, RouteKey, RouteTable};
+
+/// What [`admit`] let through.
+pub struct Allowed {
+    pub route: Arc<Route>,
+    pub tenant: Arc<str>,
+    pub limits: Limits,
+}
+
+/// A request the relay answers itself, with what was learned before refusing it.
+pub struct Refusal {
+    pub error: RelayError,
+    pub shape: ErrorShape,
+    pub route: Option<Arc<Route>>,
+    pub tenant: Option<Arc<str>>,
+}
+
+/// Route, authenticate and authorize a request. Pure: the whole routing decision of
+/// `request_filter`, tested without a runtime.
+pub fn admit(
+    routes: &RouteTable,
+    tenants: &TenantTable,
+    req: &RequestHeader,
+) -> std::result::Result<Allowed, Refusal> {
+    let path = req.uri.path();
+    let unrouted = |error| Refusal {
+        error,
+        shape: ErrorShape::guess(req.headers.contains_key("anthropic-version")),
+        route: None,
+        tenant: None,
+    };
+    // What is checked here is what is routed and sent upstream.
+    if let Err(why) = crate::policy::check_path(path) {
+        return Err(unrouted(RelayError::BadPath(why)));
+    }
+    let Some(route) = routes.find(path) else {
+        return Err(unrouted(RelayError::NoRoute));
+    };
+    let refuse = |error, tenant: Option<&Arc<str>>| Refusal {
+        error,
+        shape: ErrorShape::for_provider(route.provider),
+        route: Some(route.clone()),
+        tenant: tenant.cloned(),
+    };
+    let tenant = match tenants.authenticate(req) {
+        Ok(t) => t,
+        Err(AuthFailure::Missing) => return Err(refuse(RelayError::MissingKey, None)),
+        Err(AuthFailure::Invalid) => return Err(refuse(RelayError::InvalidKey, None)),
+    };
+    if let Err(e) = authorize(route, req, |r| tenant.may_use(r)) {
+        return Err(refuse(e, Some(&tenant.id)));
+    }
+    Ok(Allowed {
+        route: route.clone(),
+        tenant: tenant.id.clone(),
+        limits: tenant.limits,
+    })
+}
+
+/// What an authenticated tenant may not do on `route`, in the order it is checked.
+fn authorize(
+    route: &Route,
+    req: &RequestHeader,
+    may_use: impl Fn(&str) -> bool,
+) -> std::result::Result<(), RelayError> {
+    if !may_use(&route.name) {
+        let route = route.name.clone();
+        return Err(RelayError::RouteForbidden { route });
+    }
+    if let RouteKey::Missing { .. } = route.key {
+        let route = route.name.clone();
+        return Err(RelayError::ProviderKeyMissing { route });
+    }
+    if !gate::known_method(&req.method) {
+        return Err(RelayError::MethodNotAllowed);
+    }
+    if crate::policy::is_upgrade(req) {
+        return Err(RelayError::UpgradeRefused);
+    }
+    route.check_endpoint(&req.method, req.uri.path())
+}
+
+impl RelayProxy {
+    /// Writes the relay's own answer as the request's whole response; the request
+    /// filter is done with it.
+    pub(super) async fn answer(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        a: LocalAnswer,
+    ) -> Result<bool> {
+        let written = a.write(session, ctx.shape, ctx.answer_id()).await;
+        ctx.refusal = Some(a.error);
+        written.map(|()| true)
+    }
+
+    /// The checks an admitted request passes before an upstream is chosen: its head and
+    /// announced length, its body when it is small and has a length (read whole now),
+    /// and the tenant's limits. `Ok(Err)`: the answer that refuses it.
+    pub(super) async fn check_admitted(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<std::result::Result<(), LocalAnswer>> {
+        let a = super::ctx::admitted(&mut ctx.admitted)?;
+        let req = session.req_header();
+        let announced = request_info::content_length(req);
+        if let Err(e) = gate::check_head(req, &self.input)
+            .and_then(|()| gate::check_length(announced, a.route.max_body_bytes))
+        {
+            return Ok(Err(e.into()));
+        }
+        a.json_required = gate::wants_json(req);
+        let mut body_bytes = announced.unwrap_or(0);
+        if let Some(len) = request_info::early_read_len(req) {
+            let rw = body::rewrite_for(
+                &a.route,
+                &req.method,
+                &a.route.provider_path(req.uri.path()),
+            );
+            let read = body::read_small(session, len);
+            let Ok(whole) = tokio::time::timeout(self.input.body_read_timeout, read).await else {
+                return Ok(Err(RelayError::BodyTimeout.into()));
+            };
+            let whole = whole?;
+            body_bytes = whole.len();
+            match a.body.read_whole(&whole, rw, a.json_required) {
+                Ok(ended) => {
+                    a.answer.strip_usage = ended
+                        .usage_added
+                        .then(crate::tap::strip::UsageStripper::default);
+                }
+                Err(e) => return Ok(Err(e.into())),
+            }
+        }
+        if a.limits.is_empty() {
+            return Ok(Ok(()));
+        }
+        Ok(self.within_limits(a, &ctx.request_id, body_bytes).await)
+    }
+
+    /// Reserves the request's share of the tenant's limits, or the answer that refuses
+    /// it (429 with the limit headers and Retry-After; 400 when no wait would admit it).
+    async fn within_limits(
+        &self,
+        a: &mut Admitted,
+        request_id: &str,
+        body_bytes: usize,
+    ) -> std::result::Result<(), LocalAnswer> {
+        let max_tokens = a.body.info.as_ref().and_then(|i| i.max_tokens);
+        let estimate = limits::estimate_tokens(max_tokens, self.default_max_tokens, body_bytes);
+        let refused = match self
+            .limiter
+            .admit(&a.tenant, request_id, &a.limits, estimate)
+            .await
+        {
+            Ok(admission) => {
+                a.admission = Some(admission);
+                return Ok(());
+            }
+            Err(refused) => refused,
+        };
+        if refused.kind == limits::LimitKind::ExceedsLimit {
+            // No wait would admit it: a 400 without Retry-After, nothing counted.
+            let limit = a.limits.tokens_per_minute.unwrap_or_default();
+            return Err(RelayError::TokensExceedLimit { estimate, limit }.into());
+        }
+        let mut headers = limits::headers(refused.requests.as_ref(), refused.tokens.as_ref());
+        let secs = refused.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+        headers.push(("retry-after", secs.to_string()));
+        let e = if refused.kind == limits::LimitKind::Unavailable {
+            RelayError::LimiterUnavailable
+        } else {
+            RelayError::RateLimited {
+                limit: refused.kind.label(),
+                tokens: refused.kind.is_tokens(),
+            }
+        };
+        Err(LocalAnswer::with_headers(e, headers))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use std::path::Path;
+
+    const YAML: &str = r#"
+listen: { proxy: "127.0.0.1:1" }
+routes:
+  - { name: oa, prefix: /openai/v1, provider: openai, upstreams: ["https://api.openai.com/v1"], key: "env:OA" }
+  - { name: an, prefix: /anthropic, provider: anthropic, upstreams: ["https://api.anthropic.com"], key: "env:AN" }
+  - { name: nokey, prefix: /nokey, provider: openai, upstreams: ["http://127.0.0.1:9"], key: "env:UNSET" }
+tenants:
+  - { id: all, key_sha256: ["2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"] }
+  - { id: only-an, key_sha256: ["fcde2b2edba56bf408601fb721fe9b5c338d10ee429ea04fae5511b68fbf8fb9"], routes: [an] }
+"#;
+
+    fn setup() -> (RouteTable, TenantTable) {
+        let c = Config::from_yaml(YAML, Path::new("."), &|n| match n {
+            "OA" => Some("sk-oa".into()),
+            "AN" => Some("sk-an".into()),
+            _ => None,
+        })
+        .unwrap();
+        (
+            RouteTable::new(&c.routes).unwrap(),
+            TenantTable::new(&c.tenants),
+        )
+    }
+
+    fn req(path: &str, headers: &[(&str, &str)]) -> RequestHeader {
+        let mut r = RequestHeader::build("POST", path.as_bytes(), None).unwrap();
+        for (k, v) in headers {
+            r.insert_header(k.to_string(), *v).unwrap();
+        }
+        r
+    }
+
+    fn refusal(r: std::result::Result<Allowed, Refusal>) -> (u16, ErrorShape) {
+        match r {
+            Ok(_) => panic!("admitted"),
+            Err(r) => (r.error.status(), r.shape),
+        }
+    }
+
+    #[test]
+    fn admit_decides_every_refusal() {
+        let (routes, tenants) = setup();
+        // "foo" and "bar" are the keys whose hashes are configured above.
+        let ok = admit(
+            &routes,
+            &tenants,
+            &req(
+                "/openai/v1/chat/completions",
+                &[("authorization", "Bearer foo")],
+            ),
+        );
+        assert_eq!(&*ok.ok().unwrap().tenant, "all");
+        assert_eq!(
+            refusal(admit(
+                &routes,
+                &tenants,
+                &req("/nope", &[("authorization", "Bearer foo")])
+            )),
+            (404, ErrorShape::OpenAi)
+        );
+        assert_eq!(
+            refusal(admit(
+                &routes,
+                &tenants,
+                &req("/nope", &[("anthropic-version", "2023-06-01")])
+            )),
+            (404, ErrorShape::Anthropic)
+        );
+        assert_eq!(
+            refusal(admit(
+                &routes,
+                &tenants,
+                &req("/anthropic/v1/messages", &[])
+            )),
+            (401, ErrorShape::Anthropic)
+        );
+        assert_eq!(
+            refusal(admit(
+                &routes,
+                &tenants,
+                &req("/openai/v1/x", &[("x-api-key", "wrong")])
+            )),
+            (401, ErrorShape::OpenAi)
+        );
+        assert_eq!(
+            refusal(admit(
+                &routes,
+                &tenants,
+                &req("/openai/v1/x", &[("x-api-key", "bar")])
+            )),
+            (403, ErrorShape::OpenAi)
+        );
+        assert_eq!(
+            refusal(admit(
+                &routes,
+                &tenants,
+                &req("/nokey/x", &[("x-api-key", "foo")])
+            )),
+            (503, ErrorShape::OpenAi)
+        );
+        // A wrong key on an unconfigured route still reads as unauthenticated, not 503.
+        assert_eq!(
+            refusal(admit(
+                &routes,
+                &tenants,
+                &req("/nokey/x", &[("x-api-key", "no")])
+            )),
+            (401, ErrorShape::OpenAi)
+        );
+    }
+}
