@@ -306,3 +306,233 @@ pub fn accounted_model<'a>(
     }
     (requested.or(answered), "other")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::cost::RawPrice;
+    use crate::route::RouteTable;
+    use std::collections::BTreeMap;
+    use std::path::Path;
+
+    const YAML: &str = r#"
+listen: { proxy: "127.0.0.1:1" }
+routes:
+  - { name: oa, prefix: /v1, provider: openai, upstreams: ["http://127.0.0.1:9/v1"], key: "env:OA", capture: { request: 8, response: 8 } }
+"#;
+
+    fn route() -> Arc<Route> {
+        let c = Config::from_yaml(YAML, Path::new("."), &|_| Some("sk".into())).unwrap();
+        RouteTable::new(&c.routes)
+            .unwrap()
+            .find("/v1/chat/completions")
+            .unwrap()
+            .clone()
+    }
+
+    fn pricing() -> Pricing {
+        let price = RawPrice {
+            input: 1.0,
+            cached_input: None,
+            output: 2.0,
+        };
+        Pricing::new(&BTreeMap::from([("m".to_string(), price)]))
+    }
+
+    fn end(status: u16, outcome: &'static str) -> End<'static> {
+        End {
+            status,
+            outcome,
+            detail: None,
+            client_addr: Some("127.0.0.1:5".into()),
+            user_agent: Some("ua".into()),
+        }
+    }
+
+    fn info(model: &str, stream: bool) -> RequestInfo {
+        RequestInfo {
+            model: Some(model.into()),
+            stream,
+            ..RequestInfo::default()
+        }
+    }
+
+    /// A tap that read `body` (of `kind`) whole.
+    fn tap(kind: TapKind, body: &str) -> Tap {
+        let start = Instant::now();
+        let mut t = Tap::new(kind, start);
+        t.feed(body.as_bytes(), start, &mut |_| {});
+        t.finish();
+        t
+    }
+
+    const JSON_OK: &str = r#"{"model":"m","choices":[{"finish_reason":"stop","message":{"content":"hi"}}],"usage":{"prompt_tokens":10,"completion_tokens":5}}"#;
+
+    fn answered<'a>(route: &'a Arc<Route>, info: &'a RequestInfo, tap: &'a Tap) -> Facts<'a> {
+        let mut f = Facts::head("rid", Instant::now(), SystemTime::now());
+        f.route = Some(route);
+        f.tenant = Some("t");
+        f.request_info = Some(info);
+        f.tap = Some(tap);
+        f.upstream_status = Some(200);
+        f.ttfb = Some(Duration::from_millis(7));
+        f.attempts = 1;
+        f
+    }
+
+    fn build(f: &Facts<'_>, end: End<'_>) -> Row {
+        let p = pricing();
+        let a = Account::of(&p, f, &end);
+        row(f, end, &a, "relay-1")
+    }
+
+    #[test]
+    fn an_answered_request_has_its_usage_cost_and_times() {
+        let (r, i, t) = (route(), info("m", false), tap(TapKind::Json, JSON_OK));
+        let mut f = answered(&r, &i, &t);
+        f.client_request_id = Some("cid");
+        f.request_bytes = 20;
+        f.response_bytes = JSON_OK.len() as u64;
+        f.captured_request = b"{\"model\"";
+        f.captured_response = b"{\"model\"";
+        let row = build(&f, end(200, "ok"));
+        assert_eq!(row.request_id, "rid");
+        assert_eq!(row.client_request_id.as_deref(), Some("cid"));
+        assert_eq!(row.instance, "relay-1");
+        assert_eq!(
+            (row.tenant.as_deref(), row.route.as_deref()),
+            (Some("t"), Some("oa"))
+        );
+        assert_eq!(row.provider.as_deref(), Some("openai"));
+        assert_eq!(row.model.as_deref(), Some("m"));
+        assert_eq!((row.status, row.upstream_status), (200, Some(200)));
+        assert_eq!((&*row.outcome, row.error.as_deref()), ("ok", None));
+        assert_eq!((row.tokens_in, row.tokens_out), (Some(10), Some(5)));
+        // 10 input tokens at $1/M and 5 output at $2/M.
+        assert!((row.cost_usd.unwrap() - 20e-6).abs() < 1e-12);
+        assert_eq!(row.ttfb_ms, Some(7.0));
+        assert_eq!(row.finish_reason.as_deref(), Some("stop"));
+        assert!(!row.usage_unknown && !row.stream);
+        assert_eq!((row.request_bytes, row.attempts), (20, 1));
+        assert_eq!(row.request_body.as_deref(), Some("{\"model\""));
+        assert_eq!(row.user_agent.as_deref(), Some("ua"));
+        assert_eq!(row.client_addr.as_deref(), Some("127.0.0.1:5"));
+    }
+
+    #[test]
+    fn a_stream_has_its_time_to_first_token_and_no_audio_time() {
+        let sse = "data: {\"model\":\"m\",\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n\
+                   data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}\n\n\
+                   data: [DONE]\n\n";
+        let (r, i, t) = (route(), info("m", true), tap(TapKind::OpenAiSse, sse));
+        let row = build(&answered(&r, &i, &t), end(200, "ok"));
+        assert!(row.stream);
+        assert!(row.ttft_ms.is_some() && row.ttfa_ms.is_none());
+        assert_eq!((row.tokens_in, row.tokens_out), (Some(3), Some(1)));
+    }
+
+    #[test]
+    fn an_answer_without_usage_is_marked_unknown_not_zero() {
+        let body = r#"{"model":"m","choices":[]}"#;
+        let (r, i, t) = (route(), info("m", false), tap(TapKind::Json, body));
+        let row = build(&answered(&r, &i, &t), end(200, "ok"));
+        assert!(row.usage_unknown);
+        assert_eq!(
+            (row.tokens_in, row.tokens_out, row.cost_usd),
+            (None, None, None)
+        );
+    }
+
+    #[test]
+    fn an_upstream_error_status_is_the_error_kind_of_an_ok_outcome() {
+        let body = r#"{"error":{"message":"no"}}"#;
+        let (r, i, t) = (route(), info("m", false), tap(TapKind::Json, body));
+        for (status, kind) in [(503, "upstream_5xx"), (400, "upstream_4xx")] {
+            let mut f = answered(&r, &i, &t);
+            f.upstream_status = Some(status);
+            let row = build(&f, end(status, "ok"));
+            assert_eq!(row.error.as_deref(), Some(kind));
+            // Not a 2xx: no usage is owed.
+            assert!(!row.usage_unknown);
+        }
+    }
+
+    #[test]
+    fn an_error_event_in_a_stream_is_its_error_kind() {
+        let sse = "data: {\"error\":{\"message\":\"overloaded\"}}\n\n";
+        let (r, i, t) = (route(), info("m", true), tap(TapKind::OpenAiSse, sse));
+        let row = build(&answered(&r, &i, &t), end(200, "ok"));
+        assert_eq!(row.error.as_deref(), Some("stream_error"));
+    }
+
+    #[test]
+    fn a_refusal_names_what_was_known_and_nothing_else() {
+        let r = route();
+        let mut f = Facts::head("rid", Instant::now(), SystemTime::now());
+        f.route = Some(&r);
+        let e = RelayError::InvalidKey;
+        let row = build(&f, end(e.status(), e.kind()));
+        assert_eq!((row.status, &*row.outcome), (401, "invalid_key"));
+        assert_eq!(row.error.as_deref(), Some("invalid_key"));
+        assert_eq!(
+            (row.tenant, row.upstream_status, row.attempts),
+            (None, None, 0)
+        );
+        assert_eq!((row.model, row.tokens_in, row.ttfb_ms), (None, None, None));
+        assert!(!row.usage_unknown);
+        // Nothing was captured: the body column holds an empty capture, not a guess.
+        assert_eq!(row.request_body.as_deref(), Some(""));
+        // Without a route: no route, no provider, no capture columns.
+        let f = Facts::head("rid", Instant::now(), SystemTime::now());
+        let row = build(&f, end(404, "no_route"));
+        assert_eq!(
+            (row.route, row.provider, row.request_body),
+            (None, None, None)
+        );
+    }
+
+    #[test]
+    fn the_detail_of_a_failure_follows_its_kind() {
+        let (r, i) = (route(), info("m", false));
+        for outcome in [
+            "client_disconnect",
+            "shutdown",
+            "stream_stalled",
+            "upstream_timeout",
+        ] {
+            let mut f = Facts::head("rid", Instant::now(), SystemTime::now());
+            f.route = Some(&r);
+            f.request_info = Some(&i);
+            let detail = "what went wrong";
+            let e = End {
+                detail: Some(&detail),
+                ..end(0, outcome)
+            };
+            let row = build(&f, e);
+            assert_eq!(row.outcome, outcome);
+            assert_eq!(row.error.unwrap(), format!("{outcome}: what went wrong"));
+            // A request that never got an answer owes no usage.
+            assert!(!row.usage_unknown);
+            assert_eq!(row.model.as_deref(), Some("m"));
+        }
+    }
+
+    #[test]
+    fn a_model_is_accounted_to_the_priced_name() {
+        let p = pricing();
+        assert_eq!(
+            accounted_model(&p, Some("m"), Some("m-2024")),
+            (Some("m"), "m")
+        );
+        assert_eq!(
+            accounted_model(&p, Some("alias"), Some("m")),
+            (Some("m"), "m")
+        );
+        assert_eq!(
+            accounted_model(&p, Some("x"), Some("y")),
+            (Some("x"), "other")
+        );
+        assert_eq!(accounted_model(&p, None, None), (None, "other"));
+    }
+}
