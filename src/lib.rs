@@ -1,8 +1,10 @@
 //! stream-relay: a streaming relay for LLM and TTS APIs on Pingora.
 //!
-//! The request's path through the modules: `route` and `auth` decide in
-//! `request_filter`, `upstream` gives the peer, `proxy` holds the thin `ProxyHttp` hooks,
-//! `error` shapes every answer the relay writes itself, `metrics` observes the end.
+//! The request's path through the modules: `headgate` reads the head, the hooks of
+//! `proxy` (a folder of rooms, one per stage) call `policy`, `route`, `auth`, `gate` and
+//! `limits` to admit it, `upstream` for the peer, `tap` to measure the answer, `answer`
+//! and `error` for every answer the relay writes itself, and `recorder` at the end (row,
+//! access line, metrics). `server` wires it all from `config`.
 
 pub mod admin;
 pub mod answer;

@@ -10,7 +10,7 @@
 //! upstream socket down, through a duplicate of its descriptor taken then and checked
 //! to be the same connection (same local and peer address) before it is used: no
 //! syscall on the request path, and never another socket by mistake. Pingora's read then fails at once; the proxy sees the guard
-//! fired and ends the request the way its client expects (see `proxy::fail_to_proxy`).
+//! fired and ends the request the way its client expects (see `proxy::failure::end_stalled`).
 //! Only HTTP/1 upstreams are used, so the socket carries this request alone.
 //!
 //! One thread checks every armed guard each [`TICK`] (a task and a timer per request
