@@ -48,7 +48,7 @@ pub fn build(
     config_path: &std::path::Path,
     opt: Opt,
 ) -> Result<(Server, crate::rows::Ending), String> {
-    let routes = Arc::new(RouteTable::new(&config.routes)?);
+    let routes = Arc::new(RouteTable::new(&config.routes).map_err(|e| e.to_string())?);
     for route in routes.iter() {
         if let RouteKey::Missing { reference } = &route.key {
             warn!(
