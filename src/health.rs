@@ -62,23 +62,35 @@ impl pingora_core::services::background::BackgroundService for HealthChecker {
     }
 }
 
+/// Why a health request counts against its upstream.
+#[derive(Debug, thiserror::Error)]
+enum ProbeError {
+    #[error("no resolved address")]
+    NoAddress,
+    /// Connecting, writing the request or reading the answer failed.
+    #[error("{0}")]
+    Pingora(#[from] Box<pingora_core::Error>),
+    #[error("no response")]
+    NoResponse,
+    #[error("answered {0}")]
+    ServerError(u16),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+}
+
 /// One health request: the status when it is not a server error.
 async fn probe(
     connector: &pingora_core::connectors::http::Connector,
     route: &crate::route::Route,
     upstream: &crate::upstream::Upstream,
     check: &HealthCheck,
-) -> Result<u16, String> {
+) -> Result<u16, ProbeError> {
     let peer = upstream
         .peer(&route.timeouts)
-        .ok_or("no resolved address")?;
+        .ok_or(ProbeError::NoAddress)?;
     let run = async {
-        let (mut session, _) = connector
-            .get_http_session(&peer)
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut req = pingora_http::RequestHeader::build("GET", check.path.as_bytes(), None)
-            .map_err(|e| e.to_string())?;
+        let (mut session, _) = connector.get_http_session(&peer).await?;
+        let mut req = pingora_http::RequestHeader::build("GET", check.path.as_bytes(), None)?;
         let _ = req.insert_header(http::header::HOST, upstream.url.host_header());
         let _ = req.insert_header("user-agent", "stream-relay-health-check");
         if let (crate::route::RouteKey::Pool { header, .. }, Some(slot)) =
@@ -86,29 +98,20 @@ async fn probe(
         {
             let _ = req.insert_header(header.clone(), slot.value.expose());
         }
-        session
-            .write_request_header(Box::new(req))
-            .await
-            .map_err(|e| e.to_string())?;
-        session
-            .finish_request_body()
-            .await
-            .map_err(|e| e.to_string())?;
-        session
-            .read_response_header()
-            .await
-            .map_err(|e| e.to_string())?;
+        session.write_request_header(Box::new(req)).await?;
+        session.finish_request_body().await?;
+        session.read_response_header().await?;
         let status = session
             .response_header()
             .map(|h| h.status.as_u16())
-            .ok_or("no response")?;
+            .ok_or(ProbeError::NoResponse)?;
         if status >= 500 {
-            return Err(format!("answered {status}"));
+            return Err(ProbeError::ServerError(status));
         }
         Ok(status)
     };
     match tokio::time::timeout(check.timeout, run).await {
         Ok(r) => r,
-        Err(_) => Err(format!("no answer within {:?}", check.timeout)),
+        Err(_) => Err(ProbeError::Timeout(check.timeout)),
     }
 }

@@ -101,28 +101,53 @@ pub struct Endpoint {
     segments: Vec<String>,
 }
 
+/// Why an endpoint (`routes[].endpoints[]`) does not parse; each names it as written.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    #[error("`{0}`: expected `METHOD path`, e.g. `POST chat/completions`")]
+    Shape(String),
+    #[error("`{text}`: unknown method `{method}`")]
+    UnknownMethod { text: String, method: String },
+    /// Not reached for the methods listed, kept so that no parse can panic.
+    #[error("{0}")]
+    InvalidMethod(#[from] http::method::InvalidMethod),
+    #[error("`{0}`: the path pattern is empty")]
+    EmptyPattern(String),
+    #[error("`{text}`: `{segment}` is not a plain path segment")]
+    Segment { text: String, segment: String },
+}
+
 impl Endpoint {
     /// Parses `METHOD pattern`, e.g. `POST chat/completions` or `GET /v1/models/*`.
-    pub fn parse(text: &str) -> Result<Endpoint, String> {
-        let (method, pattern) = text.trim().split_once(char::is_whitespace).ok_or_else(|| {
-            format!("`{text}`: expected `METHOD path`, e.g. `POST chat/completions`")
-        })?;
+    pub fn parse(text: &str) -> Result<Endpoint, EndpointError> {
+        let (method, pattern) = text
+            .trim()
+            .split_once(char::is_whitespace)
+            .ok_or_else(|| EndpointError::Shape(text.to_string()))?;
         let method = match method {
             "GET" | "POST" | "PUT" | "PATCH" | "DELETE" | "HEAD" | "OPTIONS" => {
-                Method::from_bytes(method.as_bytes()).map_err(|e| e.to_string())?
+                Method::from_bytes(method.as_bytes())?
             }
-            other => return Err(format!("`{text}`: unknown method `{other}`")),
+            other => {
+                return Err(EndpointError::UnknownMethod {
+                    text: text.to_string(),
+                    method: other.to_string(),
+                })
+            }
         };
         let pattern = pattern.trim();
         let anchored = pattern.starts_with('/');
         let body = pattern.trim_start_matches('/');
         if body.is_empty() {
-            return Err(format!("`{text}`: the path pattern is empty"));
+            return Err(EndpointError::EmptyPattern(text.to_string()));
         }
         let segments: Vec<String> = body.split('/').map(str::to_string).collect();
         for s in &segments {
             if s != "*" && check_segment(s.as_bytes()).is_err() {
-                return Err(format!("`{text}`: `{s}` is not a plain path segment"));
+                return Err(EndpointError::Segment {
+                    text: text.to_string(),
+                    segment: s.clone(),
+                });
             }
         }
         Ok(Endpoint {

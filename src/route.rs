@@ -144,7 +144,7 @@ pub enum RouteKey {
 
 impl Route {
     /// Builds the route; fails only when its CA file cannot be loaded.
-    pub fn from_config(c: &RouteConfig) -> Result<Route, String> {
+    pub fn from_config(c: &RouteConfig) -> Result<Route, crate::upstream::CaError> {
         let ca = match &c.ca_pem {
             Some(path) => Some(crate::upstream::load_ca(path)?),
             None => None,
@@ -413,11 +413,12 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    pub fn new(configs: &[RouteConfig]) -> Result<RouteTable, String> {
+    /// Fails only when a route's CA file cannot be loaded.
+    pub fn new(configs: &[RouteConfig]) -> Result<RouteTable, crate::upstream::CaError> {
         let mut routes = configs
             .iter()
             .map(|c| Route::from_config(c).map(Arc::new))
-            .collect::<Result<Vec<_>, String>>()?;
+            .collect::<Result<Vec<_>, _>>()?;
         routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
         Ok(RouteTable { routes })
     }

@@ -47,28 +47,36 @@ pub enum SecretState {
     Missing { reference: String },
 }
 
+/// Why a secret reference does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SecretRefError {
+    #[error("`{0}` is not a valid environment variable name")]
+    EnvName(String),
+    #[error("`file:` needs a path")]
+    FileNeedsPath,
+    #[error("must reference the key as `env:NAME` or `file:/path`; inline keys are refused")]
+    Inline,
+}
+
 impl SecretRef {
     /// Parses `env:NAME` or `file:/path`. Anything else is refused, so that a key pasted
     /// inline into the YAML never loads.
-    pub fn parse(text: &str) -> Result<SecretRef, String> {
+    pub fn parse(text: &str) -> Result<SecretRef, SecretRefError> {
         if let Some(name) = text.strip_prefix("env:") {
             let valid = !name.is_empty()
                 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
                 && !name.as_bytes()[0].is_ascii_digit();
             if !valid {
-                return Err(format!("`{text}` is not a valid environment variable name"));
+                return Err(SecretRefError::EnvName(text.to_string()));
             }
             Ok(SecretRef::Env(name.to_string()))
         } else if let Some(path) = text.strip_prefix("file:") {
             if path.is_empty() {
-                return Err("`file:` needs a path".to_string());
+                return Err(SecretRefError::FileNeedsPath);
             }
             Ok(SecretRef::File(path.to_string()))
         } else {
-            Err(
-                "must reference the key as `env:NAME` or `file:/path`; inline keys are refused"
-                    .to_string(),
-            )
+            Err(SecretRefError::Inline)
         }
     }
 
@@ -116,7 +124,10 @@ mod tests {
             SecretRef::parse("file:/run/keys/a").unwrap(),
             SecretRef::File("/run/keys/a".into())
         );
-        assert!(SecretRef::parse("sk-abc").unwrap_err().contains("inline"));
+        assert!(SecretRef::parse("sk-abc")
+            .unwrap_err()
+            .to_string()
+            .contains("inline"));
         assert!(SecretRef::parse("env:").is_err());
         assert!(SecretRef::parse("env:1X").is_err());
         assert!(SecretRef::parse("env:A-B").is_err());

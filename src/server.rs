@@ -41,13 +41,74 @@ pub fn server_conf(config: &Config) -> ServerConf {
     }
 }
 
+/// Why the server cannot be built from a valid configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// A route's CA file cannot be loaded.
+    #[error(transparent)]
+    Ca(#[from] crate::upstream::CaError),
+    /// `redis.url` is not a URL the Redis client takes.
+    #[error(transparent)]
+    Redis(#[from] redis::RedisError),
+}
+
 /// Builds the server. Upstream names are resolved here once, waiting at most 3 s, before any
 /// runtime starts; the resolver service refreshes them afterwards.
 pub fn build(
     config: &Config,
     config_path: &std::path::Path,
     opt: Opt,
-) -> Result<(Server, crate::rows::Ending), String> {
+) -> Result<(Server, crate::rows::Ending), BuildError> {
+    let (routes, resolver) = routes_at_start(config)?;
+
+    let mut server = Server::new_with_opt_and_conf(opt, server_conf(config));
+    server.bootstrap();
+
+    let metrics = Arc::new(Metrics::new(config.metrics.tenant_label));
+    let draining = Arc::new(Draining::default());
+    let tenants = Arc::new(Tenants::new(TenantTable::new(&config.tenants)));
+    let (row_sender, ending) = add_row_writer(&mut server, config, &metrics);
+    add_proxy(&mut server, config, &routes, &tenants, &metrics, row_sender)?;
+    add_admin(&mut server, config, &metrics, &draining);
+    server.add_service(background_service("drain watch", DrainWatch(draining)));
+    server.add_service(background_service("upstream resolver", resolver));
+    server.add_service(background_service(
+        "health checks",
+        crate::health::HealthChecker {
+            routes: routes.clone(),
+            metrics: metrics.clone(),
+        },
+    ));
+    server.add_service(background_service(
+        "config reload",
+        Reloader {
+            path: config_path.to_path_buf(),
+            tenants,
+            metrics,
+            route_names: config.route_names().map(str::to_string).collect(),
+        },
+    ));
+    if let Some(mock_addr) = &config.mock_listen {
+        server.add_service(background_service(
+            "mock provider",
+            MockService {
+                listen: mock_addr.clone(),
+            },
+        ));
+    }
+    info!(
+        "stream-relay: proxy on {}, admin on {}, {} routes, {} tenants",
+        config.proxy_listen,
+        config.admin_listen.as_deref().unwrap_or("(off)"),
+        config.routes.len(),
+        config.tenants.len()
+    );
+    Ok((server, ending))
+}
+
+/// The route table, with a warning for each route whose key is not set, and the resolver
+/// after its first round (at most 3 s).
+fn routes_at_start(config: &Config) -> Result<(Arc<RouteTable>, Resolver), BuildError> {
     let routes = Arc::new(RouteTable::new(&config.routes)?);
     for route in routes.iter() {
         if let RouteKey::Missing { reference } = &route.key {
@@ -71,14 +132,16 @@ pub fn build(
             pending.join(", ")
         ),
     }
+    Ok((routes, resolver))
+}
 
-    let mut server = Server::new_with_opt_and_conf(opt, server_conf(config));
-    server.bootstrap();
-
-    let metrics = Arc::new(Metrics::new(config.metrics.tenant_label));
-    let reload_metrics = metrics.clone();
-    let draining = Arc::new(Draining::default());
-    let tenants = Arc::new(Tenants::new(TenantTable::new(&config.tenants)));
+/// The row writer (ClickHouse when configured, else the file) as a background service;
+/// returns the sender requests put their rows in and what `main` waits on at exit.
+fn add_row_writer(
+    server: &mut Server,
+    config: &Config,
+    metrics: &Arc<Metrics>,
+) -> (crate::rows::RowSender, crate::rows::Ending) {
     let flushed = crate::rows::Flushed::default();
     let (row_sender, write_late): (_, crate::rows::WriteLate) = match &config.rows_clickhouse {
         Some(ch) => {
@@ -113,13 +176,24 @@ pub fn build(
         }
     };
     let ending = crate::rows::Ending::new(&row_sender, flushed, write_late);
-    let cap_metrics = metrics.clone();
-    let health_metrics = metrics.clone();
+    (row_sender, ending)
+}
+
+/// The proxy service: the relay's `ProxyHttp` behind the head gate, on `listen.proxy`
+/// with its read buffer and connection caps.
+fn add_proxy(
+    server: &mut Server,
+    config: &Config,
+    routes: &Arc<RouteTable>,
+    tenants: &Arc<Tenants>,
+    metrics: &Arc<Metrics>,
+    rows: crate::rows::RowSender,
+) -> Result<(), BuildError> {
     let pricing = Arc::new(config.pricing.clone());
     let recorder = Arc::new(crate::recorder::Recorder {
         metrics: metrics.clone(),
         pricing: pricing.clone(),
-        rows: row_sender,
+        rows,
         instance: Arc::from(config.instance.as_str()),
     });
     let proxy = RelayProxy {
@@ -153,7 +227,7 @@ pub fn build(
                 addr.port(),
                 config.max_connections,
                 config.max_connections_per_address,
-                cap_metrics,
+                metrics.clone(),
             ) {
                 proxy_service.set_connection_filter(cap);
             }
@@ -164,53 +238,29 @@ pub fn build(
         ),
     }
     server.add_service(proxy_service);
+    Ok(())
+}
 
-    if let Some(admin_addr) = &config.admin_listen {
-        let mut admin = Service::new(
-            "stream-relay admin".to_string(),
-            HttpServer::new_app(Admin {
-                metrics,
-                draining: draining.clone(),
-            }),
-        );
-        admin.threads = Some(1);
-        admin.add_tcp(admin_addr);
-        server.add_service(admin);
-    }
-    server.add_service(background_service("drain watch", DrainWatch(draining)));
-    server.add_service(background_service("upstream resolver", resolver));
-    server.add_service(background_service(
-        "health checks",
-        crate::health::HealthChecker {
-            routes: routes.clone(),
-            metrics: health_metrics,
-        },
-    ));
-    server.add_service(background_service(
-        "config reload",
-        Reloader {
-            path: config_path.to_path_buf(),
-            tenants,
-            metrics: reload_metrics,
-            route_names: config.route_names().map(str::to_string).collect(),
-        },
-    ));
-    if let Some(mock_addr) = &config.mock_listen {
-        server.add_service(background_service(
-            "mock provider",
-            MockService {
-                listen: mock_addr.clone(),
-            },
-        ));
-    }
-    info!(
-        "stream-relay: proxy on {}, admin on {}, {} routes, {} tenants",
-        config.proxy_listen,
-        config.admin_listen.as_deref().unwrap_or("(off)"),
-        config.routes.len(),
-        config.tenants.len()
+/// The admin service (`/healthz`, `/readyz`, `/metrics`), when `listen.admin` is set.
+fn add_admin(
+    server: &mut Server,
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    draining: &Arc<Draining>,
+) {
+    let Some(admin_addr) = &config.admin_listen else {
+        return;
+    };
+    let mut admin = Service::new(
+        "stream-relay admin".to_string(),
+        HttpServer::new_app(Admin {
+            metrics: metrics.clone(),
+            draining: draining.clone(),
+        }),
     );
-    Ok((server, ending))
+    admin.threads = Some(1);
+    admin.add_tcp(admin_addr);
+    server.add_service(admin);
 }
 
 /// The built-in mock provider as a background service of the relay (first-run demo).

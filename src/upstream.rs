@@ -91,7 +91,7 @@ impl Upstream {
 
     /// Resolves the host (blocking). Keeps the previous addresses when resolution fails,
     /// so a DNS hiccup does not take a working upstream out.
-    pub fn resolve_now(&self) -> Result<usize, String> {
+    pub fn resolve_now(&self) -> Result<usize, ResolveError> {
         if self.is_literal() {
             return Ok(1);
         }
@@ -99,13 +99,16 @@ impl Upstream {
             Ok(found) => {
                 let found: Vec<SocketAddr> = found.collect();
                 if found.is_empty() {
-                    return Err(format!("{} resolved to no address", self.url.host));
+                    return Err(ResolveError::NoAddress(self.url.host.clone()));
                 }
                 let n = found.len();
                 *self.addrs.write().expect("addrs lock") = Arc::from(found);
                 Ok(n)
             }
-            Err(e) => Err(format!("cannot resolve {}: {e}", self.url.host)),
+            Err(error) => Err(ResolveError::Lookup {
+                host: self.url.host.clone(),
+                error,
+            }),
         }
     }
 
@@ -150,6 +153,31 @@ impl Upstream {
     }
 }
 
+/// Why an upstream host has no new addresses.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error("{0} resolved to no address")]
+    NoAddress(String),
+    #[error("cannot resolve {host}: {error}")]
+    Lookup { host: String, error: std::io::Error },
+}
+
+/// Why a route's CA file cannot be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("{}: {error}", path.display())]
+    Read {
+        path: std::path::PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{}: bad PEM", .0.display())]
+    BadPem(std::path::PathBuf),
+    #[error("{}: no certificate", .0.display())]
+    NoCertificate(std::path::PathBuf),
+    #[error("{}: a certificate does not parse", .0.display())]
+    Unparsable(std::path::PathBuf),
+}
+
 /// Reads PEM certificates into DER blobs.
 pub fn parse_ca_pem(pem: &[u8]) -> Option<Vec<Vec<u8>>> {
     let mut out = Vec::new();
@@ -161,16 +189,19 @@ pub fn parse_ca_pem(pem: &[u8]) -> Option<Vec<Vec<u8>>> {
 
 /// Loads a route's CA file into the form Pingora's rustls connector takes per peer,
 /// with a non-zero key that tells its trust configuration apart in the connection pool.
-pub fn load_ca(path: &std::path::Path) -> Result<(Arc<[WrappedX509]>, u64), String> {
-    let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let ders = parse_ca_pem(&pem).ok_or_else(|| format!("{}: bad PEM", path.display()))?;
+pub fn load_ca(path: &std::path::Path) -> Result<(Arc<[WrappedX509]>, u64), CaError> {
+    let pem = std::fs::read(path).map_err(|error| CaError::Read {
+        path: path.to_path_buf(),
+        error,
+    })?;
+    let ders = parse_ca_pem(&pem).ok_or_else(|| CaError::BadPem(path.to_path_buf()))?;
     if ders.is_empty() {
-        return Err(format!("{}: no certificate", path.display()));
+        return Err(CaError::NoCertificate(path.to_path_buf()));
     }
     for der in &ders {
         // parse_x509 panics on a malformed certificate; check first.
         if x509_parser_ok(der).is_err() {
-            return Err(format!("{}: a certificate does not parse", path.display()));
+            return Err(CaError::Unparsable(path.to_path_buf()));
         }
     }
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
@@ -225,7 +256,7 @@ impl Resolver {
         self.upstreams
             .iter()
             .filter(|u| !u.is_literal())
-            .filter_map(|u| u.resolve_now().err())
+            .filter_map(|u| u.resolve_now().err().map(|e| e.to_string()))
             .collect()
     }
 }
@@ -291,46 +322,59 @@ impl UpstreamUrl {
     }
 }
 
+/// Why an upstream URL does not parse; each names the URL as written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamUrlError {
+    #[error("`{0}` must start with http:// or https://")]
+    Scheme(String),
+    #[error("`{0}`: query, fragment and credentials are not allowed")]
+    Extras(String),
+    #[error("`{0}`: unclosed `[`")]
+    UnclosedBracket(String),
+    #[error("`{0}`: bad port")]
+    Port(String),
+    #[error("`{0}`: bad authority")]
+    Authority(String),
+    #[error("`{0}`: needs a host and a port above 0")]
+    NoHostOrPort(String),
+}
+
 /// Parses `http(s)://host[:port][/path]`.
-pub fn parse_upstream_url(url: &str) -> Result<UpstreamUrl, String> {
+pub fn parse_upstream_url(url: &str) -> Result<UpstreamUrl, UpstreamUrlError> {
     let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
         (true, r)
     } else if let Some(r) = url.strip_prefix("http://") {
         (false, r)
     } else {
-        return Err(format!("`{url}` must start with http:// or https://"));
+        return Err(UpstreamUrlError::Scheme(url.to_string()));
     };
     if rest.contains(['?', '#', '@']) {
-        return Err(format!(
-            "`{url}`: query, fragment and credentials are not allowed"
-        ));
+        return Err(UpstreamUrlError::Extras(url.to_string()));
     }
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, ""),
     };
     let default_port = if tls { 443 } else { 80 };
+    let bad_port = |_| UpstreamUrlError::Port(url.to_string());
     let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
         let (h, after) = v6
             .split_once(']')
-            .ok_or_else(|| format!("`{url}`: unclosed `[`"))?;
+            .ok_or_else(|| UpstreamUrlError::UnclosedBracket(url.to_string()))?;
         let port = match after.strip_prefix(':') {
-            Some(p) => p.parse().map_err(|_| format!("`{url}`: bad port"))?,
+            Some(p) => p.parse().map_err(bad_port)?,
             None if after.is_empty() => default_port,
-            None => return Err(format!("`{url}`: bad authority")),
+            None => return Err(UpstreamUrlError::Authority(url.to_string())),
         };
         (h.to_string(), port)
     } else {
         match authority.rsplit_once(':') {
-            Some((h, p)) => (
-                h.to_string(),
-                p.parse::<u16>().map_err(|_| format!("`{url}`: bad port"))?,
-            ),
+            Some((h, p)) => (h.to_string(), p.parse::<u16>().map_err(bad_port)?),
             None => (authority.to_string(), default_port),
         }
     };
     if host.is_empty() || port == 0 {
-        return Err(format!("`{url}`: needs a host and a port above 0"));
+        return Err(UpstreamUrlError::NoHostOrPort(url.to_string()));
     }
     Ok(UpstreamUrl {
         tls,

@@ -119,8 +119,12 @@ pub struct RedisLimiter {
 }
 
 impl RedisLimiter {
-    pub fn new(config: &RedisConfig, metrics: Arc<Metrics>) -> Result<RedisLimiter, String> {
-        let client = redis::Client::open(config.url.expose()).map_err(|e| e.to_string())?;
+    /// Fails only when the URL is not one the Redis client takes; nothing connects yet.
+    pub fn new(
+        config: &RedisConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<RedisLimiter, redis::RedisError> {
+        let client = redis::Client::open(config.url.expose())?;
         Ok(RedisLimiter {
             client,
             conn: OnceCell::new(),

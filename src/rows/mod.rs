@@ -148,7 +148,7 @@ impl Ending {
     }
 
     /// Returns what could not be waited for within `max`, if anything.
-    pub fn finish(self, max: Duration) -> Result<(), String> {
+    pub fn finish(self, max: Duration) -> Result<(), FinishError> {
         let deadline = Instant::now() + max;
         let mut open = self.late.open.load(Ordering::Acquire);
         while open > 0 && Instant::now() < deadline {
@@ -171,14 +171,21 @@ impl Ending {
         }
         match (open, saved) {
             (0, true) => Ok(()),
-            (0, false) => Err(format!(
-                "the row writer did not finish saving its rows within {max:?}"
-            )),
-            (n, _) => Err(format!(
-                "{n} requests were still open {max:?} after the server stopped; their rows are lost"
-            )),
+            (0, false) => Err(FinishError::WriterSlow(max)),
+            (open, _) => Err(FinishError::StillOpen { open, max }),
         }
     }
+}
+
+/// What [`Ending::finish`] could not wait for.
+#[derive(Debug, thiserror::Error)]
+pub enum FinishError {
+    #[error("the row writer did not finish saving its rows within {0:?}")]
+    WriterSlow(Duration),
+    #[error(
+        "{open} requests were still open {max:?} after the server stopped; their rows are lost"
+    )]
+    StillOpen { open: usize, max: Duration },
 }
 
 /// Lets `main` wait, once the server has stopped, until the row writer has put its last

@@ -345,18 +345,43 @@ fn encode(batch: &Batch) -> Vec<u8> {
     out
 }
 
-fn decode(path: &Path) -> Result<Batch, String> {
-    let file = File::open(path).map_err(|e| e.to_string())?;
+/// Why a spool file is not a batch this relay wrote.
+#[derive(Debug, thiserror::Error)]
+enum DecodeError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("empty")]
+    Empty,
+    #[error("header: {0}")]
+    Header(serde_json::Error),
+    #[error("row {index}: {error}")]
+    Row {
+        index: usize,
+        error: serde_json::Error,
+    },
+    #[error("{rows} rows, header says {header}")]
+    Count { rows: usize, header: usize },
+}
+
+fn decode(path: &Path) -> Result<Batch, DecodeError> {
+    let file = File::open(path)?;
     let mut lines = BufReader::new(file).lines();
-    let header = lines.next().ok_or("empty")?.map_err(|e| e.to_string())?;
-    let header: Header = serde_json::from_str(&header).map_err(|e| format!("header: {e}"))?;
+    let header = lines.next().ok_or(DecodeError::Empty)??;
+    let header: Header = serde_json::from_str(&header).map_err(DecodeError::Header)?;
     let mut rows = Vec::with_capacity(header.rows);
     for line in lines {
-        let line = line.map_err(|e| e.to_string())?;
-        rows.push(serde_json::from_str(&line).map_err(|e| format!("row {}: {e}", rows.len()))?);
+        let line = line?;
+        let row = serde_json::from_str(&line).map_err(|error| DecodeError::Row {
+            index: rows.len(),
+            error,
+        })?;
+        rows.push(row);
     }
     if rows.len() != header.rows {
-        return Err(format!("{} rows, header says {}", rows.len(), header.rows));
+        return Err(DecodeError::Count {
+            rows: rows.len(),
+            header: header.rows,
+        });
     }
     Ok(Batch {
         id: header.batch_id,

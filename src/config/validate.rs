@@ -1,0 +1,905 @@
+//! Configuration stage, validation: the raw structs of `raw.rs` checked section by
+//! section and turned into the validated [`Config`] and the settings types the modules
+//! own. Checks run in file order (server, listen, routes, tenants, ...), so the first
+//! problem of a file is the one reported. Defaults applied here are stated once: the
+//! ones a settings type owns come from its `Default`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::error::{invalid, ConfigError, Problem};
+use super::parse::{
+    capture_size, check_socket_addr, normalize_prefix, parse_duration, parse_sha256_hex,
+};
+use super::raw::{
+    Limits, ProviderKind, RawBreaker, RawCapture, RawClickHouse, RawConfig, RawHealthCheck,
+    RawListen, RawMetrics, RawMock, RawPrice, RawRedis, RawRoute, RawRowsFile, RawServer,
+    RawTenant, RawTimeouts,
+};
+use super::Config;
+use crate::auth::TenantConfig;
+use crate::breaker::BreakerConfig;
+use crate::gate::InputLimits;
+use crate::limits::redis::RedisConfig;
+use crate::policy::{Endpoint, Endpoints, RoutePolicy, Store};
+use crate::route::{Balance, Capture, KeyConfig, RouteConfig};
+use crate::rows::clickhouse::ClickHouseConfig;
+use crate::rows::file::FileSinkConfig;
+use crate::secret::{Secret, SecretRef, SecretState};
+use crate::stall::Timeouts;
+use crate::upstream::{parse_upstream_url, HealthCheck, UpstreamUrl};
+
+type LookupEnv<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// Most tenants allowed with `metrics.tenant_label`.
+pub const MAX_LABELLED_TENANTS: usize = 200;
+
+/// The per-address cap when `listen.max_connections_per_address` is not set and the proxy
+/// listens beyond loopback, where one address must not take the whole of
+/// `max_connections`: 1000 is 2% of the default 50000, twice what `conf/haproxy.cfg`
+/// allows a client address, and as many as the OpenAI Python SDK's connection pool opens
+/// at most, so one ordinary client (or a small NAT) is never cut short.
+pub const PER_ADDRESS_BEYOND_LOOPBACK: usize = 1000;
+
+/// The per-address cap for a proxy on `proxy_listen` with `set` configured, and whether it
+/// is the default for a listener beyond loopback. What is set (0 included) stays; unset,
+/// loopback gets no cap (every client there is this machine) and any other address
+/// [`PER_ADDRESS_BEYOND_LOOPBACK`]. An address that does not parse counts as beyond
+/// loopback.
+pub fn per_address_cap(proxy_listen: &str, set: Option<usize>) -> (usize, bool) {
+    if let Some(n) = set {
+        return (n, false);
+    }
+    let loopback = proxy_listen
+        .parse::<std::net::SocketAddr>()
+        .is_ok_and(|a| a.ip().is_loopback());
+    if loopback {
+        (0, false)
+    } else {
+        (PER_ADDRESS_BEYOND_LOOPBACK, true)
+    }
+}
+
+impl RawConfig {
+    /// Checks every section, in file order, and builds the [`Config`]. Relative file
+    /// paths are taken from `base_dir`; secrets are read through `lookup_env`.
+    pub fn validate(
+        self,
+        base_dir: &Path,
+        lookup_env: LookupEnv<'_>,
+    ) -> Result<Config, ConfigError> {
+        check_server(&self.server)?;
+        check_listeners(&self.listen, self.mock.as_ref())?;
+        let routes = validate_routes(self.routes, base_dir, lookup_env)?;
+        let tenants = validate_tenants(self.tenants, &routes, self.limits.default)?;
+        check_pricing(&self.pricing)?;
+        check_tenant_label(self.metrics, tenants.len())?;
+        validate_limits(&self.limits.default, "limits.default")?;
+        let default_max_tokens = match self.limits.default_max_tokens {
+            Some(0) => return Err(invalid("limits.default_max_tokens", Problem::AtLeast(1))),
+            set => set.unwrap_or(1024),
+        };
+        let redis = match &self.redis {
+            Some(r) => Some(validate_redis(r, lookup_env)?),
+            None => None,
+        };
+        let (rows_file, rows_file_queue) = validate_rows_file(&self.rows.file, base_dir)?;
+        let rows_clickhouse = match &self.rows.clickhouse {
+            Some(c) => Some(validate_clickhouse(c, base_dir, lookup_env)?),
+            None => None,
+        };
+        let input_limits = validate_input_limits(&self.listen)?;
+        let instance = instance_name(self.server.instance.as_deref());
+        let (max_connections_per_address, per_address_defaulted) =
+            per_address_cap(&self.listen.proxy, self.listen.max_connections_per_address);
+        Ok(Config {
+            rows_file_queue,
+            rows_file,
+            rows_clickhouse,
+            instance,
+            redis,
+            default_max_tokens,
+            pricing: crate::cost::Pricing::new(&self.pricing),
+            metrics: self.metrics,
+            server: self.server,
+            proxy_listen: self.listen.proxy,
+            proxy_read_buffer: self.listen.read_buffer_bytes,
+            input_limits,
+            // Fitted to the file limit at start (`fdlimit`, called from `main`).
+            max_connections: self.listen.max_connections.unwrap_or(50_000),
+            max_connections_per_address,
+            per_address_defaulted,
+            admin_listen: self.listen.admin,
+            mock_listen: self.mock.map(|m| m.listen),
+            routes,
+            tenants,
+        })
+    }
+}
+
+/// A duration at `key`.
+fn duration_at(key: impl Into<String>, text: &str) -> Result<Duration, ConfigError> {
+    parse_duration(text).map_err(|e| invalid(key, e))
+}
+
+/// A secret (`env:NAME` or `file:/path`) that must be set for the relay to start.
+fn required_secret(
+    key: &str,
+    text: &str,
+    lookup_env: LookupEnv<'_>,
+) -> Result<Secret, ConfigError> {
+    let reference = SecretRef::parse(text).map_err(|e| invalid(key, e))?;
+    match reference.resolve(lookup_env) {
+        SecretState::Present(s) => Ok(s),
+        SecretState::Missing { reference } => Err(invalid(key, Problem::SecretNotSet(reference))),
+    }
+}
+
+/// Whether a URL setting is given as a secret reference rather than inline.
+fn is_secret_reference(text: &str) -> bool {
+    text.starts_with("env:") || text.starts_with("file:")
+}
+
+// ---------------------------------------------------------------------------------------
+// server, listen, mock.
+// ---------------------------------------------------------------------------------------
+
+fn check_server(s: &RawServer) -> Result<(), ConfigError> {
+    if s.threads == 0 || s.threads > 1024 {
+        return Err(invalid("server.threads", Problem::Threads));
+    }
+    if s.pid_file.is_empty() {
+        return Err(invalid("server.pid_file", Problem::Empty));
+    }
+    if s.upgrade_sock.is_empty() {
+        return Err(invalid("server.upgrade_sock", Problem::Empty));
+    }
+    Ok(())
+}
+
+fn check_listeners(l: &RawListen, mock: Option<&RawMock>) -> Result<(), ConfigError> {
+    check_socket_addr(&l.proxy).map_err(|p| invalid("listen.proxy", p))?;
+    if l.read_buffer_bytes > 1 << 20 {
+        return Err(invalid(
+            "listen.read_buffer_bytes",
+            Problem::AtMost(1 << 20),
+        ));
+    }
+    if let Some(admin) = &l.admin {
+        check_socket_addr(admin).map_err(|p| invalid("listen.admin", p))?;
+        if admin == &l.proxy {
+            return Err(invalid("listen.admin", Problem::SameAsProxy));
+        }
+    }
+    if let Some(mock) = mock {
+        check_socket_addr(&mock.listen).map_err(|p| invalid("mock.listen", p))?;
+    }
+    Ok(())
+}
+
+/// The client-side limits of `listen`; what is not set is [`InputLimits::default`].
+fn validate_input_limits(l: &RawListen) -> Result<InputLimits, ConfigError> {
+    let default = InputLimits::default();
+    let max_header_bytes = match l.max_header_bytes {
+        Some(n) if n < 1024 => {
+            return Err(invalid("listen.max_header_bytes", Problem::AtLeast(1024)))
+        }
+        Some(n) => n,
+        None => default.max_header_bytes,
+    };
+    Ok(InputLimits {
+        max_header_bytes,
+        head_timeout: listen_timeout("head_timeout", &l.head_timeout, default.head_timeout)?,
+        client_read_timeout: listen_timeout(
+            "client_read_timeout",
+            &l.client_read_timeout,
+            default.client_read_timeout,
+        )?,
+        body_read_timeout: listen_timeout(
+            "body_read_timeout",
+            &l.body_read_timeout,
+            default.body_read_timeout,
+        )?,
+    })
+}
+
+fn listen_timeout(
+    name: &str,
+    set: &Option<String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    let key = format!("listen.{name}");
+    let d = match set {
+        Some(text) => duration_at(key.clone(), text)?,
+        None => default,
+    };
+    if d.is_zero() {
+        return Err(invalid(key, Problem::Zero));
+    }
+    Ok(d)
+}
+
+/// `server.instance`, or the host name.
+fn instance_name(set: Option<&str>) -> String {
+    match set {
+        Some(name) => name.to_string(),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "stream-relay".into()),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// tenants, limits, pricing, metrics.
+// ---------------------------------------------------------------------------------------
+
+fn validate_tenants(
+    raw: Vec<RawTenant>,
+    routes: &[RouteConfig],
+    default_limits: Limits,
+) -> Result<Vec<TenantConfig>, ConfigError> {
+    let names: HashSet<&str> = routes.iter().map(|r| r.name.as_str()).collect();
+    let mut ids = HashSet::new();
+    let mut seen_hashes = HashMap::new();
+    let mut tenants = Vec::with_capacity(raw.len());
+    for (i, t) in raw.into_iter().enumerate() {
+        let at = format!("tenants[{i}]");
+        if t.id.is_empty() {
+            return Err(invalid(format!("{at}.id"), Problem::Empty));
+        }
+        if !ids.insert(t.id.clone()) {
+            return Err(invalid(format!("{at}.id"), Problem::TenantTaken(t.id)));
+        }
+        let key_hashes = tenant_key_hashes(&at, &t, &mut seen_hashes)?;
+        let routes = tenant_routes(&at, &t.routes, &names)?;
+        if let Some(l) = &t.limits {
+            validate_limits(l, &format!("{at}.limits"))?;
+        }
+        tenants.push(TenantConfig {
+            id: t.id,
+            key_hashes,
+            routes,
+            limits: t.limits.unwrap_or(default_limits),
+        });
+    }
+    Ok(tenants)
+}
+
+/// A tenant's key digests; `seen` holds every tenant's so far, so no key is given twice.
+fn tenant_key_hashes(
+    at: &str,
+    t: &RawTenant,
+    seen: &mut HashMap<[u8; 32], String>,
+) -> Result<Vec<[u8; 32]>, ConfigError> {
+    if t.key_sha256.is_empty() {
+        return Err(invalid(format!("{at}.key_sha256"), Problem::NoKeyHashes));
+    }
+    let mut hashes = Vec::with_capacity(t.key_sha256.len());
+    for (k, h) in t.key_sha256.iter().enumerate() {
+        let key_at = format!("{at}.key_sha256[{k}]");
+        let digest =
+            parse_sha256_hex(h).ok_or_else(|| invalid(key_at.clone(), Problem::KeyHash))?;
+        if let Some(other) = seen.insert(digest, t.id.clone()) {
+            return Err(invalid(key_at, Problem::KeyHashTaken(other)));
+        }
+        hashes.push(digest);
+    }
+    Ok(hashes)
+}
+
+/// The routes a tenant may use; `None` for all (`*`).
+fn tenant_routes(
+    at: &str,
+    listed: &[String],
+    names: &HashSet<&str>,
+) -> Result<Option<HashSet<String>>, ConfigError> {
+    if listed.iter().any(|r| r == "*") {
+        return Ok(None);
+    }
+    for (k, r) in listed.iter().enumerate() {
+        if !names.contains(r.as_str()) {
+            return Err(invalid(
+                format!("{at}.routes[{k}]"),
+                Problem::NoSuchRoute(r.clone()),
+            ));
+        }
+    }
+    Ok(Some(listed.iter().cloned().collect()))
+}
+
+fn validate_limits(l: &Limits, at: &str) -> Result<(), ConfigError> {
+    for (name, v) in [
+        ("requests_per_second", l.requests_per_second),
+        ("requests_per_minute", l.requests_per_minute),
+        ("tokens_per_minute", l.tokens_per_minute),
+        ("concurrent_requests", l.concurrent_requests),
+    ] {
+        if v == Some(0) {
+            return Err(invalid(format!("{at}.{name}"), Problem::ZeroLimit));
+        }
+    }
+    Ok(())
+}
+
+fn check_pricing(pricing: &BTreeMap<String, RawPrice>) -> Result<(), ConfigError> {
+    for (model, p) in pricing {
+        for (name, v) in [
+            ("input", Some(p.input)),
+            ("cached_input", p.cached_input),
+            ("output", Some(p.output)),
+        ] {
+            if let Some(v) = v {
+                if !v.is_finite() || v < 0.0 {
+                    return Err(invalid(format!("pricing.{model}.{name}"), Problem::Price));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_tenant_label(metrics: RawMetrics, tenants: usize) -> Result<(), ConfigError> {
+    if metrics.tenant_label && tenants > MAX_LABELLED_TENANTS {
+        return Err(invalid(
+            "metrics.tenant_label",
+            Problem::TooManyLabelled {
+                tenants,
+                max: MAX_LABELLED_TENANTS,
+            },
+        ));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// redis, rows.
+// ---------------------------------------------------------------------------------------
+
+fn validate_redis(r: &RawRedis, lookup_env: LookupEnv<'_>) -> Result<RedisConfig, ConfigError> {
+    let url = if is_secret_reference(&r.url) {
+        required_secret("redis.url", &r.url, lookup_env)?
+    } else {
+        Secret::new(r.url.clone())
+    };
+    if !url.expose().starts_with("redis://") && !url.expose().starts_with("rediss://") {
+        return Err(invalid("redis.url", Problem::RedisScheme));
+    }
+    let refuse_when_down = match r.on_failure.as_deref().unwrap_or("local") {
+        "local" => false,
+        "refuse" => true,
+        other => {
+            return Err(invalid(
+                "redis.on_failure",
+                Problem::OnFailure(other.into()),
+            ))
+        }
+    };
+    Ok(RedisConfig {
+        url,
+        timeout: duration_at("redis.timeout", r.timeout.as_deref().unwrap_or("50ms"))?,
+        refuse_when_down,
+        key_prefix: r
+            .key_prefix
+            .clone()
+            .unwrap_or_else(|| "stream-relay".into()),
+        slot_ttl: duration_at("redis.slot_ttl", r.slot_ttl.as_deref().unwrap_or("30m"))?,
+    })
+}
+
+/// The file sink's settings and its queue length.
+fn validate_rows_file(
+    f: &RawRowsFile,
+    base_dir: &Path,
+) -> Result<(FileSinkConfig, usize), ConfigError> {
+    if f.path.is_empty() {
+        return Err(invalid("rows.file.path", Problem::Empty));
+    }
+    if f.max_bytes < 4096 {
+        return Err(invalid("rows.file.max_bytes", Problem::AtLeast(4096)));
+    }
+    if f.queue == 0 {
+        return Err(invalid("rows.file.queue", Problem::AtLeast(1)));
+    }
+    let sink = FileSinkConfig {
+        path: base_dir.join(&f.path),
+        max_bytes: f.max_bytes,
+        keep: f.keep,
+    };
+    Ok((sink, f.queue))
+}
+
+fn validate_clickhouse(
+    c: &RawClickHouse,
+    base_dir: &Path,
+    lookup_env: LookupEnv<'_>,
+) -> Result<ClickHouseConfig, ConfigError> {
+    let url = clickhouse_url(&c.url, lookup_env)?;
+    let database = c.database.clone().unwrap_or_else(|| "stream_relay".into());
+    if !crate::rows::schema::valid_database(&database) {
+        return Err(invalid("rows.clickhouse.database", Problem::DatabaseName));
+    }
+    let password = match &c.password {
+        Some(p) => Some(required_secret("rows.clickhouse.password", p, lookup_env)?),
+        None => None,
+    };
+    let settings = clickhouse_settings(&c.settings)?;
+    let dur = |key: &str, set: &Option<String>, default: &str| {
+        duration_at(
+            format!("rows.clickhouse.{key}"),
+            set.as_deref().unwrap_or(default),
+        )
+    };
+    let at_least_one = |key: &str, set: Option<usize>, default: usize| match set {
+        Some(0) => Err(invalid(
+            format!("rows.clickhouse.{key}"),
+            Problem::AtLeast(1),
+        )),
+        set => Ok(set.unwrap_or(default)),
+    };
+    Ok(ClickHouseConfig {
+        url,
+        database,
+        user: c.user.clone(),
+        password,
+        batch_rows: at_least_one("batch_rows", c.batch_rows, 10_000)?,
+        batch_bytes: at_least_one("batch_bytes", c.batch_bytes, 4 << 20)?,
+        batch_interval: dur("batch_interval", &c.batch_interval, "1s")?,
+        timeout: dur("timeout", &c.timeout, "10s")?,
+        retry_interval: dur("retry_interval", &c.retry_interval, "1s")?,
+        spool_dir: base_dir.join(c.spool_dir.as_deref().unwrap_or("/tmp/stream-relay/spool")),
+        spool_max_bytes: c.spool_max_bytes.unwrap_or(1 << 30),
+        queue: at_least_one("queue", c.queue, 65536)?,
+        settings,
+    })
+}
+
+/// ClickHouse's HTTP URL, inline or from a secret reference; plain http only.
+fn clickhouse_url(text: &str, lookup_env: LookupEnv<'_>) -> Result<String, ConfigError> {
+    let key = "rows.clickhouse.url";
+    let url = if is_secret_reference(text) {
+        required_secret(key, text, lookup_env)?.expose().to_string()
+    } else {
+        text.to_string()
+    };
+    if !url.starts_with("http://") && !url.starts_with("https://") {
+        return Err(invalid(key, Problem::ClickHouseScheme));
+    }
+    if url.starts_with("https://") {
+        return Err(invalid(key, Problem::ClickHouseHttps));
+    }
+    Ok(url)
+}
+
+/// `rows.clickhouse.settings` as the text ClickHouse takes (booleans as 0 or 1).
+fn clickhouse_settings(
+    settings: &BTreeMap<String, serde_yaml::Value>,
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut out = Vec::with_capacity(settings.len());
+    for (k, v) in settings {
+        let value = match v {
+            serde_yaml::Value::String(s) => s.clone(),
+            serde_yaml::Value::Number(n) => n.to_string(),
+            serde_yaml::Value::Bool(b) => u8::from(*b).to_string(),
+            _ => {
+                return Err(invalid(
+                    format!("rows.clickhouse.settings.{k}"),
+                    Problem::SettingValue,
+                ))
+            }
+        };
+        out.push((k.clone(), value));
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------
+// routes.
+// ---------------------------------------------------------------------------------------
+
+/// Every route, with names and prefixes unique across them.
+fn validate_routes(
+    raw: Vec<RawRoute>,
+    base_dir: &Path,
+    lookup_env: LookupEnv<'_>,
+) -> Result<Vec<RouteConfig>, ConfigError> {
+    if raw.is_empty() {
+        return Err(invalid("routes", Problem::NoRoutes));
+    }
+    let mut names = HashSet::new();
+    let mut prefixes = HashMap::new();
+    let mut routes = Vec::with_capacity(raw.len());
+    for (i, r) in raw.into_iter().enumerate() {
+        let at = format!("routes[{i}]");
+        let route = validate_route(&at, r, base_dir, lookup_env)?;
+        if !names.insert(route.name.clone()) {
+            return Err(invalid(
+                format!("{at}.name"),
+                Problem::RouteTaken(route.name),
+            ));
+        }
+        if let Some(other) = prefixes.insert(route.prefix.clone(), route.name.clone()) {
+            return Err(invalid(
+                format!("{at}.prefix"),
+                Problem::PrefixTaken {
+                    prefix: route.prefix,
+                    route: other,
+                },
+            ));
+        }
+        routes.push(route);
+    }
+    Ok(routes)
+}
+
+/// One route, its keys checked in the order they are written.
+fn validate_route(
+    at: &str,
+    r: RawRoute,
+    base_dir: &Path,
+    lookup_env: LookupEnv<'_>,
+) -> Result<RouteConfig, ConfigError> {
+    check_route_name(at, &r.name)?;
+    let prefix = normalize_prefix(&r.prefix)
+        .ok_or_else(|| invalid(format!("{at}.prefix"), Problem::Prefix))?;
+    let upstreams = route_upstreams(at, &r.upstreams)?;
+    let key = route_key(at, &r, lookup_env)?;
+    let ca_pem = route_ca_file(at, r.ca_file.as_deref(), base_dir)?;
+    let timeouts = route_timeouts(at, &r.timeouts)?;
+    let openai_style = matches!(
+        r.provider,
+        ProviderKind::Openai | ProviderKind::OpenaiCompatible
+    );
+    if r.ensure_usage == Some(true) && !openai_style {
+        return Err(invalid(format!("{at}.ensure_usage"), Problem::EnsureUsage));
+    }
+    let capture = route_capture(at, &r.capture)?;
+    if r.upstreams.len() > 64 {
+        return Err(invalid(
+            format!("{at}.upstreams"),
+            Problem::TooManyUpstreams,
+        ));
+    }
+    let (balance, weights) = route_balance(at, &r)?;
+    let breaker = route_breaker(at, r.breaker.as_ref())?;
+    let retry_on = route_retries(at, &r)?;
+    let health_check = route_health_check(at, r.health_check.as_ref())?;
+    if r.max_body_bytes == Some(0) {
+        return Err(invalid(format!("{at}.max_body_bytes"), Problem::AtLeast(1)));
+    }
+    let policy = route_policy(at, &r, &upstreams)?;
+    Ok(RouteConfig {
+        policy,
+        health_check,
+        balance,
+        weights,
+        breaker,
+        max_attempts: r.max_attempts,
+        retry_on,
+        retry_after_send: r.retry_after_send,
+        max_body_bytes: r.max_body_bytes.unwrap_or(32 << 20),
+        capture,
+        ensure_usage: r.ensure_usage.unwrap_or(openai_style),
+        name: r.name,
+        prefix,
+        provider: r.provider,
+        upstreams,
+        key,
+        ca_pem,
+        timeouts,
+    })
+}
+
+fn check_route_name(at: &str, name: &str) -> Result<(), ConfigError> {
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.';
+    if name.is_empty() || !name.bytes().all(allowed) {
+        return Err(invalid(format!("{at}.name"), Problem::RouteName));
+    }
+    Ok(())
+}
+
+fn route_upstreams(at: &str, urls: &[String]) -> Result<Vec<UpstreamUrl>, ConfigError> {
+    if urls.is_empty() {
+        return Err(invalid(format!("{at}.upstreams"), Problem::NoUpstreams));
+    }
+    let mut upstreams = Vec::with_capacity(urls.len());
+    for (k, u) in urls.iter().enumerate() {
+        upstreams
+            .push(parse_upstream_url(u).map_err(|e| invalid(format!("{at}.upstreams[{k}]"), e))?);
+    }
+    Ok(upstreams)
+}
+
+/// The provider key (or pool of keys) and how it is sent. A key that is not set does not
+/// fail here: the route answers 503 and says which.
+fn route_key(at: &str, r: &RawRoute, lookup_env: LookupEnv<'_>) -> Result<KeyConfig, ConfigError> {
+    let texts = key_references(at, r)?;
+    if texts.is_empty() {
+        if r.key_header.is_some() || r.key_format.is_some() {
+            return Err(invalid(format!("{at}.key"), Problem::KeySettingsWithoutKey));
+        }
+        return Ok(KeyConfig::None);
+    }
+    let mut references = Vec::with_capacity(texts.len());
+    for (i, text) in texts.iter().enumerate() {
+        let key = if r.keys.is_some() {
+            format!("{at}.keys[{i}]")
+        } else {
+            format!("{at}.key")
+        };
+        references.push(SecretRef::parse(text).map_err(|e| invalid(key, e))?);
+    }
+    let header = key_header(at, r)?;
+    let (prefix, suffix) = key_format(at, r.key_format.as_deref(), &header)?;
+    Ok(KeyConfig::Injected {
+        header,
+        prefix,
+        suffix,
+        states: references.iter().map(|s| s.resolve(lookup_env)).collect(),
+    })
+}
+
+/// `key` or `keys` (not both), as written.
+fn key_references(at: &str, r: &RawRoute) -> Result<Vec<String>, ConfigError> {
+    match (&r.key, &r.keys) {
+        (Some(_), Some(_)) => Err(invalid(format!("{at}.keys"), Problem::KeyAndKeys)),
+        (Some(k), None) => Ok(vec![k.clone()]),
+        (None, Some(ks)) if ks.is_empty() || ks.len() > 64 => {
+            Err(invalid(format!("{at}.keys"), Problem::KeyCount))
+        }
+        (None, Some(ks)) => Ok(ks.clone()),
+        (None, None) => Ok(Vec::new()),
+    }
+}
+
+/// The key's header, lowercase; by default the provider's.
+fn key_header(at: &str, r: &RawRoute) -> Result<String, ConfigError> {
+    let Some(h) = &r.key_header else {
+        return Ok(match r.provider {
+            ProviderKind::Anthropic => "x-api-key".into(),
+            _ => "authorization".into(),
+        });
+    };
+    let h = h.to_ascii_lowercase();
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'_';
+    if h.is_empty() || !h.bytes().all(allowed) {
+        return Err(invalid(format!("{at}.key_header"), Problem::KeyHeader));
+    }
+    Ok(h)
+}
+
+/// The header value around `{key}`: `Bearer {key}` for `authorization`, else `{key}`.
+fn key_format(at: &str, set: Option<&str>, header: &str) -> Result<(String, String), ConfigError> {
+    let default = if header == "authorization" {
+        "Bearer {key}"
+    } else {
+        "{key}"
+    };
+    let Some((prefix, suffix)) = set.unwrap_or(default).split_once("{key}") else {
+        return Err(invalid(format!("{at}.key_format"), Problem::KeyFormat));
+    };
+    if suffix.contains("{key}") {
+        return Err(invalid(format!("{at}.key_format"), Problem::KeyFormatTwice));
+    }
+    Ok((prefix.to_string(), suffix.to_string()))
+}
+
+/// The CA file, which must hold at least one PEM certificate.
+fn route_ca_file(
+    at: &str,
+    file: Option<&str>,
+    base_dir: &Path,
+) -> Result<Option<PathBuf>, ConfigError> {
+    let Some(file) = file else {
+        return Ok(None);
+    };
+    let key = format!("{at}.ca_file");
+    let path = base_dir.join(file);
+    let text = std::fs::read(&path).map_err(|error| {
+        let path = path.clone();
+        invalid(key.clone(), Problem::CaRead { path, error })
+    })?;
+    if crate::upstream::parse_ca_pem(&text).is_none_or(|c| c.is_empty()) {
+        return Err(invalid(key, Problem::CaEmpty(path)));
+    }
+    Ok(Some(path))
+}
+
+fn route_timeouts(at: &str, t: &RawTimeouts) -> Result<Timeouts, ConfigError> {
+    let key = |name: &str| format!("{at}.timeouts.{name}");
+    let timeouts = Timeouts {
+        connect: duration_at(key("connect"), &t.connect)?,
+        first_byte: duration_at(key("first_byte"), &t.first_byte)?,
+        idle: duration_at(key("idle"), &t.idle)?,
+        total: duration_at(key("total"), &t.total)?,
+    };
+    for (name, d) in [
+        ("connect", timeouts.connect),
+        ("first_byte", timeouts.first_byte),
+        ("idle", timeouts.idle),
+        ("total", timeouts.total),
+    ] {
+        if d.is_zero() {
+            return Err(invalid(key(name), Problem::Zero));
+        }
+    }
+    Ok(timeouts)
+}
+
+fn route_capture(at: &str, c: &RawCapture) -> Result<Capture, ConfigError> {
+    let side =
+        |name: &str, set| capture_size(set).map_err(|p| invalid(format!("{at}.capture.{name}"), p));
+    Ok(Capture {
+        request: side("request", &c.request)?,
+        response: side("response", &c.response)?,
+    })
+}
+
+/// How an upstream is chosen, and one weight per upstream (all 1 unless weighted).
+fn route_balance(at: &str, r: &RawRoute) -> Result<(Balance, Vec<u32>), ConfigError> {
+    let balance = match r.balance.as_deref() {
+        None | Some("round_robin") => Balance::RoundRobin,
+        Some("least_in_flight") => Balance::LeastInFlight,
+        Some("weighted") => Balance::Weighted,
+        Some(other) => {
+            return Err(invalid(
+                format!("{at}.balance"),
+                Problem::Balance(other.into()),
+            ))
+        }
+    };
+    let key = format!("{at}.weights");
+    let weights = match (&r.weights, balance) {
+        (Some(w), Balance::Weighted)
+            if w.len() == r.upstreams.len() && w.iter().all(|x| *x > 0) =>
+        {
+            w.clone()
+        }
+        (Some(_), Balance::Weighted) => return Err(invalid(key, Problem::Weights)),
+        (None, Balance::Weighted) => return Err(invalid(key, Problem::WeightsMissing)),
+        (Some(_), _) => return Err(invalid(key, Problem::WeightsUnweighted)),
+        (None, _) => vec![1; r.upstreams.len()],
+    };
+    Ok((balance, weights))
+}
+
+/// The breaker of each upstream and key; what is not set is [`BreakerConfig::default`].
+fn route_breaker(at: &str, set: Option<&RawBreaker>) -> Result<BreakerConfig, ConfigError> {
+    let default = BreakerConfig::default();
+    let Some(b) = set else {
+        return Ok(default);
+    };
+    let failures = match b.failures {
+        Some(0) => {
+            return Err(invalid(
+                format!("{at}.breaker.failures"),
+                Problem::AtLeast(1),
+            ))
+        }
+        Some(n) => n,
+        None => default.failures,
+    };
+    let open_for = match &b.open_for {
+        Some(text) => duration_at(format!("{at}.breaker.open_for"), text)?,
+        None => default.open_for,
+    };
+    Ok(BreakerConfig { failures, open_for })
+}
+
+/// Checks `max_attempts`; returns the statuses tried again.
+fn route_retries(at: &str, r: &RawRoute) -> Result<Vec<u16>, ConfigError> {
+    if let Some(n) = r.max_attempts {
+        // Pingora stops a request after 16 tries whatever the relay says.
+        if !(1..=16).contains(&n) {
+            return Err(invalid(format!("{at}.max_attempts"), Problem::MaxAttempts));
+        }
+    }
+    let retry_on = r
+        .retry_on
+        .clone()
+        .unwrap_or_else(|| vec![429, 500, 502, 503, 504, 529]);
+    if let Some(bad) = retry_on.iter().find(|s| !(400..600).contains(*s)) {
+        return Err(invalid(
+            format!("{at}.retry_on"),
+            Problem::NotErrorStatus(*bad),
+        ));
+    }
+    Ok(retry_on)
+}
+
+fn route_health_check(
+    at: &str,
+    set: Option<&RawHealthCheck>,
+) -> Result<Option<HealthCheck>, ConfigError> {
+    let Some(h) = set else {
+        return Ok(None);
+    };
+    if !h.path.starts_with('/') || h.path.bytes().any(|b| b.is_ascii_whitespace()) {
+        return Err(invalid(
+            format!("{at}.health_check.path"),
+            Problem::HealthPath,
+        ));
+    }
+    let dur = |key: &str, set: &Option<String>, default: &str| {
+        duration_at(
+            format!("{at}.health_check.{key}"),
+            set.as_deref().unwrap_or(default),
+        )
+    };
+    let interval = dur("interval", &h.interval, "10s")?;
+    let timeout = dur("timeout", &h.timeout, "2s")?;
+    if interval.is_zero() || timeout.is_zero() {
+        return Err(invalid(format!("{at}.health_check"), Problem::HealthZero));
+    }
+    Ok(Some(HealthCheck {
+        path: h.path.clone(),
+        interval,
+        timeout,
+    }))
+}
+
+/// A route's endpoints, store policy and upstream headers.
+fn route_policy(
+    at: &str,
+    r: &RawRoute,
+    upstreams: &[UpstreamUrl],
+) -> Result<RoutePolicy, ConfigError> {
+    let endpoints = route_endpoints(at, r, upstreams)?;
+    let store = match r.store.as_deref() {
+        None | Some("pass") => Store::Pass,
+        Some("force_off") => Store::ForceOff,
+        Some(_) => return Err(invalid(format!("{at}.store"), Problem::Store)),
+    };
+    Ok(RoutePolicy {
+        endpoints,
+        store,
+        upstream_headers: upstream_headers(at, &r.upstream_headers)?,
+    })
+}
+
+/// What the route serves: the provider's defaults, or the list given.
+fn route_endpoints(
+    at: &str,
+    r: &RawRoute,
+    upstreams: &[UpstreamUrl],
+) -> Result<Endpoints, ConfigError> {
+    let endpoints = match &r.endpoints {
+        None => Endpoints::defaults(r.provider),
+        Some(list) => {
+            let mut out = Vec::with_capacity(list.len());
+            for (k, e) in list.iter().enumerate() {
+                out.push(
+                    Endpoint::parse(e).map_err(|e| invalid(format!("{at}.endpoints[{k}]"), e))?,
+                );
+            }
+            Endpoints(out)
+        }
+    };
+    let same_base = upstreams
+        .iter()
+        .all(|u| u.base_path == upstreams[0].base_path);
+    if endpoints.0.iter().any(Endpoint::is_anchored) && !same_base {
+        return Err(invalid(format!("{at}.endpoints"), Problem::MixedBasePaths));
+    }
+    Ok(endpoints)
+}
+
+/// `upstream_headers`, none of them one the relay sets itself.
+fn upstream_headers(
+    at: &str,
+    headers: &BTreeMap<String, String>,
+) -> Result<Vec<(http::HeaderName, http::HeaderValue)>, ConfigError> {
+    let mut out = Vec::with_capacity(headers.len());
+    for (name, value) in headers {
+        let key = format!("{at}.upstream_headers.{name}");
+        let n = http::HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
+            .map_err(|_| invalid(key.clone(), Problem::HeaderName))?;
+        if crate::policy::relay_owned_header(n.as_str()) {
+            return Err(invalid(key, Problem::RelayOwnedHeader));
+        }
+        let v =
+            http::HeaderValue::from_str(value).map_err(|_| invalid(key, Problem::HeaderValue))?;
+        out.push((n, v));
+    }
+    Ok(out)
+}
