@@ -9,6 +9,7 @@ use std::path::Path;
 mod error;
 mod parse;
 mod raw;
+mod routes;
 mod validate;
 
 pub use error::{ConfigError, DurationError, Problem};
