@@ -181,65 +181,16 @@ impl Mock {
         pending: &mut Vec<u8>,
         req: Request,
     ) -> Flow {
-        let control_path = req.path == "/mock/stats" || req.path == "/mock/control";
-        if control_path && !self.control_allowed(&req.headers) {
-            let body = json!({"error": {"message": "mock: wrong or missing x-mock-control-key", "type": "authentication_error", "param": null, "code": "invalid_control_key"}});
-            return write_full(stream, 401, "application/json", body.to_string().as_bytes()).await;
+        if let Some(flow) = self.control_request(stream, &req).await {
+            return flow;
         }
-        if req.path == "/mock/stats" {
-            let body = self.stats.to_json().to_string();
-            return write_full(stream, 200, "application/json", body.as_bytes()).await;
-        }
-        if req.path == "/mock/control" {
-            if !req.body.is_empty() {
-                match serde_json::from_slice::<Control>(&req.body) {
-                    Ok(c) => *self.control.lock().expect("control lock") = c,
-                    Err(e) => {
-                        let body = json!({"error": e.to_string()}).to_string();
-                        return write_full(stream, 400, "application/json", body.as_bytes()).await;
-                    }
-                }
-            }
-            let body = serde_json::to_string(&*self.control.lock().expect("control lock"))
-                .expect("serializes");
-            return write_full(stream, 200, "application/json", body.as_bytes()).await;
-        }
-        let kind = if req.path.ends_with("/chat/completions") {
-            Kind::OpenAi
-        } else if req.path.ends_with("/messages") {
-            Kind::Anthropic
-        } else if req.path.ends_with("/audio/speech") {
-            Kind::Audio
-        } else {
+        let Some(kind) = Kind::of_path(&req.path) else {
             let body = json!({"error": {"message": format!("mock: no endpoint {}", req.path), "type": "invalid_request_error", "param": null, "code": "unknown_url"}});
             return write_full(stream, 404, "application/json", body.to_string().as_bytes()).await;
         };
-        self.stats.requests.fetch_add(1, Ordering::Relaxed);
-        *self.stats.last_headers.lock().expect("stats lock") = redacted(&req.headers);
-        let key = presented_key(&req.headers);
-        if let Some(k) = &key {
-            *self
-                .stats
-                .by_key
-                .lock()
-                .expect("stats lock")
-                .entry(credential_digest(k))
-                .or_default() += 1;
-        }
-        let forced = {
-            let c = self.control.lock().expect("control lock");
-            let by_key = key.as_ref().and_then(|k| c.key_status.get(k).copied());
-            by_key.or(c.status).map(|s| (s, c.retry_after))
-        };
-        if let Some((status, retry_after)) = forced {
-            let body = error_body(kind, status, "mock: error set by /mock/control");
-            let extra = match (status, retry_after) {
-                (429, Some(secs)) => format!("retry-after: {secs}\r\n"),
-                _ => String::new(),
-            };
-            return self.finish(
-                write_full_with(stream, status, "application/json", &extra, body.as_bytes()).await,
-            );
+        let key = self.count_model_request(&req.headers);
+        if let Some(flow) = self.forced_error(stream, kind, key.as_ref()).await {
+            return flow;
         }
 
         if let Some(expected) = &self.expected_key {
@@ -249,41 +200,118 @@ impl Mock {
                 return write_full(stream, 401, "application/json", body.as_bytes()).await;
             }
         }
-        let knobs = knobs_from(&req.headers, self.defaults);
-        let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
-        let model = body["model"].as_str().unwrap_or("mock-model").to_string();
-        let streaming = body["stream"].as_bool().unwrap_or(false) || kind == Kind::Audio;
+        let ask = Ask::read(kind, &req, self.defaults);
 
         let start = Instant::now();
-        if !knobs.first_delay.is_zero()
+        if !ask.knobs.first_delay.is_zero()
             && self
-                .wait_until(stream, pending, start + knobs.first_delay)
+                .wait_until(stream, pending, start + ask.knobs.first_delay)
                 .await
                 .is_err()
         {
-            self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
-            return Flow::Close;
+            return self.cancelled();
         }
-        if let Some(status) = knobs.status {
+        if let Some(status) = ask.knobs.status {
             let body = error_body(kind, status, "mock: error requested by x-mock-status");
             return self
                 .finish(write_full(stream, status, "application/json", body.as_bytes()).await);
         }
-        let prompt_tokens = (req.body.len() / 4).max(1) as u64;
-        if !streaming {
-            let text = (0..knobs.chunks)
-                .map(|i| token(i, false))
-                .collect::<String>();
-            let doc = match kind {
-                Kind::OpenAi => openai_json(&model, &text, prompt_tokens, knobs.chunks as u64),
-                _ => anthropic_json(&model, &text, prompt_tokens, knobs.chunks as u64),
-            };
+        if !ask.streaming {
+            let doc = ask.json_answer();
             return self.finish(
                 write_full(stream, 200, "application/json", doc.to_string().as_bytes()).await,
             );
         }
+        self.stream_answer(stream, pending, &ask, start).await
+    }
 
-        let content_type = if kind == Kind::Audio {
+    /// `/mock/stats` and `/mock/control` (None for any other path).
+    async fn control_request<S: AsyncWrite + Unpin>(
+        &self,
+        stream: &mut S,
+        req: &Request,
+    ) -> Option<Flow> {
+        let control_path = req.path == "/mock/stats" || req.path == "/mock/control";
+        if control_path && !self.control_allowed(&req.headers) {
+            let body = json!({"error": {"message": "mock: wrong or missing x-mock-control-key", "type": "authentication_error", "param": null, "code": "invalid_control_key"}});
+            return Some(
+                write_full(stream, 401, "application/json", body.to_string().as_bytes()).await,
+            );
+        }
+        if req.path == "/mock/stats" {
+            let body = self.stats.to_json().to_string();
+            return Some(write_full(stream, 200, "application/json", body.as_bytes()).await);
+        }
+        if req.path != "/mock/control" {
+            return None;
+        }
+        if !req.body.is_empty() {
+            match serde_json::from_slice::<Control>(&req.body) {
+                Ok(c) => *self.control.lock().expect("control lock") = c,
+                Err(e) => {
+                    let body = json!({"error": e.to_string()}).to_string();
+                    return Some(
+                        write_full(stream, 400, "application/json", body.as_bytes()).await,
+                    );
+                }
+            }
+        }
+        let body = serde_json::to_string(&*self.control.lock().expect("control lock"))
+            .expect("serializes");
+        Some(write_full(stream, 200, "application/json", body.as_bytes()).await)
+    }
+
+    /// Counts a model request in the stats (its headers redacted, its key as a digest);
+    /// the provider key it carries.
+    fn count_model_request(&self, headers: &[(String, String)]) -> Option<String> {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        *self.stats.last_headers.lock().expect("stats lock") = redacted(headers);
+        let key = presented_key(headers);
+        if let Some(k) = &key {
+            *self
+                .stats
+                .by_key
+                .lock()
+                .expect("stats lock")
+                .entry(credential_digest(k))
+                .or_default() += 1;
+        }
+        key
+    }
+
+    /// The error `/mock/control` set for every request or for this `key`, answered
+    /// (None when there is none).
+    async fn forced_error<S: AsyncWrite + Unpin>(
+        &self,
+        stream: &mut S,
+        kind: Kind,
+        key: Option<&String>,
+    ) -> Option<Flow> {
+        let (status, retry_after) = {
+            let c = self.control.lock().expect("control lock");
+            let by_key = key.and_then(|k| c.key_status.get(k).copied());
+            by_key.or(c.status).map(|s| (s, c.retry_after))
+        }?;
+        let body = error_body(kind, status, "mock: error set by /mock/control");
+        let extra = match (status, retry_after) {
+            (429, Some(secs)) => format!("retry-after: {secs}\r\n"),
+            _ => String::new(),
+        };
+        Some(self.finish(
+            write_full_with(stream, status, "application/json", &extra, body.as_bytes()).await,
+        ))
+    }
+
+    /// A streamed answer: the head, then each event of the plan at its time, then the
+    /// chunked terminator; or a cut or stall where the knobs ask for one.
+    async fn stream_answer<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        stream: &mut S,
+        pending: &mut Vec<u8>,
+        ask: &Ask,
+        start: Instant,
+    ) -> Flow {
+        let content_type = if ask.kind == Kind::Audio {
             "audio/mpeg"
         } else {
             "text/event-stream"
@@ -292,49 +320,71 @@ impl Mock {
             "HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ncache-control: no-cache\r\ntransfer-encoding: chunked\r\nx-mock-provider: 1\r\n\r\n"
         );
         if stream.write_all(head.as_bytes()).await.is_err() {
-            self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
-            return Flow::Close;
+            return self.cancelled();
         }
-        let include_usage = body["stream_options"]["include_usage"]
-            .as_bool()
-            .unwrap_or(false);
-        let mut events = EventPlan::new(kind, &model, prompt_tokens, knobs, include_usage);
+        let knobs = ask.knobs;
+        let mut events = EventPlan::new(
+            ask.kind,
+            &ask.model,
+            ask.prompt_tokens,
+            knobs,
+            ask.include_usage,
+        );
         let mut content_sent = 0usize;
         while let Some(event) = events.next_event() {
             if event.content {
-                if knobs.cut_after == Some(content_sent) {
-                    // Drop the connection without the chunked terminator.
-                    let _ = stream.flush().await;
-                    self.stats.cut.fetch_add(1, Ordering::Relaxed);
-                    return Flow::Close;
-                }
-                if knobs.stall_after == Some(content_sent) {
-                    // Silent, connection open, until the client gives up (at most 10 min).
-                    let _ = stream.flush().await;
-                    let until = Instant::now() + Duration::from_secs(600);
-                    let _ = self.wait_until(stream, pending, until).await;
-                    self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
-                    return Flow::Close;
-                }
-                let due = start + knobs.first_delay + knobs.interval * content_sent as u32;
-                if self.wait_until(stream, pending, due).await.is_err() {
-                    self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                if let Flow::Close = self.pace(stream, pending, knobs, start, content_sent).await {
                     return Flow::Close;
                 }
                 content_sent += 1;
             }
             let data = (events.render)(&event, knobs.stamp);
             if write_chunk(stream, &data).await.is_err() {
-                self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
-                return Flow::Close;
+                return self.cancelled();
             }
         }
         if stream.write_all(b"0\r\n\r\n").await.is_err() {
-            self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
-            return Flow::Close;
+            return self.cancelled();
         }
         self.stats.completed.fetch_add(1, Ordering::Relaxed);
         Flow::Continue
+    }
+
+    /// Before content event `content_sent`: the cut or stall planned there (counted,
+    /// `Flow::Close`), else the wait until the event is due (`Flow::Close`, counted as
+    /// cancelled, when the client goes away meanwhile).
+    async fn pace<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        stream: &mut S,
+        pending: &mut Vec<u8>,
+        knobs: Knobs,
+        start: Instant,
+        content_sent: usize,
+    ) -> Flow {
+        if knobs.cut_after == Some(content_sent) {
+            // Drop the connection without the chunked terminator.
+            let _ = stream.flush().await;
+            self.stats.cut.fetch_add(1, Ordering::Relaxed);
+            return Flow::Close;
+        }
+        if knobs.stall_after == Some(content_sent) {
+            // Silent, connection open, until the client gives up (at most 10 min).
+            let _ = stream.flush().await;
+            let until = Instant::now() + Duration::from_secs(600);
+            let _ = self.wait_until(stream, pending, until).await;
+            return self.cancelled();
+        }
+        let due = start + knobs.first_delay + knobs.interval * content_sent as u32;
+        if self.wait_until(stream, pending, due).await.is_err() {
+            return self.cancelled();
+        }
+        Flow::Continue
+    }
+
+    /// Counts an answer the client did not take to its end.
+    fn cancelled(&self) -> Flow {
+        self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+        Flow::Close
     }
 
     fn finish(&self, flow: Flow) -> Flow {
@@ -371,6 +421,57 @@ enum Kind {
     OpenAi,
     Anthropic,
     Audio,
+}
+
+impl Kind {
+    /// The endpoint a path ends in.
+    fn of_path(path: &str) -> Option<Kind> {
+        if path.ends_with("/chat/completions") {
+            Some(Kind::OpenAi)
+        } else if path.ends_with("/messages") {
+            Some(Kind::Anthropic)
+        } else if path.ends_with("/audio/speech") {
+            Some(Kind::Audio)
+        } else {
+            None
+        }
+    }
+}
+
+/// What a model request asks for, from its headers and body.
+struct Ask {
+    kind: Kind,
+    knobs: Knobs,
+    model: String,
+    streaming: bool,
+    include_usage: bool,
+    prompt_tokens: u64,
+}
+
+impl Ask {
+    fn read(kind: Kind, req: &Request, defaults: Knobs) -> Ask {
+        let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
+        Ask {
+            kind,
+            knobs: knobs_from(&req.headers, defaults),
+            model: body["model"].as_str().unwrap_or("mock-model").to_string(),
+            streaming: body["stream"].as_bool().unwrap_or(false) || kind == Kind::Audio,
+            include_usage: body["stream_options"]["include_usage"]
+                .as_bool()
+                .unwrap_or(false),
+            prompt_tokens: (req.body.len() / 4).max(1) as u64,
+        }
+    }
+
+    /// The whole answer of a request that did not ask for a stream.
+    fn json_answer(&self) -> Value {
+        let chunks = self.knobs.chunks;
+        let text = (0..chunks).map(|i| token(i, false)).collect::<String>();
+        match self.kind {
+            Kind::OpenAi => openai_json(&self.model, &text, self.prompt_tokens, chunks as u64),
+            _ => anthropic_json(&self.model, &text, self.prompt_tokens, chunks as u64),
+        }
+    }
 }
 
 enum Flow {
@@ -598,99 +699,107 @@ struct EventPlan {
 
 impl EventPlan {
     fn new(kind: Kind, model: &str, prompt: u64, k: Knobs, include_usage: bool) -> EventPlan {
-        let mut steps = Vec::with_capacity(k.chunks + 8);
-        let plain = |step| Event {
-            step,
-            content: false,
-        };
-        let paced = |step| Event {
-            step,
-            content: true,
-        };
-        match kind {
-            Kind::OpenAi => {
-                steps.push(plain(Step::OpenAiRole));
-                steps.extend((0..k.chunks).map(|i| paced(Step::OpenAiContent(i))));
-                steps.push(plain(Step::OpenAiFinish));
-                if include_usage {
-                    steps.push(plain(Step::OpenAiUsage));
-                }
-                steps.push(plain(Step::OpenAiDone));
-            }
-            Kind::Anthropic => {
-                steps.push(plain(Step::AnthropicStart));
-                steps.push(plain(Step::AnthropicBlockStart));
-                steps.push(plain(Step::AnthropicPing));
-                steps.extend((0..k.chunks).map(|i| paced(Step::AnthropicDelta(i))));
-                steps.push(plain(Step::AnthropicBlockStop));
-                steps.push(plain(Step::AnthropicMessageDelta));
-                steps.push(plain(Step::AnthropicStop));
-            }
-            Kind::Audio => steps.extend((0..k.chunks).map(|i| paced(Step::Audio(i)))),
-        }
-        let model = model.to_string();
-        let chunks = k.chunks as u64;
-        let chunk_bytes = k.chunk_bytes;
-        let usage_field = if include_usage { ",\"usage\":null" } else { "" };
-        let render = Box::new(move |e: &Event, stamp: bool| -> Vec<u8> {
-            let openai = |delta: String, finish: &str| {
-                format!(
-                    "data: {{\"id\":\"chatcmpl-mock\",\"object\":\"chat.completion.chunk\",\"created\":1700000000,\"model\":\"{model}\",\"system_fingerprint\":\"fp_mock\",\"choices\":[{{\"index\":0,\"delta\":{delta},\"logprobs\":null,\"finish_reason\":{finish}}}]{usage_field}}}\n\n"
-                )
-                .into_bytes()
-            };
-            let sse =
-                |name: &str, data: Value| format!("event: {name}\ndata: {data}\n\n").into_bytes();
-            match e.step {
-                Step::OpenAiRole => openai(
-                    "{\"role\":\"assistant\",\"content\":\"\",\"refusal\":null}".into(),
-                    "null",
-                ),
-                Step::OpenAiContent(i) => openai(
-                    json!({"content": token(i, stamp)}).to_string(),
-                    "null",
-                ),
-                Step::OpenAiFinish => openai("{}".into(), "\"stop\""),
-                Step::OpenAiUsage => format!(
-                    "data: {{\"id\":\"chatcmpl-mock\",\"object\":\"chat.completion.chunk\",\"created\":1700000000,\"model\":\"{model}\",\"system_fingerprint\":\"fp_mock\",\"choices\":[],\"usage\":{}}}\n\n",
-                    usage_json(prompt, chunks)
-                )
-                .into_bytes(),
-                Step::OpenAiDone => b"data: [DONE]\n\n".to_vec(),
-                Step::AnthropicStart => sse(
-                    "message_start",
-                    json!({"type": "message_start", "message": {"id": "msg_mock", "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": prompt, "output_tokens": 1}}}),
-                ),
-                Step::AnthropicBlockStart => sse(
-                    "content_block_start",
-                    json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
-                ),
-                Step::AnthropicPing => sse("ping", json!({"type": "ping"})),
-                Step::AnthropicDelta(i) => sse(
-                    "content_block_delta",
-                    json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": token(i, stamp)}}),
-                ),
-                Step::AnthropicBlockStop => sse(
-                    "content_block_stop",
-                    json!({"type": "content_block_stop", "index": 0}),
-                ),
-                Step::AnthropicMessageDelta => sse(
-                    "message_delta",
-                    json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": chunks}}),
-                ),
-                Step::AnthropicStop => sse("message_stop", json!({"type": "message_stop"})),
-                Step::Audio(i) => audio_chunk(i, chunk_bytes),
-            }
-        });
         EventPlan {
-            steps: steps.into_iter(),
-            render,
+            steps: steps(kind, k.chunks, include_usage).into_iter(),
+            render: renderer(model, prompt, k, include_usage),
         }
     }
 
     fn next_event(&mut self) -> Option<Event> {
         self.steps.next()
     }
+}
+
+/// The events of a streamed answer of `kind` with `chunks` content events, in order.
+fn steps(kind: Kind, chunks: usize, include_usage: bool) -> Vec<Event> {
+    let mut steps = Vec::with_capacity(chunks + 8);
+    let plain = |step| Event {
+        step,
+        content: false,
+    };
+    let paced = |step| Event {
+        step,
+        content: true,
+    };
+    match kind {
+        Kind::OpenAi => {
+            steps.push(plain(Step::OpenAiRole));
+            steps.extend((0..chunks).map(|i| paced(Step::OpenAiContent(i))));
+            steps.push(plain(Step::OpenAiFinish));
+            if include_usage {
+                steps.push(plain(Step::OpenAiUsage));
+            }
+            steps.push(plain(Step::OpenAiDone));
+        }
+        Kind::Anthropic => {
+            steps.push(plain(Step::AnthropicStart));
+            steps.push(plain(Step::AnthropicBlockStart));
+            steps.push(plain(Step::AnthropicPing));
+            steps.extend((0..chunks).map(|i| paced(Step::AnthropicDelta(i))));
+            steps.push(plain(Step::AnthropicBlockStop));
+            steps.push(plain(Step::AnthropicMessageDelta));
+            steps.push(plain(Step::AnthropicStop));
+        }
+        Kind::Audio => steps.extend((0..chunks).map(|i| paced(Step::Audio(i)))),
+    }
+    steps
+}
+
+/// How each event of an answer for `model` renders.
+fn renderer(model: &str, prompt: u64, k: Knobs, include_usage: bool) -> Render {
+    let model = model.to_string();
+    let chunks = k.chunks as u64;
+    let chunk_bytes = k.chunk_bytes;
+    let usage_field = if include_usage { ",\"usage\":null" } else { "" };
+    Box::new(move |e: &Event, stamp: bool| -> Vec<u8> {
+        let openai = |delta: String, finish: &str| {
+            format!(
+                "data: {{\"id\":\"chatcmpl-mock\",\"object\":\"chat.completion.chunk\",\"created\":1700000000,\"model\":\"{model}\",\"system_fingerprint\":\"fp_mock\",\"choices\":[{{\"index\":0,\"delta\":{delta},\"logprobs\":null,\"finish_reason\":{finish}}}]{usage_field}}}\n\n"
+            )
+            .into_bytes()
+        };
+        let sse = |name: &str, data: Value| format!("event: {name}\ndata: {data}\n\n").into_bytes();
+        match e.step {
+            Step::OpenAiRole => openai(
+                "{\"role\":\"assistant\",\"content\":\"\",\"refusal\":null}".into(),
+                "null",
+            ),
+            Step::OpenAiContent(i) => openai(
+                json!({"content": token(i, stamp)}).to_string(),
+                "null",
+            ),
+            Step::OpenAiFinish => openai("{}".into(), "\"stop\""),
+            Step::OpenAiUsage => format!(
+                "data: {{\"id\":\"chatcmpl-mock\",\"object\":\"chat.completion.chunk\",\"created\":1700000000,\"model\":\"{model}\",\"system_fingerprint\":\"fp_mock\",\"choices\":[],\"usage\":{}}}\n\n",
+                usage_json(prompt, chunks)
+            )
+            .into_bytes(),
+            Step::OpenAiDone => b"data: [DONE]\n\n".to_vec(),
+            Step::AnthropicStart => sse(
+                "message_start",
+                json!({"type": "message_start", "message": {"id": "msg_mock", "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": prompt, "output_tokens": 1}}}),
+            ),
+            Step::AnthropicBlockStart => sse(
+                "content_block_start",
+                json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+            ),
+            Step::AnthropicPing => sse("ping", json!({"type": "ping"})),
+            Step::AnthropicDelta(i) => sse(
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": token(i, stamp)}}),
+            ),
+            Step::AnthropicBlockStop => sse(
+                "content_block_stop",
+                json!({"type": "content_block_stop", "index": 0}),
+            ),
+            Step::AnthropicMessageDelta => sse(
+                "message_delta",
+                json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": chunks}}),
+            ),
+            Step::AnthropicStop => sse("message_stop", json!({"type": "message_stop"})),
+            Step::Audio(i) => audio_chunk(i, chunk_bytes),
+        }
+    })
 }
 
 /// Deterministic bytes for audio chunk `i`, so streams can be compared byte for byte.

@@ -5,7 +5,6 @@
 //! The client asks for a stream without usage, so the relay adds
 //! `stream_options.include_usage` and its usage stripper is in the path, as is the tap.
 
-mod common;
 use common::*;
 
 use std::io::{Read, Write};

@@ -1,8 +1,6 @@
 //! The command line: configuration checks that name the offending key, key hashing, and
 //! the shipped configuration serving a first stream from the built-in mock.
 
-mod common;
-
 use std::process::Command;
 
 use common::*;
@@ -11,7 +9,7 @@ fn check(yaml: &str) -> (i32, String) {
     let dir = temp_dir("check");
     let path = dir.join("relay.yaml");
     std::fs::write(&path, yaml).unwrap();
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .arg("-t")
         .arg("-c")
         .arg(&path)
@@ -71,7 +69,7 @@ fn check_accepts_a_valid_file_and_names_the_bad_key() {
     }
     // The shipped configuration is valid, also through the `check` subcommand.
     let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/relay.yaml");
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args(["check", "-c", shipped])
         .output()
         .unwrap();
@@ -93,7 +91,7 @@ fn check_warns_when_the_file_limit_cannot_hold_max_connections() {
         let out = Command::new("bash")
             .arg("-c")
             .arg("ulimit -n 256 && exec \"$0\" -t -c \"$1\"")
-            .arg(BIN)
+            .arg(bin())
             .arg(&path)
             .output()
             .unwrap();
@@ -146,7 +144,7 @@ fn check_names_the_per_address_default_beyond_loopback() {
 
 #[test]
 fn hash_key_matches_the_library_and_reads_stdin() {
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args(["hash-key", "sk-relay-demo"])
         .output()
         .unwrap();
@@ -154,7 +152,7 @@ fn hash_key_matches_the_library_and_reads_stdin() {
         String::from_utf8(out.stdout).unwrap().trim(),
         hash("sk-relay-demo")
     );
-    let mut child = Command::new(BIN)
+    let mut child = Command::new(bin())
         .arg("hash-key")
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -173,7 +171,7 @@ fn hash_key_matches_the_library_and_reads_stdin() {
         hash("sk-relay-demo")
     );
 
-    let out = Command::new(BIN).arg("new-key").output().unwrap();
+    let out = Command::new(bin()).arg("new-key").output().unwrap();
     let text = String::from_utf8(out.stdout).unwrap();
     let key = text
         .lines()
@@ -244,4 +242,12 @@ fn shipped_configuration_serves_a_first_stream() {
         &chat_body(false, false),
     );
     assert_eq!(r.status, 200, "the mock still serves: nothing was broken");
+}
+
+/// The harness (tests/common, a crate of its own) finds the binary at run time; it must
+/// be the one Cargo built for these tests.
+#[test]
+fn the_harness_runs_the_binary_cargo_built_for_the_tests() {
+    assert_eq!(bin(), env!("CARGO_BIN_EXE_stream-relay"));
+    assert!(std::path::Path::new(bin()).is_file(), "{}", bin());
 }

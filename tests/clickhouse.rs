@@ -3,8 +3,6 @@
 //! ClickHouse goes away and comes back or the relay stops, malformed rows kept aside,
 //! and the seed's queries answering with the expected figures.
 
-mod common;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 

@@ -3,8 +3,6 @@
 //! go to a real ClickHouse; every PromQL expression of grafana/dashboards/stream-relay.json
 //! must return data from Prometheus, and every SQL panel rows from ClickHouse.
 
-mod common;
-
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -3,8 +3,6 @@
 //! image's configuration, paths and health check work (checked without a Docker engine).
 //! Under CI a missing tool fails the test (scripts/test.sh installs both).
 
-mod common;
-
 use std::process::Command;
 
 fn tool_missing(name: &str) -> bool {
@@ -37,7 +35,7 @@ fn systemd_unit_verifies() {
     let path = dir.join("stream-relay.service");
     std::fs::write(
         &path,
-        unit.replace("/usr/local/bin/stream-relay", common::BIN),
+        unit.replace("/usr/local/bin/stream-relay", common::bin()),
     )
     .unwrap();
     let out = Command::new("systemd-analyze")
@@ -192,7 +190,7 @@ fn the_docker_image_configuration_starts_serves_and_passes_its_health_check() {
     }
     let path = dir.join("relay.yaml");
     std::fs::write(&path, &local).unwrap();
-    let check = Command::new(common::BIN)
+    let check = Command::new(common::bin())
         .args(["-t", "-c"])
         .arg(&path)
         .output()
@@ -202,7 +200,7 @@ fn the_docker_image_configuration_starts_serves_and_passes_its_health_check() {
         "{}",
         String::from_utf8_lossy(&check.stderr)
     );
-    let child = Command::new(common::BIN)
+    let child = Command::new(common::bin())
         .arg("-c")
         .arg(&path)
         .stdout(std::process::Stdio::null())

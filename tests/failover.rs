@@ -2,8 +2,6 @@
 //! 500 again) and a key answering 429 are set aside by their breakers while every client
 //! request still succeeds, and are put back once they recover.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use common::*;

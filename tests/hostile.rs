@@ -1,8 +1,6 @@
 //! Hostile and broken input gets a clear 4xx in the provider's shape, costs nothing
 //! upstream, is recorded, and the relay keeps serving everyone else meanwhile.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

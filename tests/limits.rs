@@ -2,8 +2,6 @@
 //! error shape, token reservations settled with the real usage, and concurrency slots
 //! freed when a client goes away.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use common::*;

@@ -2,8 +2,6 @@
 //! time, tokens (from the provider's own counts) and cost, in the access log line and
 //! in `/metrics`.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 

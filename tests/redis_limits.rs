@@ -3,8 +3,6 @@
 //! others; with Redis gone the relays keep serving (or refuse, if configured) and go
 //! back to Redis when it returns.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use common::*;

@@ -1,7 +1,5 @@
 //! The real relay binary in front of the mock provider, on free loopback ports.
 
-mod common;
-
 use std::io::Write;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};

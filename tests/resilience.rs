@@ -3,8 +3,6 @@
 //! error event in the provider's shape inside a stream), the upstream connection is
 //! closed so its work stops, and the row says which deadline it was.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use common::*;

@@ -1,8 +1,6 @@
 //! One row per request, whatever became of it, with what the relay measured; none lost
 //! when the relay stops at once.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use common::*;

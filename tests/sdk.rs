@@ -2,8 +2,6 @@
 //! mock (scripts/sdk_check.py). `scripts/test.sh` installs the SDKs; under CI a missing
 //! SDK fails the test instead of skipping it.
 
-mod common;
-
 use std::process::Command;
 
 use common::*;

@@ -3,8 +3,6 @@
 //! sends changes what the relay counts. Each case asserts what reached the upstream, not
 //! only the client's status.
 
-mod common;
-
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};

@@ -1,8 +1,6 @@
 //! HTTPS upstreams: the relay verifies the upstream's certificate chain and name against
 //! a test CA made here, and refuses an upstream it cannot verify.
 
-mod common;
-
 use common::*;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 

@@ -3,8 +3,6 @@
 //! Three upgrades in a row, with streams open and requests flowing: nothing fails, every
 //! stream is complete byte for byte.
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use pingora_limits::inflight::Inflight;
+use pingora_limits::inflight::{Guard, Inflight};
 use pingora_limits::rate::{Rate, RateComponents};
 
 use async_trait::async_trait;
@@ -127,6 +127,45 @@ impl Limiter for LocalLimiter {
     }
 }
 
+/// The rate checks an admission has passed so far: each is undone when a later check
+/// refuses, so that a refused request counts nowhere.
+struct Taken<'a> {
+    tenant: &'a str,
+    rates: Vec<(&'a Rate, isize)>,
+}
+
+impl<'a> Taken<'a> {
+    fn new(tenant: &'a str) -> Self {
+        Taken {
+            tenant,
+            rates: Vec::with_capacity(3),
+        }
+    }
+
+    fn push(&mut self, rate: &'a Rate, n: isize) {
+        self.rates.push((rate, n));
+    }
+
+    /// Undoes every check passed and says why the request is refused.
+    fn refuse(
+        &mut self,
+        kind: LimitKind,
+        retry_after: Duration,
+        requests: Option<Budget>,
+        tokens: Option<Budget>,
+    ) -> Refused {
+        for (rate, n) in self.rates.drain(..) {
+            rate.observe(&self.tenant, -n);
+        }
+        Refused {
+            kind,
+            retry_after,
+            requests,
+            tokens,
+        }
+    }
+}
+
 impl LocalLimiter {
     pub fn admit_now(
         &self,
@@ -137,92 +176,10 @@ impl LocalLimiter {
         if let Some(refused) = super::exceeds_limit(limits, tokens) {
             return Err(refused);
         }
-        let mut requests = None;
-        let mut token_budget = None;
-        let mut window_ends = None;
-        // Each check that passes is undone if a later one refuses.
-        let mut undo: Vec<(&Rate, isize)> = Vec::with_capacity(3);
-        let refuse = |kind, wait, requests, tokens, undo: Vec<(&Rate, isize)>| {
-            for (rate, n) in undo {
-                rate.observe(&tenant, -n);
-            }
-            Err(Refused {
-                kind,
-                retry_after: wait,
-                requests,
-                tokens,
-            })
-        };
-        for (rate, limit, kind) in [
-            (
-                &self.per_second,
-                limits.requests_per_second,
-                LimitKind::RequestsPerSecond,
-            ),
-            (
-                &self.per_minute,
-                limits.requests_per_minute,
-                LimitKind::RequestsPerMinute,
-            ),
-        ] {
-            if let Some(limit) = limit {
-                match take(rate, tenant, 1, limit) {
-                    Ok((b, _)) => {
-                        // The tighter budget is the one a client should see.
-                        if requests
-                            .as_ref()
-                            .is_none_or(|r: &Budget| b.remaining < r.remaining)
-                        {
-                            requests = Some(b);
-                        }
-                        undo.push((rate, 1));
-                    }
-                    Err(wait) => {
-                        let b = Budget {
-                            limit,
-                            remaining: 0,
-                            reset: wait,
-                        };
-                        return refuse(kind, wait, Some(b), None, undo);
-                    }
-                }
-            }
-        }
-        if let Some(limit) = limits.tokens_per_minute {
-            match take(&self.tokens_per_minute, tenant, tokens, limit) {
-                Ok((b, ends)) => {
-                    token_budget = Some(b);
-                    window_ends = Some(ends);
-                    undo.push((&self.tokens_per_minute, tokens as isize));
-                }
-                Err(wait) => {
-                    let b = Budget {
-                        limit,
-                        remaining: 0,
-                        reset: wait,
-                    };
-                    return refuse(LimitKind::TokensPerMinute, wait, requests, Some(b), undo);
-                }
-            }
-        }
-        let slot = match limits.concurrent_requests {
-            Some(limit) => {
-                let (guard, now_open) = self.inflight.incr(tenant, 1);
-                if now_open as u64 > limit {
-                    drop(guard);
-                    // A slot frees when a request ends; there is no schedule to point to.
-                    return refuse(
-                        LimitKind::Concurrency,
-                        Duration::from_secs(1),
-                        requests,
-                        token_budget,
-                        undo,
-                    );
-                }
-                Some(guard)
-            }
-            None => None,
-        };
+        let mut taken = Taken::new(tenant);
+        let requests = self.take_requests(limits, &mut taken)?;
+        let (token_budget, window_ends) = self.take_tokens(limits, tokens, requests, &mut taken)?;
+        let slot = self.take_slot(limits, requests, token_budget, &mut taken)?;
         Ok(Admission {
             reserved_tokens: if limits.tokens_per_minute.is_some() {
                 tokens
@@ -235,6 +192,105 @@ impl LocalLimiter {
             requests,
             tokens: token_budget,
         })
+    }
+
+    /// The request-rate checks, per second then per minute: the budget left of the
+    /// tightest one passed.
+    fn take_requests<'a>(
+        &'a self,
+        limits: &Limits,
+        taken: &mut Taken<'a>,
+    ) -> Result<Option<Budget>, Refused> {
+        let mut requests = None;
+        for (rate, limit, kind) in [
+            (
+                &self.per_second,
+                limits.requests_per_second,
+                LimitKind::RequestsPerSecond,
+            ),
+            (
+                &self.per_minute,
+                limits.requests_per_minute,
+                LimitKind::RequestsPerMinute,
+            ),
+        ] {
+            let Some(limit) = limit else {
+                continue;
+            };
+            match take(rate, taken.tenant, 1, limit) {
+                Ok((b, _)) => {
+                    // The tighter budget is the one a client should see.
+                    if requests
+                        .as_ref()
+                        .is_none_or(|r: &Budget| b.remaining < r.remaining)
+                    {
+                        requests = Some(b);
+                    }
+                    taken.push(rate, 1);
+                }
+                Err(wait) => {
+                    let b = Budget {
+                        limit,
+                        remaining: 0,
+                        reset: wait,
+                    };
+                    return Err(taken.refuse(kind, wait, Some(b), None));
+                }
+            }
+        }
+        Ok(requests)
+    }
+
+    /// The token reservation: its budget and the end of the window it was counted in.
+    fn take_tokens<'a>(
+        &'a self,
+        limits: &Limits,
+        tokens: u64,
+        requests: Option<Budget>,
+        taken: &mut Taken<'a>,
+    ) -> Result<(Option<Budget>, Option<Instant>), Refused> {
+        let Some(limit) = limits.tokens_per_minute else {
+            return Ok((None, None));
+        };
+        match take(&self.tokens_per_minute, taken.tenant, tokens, limit) {
+            Ok((b, ends)) => {
+                taken.push(&self.tokens_per_minute, tokens as isize);
+                Ok((Some(b), Some(ends)))
+            }
+            Err(wait) => {
+                let b = Budget {
+                    limit,
+                    remaining: 0,
+                    reset: wait,
+                };
+                Err(taken.refuse(LimitKind::TokensPerMinute, wait, requests, Some(b)))
+            }
+        }
+    }
+
+    /// A concurrency slot, held until the request ends.
+    fn take_slot(
+        &self,
+        limits: &Limits,
+        requests: Option<Budget>,
+        tokens: Option<Budget>,
+        taken: &mut Taken<'_>,
+    ) -> Result<Option<Guard>, Refused> {
+        let Some(limit) = limits.concurrent_requests else {
+            return Ok(None);
+        };
+        let (guard, now_open) = self.inflight.incr(taken.tenant, 1);
+        if now_open as u64 > limit {
+            drop(guard);
+            // A slot frees when a request ends; there is no schedule to point to.
+            return Err(taken.refuse(
+                LimitKind::Concurrency,
+                Duration::from_secs(1),
+                requests,
+                tokens,
+            ));
+        }
+        Ok(Some(guard))
     }
 
     /// Settles a reservation with the tokens used (`None`: unknown, the estimate stands).

@@ -1,17 +1,46 @@
 //! Test harness: the real `stream-relay` binary and its mock provider as child
 //! processes on free loopback ports, and a small HTTP/1.1 client that records when each
 //! piece of a response arrived.
-
-#![allow(dead_code)]
+//!
+//! A crate of its own (a dev-dependency of stream-relay), so it is compiled once rather
+//! than once per test file. It does not depend on stream-relay: the relay is what it
+//! runs, not what it links.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_stream-relay");
+use sha2::{Digest, Sha256};
+
+/// The `stream-relay` binary Cargo built for this test run.
+///
+/// `env!("CARGO_BIN_EXE_stream-relay")` exists only while an integration test itself is
+/// compiled, not this crate. Cargo from 1.96 on also sets the variable when it runs the
+/// test (1.95 does not); without it the relay is found beside the test binary's folder
+/// (`target/debug/deps/relay-…` → `target/debug/stream-relay`). `tests/cli.rs` checks
+/// that this is the path the test was compiled with.
+pub fn bin() -> &'static str {
+    static BIN: OnceLock<String> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(path) = std::env::var("CARGO_BIN_EXE_stream-relay") {
+            return path;
+        }
+        let exe = std::env::current_exe().expect("the test binary's path");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("the test binary is in target/<profile>/deps");
+        let path = profile_dir.join(format!("stream-relay{}", std::env::consts::EXE_SUFFIX));
+        path.into_os_string()
+            .into_string()
+            .expect("a UTF-8 path to stream-relay")
+    })
+}
+
 pub const TENANT_KEY: &str = "sk-tenant-test-1";
 pub const PROVIDER_KEY: &str = "sk-upstream-test-9";
 
@@ -37,8 +66,12 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     dir
 }
 
+/// A tenant key as `key_sha256` holds it: SHA-256, lower-case hex.
 pub fn hash(key: &str) -> String {
-    stream_relay::auth::hash_key_hex(key)
+    Sha256::digest(key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// A child process stopped by pid when dropped.
@@ -91,7 +124,7 @@ impl MockProc {
     }
 
     pub fn start_with(key: Option<&str>, tls: Option<(&Path, &Path)>) -> MockProc {
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(bin());
         cmd.args(["mock", "--listen", "127.0.0.1:0"]);
         if let Some(k) = key {
             cmd.args(["--key", k]);
@@ -201,12 +234,12 @@ impl RelayProc {
         let stderr_path = dir.join("stderr.log");
         // Under a file limit through the shell, which then becomes the relay (same pid).
         let mut cmd = match nofile {
-            None => Command::new(BIN),
+            None => Command::new(bin()),
             Some(n) => {
                 let mut c = Command::new("bash");
                 c.arg("-c")
                     .arg(format!("ulimit -n {n} && exec \"$0\" \"$@\""))
-                    .arg(BIN);
+                    .arg(bin());
                 c
             }
         };
@@ -237,7 +270,7 @@ impl RelayProc {
     /// the listening sockets over when this one gets SIGQUIT.
     pub fn start_upgrade(&self) -> Proc {
         let stderr = std::fs::File::create(self.dir.join("stderr-upgrade.log")).unwrap();
-        let child = Command::new(BIN)
+        let child = Command::new(bin())
             .arg("-c")
             .arg(self.dir.join("relay.yaml"))
             .arg("-u")
@@ -375,6 +408,19 @@ impl Response {
     }
 }
 
+/// Parsed headers as owned (lower-case name, value) pairs.
+fn owned_headers(headers: &[httparse::Header]) -> Headers {
+    headers
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_ascii_lowercase(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
+        .collect()
+}
+
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
@@ -488,7 +534,7 @@ pub fn read_response(
             let mut slots = [httparse::EMPTY_HEADER; 64];
             let mut resp = httparse::Response::new(&mut slots);
             if let Ok(httparse::Status::Complete(len)) = resp.parse(&raw) {
-                let headers = stream_relay::mock::owned_headers(resp.headers);
+                let headers = owned_headers(resp.headers);
                 let h = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
                 decoder.chunked = h("transfer-encoding").is_some_and(|v| v.contains("chunked"));
                 decoder.length = h("content-length").and_then(|v| v.parse().ok());
