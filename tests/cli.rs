@@ -144,6 +144,11 @@ fn check_names_the_per_address_default_beyond_loopback() {
 
 #[test]
 fn hash_key_matches_the_library_and_reads_stdin() {
+    // The harness hashes on its own; it must agree with the library the relay uses.
+    assert_eq!(
+        hash("sk-relay-demo"),
+        stream_relay::auth::hash_key_hex("sk-relay-demo")
+    );
     let out = Command::new(bin())
         .args(["hash-key", "sk-relay-demo"])
         .output()
