@@ -283,12 +283,17 @@ impl BackgroundService for ClickHouseSink {
         };
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         let mut stopping = false;
+        let mut rows = Vec::new();
         loop {
             tokio::select! {
-                row = batcher.rx.recv() => match row {
-                    Some(row) => batcher.push(row),
-                    None => return,
-                },
+                more = batcher.rx.recv_batch(&mut rows, 1024) => {
+                    for row in rows.drain(..) {
+                        batcher.push(row);
+                    }
+                    if !more {
+                        return;
+                    }
+                }
                 _ = tick.tick() => {
                     if !batcher.rows.is_empty()
                         && batcher.started.elapsed() >= batcher.config.batch_interval

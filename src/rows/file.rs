@@ -19,6 +19,9 @@ use crate::record::Row;
 
 const FLUSH_EVERY: Duration = Duration::from_millis(200);
 
+/// Rows taken from the queue at a time.
+const BATCH: usize = 1024;
+
 /// Where rows go, from the configuration.
 #[derive(Debug, Clone)]
 pub struct FileSinkConfig {
@@ -208,12 +211,17 @@ impl BackgroundService for FileSink {
         };
         let mut tick = tokio::time::interval(FLUSH_EVERY);
         let mut stopping = false;
+        let mut rows = Vec::new();
         loop {
             tokio::select! {
-                row = w.rx.recv() => match row {
-                    Some(row) => w.write(&row),
-                    None => return,
-                },
+                more = w.rx.recv_batch(&mut rows, BATCH) => {
+                    for row in rows.drain(..) {
+                        w.write(&row);
+                    }
+                    if !more {
+                        return;
+                    }
+                }
                 _ = tick.tick() => {
                     if let Err(e) = w.file.flush() {
                         error!("cannot flush {}: {e}", w.file.config.path.display());

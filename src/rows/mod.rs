@@ -1,7 +1,9 @@
 //! Row stage (`logging` hands off, a background service writes): the one row per request
 //! goes to ClickHouse when it is configured ([`clickhouse`]), otherwise to a local
 //! JSON-lines file ([`file`]). The request path only puts the row in a bounded queue and
-//! never waits; a full queue is counted and logged, never silent.
+//! never waits; a full queue is counted and logged, never silent. A row wakes no other
+//! thread: the writer looks at the queue every [`DRAIN_EVERY`], and is nudged only when
+//! the queue is half full.
 
 pub mod clickhouse;
 pub mod file;
@@ -18,9 +20,16 @@ use tokio::sync::mpsc;
 use crate::metrics::Metrics;
 use crate::record::Row;
 
+/// How often the writer takes what the queue holds. A wake-up of the writer's thread per
+/// row cost about 5% of the relay's CPU per request (measured with perf); at this pace a
+/// queue of 65,536 rows holds 10 ms of 6.5 million requests per second.
+pub const DRAIN_EVERY: Duration = Duration::from_millis(10);
+
 /// The hand-off the proxy holds.
 pub struct RowSender {
     tx: mpsc::Sender<Row>,
+    /// Wakes the writer early, when the queue is half full.
+    nudge: Arc<tokio::sync::Notify>,
     metrics: Arc<Metrics>,
     full_logged: AtomicBool,
     late: Arc<Late>,
@@ -46,6 +55,9 @@ impl RowSender {
             Ok(()) => {
                 self.metrics.rows_queued(1);
                 self.full_logged.store(false, Ordering::Relaxed);
+                if self.tx.capacity() < self.tx.max_capacity() / 2 {
+                    self.nudge.notify_one();
+                }
             }
             Err(mpsc::error::TrySendError::Closed(row)) => {
                 // Bounded like the queue, should the writer ever stop before the end.
@@ -86,14 +98,16 @@ impl Drop for OpenRequest {
 pub fn channel(queue: usize, metrics: Arc<Metrics>) -> (RowSender, RowReceiver) {
     let (tx, rx) = mpsc::channel(queue.max(1));
     let late = Arc::<Late>::default();
+    let nudge = Arc::new(tokio::sync::Notify::new());
     (
         RowSender {
             tx,
+            nudge: nudge.clone(),
             metrics,
             full_logged: AtomicBool::new(false),
             late: late.clone(),
         },
-        RowReceiver { rx, late },
+        RowReceiver { rx, late, nudge },
     )
 }
 
@@ -102,6 +116,31 @@ pub fn channel(queue: usize, metrics: Arc<Metrics>) -> (RowSender, RowReceiver) 
 pub struct RowReceiver {
     rx: mpsc::Receiver<Row>,
     late: Arc<Late>,
+    nudge: Arc<tokio::sync::Notify>,
+}
+
+impl RowReceiver {
+    /// Waits until rows are queued and moves them (at most `max`) to `out`; `false` once
+    /// the queue is closed and empty. It waits on a timer, not on each send (see
+    /// [`DRAIN_EVERY`]). Cancel-safe: what was taken is in `out`.
+    pub async fn recv_batch(&mut self, out: &mut Vec<Row>, max: usize) -> bool {
+        loop {
+            while out.len() < max {
+                match self.rx.try_recv() {
+                    Ok(row) => out.push(row),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => return !out.is_empty(),
+                }
+            }
+            if !out.is_empty() {
+                return true;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(DRAIN_EVERY) => {}
+                _ = self.nudge.notified() => {}
+            }
+        }
+    }
 }
 
 impl std::ops::Deref for RowReceiver {
