@@ -19,6 +19,7 @@ pub mod gate;
 pub mod headgate;
 pub mod health;
 pub mod limits;
+pub mod logsink;
 pub mod metrics;
 pub mod mock;
 pub mod policy;

@@ -25,7 +25,7 @@ usage:
 ";
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    stream_relay::logsink::init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("hash-key") => hash_key(args.get(1)),
@@ -91,6 +91,7 @@ fn run_relay(args: &[String], mut check_only: bool) -> ExitCode {
             if let Err(e) = rows.finish(Duration::from_secs(10)) {
                 log::error!("{e}");
             }
+            stream_relay::logsink::flush();
             std::process::exit(0)
         }
         Err(e) => {

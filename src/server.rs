@@ -71,6 +71,7 @@ pub fn build(
     add_proxy(&mut server, config, &routes, &tenants, &metrics, row_sender)?;
     add_admin(&mut server, config, &metrics, &draining);
     server.add_service(background_service("drain watch", DrainWatch(draining)));
+    server.add_service(background_service("log flusher", crate::logsink::Flusher));
     server.add_service(background_service("upstream resolver", resolver));
     server.add_service(background_service(
         "health checks",
@@ -215,28 +216,17 @@ fn add_proxy(
         config.input_limits.max_header_bytes,
         routes.clone(),
         recorder,
+        crate::conncap::ConnectionCap::new(
+            config.max_connections,
+            config.max_connections_per_address,
+            metrics.clone(),
+        ),
     );
     let mut proxy_service = Service::new("stream-relay proxy".to_string(), gate);
     proxy_service.add_listener(
         ListenerConfig::tcp(config.proxy_listen.as_str())
             .l4_buffer(L4BufferSettings::default().read(config.proxy_read_buffer)),
     );
-    match config.proxy_listen.parse::<std::net::SocketAddr>() {
-        Ok(addr) => {
-            if let Some(cap) = crate::conncap::ConnectionCap::start(
-                addr.port(),
-                config.max_connections,
-                config.max_connections_per_address,
-                metrics.clone(),
-            ) {
-                proxy_service.set_connection_filter(cap);
-            }
-        }
-        Err(_) => warn!(
-            "connection caps are off: listen.proxy `{}` is not an address and port",
-            config.proxy_listen
-        ),
-    }
     server.add_service(proxy_service);
     Ok(())
 }
