@@ -34,6 +34,7 @@ use pingora_core::server::ShutdownWatch;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::answer::LocalAnswer;
+use crate::conncap::ConnectionCap;
 use crate::error::{ErrorShape, RelayError};
 use crate::recorder::{Recorder, RefusedHead};
 use crate::route::RouteTable;
@@ -45,6 +46,8 @@ pub struct HeadGate<A> {
     max_bytes: usize,
     routes: Arc<RouteTable>,
     recorder: Arc<Recorder>,
+    /// The caps on open client connections, when set.
+    cap: Option<Arc<ConnectionCap>>,
 }
 
 impl<A> HeadGate<A> {
@@ -54,6 +57,7 @@ impl<A> HeadGate<A> {
         max_bytes: usize,
         routes: Arc<RouteTable>,
         recorder: Arc<Recorder>,
+        cap: Option<Arc<ConnectionCap>>,
     ) -> HeadGate<A> {
         HeadGate {
             inner: Arc::new(inner),
@@ -61,6 +65,7 @@ impl<A> HeadGate<A> {
             max_bytes,
             routes,
             recorder,
+            cap,
         }
     }
 }
@@ -369,6 +374,14 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for HeadGate<A> {
             .into_any()
             .downcast()
             .expect("checked to be an L4 stream");
+        // Counted until this returns; over a cap, closed before a byte is read.
+        let client = l4
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied());
+        let _held = match (&self.cap, client) {
+            (Some(cap), Some(addr)) => Some(cap.admit(addr)?),
+            _ => None,
+        };
         // The HTTP/1 keep-alive loop Pingora runs for an `HttpServerApp`, with every head
         // read through the gate first.
         let mut settings: Option<HttpPersistentSettings> = None;

@@ -210,7 +210,7 @@ impl Metrics {
             .expect("unique metric");
         let client_connections = IntGauge::new(
             "stream_relay_client_connections",
-            "Open client connections on the proxy port (read from the kernel every 500 ms, when connection caps are on).",
+            "Open client connections on the proxy port, counted when connection caps are on.",
         )
         .expect("metric");
         registry
