@@ -185,9 +185,10 @@ const MAX_HEADERS: usize = 256;
 /// the provider's shape and with a row. Errors in the request line's tokens or version
 /// are left to Pingora, which first tries escaping the target.
 pub fn unparseable(head: &[u8]) -> bool {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    match req.parse(head) {
+    // Uninitialized: a zeroed array of 256 headers (8 KiB) per request is not needed.
+    let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    match req.parse_with_uninit_headers(head, &mut headers) {
         Ok(_) | Err(httparse::Error::Token | httparse::Error::Version) => false,
         Err(_) => true,
     }

@@ -91,7 +91,7 @@ async fn probe(
     let run = async {
         let (mut session, _) = connector.get_http_session(&peer).await?;
         let mut req = pingora_http::RequestHeader::build("GET", check.path.as_bytes(), None)?;
-        let _ = req.insert_header(http::header::HOST, upstream.url.host_header());
+        let _ = req.insert_header(http::header::HOST, upstream.url.host_value().clone());
         let _ = req.insert_header("user-agent", "stream-relay-health-check");
         if let (crate::route::RouteKey::Pool { header, .. }, Some(slot)) =
             (&route.key, route.key_slot(Some(0)))

@@ -295,9 +295,17 @@ pub struct UpstreamUrl {
     pub port: u16,
     /// Path prefix with no trailing slash ("" for none).
     pub base_path: String,
+    /// [`UpstreamUrl::host_header`], made once.
+    host_value: http::HeaderValue,
 }
 
 impl UpstreamUrl {
+    /// The `Host` header value, made when the URL was parsed (it goes with every
+    /// request).
+    pub fn host_value(&self) -> &http::HeaderValue {
+        &self.host_value
+    }
+
     /// The `Host` header value: the port is left out when it is the scheme's default.
     pub fn host_header(&self) -> String {
         let default = if self.tls { 443 } else { 80 };
@@ -376,12 +384,16 @@ pub fn parse_upstream_url(url: &str) -> Result<UpstreamUrl, UpstreamUrlError> {
     if host.is_empty() || port == 0 {
         return Err(UpstreamUrlError::NoHostOrPort(url.to_string()));
     }
-    Ok(UpstreamUrl {
+    let mut parsed = UpstreamUrl {
         tls,
         host,
         port,
         base_path: path.trim_end_matches('/').to_string(),
-    })
+        host_value: http::HeaderValue::from_static(""),
+    };
+    parsed.host_value = http::HeaderValue::from_str(&parsed.host_header())
+        .map_err(|_| UpstreamUrlError::Authority(url.to_string()))?;
+    Ok(parsed)
 }
 
 /// Active health checks of a route's upstreams (`routes[].health_check`), validated.

@@ -35,7 +35,7 @@ pub fn prepare_upstream_request(
         .parse::<http::Uri>()
         .map_err(|e| Error::because(ErrorType::InternalError, "upstream uri", e))?;
     req.set_uri(uri);
-    req.insert_header(http::header::HOST, upstream.host_header())?;
+    req.insert_header(http::header::HOST, upstream.host_value().clone())?;
     req.insert_header(request_id::HEADER, request_id)?;
     Ok(())
 }
