@@ -76,9 +76,11 @@ impl RequestBody {
         keep_bytes(&mut self.captured, body, self.capture_limit);
         self.collector.reset(rewrite);
         let (step, end) = self.collector.step(body, true);
+        // A body the route may rewrite but did not need to goes as it came: Pingora sends
+        // it from its retry buffer, and no copy is kept.
         let instead = match step {
-            BodyStep::Replace(b) => Some(b),
-            BodyStep::Pass => None,
+            BodyStep::Replace(b) if b[..] != body[..] => Some(b),
+            _ => None,
         };
         self.mode = Mode::Read { instead };
         self.judge_end(end.unwrap_or_default(), json_required)
