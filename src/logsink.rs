@@ -1,9 +1,11 @@
 //! Logging (every stage): the lines env_logger formats, written to stderr. The access
-//! line of each request (target `access`, at info) waits in a buffer until the next
-//! line that is not one, until [`FLUSH_BYTES`] are buffered, or for at most
-//! [`FLUSH_EVERY`]; every other line goes out at once, after what waits. A write(2) of
-//! its own per access line, and the ANSI styling pass, cost about 5% of the relay's CPU
-//! per request (measured with perf). The wait only applies while the [`Flusher`] runs.
+//! line of each request (target `access`, at info) only joins a buffer on the request
+//! path; the [`Flusher`]'s thread writes the buffer out every [`FLUSH_EVERY`], so a slow
+//! stderr (a log file on a disk busy with writeback) never holds a request. Every other
+//! line goes out at once, after what waits, in order. A write(2) of its own per access
+//! line, and the ANSI styling pass, cost about 5% of the relay's CPU per request
+//! (measured with perf). Past [`MAX_PENDING`] bytes waiting, the request path writes
+//! them itself: the log slows requests down rather than grow without bound.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,29 +18,31 @@ use pingora_core::services::background::BackgroundService;
 
 /// The longest an access line waits.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
-/// Buffered bytes that are written at once.
-pub const FLUSH_BYTES: usize = 32 * 1024;
+/// Waiting bytes past which the request path writes them itself.
+pub const MAX_PENDING: usize = 4 << 20;
 
+/// Lines formatted and not yet written.
 static PENDING: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+/// Held while lines are written, so that they go out in the order they were taken.
+static WRITING: Mutex<Vec<u8>> = Mutex::new(Vec::new());
 /// Access lines may wait: set while the flusher runs.
 static BATCHING: AtomicBool = AtomicBool::new(false);
 
-fn pending() -> MutexGuard<'static, Vec<u8>> {
-    PENDING.lock().unwrap_or_else(|e| e.into_inner())
+fn lock(m: &'static Mutex<Vec<u8>>) -> MutexGuard<'static, Vec<u8>> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn write_out(buf: &mut Vec<u8>) {
-    if buf.is_empty() {
+/// Writes what waits. The waiting lines are swapped out at once; the write runs without
+/// holding up the lines being added meanwhile.
+pub fn flush() {
+    let mut out = lock(&WRITING);
+    std::mem::swap(&mut *out, &mut *lock(&PENDING));
+    if out.is_empty() {
         return;
     }
     // Nothing to do with an error writing the log but to drop the lines.
-    let _ = std::io::stderr().lock().write_all(buf);
-    buf.clear();
-}
-
-/// Writes what waits.
-pub fn flush() {
-    write_out(&mut pending());
+    let _ = std::io::stderr().lock().write_all(&out);
+    out.clear();
 }
 
 /// Where env_logger puts each formatted line.
@@ -46,7 +50,7 @@ struct Pending;
 
 impl Write for Pending {
     fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
-        pending().extend_from_slice(line);
+        lock(&PENDING).extend_from_slice(line);
         Ok(line.len())
     }
 
@@ -74,9 +78,8 @@ impl log::Log for Logger {
         let may_wait = record.target() == "access"
             && record.level() >= log::Level::Info
             && BATCHING.load(Ordering::Relaxed);
-        let mut buf = pending();
-        if !may_wait || buf.len() >= FLUSH_BYTES {
-            write_out(&mut buf);
+        if !may_wait || lock(&PENDING).len() >= MAX_PENDING {
+            flush();
         }
     }
 
