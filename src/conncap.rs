@@ -138,7 +138,9 @@ mod tests {
         let _b = cap.admit(addr("10.0.0.2")).unwrap();
         assert!(cap.admit(addr("10.0.0.3")).is_none(), "total");
         drop(a1);
-        let _c = cap.admit(addr("10.0.0.3")).expect("a closed connection frees its place");
+        let _c = cap
+            .admit(addr("10.0.0.3"))
+            .expect("a closed connection frees its place");
         assert_eq!(lock(&cap.counts).total, 3);
         assert_eq!(lock(&cap.counts).per_ip[&"10.0.0.1".parse().unwrap()], 1);
     }
