@@ -397,7 +397,7 @@ fn broken_upstream_answers_pass_through_as_they_came_and_are_recorded() {
 fn a_flood_of_idle_connections_is_capped_and_the_relay_recovers() {
     let mock = MockProc::start(None);
     let relay = RelayProc::start_with_listen(&config(&mock), "  max_connections_per_address: 20\n");
-    // Wait for the first reading without the readiness probes' connections.
+    // Let the readiness probes' connections close before the flood.
     std::thread::sleep(Duration::from_millis(1200));
     let idle: Vec<TcpStream> = (0..40)
         .map(|_| TcpStream::connect(relay.addr).unwrap())

@@ -577,3 +577,58 @@ fn expect_continue_is_answered_without_waiting() {
     assert_eq!(r.status, 200);
     assert!(r.complete);
 }
+
+/// Each request's access line reaches the log (they are written in batches, off the
+/// request path): within a moment while the relay runs, in the order the requests
+/// ended, and every one of them when the relay stops right after its last request.
+#[test]
+fn access_lines_reach_the_log_in_order_and_at_exit() {
+    let (_mock, mut relay) = start();
+    let auth = bearer(TENANT_KEY);
+    let send = |id: &str| {
+        let r = request(
+            relay.addr,
+            "POST",
+            "/openai/v1/chat/completions",
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/json"),
+                ("x-request-id", id),
+            ],
+            &chat_body(false, false),
+        );
+        assert_eq!(r.status, 200);
+    };
+    let ids: Vec<String> = (0..20).map(|i| format!("access-line-{i:02}")).collect();
+    for id in &ids {
+        send(id);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let logged = |log: &str, id: &str| log.find(&format!("client_id={id} "));
+    let mut log = relay.stderr();
+    while logged(&log, &ids[19]).is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        log = relay.stderr();
+    }
+    let at: Vec<usize> = ids
+        .iter()
+        .map(|id| logged(&log, id).unwrap_or_else(|| panic!("no access line for {id}:\n{log}")))
+        .collect();
+    assert!(
+        at.windows(2).all(|w| w[0] < w[1]),
+        "access lines out of order"
+    );
+    // The last lines of a relay told to stop at once are written before it exits.
+    send("access-line-last");
+    let pid = relay.proc.pid().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let _ = relay.proc.child.wait();
+    let log = relay.stderr();
+    assert!(
+        logged(&log, "access-line-last").is_some(),
+        "the access line of the last request before exit is missing:\n{log}"
+    );
+}

@@ -84,8 +84,9 @@ impl Tries {
     /// upstream and key (round robin, then failover).
     pub fn next(&mut self, route: &Arc<Route>, metrics: &Metrics) -> Pick {
         self.current = None;
-        self.started = Instant::now();
-        let (pick, seen) = route.pick(self.tried_upstreams, self.tried_keys, Instant::now());
+        let now = Instant::now();
+        self.started = now;
+        let (pick, seen) = route.pick(self.tried_upstreams, self.tried_keys, now);
         for (target, t) in seen {
             metrics.breaker_report(&route.name, &target, t);
         }

@@ -86,7 +86,8 @@ impl RequestBody {
         self.judge_end(end.unwrap_or_default(), json_required)
     }
 
-    /// Readies the upstream request head of a new attempt for the body.
+    /// Readies the upstream request head of a new attempt for the body (`rewrite`: what
+    /// the route changes in a body that flows; a body read whole was read already).
     pub fn start_attempt(&mut self, req: &mut RequestHeader, rewrite: Rewrite) -> Result<()> {
         match &mut self.mode {
             Mode::Read { instead } => {

@@ -49,6 +49,7 @@ use crate::gate::InputLimits;
 use crate::limits::Limiter;
 use crate::metrics::Metrics;
 use crate::recorder::Recorder;
+use crate::request_info::Rewrite;
 use crate::route::RouteTable;
 use ctx::{admitted, Admitted};
 
@@ -121,13 +122,13 @@ impl ProxyHttp for RelayProxy {
             .ok_or_else(|| Error::new(ErrorType::InternalError))?;
         let upstream = &a.route.upstreams[pick.upstream].url;
         prepare_upstream_request(req, &a.route, upstream, pick.key, &ctx.request_id)?;
-        let rw = body::rewrite_for(&a.route, &req.method, req.uri.path());
-        a.body.start_attempt(req, rw)?;
-        if !a.body.was_read() {
-            // Each attempt (a retry replays the body) reads it over.
-            a.answer.strip_usage = None;
+        if a.body.was_read() {
+            return a.body.start_attempt(req, Rewrite::default());
         }
-        Ok(())
+        // Each attempt (a retry replays the body) reads it over.
+        let rw = body::rewrite_for(&a.route, &req.method, req.uri.path());
+        a.answer.strip_usage = None;
+        a.body.start_attempt(req, rw)
     }
 
     async fn request_body_filter(
