@@ -140,7 +140,9 @@ impl<'a> Account<'a> {
             model,
             model_label,
             error,
-            audio: f.tap.is_some_and(|t| t.kind() == TapKind::Audio),
+            audio: f
+                .tap
+                .is_some_and(|t| t.kind() == TapKind::Audio || t.measure.audio_events),
             first_output: measure.and_then(|m| m.first_output),
             duration: f.start.elapsed(),
         }

@@ -1,5 +1,9 @@
 //! Non-streaming JSON answers: the body is kept up to a cap and read once at its end for
-//! usage, finish reason and model (OpenAI and Anthropic shapes).
+//! usage, finish reason and model. Shapes: OpenAI chat completions (`prompt_tokens`,
+//! `completion_tokens`), embeddings (`"object": "list"`: input tokens only, so output
+//! is 0), the Responses API (`"object": "response"`) and transcriptions (`input_tokens`
+//! with details, or `"type": "tokens"`), and Anthropic messages (`input_tokens` with
+//! the cache counts apart).
 
 use serde::Deserialize;
 
@@ -32,6 +36,13 @@ impl JsonBody {
         let Ok(doc) = serde_json::from_slice::<Doc>(&buf) else {
             return;
         };
+        if doc.object.as_deref() == Some("response") {
+            if let Ok(r) = serde_json::from_slice::<super::typed::Response>(&buf) {
+                r.read_into(m);
+            }
+            m.finished = true;
+            return;
+        }
         if let Some(model) = doc.model {
             m.model = Some(model);
         }
@@ -49,10 +60,21 @@ impl JsonBody {
         if let Some(usage) = doc.usage {
             // The two shapes share no key: OpenAI counts prompt and completion tokens,
             // Anthropic input and output tokens.
-            let is_openai =
-                usage.get("prompt_tokens").is_some() || usage.get("completion_tokens").is_some();
-            if is_openai {
+            let has = |k: &str| usage.get(k).is_some();
+            if has("prompt_tokens") || has("completion_tokens") {
                 if let Ok(u) = serde_json::from_value::<super::openai::UsageJson>(usage) {
+                    u.apply(&mut m.usage);
+                }
+                // An embedding generates nothing: its output is 0, not unknown.
+                if doc.object.as_deref() == Some("list") && m.usage.input.is_some() {
+                    m.usage.output.get_or_insert(0);
+                }
+            } else if has("input_tokens_details")
+                || has("input_token_details")
+                || has("output_tokens_details")
+                || usage.get("type").and_then(|t| t.as_str()) == Some("tokens")
+            {
+                if let Ok(u) = serde_json::from_value::<super::typed::ResponseUsage>(usage) {
                     u.apply(&mut m.usage);
                 }
             } else if let Ok(u) = serde_json::from_value::<super::anthropic::AnthropicUsage>(usage)
@@ -74,6 +96,7 @@ impl JsonBody {
 
 #[derive(Deserialize)]
 struct Doc {
+    object: Option<String>,
     model: Option<String>,
     choices: Option<Vec<Choice>>,
     stop_reason: Option<String>,
@@ -110,6 +133,41 @@ mod tests {
         assert_eq!(m.finish_reason.as_deref(), Some("end_turn"));
         assert_eq!((m.usage.input, m.usage.output), (Some(11), Some(4)));
         assert_eq!(m.model.as_deref(), Some("claude-haiku"));
+    }
+
+    #[test]
+    fn responses_embeddings_and_transcription_bodies() {
+        let resp = br#"{"id":"resp_1","object":"response","created_at":1,"status":"completed","error":null,"incomplete_details":null,"model":"gpt-4.1-mini-2025-04-14","output":[{"type":"message","id":"msg_1","status":"completed","role":"assistant","content":[{"type":"output_text","text":"Hi","annotations":[]}]}],"usage":{"input_tokens":36,"input_tokens_details":{"cached_tokens":0},"output_tokens":87,"output_tokens_details":{"reasoning_tokens":0},"total_tokens":123}}"#;
+        let m = run(TapKind::Json, resp, &[30]);
+        assert_eq!(m.model.as_deref(), Some("gpt-4.1-mini-2025-04-14"));
+        assert_eq!(m.finish_reason.as_deref(), Some("completed"));
+        assert_eq!(
+            m.usage,
+            Usage {
+                input: Some(36),
+                output: Some(87),
+                cached_input: Some(0),
+                reasoning: Some(0)
+            }
+        );
+        let emb = br#"{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.1,-0.2]}],"model":"text-embedding-3-small","usage":{"prompt_tokens":8,"total_tokens":8}}"#;
+        let m = run(TapKind::Json, emb, &[]);
+        assert_eq!((m.usage.input, m.usage.output), (Some(8), Some(0)));
+        assert_eq!(m.model.as_deref(), Some("text-embedding-3-small"));
+        let tr = br#"{"text":"Hello there","usage":{"type":"tokens","input_tokens":14,"input_token_details":{"text_tokens":0,"audio_tokens":14},"output_tokens":45,"total_tokens":59}}"#;
+        let m = run(TapKind::Json, tr, &[]);
+        assert_eq!((m.usage.input, m.usage.output), (Some(14), Some(45)));
+        // whisper-1 bills by duration: no token counts, so usage is unknown.
+        let dur = br#"{"text":"Hello","usage":{"type":"duration","seconds":3}}"#;
+        assert_eq!(run(TapKind::Json, dur, &[]).usage, Usage::default());
+    }
+
+    #[test]
+    fn a_usage_of_all_zeros_is_unknown() {
+        let zero = br#"{"object":"chat.completion","model":"m","choices":[],"usage":{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0}}"#;
+        assert_eq!(run(TapKind::Json, zero, &[]).usage, Usage::default());
+        let zero = br#"{"object":"list","data":[],"model":"e","usage":{"prompt_tokens":0,"total_tokens":0}}"#;
+        assert_eq!(run(TapKind::Json, zero, &[]).usage, Usage::default());
     }
 
     #[test]

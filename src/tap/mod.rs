@@ -9,18 +9,24 @@
 //!   chunk that only sets `role` (with `content: ""`) is not output.
 //! - Anthropic message streams: the first `content_block_delta` (text, thinking or tool
 //!   input).
+//! - OpenAI Responses streams: the first `response.*.delta` with content (text,
+//!   refusal, reasoning, function-call arguments, audio); transcription streams: the
+//!   first `transcript.text.delta`; speech as SSE: the first `speech.audio.delta`.
 //! - Audio: the first body byte (time to first audio, TTFA).
 //! - Non-streaming JSON has no first token; only its first byte is timed.
 //!
 //! Gaps are the times between consecutive output events. Usage comes from the
-//! provider's own counts: OpenAI's final usage chunk or JSON body, Anthropic's
+//! provider's own counts: OpenAI's final usage chunk or JSON body, the Responses API's
+//! terminal event (`response.usage`), transcription's and speech's `*.done` event, Anthropic's
 //! `message_start` (input) and last `message_delta` (output, cumulative: the last value
-//! is kept, never summed). Every tap is pure and takes the clock as an argument.
+//! is kept, never summed). A usage of all zeros is taken as none given (unknown), never as
+//! a free answer. Every tap is pure and takes the clock as an argument.
 
 mod anthropic;
 mod json;
 mod openai;
 pub mod strip;
+mod typed;
 
 use std::time::{Duration, Instant};
 
@@ -51,6 +57,9 @@ pub struct Measure {
     pub model: Option<String>,
     /// An error event in the stream (its type), e.g. Anthropic's `overloaded_error`.
     pub stream_error: Option<String>,
+    /// The output is audio carried in events (speech as SSE): `first_output` is the
+    /// time to first audio.
+    pub audio_events: bool,
     /// OpenAI's `[DONE]` or Anthropic's `message_stop` was seen.
     pub finished: bool,
     /// An event was too large to read ([`crate::sse::MAX_EVENT`]) and went by unread:
@@ -126,7 +135,7 @@ impl Tap {
                     let output = if is_anthropic {
                         anthropic::event(e.name, e.data, m)
                     } else {
-                        openai::event(e.data, m)
+                        openai::event(e.name, e.data, m)
                     };
                     outputs += u64::from(output);
                 });

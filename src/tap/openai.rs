@@ -24,9 +24,13 @@ static OUTPUT_CALLS: LazyLock<[Finder<'static>; 2]> = LazyLock::new(|| {
 });
 static USAGE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\":"));
 
-/// Reads one event's data; true when it carries generated output (see the TTFT
-/// definition in `tap`).
-pub fn event(data: &[u8], m: &mut Measure) -> bool {
+/// Reads one event (its `event:` name, empty when it has none, and its data); true
+/// when it carries generated output (see the TTFT definition in `tap`). OpenAI's typed
+/// events (the Responses API, transcription and speech streams) go to their own reader.
+pub fn event(name: &[u8], data: &[u8], m: &mut Measure) -> bool {
+    if let Some(kind) = super::typed::kind(name, data) {
+        return super::typed::event(kind, data, m);
+    }
     if data == b"[DONE]" {
         m.finished = true;
         return false;
@@ -103,6 +107,10 @@ struct CompletionDetails {
 
 impl UsageJson {
     pub(crate) fn apply(&self, u: &mut Usage) {
+        // A usage of nothing at all is a server that does not count, not a free answer.
+        if self.prompt_tokens.unwrap_or(0) == 0 && self.completion_tokens.unwrap_or(0) == 0 {
+            return;
+        }
         u.input = self.prompt_tokens.or(u.input);
         u.output = self.completion_tokens.or(u.output);
         if let Some(c) = self
