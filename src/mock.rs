@@ -421,6 +421,14 @@ enum Kind {
     OpenAi,
     Anthropic,
     Audio,
+    /// Speech asked for with `stream_format: "sse"`: `speech.audio.*` events.
+    SpeechSse,
+    /// The Responses API (`/v1/responses`).
+    Responses,
+    Embeddings,
+    /// `/v1/audio/transcriptions`: a multipart upload; JSON, or `transcript.text.*`
+    /// events when its `stream` field is true.
+    Transcription,
 }
 
 impl Kind {
@@ -432,6 +440,12 @@ impl Kind {
             Some(Kind::Anthropic)
         } else if path.ends_with("/audio/speech") {
             Some(Kind::Audio)
+        } else if path.ends_with("/responses") {
+            Some(Kind::Responses)
+        } else if path.ends_with("/embeddings") {
+            Some(Kind::Embeddings)
+        } else if path.ends_with("/audio/transcriptions") {
+            Some(Kind::Transcription)
         } else {
             None
         }
@@ -450,12 +464,22 @@ struct Ask {
 
 impl Ask {
     fn read(kind: Kind, req: &Request, defaults: Knobs) -> Ask {
-        let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
+        let body: Value = if kind == Kind::Transcription {
+            multipart_fields(&req.body)
+        } else {
+            serde_json::from_slice(&req.body).unwrap_or(Value::Null)
+        };
+        let kind = match kind {
+            Kind::Audio if body["stream_format"] == "sse" => Kind::SpeechSse,
+            k => k,
+        };
         Ask {
             kind,
             knobs: knobs_from(&req.headers, defaults),
             model: body["model"].as_str().unwrap_or("mock-model").to_string(),
-            streaming: body["stream"].as_bool().unwrap_or(false) || kind == Kind::Audio,
+            streaming: matches!(body["stream"], Value::Bool(true))
+                || body["stream"] == "true"
+                || matches!(kind, Kind::Audio | Kind::SpeechSse),
             include_usage: body["stream_options"]["include_usage"]
                 .as_bool()
                 .unwrap_or(false),
@@ -467,9 +491,21 @@ impl Ask {
     fn json_answer(&self) -> Value {
         let chunks = self.knobs.chunks;
         let text = (0..chunks).map(|i| token(i, false)).collect::<String>();
+        let (model, prompt, out) = (&self.model[..], self.prompt_tokens, chunks as u64);
         match self.kind {
-            Kind::OpenAi => openai_json(&self.model, &text, self.prompt_tokens, chunks as u64),
-            _ => anthropic_json(&self.model, &text, self.prompt_tokens, chunks as u64),
+            Kind::OpenAi => openai_json(model, &text, prompt, out),
+            Kind::Responses => responses_json(model, &text, prompt, out, "completed"),
+            Kind::Embeddings => json!({
+                "object": "list",
+                "data": [{"object": "embedding", "index": 0, "embedding": [0.0125, -0.0311, 0.0047]}],
+                "model": model,
+                "usage": {"prompt_tokens": prompt, "total_tokens": prompt}
+            }),
+            Kind::Transcription => json!({
+                "text": text,
+                "usage": transcription_usage(prompt, out)
+            }),
+            _ => anthropic_json(model, &text, prompt, out),
         }
     }
 }
@@ -652,6 +688,53 @@ fn usage_json(prompt: u64, completion: u64) -> Value {
     })
 }
 
+/// A whole Responses API answer (also the `response` of its terminal event).
+fn responses_json(model: &str, text: &str, input: u64, output: u64, status: &str) -> Value {
+    json!({
+        "id": "resp_mock",
+        "object": "response",
+        "created_at": 1700000000,
+        "status": status,
+        "error": null,
+        "incomplete_details": null,
+        "model": model,
+        "output": [{"type": "message", "id": "msg_mock", "status": status, "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+        "usage": {
+            "input_tokens": input,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": output,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": input + output
+        }
+    })
+}
+
+fn transcription_usage(input: u64, output: u64) -> Value {
+    json!({
+        "type": "tokens",
+        "input_tokens": input,
+        "input_token_details": {"text_tokens": 0, "audio_tokens": input},
+        "output_tokens": output,
+        "total_tokens": input + output
+    })
+}
+
+/// The text fields of a `multipart/form-data` body as a JSON object: enough to read
+/// `model` and `stream` of a transcription upload.
+fn multipart_fields(body: &[u8]) -> Value {
+    let fields = crate::request_info::form_fields(body)
+        .into_iter()
+        .map(|(name, value)| {
+            (
+                String::from_utf8_lossy(name).into_owned(),
+                Value::String(String::from_utf8_lossy(value).into_owned()),
+            )
+        })
+        .collect();
+    Value::Object(fields)
+}
+
 fn anthropic_json(model: &str, text: &str, input: u64, output: u64) -> Value {
     json!({
         "id": "msg_mock",
@@ -686,6 +769,19 @@ enum Step {
     AnthropicMessageDelta,
     AnthropicStop,
     Audio(usize),
+    ResponsesCreated,
+    ResponsesInProgress,
+    ResponsesItemAdded,
+    ResponsesPartAdded,
+    ResponsesDelta(usize),
+    ResponsesTextDone,
+    ResponsesPartDone,
+    ResponsesItemDone,
+    ResponsesCompleted,
+    TranscriptDelta(usize),
+    TranscriptDone,
+    SpeechDelta(usize),
+    SpeechDone,
 }
 
 /// Renders one event's bytes; the flag asks for a send-time stamp as content.
@@ -741,6 +837,27 @@ fn steps(kind: Kind, chunks: usize, include_usage: bool) -> Vec<Event> {
             steps.push(plain(Step::AnthropicStop));
         }
         Kind::Audio => steps.extend((0..chunks).map(|i| paced(Step::Audio(i)))),
+        Kind::Responses => {
+            steps.push(plain(Step::ResponsesCreated));
+            steps.push(plain(Step::ResponsesInProgress));
+            steps.push(plain(Step::ResponsesItemAdded));
+            steps.push(plain(Step::ResponsesPartAdded));
+            steps.extend((0..chunks).map(|i| paced(Step::ResponsesDelta(i))));
+            steps.push(plain(Step::ResponsesTextDone));
+            steps.push(plain(Step::ResponsesPartDone));
+            steps.push(plain(Step::ResponsesItemDone));
+            steps.push(plain(Step::ResponsesCompleted));
+        }
+        Kind::Transcription => {
+            steps.extend((0..chunks).map(|i| paced(Step::TranscriptDelta(i))));
+            steps.push(plain(Step::TranscriptDone));
+        }
+        Kind::SpeechSse => {
+            steps.extend((0..chunks).map(|i| paced(Step::SpeechDelta(i))));
+            steps.push(plain(Step::SpeechDone));
+        }
+        // Answered whole, never streamed.
+        Kind::Embeddings => {}
     }
     steps
 }
@@ -798,8 +915,89 @@ fn renderer(model: &str, prompt: u64, k: Knobs, include_usage: bool) -> Render {
             ),
             Step::AnthropicStop => sse("message_stop", json!({"type": "message_stop"})),
             Step::Audio(i) => audio_chunk(i, chunk_bytes),
+            Step::SpeechDelta(i) => {
+                use base64::Engine;
+                let audio = base64::engine::general_purpose::STANDARD.encode(audio_chunk(i, chunk_bytes));
+                sse("speech.audio.delta", json!({"type": "speech.audio.delta", "audio": audio}))
+            }
+            Step::SpeechDone => sse(
+                "speech.audio.done",
+                json!({"type": "speech.audio.done", "usage": {"input_tokens": prompt, "output_tokens": chunks, "total_tokens": prompt + chunks}}),
+            ),
+            Step::TranscriptDelta(i) => sse(
+                "transcript.text.delta",
+                json!({"type": "transcript.text.delta", "delta": token(i, stamp), "logprobs": []}),
+            ),
+            Step::TranscriptDone => sse(
+                "transcript.text.done",
+                json!({"type": "transcript.text.done", "text": full_text(chunks), "usage": transcription_usage(prompt, chunks)}),
+            ),
+            step => responses_event(step, &model, prompt, chunks, stamp),
         }
     })
+}
+
+/// The text of an answer with `chunks` content events, as its final events repeat it.
+fn full_text(chunks: u64) -> String {
+    (0..chunks as usize).map(|i| token(i, false)).collect()
+}
+
+/// One event of a streamed Responses answer: named, typed, numbered in order (its
+/// `sequence_number`), deltas padded by an `obfuscation` field as OpenAI's are.
+fn responses_event(step: Step, model: &str, prompt: u64, chunks: u64, stamp: bool) -> Vec<u8> {
+    let text = || full_text(chunks);
+    let part = |text: String| json!({"type": "output_text", "annotations": [], "logprobs": [], "text": text});
+    let item = |status: &str, content: Value| json!({"id": "msg_mock", "type": "message", "status": status, "role": "assistant", "content": content});
+    let in_progress = || {
+        let mut r = responses_json(model, "", prompt, 0, "in_progress");
+        r["output"] = json!([]);
+        r["usage"] = Value::Null;
+        r
+    };
+    let (kind, mut data) = match step {
+        Step::ResponsesCreated => (
+            "response.created",
+            json!({"response": in_progress(), "sequence_number": 0}),
+        ),
+        Step::ResponsesInProgress => (
+            "response.in_progress",
+            json!({"response": in_progress(), "sequence_number": 1}),
+        ),
+        Step::ResponsesItemAdded => (
+            "response.output_item.added",
+            json!({"output_index": 0, "item": item("in_progress", json!([])), "sequence_number": 2}),
+        ),
+        Step::ResponsesPartAdded => (
+            "response.content_part.added",
+            json!({"item_id": "msg_mock", "output_index": 0, "content_index": 0, "part": part(String::new()), "sequence_number": 3}),
+        ),
+        Step::ResponsesDelta(i) => {
+            let delta = token(i, stamp);
+            let pad = "x".repeat(1 + (i * 7) % 12);
+            (
+                "response.output_text.delta",
+                json!({"item_id": "msg_mock", "output_index": 0, "content_index": 0, "delta": delta, "logprobs": [], "obfuscation": pad, "sequence_number": 4 + i as u64}),
+            )
+        }
+        Step::ResponsesTextDone => (
+            "response.output_text.done",
+            json!({"item_id": "msg_mock", "output_index": 0, "content_index": 0, "text": text(), "logprobs": [], "sequence_number": 4 + chunks}),
+        ),
+        Step::ResponsesPartDone => (
+            "response.content_part.done",
+            json!({"item_id": "msg_mock", "output_index": 0, "content_index": 0, "part": part(text()), "sequence_number": 5 + chunks}),
+        ),
+        Step::ResponsesItemDone => (
+            "response.output_item.done",
+            json!({"output_index": 0, "item": item("completed", json!([part(text())])), "sequence_number": 6 + chunks}),
+        ),
+        _ => (
+            "response.completed",
+            json!({"response": responses_json(model, &text(), prompt, chunks, "completed"), "sequence_number": 7 + chunks}),
+        ),
+    };
+    data["type"] = Value::String(kind.into());
+    format!("event: {kind}\ndata: {data}\n\n").into_bytes()
 }
 
 /// Deterministic bytes for audio chunk `i`, so streams can be compared byte for byte.
