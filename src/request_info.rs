@@ -53,6 +53,8 @@ pub struct BodyCollector {
     buf: Vec<u8>,
     too_large: bool,
     rewrite: Rewrite,
+    /// The fields of a form upload too large to keep, read from its start.
+    form: Option<RequestInfo>,
 }
 
 /// What the filter does with one request body chunk.
@@ -85,6 +87,7 @@ impl BodyCollector {
         self.buf.clear();
         self.too_large = false;
         self.rewrite = rewrite;
+        self.form = None;
     }
 
     fn hold(&self) -> bool {
@@ -93,26 +96,35 @@ impl BodyCollector {
 
     /// Takes one chunk; `end` is set with the last one.
     pub fn step(&mut self, chunk: &[u8], end: bool) -> (BodyStep, Option<BodyEnd>) {
-        let past_cap = || BodyEnd {
+        let past_cap = |form: &mut Option<RequestInfo>| BodyEnd {
             unreadable: self.rewrite.store_off,
+            info: form.take(),
             ..BodyEnd::default()
         };
         if self.too_large {
-            return (BodyStep::Pass, end.then(past_cap));
+            return (BodyStep::Pass, end.then(|| past_cap(&mut self.form)));
         }
         if self.buf.len() + chunk.len() > MAX_READ {
             self.too_large = true;
             let held = std::mem::take(&mut self.buf);
+            // An upload (an audio file to transcribe) has its fields before its file.
+            self.form = read_form(&held);
             if !self.hold() {
-                return (BodyStep::Pass, end.then(past_cap));
+                return (BodyStep::Pass, end.then(|| past_cap(&mut self.form)));
             }
             if self.rewrite.store_off {
                 // Refused at its end; nothing more is sent meanwhile.
-                return (BodyStep::Replace(bytes::Bytes::new()), Some(past_cap()));
+                return (
+                    BodyStep::Replace(bytes::Bytes::new()),
+                    Some(past_cap(&mut self.form)),
+                );
             }
             let mut out = held;
             out.extend_from_slice(chunk);
-            return (BodyStep::Replace(out.into()), end.then(past_cap));
+            return (
+                BodyStep::Replace(out.into()),
+                end.then(|| past_cap(&mut self.form)),
+            );
         }
         self.buf.extend_from_slice(chunk);
         if !end {
@@ -124,6 +136,7 @@ impl BodyCollector {
         }
         let buf = std::mem::take(&mut self.buf);
         let (info, problem) = match read(&buf) {
+            Ok(None) => (read_form(&buf), None),
             Ok(info) => (info, None),
             Err(p) => (None, Some(p)),
         };
@@ -371,6 +384,64 @@ pub fn read(body: &[u8]) -> Result<Option<RequestInfo>, FieldProblem> {
     fields.into_info()
 }
 
+/// The fields of a `multipart/form-data` upload (a transcription's `model` and
+/// `stream`), `None` when the body is not one or names neither.
+fn read_form(body: &[u8]) -> Option<RequestInfo> {
+    let mut info = RequestInfo::default();
+    let mut any = false;
+    for (name, value) in form_fields(body) {
+        match name {
+            b"model" => info.model = Some(String::from_utf8_lossy(value).into_owned()),
+            b"stream" => info.stream = value == b"true",
+            _ => continue,
+        }
+        any = true;
+    }
+    any.then_some(info)
+}
+
+/// The text fields of a `multipart/form-data` body as (name, value), in order, up to its
+/// first file part (clients send their fields before the file) or the end of the bytes
+/// given; empty when the body is not a form.
+pub fn form_fields(body: &[u8]) -> Vec<(&[u8], &[u8])> {
+    use memchr::memmem::find;
+    let mut fields = Vec::new();
+    let Some(first) = find(body, b"\r\n") else {
+        return fields;
+    };
+    if first < 3 || !body.starts_with(b"--") {
+        return fields;
+    }
+    // Each part ends at CRLF and the delimiter line.
+    let mut delimiter = b"\r\n".to_vec();
+    delimiter.extend_from_slice(&body[..first]);
+    let mut at = first + 2;
+    while let Some(head_len) = find(&body[at..], b"\r\n\r\n") {
+        let head = &body[at..at + head_len];
+        let value_start = at + head_len + 4;
+        if find(head, b"filename=").is_some() {
+            break;
+        }
+        let Some(name) = find(head, b"name=\"").and_then(|i| {
+            let rest = &head[i + 6..];
+            memchr::memchr(b'"', rest).map(|end| &rest[..end])
+        }) else {
+            break;
+        };
+        let Some(len) = find(&body[value_start..], &delimiter) else {
+            break;
+        };
+        fields.push((name, &body[value_start..value_start + len]));
+        at = value_start + len + delimiter.len();
+        // `--` after a delimiter ends the form; CRLF starts the next part.
+        if body[at..].starts_with(b"--") {
+            break;
+        }
+        at += 2;
+    }
+    fields
+}
+
 fn starts_object(body: &[u8]) -> bool {
     body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
 }
@@ -533,6 +604,55 @@ mod tests {
         usage: true,
         store_off: false,
     };
+
+    fn form(parts: &[(&str, &str)], file: usize) -> Vec<u8> {
+        let mut b = Vec::new();
+        for (name, value) in parts {
+            b.extend_from_slice(
+                format!(
+                    "--XyZ\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+                )
+                .as_bytes(),
+            );
+        }
+        b.extend_from_slice(b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\nContent-Type: audio/wav\r\n\r\n");
+        b.resize(b.len() + file, 7);
+        b.extend_from_slice(b"\r\n--XyZ--\r\n");
+        b
+    }
+
+    #[test]
+    fn an_upload_is_read_for_its_fields_however_large_its_file() {
+        let small = form(&[("model", "gpt-4o-transcribe"), ("stream", "true")], 100);
+        let big = form(&[("model", "whisper-1"), ("language", "en")], 3 * MAX_READ);
+        assert_eq!(
+            form_fields(&small),
+            vec![
+                (&b"model"[..], &b"gpt-4o-transcribe"[..]),
+                (&b"stream"[..], &b"true"[..])
+            ]
+        );
+        for (body, model, stream) in [
+            (&small, "gpt-4o-transcribe", true),
+            (&big, "whisper-1", false),
+        ] {
+            let mut c = BodyCollector::default();
+            let mut last = None;
+            let chunks: Vec<&[u8]> = body.chunks(64 * 1024).collect();
+            for (i, chunk) in chunks.iter().enumerate() {
+                let (step, end) = c.step(chunk, i + 1 == chunks.len());
+                assert_eq!(step, BodyStep::Pass);
+                last = end;
+            }
+            let end = last.unwrap();
+            let info = end.info.unwrap();
+            assert_eq!(info.model.as_deref(), Some(model));
+            assert_eq!(info.stream, stream);
+            assert!(!end.invalid_json);
+        }
+        assert!(form_fields(b"{\"model\":\"m\"}").is_empty());
+        assert!(form_fields(b"--\r\n").is_empty());
+    }
 
     #[test]
     fn duplicate_or_mistyped_fields_are_refused_and_null_is_absent() {
