@@ -1,10 +1,14 @@
 #!/usr/bin/env python3
 """The official OpenAI and Anthropic Python SDKs, unchanged, against a running relay.
 
-Usage: sdk_check.py RELAY_URL RELAY_KEY [ROUTE_PREFIX...]
-Route prefixes default to the shipped configuration's mock routes. Exits non-zero
-on the first check that fails, printing what it saw.
+Usage: sdk_check.py RELAY_URL RELAY_KEY [OPENAI_PREFIX ANTHROPIC_PREFIX AUDIO_PREFIX]
+Route prefixes default to the shipped configuration's mock routes; `-` is the relay's
+root (one base URL: `OpenAI(base_url=RELAY/v1)` and `Anthropic(base_url=RELAY)`).
+Exits non-zero on the first check that fails, printing what it saw. Its last line is
+`requests: {...}`, the relay's x-request-id of each API call by name, so that the
+caller can check each call's row.
 """
+import json
 import sys
 
 import anthropic
@@ -14,10 +18,9 @@ import openai
 def main() -> int:
     base = sys.argv[1].rstrip("/")
     key = sys.argv[2]
-    oa_prefix, an_prefix, audio_prefix = (sys.argv[3:6] + [None] * 3)[:3]
-    oa_prefix = oa_prefix or "/mock/openai/v1"
-    an_prefix = an_prefix or "/mock/anthropic"
-    audio_prefix = audio_prefix or "/mock/audio/v1"
+    prefixes = sys.argv[3:6] or ["/mock/openai/v1", "/mock/anthropic", "/mock/audio/v1"]
+    oa_prefix, an_prefix, audio_prefix = ("" if p == "-" else p for p in prefixes)
+    ids = {}
 
     oa = openai.OpenAI(base_url=base + oa_prefix, api_key=key, max_retries=0)
     messages = [{"role": "user", "content": "Say hello"}]
@@ -50,6 +53,57 @@ def main() -> int:
         size = sum(len(b) for b in resp.iter_bytes())
     check(size == 8 * 4096, f"audio bytes {size}")
 
+    # The Responses API, streamed: typed events, usage on response.completed.
+    raw = oa.responses.with_raw_response.create(model="gpt-4o-mini", input="Say hello", stream=True)
+    ids["responses_stream"] = raw.headers.get("x-request-id")
+    text, completed, numbers = "", None, []
+    for event in raw.parse():
+        numbers.append(event.sequence_number)
+        if event.type == "response.output_text.delta":
+            text += event.delta
+        elif event.type == "response.completed":
+            completed = event.response
+    check(text == "Hello from the mock provider, token stream.", f"responses stream text {text!r}")
+    check(completed is not None and completed.usage.output_tokens == 8, f"responses completed {completed}")
+    check(numbers == list(range(len(numbers))), f"responses sequence numbers {numbers}")
+    raw = oa.responses.with_raw_response.create(model="gpt-4o-mini", input="Say hello")
+    ids["responses_json"] = raw.headers.get("x-request-id")
+    resp = raw.parse()
+    check(resp.output_text.startswith("Hello") and resp.usage.input_tokens > 0, f"responses json {resp}")
+
+    raw = oa.embeddings.with_raw_response.create(model="text-embedding-3-small", input="Say hello")
+    ids["embeddings"] = raw.headers.get("x-request-id")
+    emb = raw.parse()
+    check(len(emb.data[0].embedding) == 3 and emb.usage.prompt_tokens > 0, f"embeddings {emb}")
+
+    # Transcription: a multipart upload, answered as JSON and as a stream.
+    audio_file = ("hello.wav", b"RIFF" + bytes(range(256)) * 64, "audio/wav")
+    tr = openai.OpenAI(base_url=base + audio_prefix, api_key=key, max_retries=0)
+    raw = tr.audio.transcriptions.with_raw_response.create(model="gpt-4o-transcribe", file=audio_file)
+    ids["transcription_json"] = raw.headers.get("x-request-id")
+    check(raw.parse().text.startswith("Hello"), f"transcription {raw.parse()}")
+    raw = tr.audio.transcriptions.with_raw_response.create(
+        model="gpt-4o-transcribe", file=audio_file, stream=True)
+    ids["transcription_stream"] = raw.headers.get("x-request-id")
+    text, done = "", None
+    for event in raw.parse():
+        if event.type == "transcript.text.delta":
+            text += event.delta
+        elif event.type == "transcript.text.done":
+            done = event
+    check(text == "Hello from the mock provider, token stream." and done is not None
+          and done.usage.output_tokens == 8, f"transcription stream {text!r} {done}")
+
+    # Speech as SSE events of base64 audio.
+    with tr.audio.speech.with_streaming_response.create(
+        model="gpt-4o-mini-tts", voice="alloy", input="Hello there", stream_format="sse"
+    ) as resp:
+        ids["speech_sse"] = resp.headers.get("x-request-id")
+        body = b"".join(resp.iter_bytes())
+    events = [json.loads(line[6:]) for line in body.decode().splitlines() if line.startswith("data: ")]
+    kinds = [e["type"] for e in events]
+    check(kinds == ["speech.audio.delta"] * 8 + ["speech.audio.done"], f"speech sse events {kinds}")
+
     # Refusals raise the SDK's own exceptions.
     bad = openai.OpenAI(base_url=base + oa_prefix, api_key="sk-wrong", max_retries=0)
     expect_raise(openai.AuthenticationError, lambda: bad.chat.completions.create(model="m", messages=messages))
@@ -64,12 +118,15 @@ def main() -> int:
         final = s.get_final_message()
     check(streamed == "Hello from the mock provider, token stream.", f"anthropic stream {streamed!r}")
     check(final.usage.output_tokens == 8 and final.stop_reason == "end_turn", f"anthropic final {final}")
-    msg = an.messages.create(model="mock-claude", max_tokens=64, messages=messages)
+    raw = an.messages.with_raw_response.create(model="mock-claude", max_tokens=64, messages=messages)
+    ids["anthropic_json"] = raw.headers.get("x-request-id")
+    msg = raw.parse()
     check(msg.content[0].text.startswith("Hello"), f"anthropic json {msg}")
     bad_an = anthropic.Anthropic(base_url=base + an_prefix, api_key="sk-wrong", max_retries=0)
     expect_raise(anthropic.AuthenticationError,
                  lambda: bad_an.messages.create(model="m", max_tokens=8, messages=messages))
     print("sdk check: openai", openai.__version__, "and anthropic", anthropic.__version__, "work through the relay")
+    print("requests:", json.dumps(ids))
     return 0
 
 
