@@ -5,8 +5,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use log::info;
-
 use crate::cost::Pricing;
 use crate::error::RelayError;
 use crate::metrics::{Finished, Metrics};
@@ -195,32 +193,32 @@ impl Recorder {
 
 /// The request's line in the `access` log.
 fn access_line(f: &Facts<'_>, end: &End<'_>, a: &Account<'_>) {
-    let ms = |d: Option<Duration>| d.map_or(-1.0, |d| d.as_secs_f64() * 1000.0);
-    let n = |v: Option<u64>| v.map_or(-1, |v| v as i64);
     let usage = &a.usage;
-    info!(
-        target: "access",
-        "{} client_id={} tenant={} route={} model={} status={} outcome={} upstream_status={} attempts={} ttfb_ms={:.1} ttft_ms={:.1} duration_ms={:.1} tokens_in={} tokens_out={} tokens_cached={} tokens_reasoning={} cost_usd={} finish={} bytes={}",
-        f.request_id,
-        f.client_request_id.unwrap_or("-"),
-        f.tenant.unwrap_or("-"),
-        f.route.map_or("-", |r| r.name.as_str()),
-        a.model.unwrap_or("-"),
-        end.status,
-        end.outcome,
-        f.upstream_status.unwrap_or(0),
-        f.attempts,
-        ms(f.ttfb),
-        ms(a.first_output),
-        a.duration.as_secs_f64() * 1000.0,
-        n(usage.input),
-        n(usage.output),
-        n(usage.cached_input),
-        n(usage.reasoning),
-        a.cost.map_or("unknown".to_string(), |c| format!("{c:.8}")),
-        f.tap.and_then(|t| t.measure.finish_reason.as_deref()).unwrap_or("-"),
-        f.response_bytes,
-    );
+    crate::logsink::access(|l| {
+        l.word(f.request_id);
+        l.text("client_id", f.client_request_id.unwrap_or("-"));
+        l.text("tenant", f.tenant.unwrap_or("-"));
+        l.text("route", f.route.map_or("-", |r| r.name.as_str()));
+        l.text("model", a.model.unwrap_or("-"));
+        l.int("status", i64::from(end.status));
+        l.text("outcome", end.outcome);
+        l.int("upstream_status", i64::from(f.upstream_status.unwrap_or(0)));
+        l.int("attempts", f.attempts as i64);
+        l.millis("ttfb_ms", f.ttfb);
+        l.millis("ttft_ms", a.first_output);
+        l.millis("duration_ms", Some(a.duration));
+        l.count("tokens_in", usage.input);
+        l.count("tokens_out", usage.output);
+        l.count("tokens_cached", usage.cached_input);
+        l.count("tokens_reasoning", usage.reasoning);
+        match a.cost {
+            Some(c) => l.display("cost_usd", format_args!("{c:.8}")),
+            None => l.text("cost_usd", "unknown"),
+        }
+        let finish = f.tap.and_then(|t| t.measure.finish_reason.as_deref());
+        l.text("finish", finish.unwrap_or("-"));
+        l.count("bytes", Some(f.response_bytes));
+    });
 }
 
 /// The request's row. Pure.
