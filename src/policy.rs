@@ -358,22 +358,29 @@ const REQUEST_DROP: [&str; 10] = [
     "x-method-override",
 ];
 
+/// The names in `headers` that `drop` picks, each once. One pass over the headers a
+/// message has is cheaper than a lookup per name that might be there (each parses and
+/// hashes the name), and most of the dropped names never are.
+fn names_where(headers: &http::HeaderMap, drop: impl Fn(&str) -> bool) -> Vec<http::HeaderName> {
+    headers
+        .keys()
+        .filter(|k| drop(k.as_str()))
+        .cloned()
+        .collect()
+}
+
 /// Removes what a tenant may not send upstream (see [`REQUEST_DROP`]; every
-/// `x-forwarded-*` header included) and sets the route's own headers.
+/// `x-forwarded-*` header included) and the headers named in `also`, then sets the
+/// route's own headers.
 pub fn scrub_request(
     req: &mut RequestHeader,
     route_headers: &[(http::HeaderName, http::HeaderValue)],
+    also: &[&str],
 ) -> pingora_core::Result<()> {
-    for h in REQUEST_DROP {
-        req.remove_header(h);
-    }
-    let forwarded: Vec<http::HeaderName> = req
-        .headers
-        .keys()
-        .filter(|k| k.as_str().starts_with("x-forwarded-"))
-        .cloned()
-        .collect();
-    for h in forwarded {
+    let dropped = names_where(&req.headers, |n| {
+        REQUEST_DROP.contains(&n) || also.contains(&n) || n.starts_with("x-forwarded-")
+    });
+    for h in dropped {
         req.remove_header(&h);
     }
     for (name, value) in route_headers {
@@ -401,19 +408,11 @@ pub fn is_provider_rate_limit_header(name: &str) -> bool {
 /// Removes what a tenant may not see; `own_limits`: the relay sends its own
 /// `x-ratelimit-*` headers, so the provider's go.
 pub fn scrub_response(resp: &mut ResponseHeader, own_limits: bool) {
-    for h in RESPONSE_DROP {
-        resp.remove_header(h);
-    }
-    if own_limits {
-        let names: Vec<http::HeaderName> = resp
-            .headers
-            .keys()
-            .filter(|k| is_provider_rate_limit_header(k.as_str()))
-            .cloned()
-            .collect();
-        for h in names {
-            resp.remove_header(&h);
-        }
+    let dropped = names_where(&resp.headers, |n| {
+        RESPONSE_DROP.contains(&n) || (own_limits && is_provider_rate_limit_header(n))
+    });
+    for h in dropped {
+        resp.remove_header(&h);
     }
 }
 
@@ -522,7 +521,8 @@ mod tests {
             http::HeaderName::from_static("openai-organization"),
             http::HeaderValue::from_static("org-route"),
         )];
-        scrub_request(&mut req, &route).unwrap();
+        req.insert_header("authorization", "Bearer tenant").unwrap();
+        scrub_request(&mut req, &route, &["authorization"]).unwrap();
         let names: Vec<&str> = req.headers.keys().map(|k| k.as_str()).collect();
         assert_eq!(names.len(), 2, "{names:?}");
         assert_eq!(req.headers["openai-organization"], "org-route");

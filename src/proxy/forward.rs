@@ -9,8 +9,10 @@ use crate::request_id;
 use crate::route::{Route, RouteKey};
 use crate::upstream::UpstreamUrl;
 
-/// Headers that may carry the tenant's relay key; all are removed before forwarding.
-const TENANT_CREDENTIAL_HEADERS: [&str; 3] = ["authorization", "x-api-key", "api-key"];
+/// Headers removed before forwarding besides the policy's: those that may carry the
+/// tenant's relay key, and `accept-encoding` (compressed event streams cannot be read as
+/// they pass, and gain little).
+const NOT_FORWARDED: [&str; 4] = ["authorization", "x-api-key", "api-key", "accept-encoding"];
 
 /// Rewrites the upstream request: drops tenant credentials and `accept-encoding`, injects
 /// the provider key, sets the path, Host and request id. Pure.
@@ -21,12 +23,7 @@ pub fn prepare_upstream_request(
     key: Option<usize>,
     request_id: &str,
 ) -> Result<()> {
-    for h in TENANT_CREDENTIAL_HEADERS {
-        req.remove_header(h);
-    }
-    crate::policy::scrub_request(req, &route.policy.upstream_headers)?;
-    // Compressed event streams cannot be read as they pass, and gain little.
-    req.remove_header("accept-encoding");
+    crate::policy::scrub_request(req, &route.policy.upstream_headers, &NOT_FORWARDED)?;
     if let (RouteKey::Pool { header, .. }, Some(slot)) = (&route.key, route.key_slot(key)) {
         req.insert_header(header.clone(), slot.value.expose())?;
     }
