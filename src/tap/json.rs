@@ -33,7 +33,7 @@ impl JsonBody {
 
     pub fn read_into(&mut self, m: &mut Measure) {
         let buf = std::mem::take(&mut self.buf);
-        let Ok(doc) = serde_json::from_slice::<Doc>(&buf) else {
+        let Ok(doc) = serde_json::from_slice::<Doc<'_>>(&buf) else {
             return;
         };
         if doc.object.as_deref() == Some("response") {
@@ -58,27 +58,28 @@ impl JsonBody {
             m.finish_reason = Some(reason);
         }
         if let Some(usage) = doc.usage {
-            // The two shapes share no key: OpenAI counts prompt and completion tokens,
-            // Anthropic input and output tokens.
-            let has = |k: &str| usage.get(k).is_some();
-            if has("prompt_tokens") || has("completion_tokens") {
-                if let Ok(u) = serde_json::from_value::<super::openai::UsageJson>(usage) {
+            // Read as the shape its keys say (OpenAI's prompt and completion tokens, the
+            // Responses API's details, Anthropic's input and output tokens). A JSON
+            // `Value` of it cost more than the rest of the body: an allocation per key.
+            let usage = usage.get();
+            let has = |k: &str| memchr::memmem::find(usage.as_bytes(), k.as_bytes()).is_some();
+            if has("\"prompt_tokens\"") || has("\"completion_tokens\"") {
+                if let Ok(u) = serde_json::from_str::<super::openai::UsageJson>(usage) {
                     u.apply(&mut m.usage);
                 }
                 // An embedding generates nothing: its output is 0, not unknown.
                 if doc.object.as_deref() == Some("list") && m.usage.input.is_some() {
                     m.usage.output.get_or_insert(0);
                 }
-            } else if has("input_tokens_details")
-                || has("input_token_details")
-                || has("output_tokens_details")
-                || usage.get("type").and_then(|t| t.as_str()) == Some("tokens")
+            } else if has("\"input_tokens_details\"")
+                || has("\"input_token_details\"")
+                || has("\"output_tokens_details\"")
+                || super::string_after(usage.as_bytes(), b"\"type\":") == Some(b"tokens")
             {
-                if let Ok(u) = serde_json::from_value::<super::typed::ResponseUsage>(usage) {
+                if let Ok(u) = serde_json::from_str::<super::typed::ResponseUsage>(usage) {
                     u.apply(&mut m.usage);
                 }
-            } else if let Ok(u) = serde_json::from_value::<super::anthropic::AnthropicUsage>(usage)
-            {
+            } else if let Ok(u) = serde_json::from_str::<super::anthropic::AnthropicUsage>(usage) {
                 u.apply(m);
             }
         }
@@ -95,12 +96,13 @@ impl JsonBody {
 }
 
 #[derive(Deserialize)]
-struct Doc {
+struct Doc<'a> {
     object: Option<String>,
     model: Option<String>,
     choices: Option<Vec<Choice>>,
     stop_reason: Option<String>,
-    usage: Option<serde_json::Value>,
+    #[serde(borrow)]
+    usage: Option<&'a serde_json::value::RawValue>,
     error: Option<serde_json::Value>,
 }
 
