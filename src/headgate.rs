@@ -271,7 +271,7 @@ impl<A> HeadGate<A> {
             stream.write_all(&out).await?;
             stream.flush().await?;
             stream.shutdown().await?;
-            let mut sink = [0u8; 4096];
+            let mut sink = vec![0u8; 4096];
             let mut drained = 0;
             while drained < 64 * 1024 {
                 match stream.read(&mut sink).await? {
@@ -356,7 +356,9 @@ impl<A: HttpServerApp + Send + Sync + 'static> HeadGate<A> {
             }
             Head::Late => RelayError::HeadTimeout,
         };
-        self.refuse(l4, &buf, refusal, accepted).await;
+        // Boxed: a refusal is rare, and its state inline would make every connection's
+        // task (it lives as long as the connection) kilobytes larger.
+        Box::pin(self.refuse(l4, &buf, refusal, accepted)).await;
         false
     }
 }

@@ -293,7 +293,7 @@ impl ProxyHttp for RelayProxy {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
-        match ctx.admitted.as_ref().and_then(Admitted::stalled) {
+        match ctx.admitted.as_deref().and_then(Admitted::stalled) {
             Some(deadline) => failure::end_stalled(session, ctx, deadline).await,
             None => failure::answer_failure(session, ctx, e).await,
         }
