@@ -298,3 +298,151 @@ fn large_and_chunked_request_bodies_get_usage_too() {
     assert_eq!(f["tokens_out"], "8");
     assert_ne!(f["tokens_in"], "-1");
 }
+
+/// What an OpenAI-compatible server streams, with and without `include_usage`, in each
+/// of the shapes servers use: OpenAI's own chunk with `"choices":[]` and `"usage":null`
+/// on the others; a last chunk whose choice carries nothing; the usage on the finish
+/// chunk (with extra fields in it); a running count on every chunk.
+fn server_stream(shape: &str, with_usage: bool) -> Vec<String> {
+    let chunk = |delta: &str, finish: &str, usage: &str| {
+        format!("data: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"model\":\"m\",\"choices\":[{{\"index\":0,\"delta\":{delta},\"finish_reason\":{finish}}}]{usage}}}\n\n")
+    };
+    let usage = |n: u32| {
+        format!(",\"usage\":{{\"prompt_tokens\":5,\"completion_tokens\":{n},\"total_tokens\":{},\"prompt_tokens_details\":{{\"cached_tokens\":0}},\"queue_time\":0.01}}", 5 + n)
+    };
+    let none = String::new();
+    let null = if with_usage && shape == "openai" {
+        ",\"usage\":null".to_string()
+    } else {
+        none.clone()
+    };
+    let running = |n| {
+        if with_usage && shape == "running" {
+            usage(n)
+        } else {
+            none.clone()
+        }
+    };
+    let mut events = vec![
+        chunk(
+            r#"{"role":"assistant","content":""}"#,
+            "null",
+            &format!("{null}{}", running(0)),
+        ),
+        chunk(
+            r#"{"content":"Hel"}"#,
+            "null",
+            &format!("{null}{}", running(1)),
+        ),
+        chunk(
+            r#"{"content":"lo"}"#,
+            "null",
+            &format!("{null}{}", running(2)),
+        ),
+    ];
+    let on_finish = if with_usage && shape == "finish" {
+        usage(2)
+    } else {
+        running(2)
+    };
+    events.push(chunk("{}", r#""stop""#, &format!("{null}{on_finish}")));
+    if with_usage {
+        match shape {
+            "openai" => events.push(format!(
+                "data: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"model\":\"m\",\"choices\":[]{}}}\n\n",
+                usage(2)
+            )),
+            "empty_choice" => events.push(chunk(r#"{"content":""}"#, "null", &usage(2))),
+            _ => {}
+        }
+    }
+    events.push("data: [DONE]\n\n".into());
+    events
+}
+
+/// A fake OpenAI-compatible server: the shape named by `x-test-shape`, with usage when
+/// the body asks for it, each event in a chunk of its own.
+fn shape_server() -> std::net::SocketAddr {
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut s) = conn else { return };
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                while let Some((head, len)) = read_upstream_request(&mut s, &mut buf) {
+                    let text = String::from_utf8_lossy(&buf[..head]).to_ascii_lowercase();
+                    let shape = text
+                        .lines()
+                        .find_map(|l| l.strip_prefix("x-test-shape:"))
+                        .unwrap_or("openai")
+                        .trim()
+                        .to_string();
+                    let body: serde_json::Value =
+                        serde_json::from_slice(&buf[head..head + len]).unwrap();
+                    buf.drain(..head + len);
+                    let asked = body["stream_options"]["include_usage"] == true;
+                    let mut out = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+                    for e in server_stream(&shape, asked) {
+                        out.extend_from_slice(format!("{:x}\r\n{e}\r\n", e.len()).as_bytes());
+                    }
+                    out.extend_from_slice(b"0\r\n\r\n");
+                    if s.write_all(&out).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Whatever shape the server puts its usage in, a client that did not ask for usage
+/// gets byte for byte the stream the server sends without the flag, and the relay still
+/// counts the tokens.
+#[test]
+fn usage_is_removed_exactly_in_every_server_shape() {
+    let up = shape_server();
+    let relay = relay_to(up);
+    let auth = format!("Bearer {TENANT_KEY}");
+    for shape in ["openai", "empty_choice", "finish", "running"] {
+        let id = format!("shape-{shape}");
+        let resp = request(
+            relay.addr,
+            "POST",
+            "/openai/v1/chat/completions",
+            &[
+                ("authorization", &auth),
+                ("x-request-id", &id),
+                ("x-test-shape", shape),
+            ],
+            &chat_body(true, false),
+        );
+        assert_eq!(resp.status, 200, "{shape}");
+        assert_eq!(
+            String::from_utf8_lossy(&resp.body),
+            server_stream(shape, false).concat(),
+            "{shape}"
+        );
+        let f = access_line(&relay, &id);
+        assert_eq!(
+            (f["tokens_in"].as_str(), f["tokens_out"].as_str()),
+            ("5", "2"),
+            "{shape}"
+        );
+        // A client that asked gets the server's own stream with usage, unchanged.
+        let asked = request(
+            relay.addr,
+            "POST",
+            "/openai/v1/chat/completions",
+            &[("authorization", &auth), ("x-test-shape", shape)],
+            &chat_body(true, true),
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&asked.body),
+            server_stream(shape, true).concat(),
+            "{shape}"
+        );
+    }
+}

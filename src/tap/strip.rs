@@ -1,12 +1,21 @@
 //! Stream stage (`response_body_filter`): when the relay asked an OpenAI-style upstream
 //! for usage that the client did not ask for, this removes what that request added, so
-//! the client receives exactly the stream it asked for: the final usage chunk
-//! (`"choices":[]` with a `usage` object) and the `"usage":null` field of every other
-//! chunk. Only whole events are rewritten: the bytes of an event not yet complete are
-//! held until its blank line arrives (an SSE client cannot use them before that either).
-//! An event larger than [`MAX_EVENT`] is not held: once it outgrows the cap, its bytes
-//! go out unchanged as they come, up to its end. Each byte is looked at once: the search
-//! for an event's end goes on where the previous chunk's search stopped.
+//! the client receives exactly the stream the server would have sent without it.
+//! OpenAI-compatible servers put the usage in different places, and each is undone:
+//! - a chunk of its own, `"choices":[]` (OpenAI, vLLM), or choices that carry nothing
+//!   (an empty delta and no finish reason): the whole event goes;
+//! - a `usage` member on a chunk that carries something (the finish chunk, as Ollama,
+//!   llama.cpp and DeepSeek send it, or every chunk, with a running count): the member
+//!   goes, with its comma, and every other byte of the chunk stays as it was;
+//! - `"usage":null` on every other chunk (OpenAI): the member goes.
+//!
+//! Members are found by reading the event's JSON object at its top level (strings and
+//! nesting skipped), so a `usage` key inside content or a nested object is left alone.
+//! Only whole events are rewritten: the bytes of an event not yet complete are held until
+//! its blank line arrives (an SSE client cannot use them before that either). An event
+//! larger than [`MAX_EVENT`] is not held: once it outgrows the cap, its bytes go out
+//! unchanged as they come, up to its end. Each byte is looked at once: the search for an
+//! event's end goes on where the previous chunk's search stopped.
 
 use bytes::{Bytes, BytesMut};
 use memchr::{memchr, memmem};
@@ -135,17 +144,161 @@ fn push_tail(tail: &mut [u8; 3], s: &[u8]) {
 }
 
 fn strip_event(event: &[u8], out: &mut BytesMut) {
-    let is_usage_chunk = memmem::find(event, b"\"choices\":[]").is_some()
-        && memmem::find(event, b"\"usage\":{").is_some();
-    if is_usage_chunk {
-        return;
+    match usage_cut(event) {
+        None => out.extend_from_slice(event),
+        Some(Cut::Event) => {}
+        Some(Cut::Span(from, to)) => {
+            out.extend_from_slice(&event[..from]);
+            out.extend_from_slice(&event[to..]);
+        }
     }
-    let mut rest = event;
-    while let Some(i) = memmem::find(rest, b",\"usage\":null") {
-        out.extend_from_slice(&rest[..i]);
-        rest = &rest[i + b",\"usage\":null".len()..];
+}
+
+/// What goes of an event that carries usage.
+#[derive(Debug, PartialEq, Eq)]
+enum Cut {
+    /// The event carries nothing but the usage.
+    Event,
+    /// These bytes: the `usage` member and one comma beside it.
+    Span(usize, usize),
+}
+
+/// What to remove from `event` (one SSE event: its `data:` line holds a JSON object), or
+/// `None` when it has no top-level `usage` member, or is not such an object.
+fn usage_cut(event: &[u8]) -> Option<Cut> {
+    memmem::find(event, b"\"usage\"")?;
+    let data = memmem::find(event, b"data:")? + 5;
+    let start = data + memchr(b'{', &event[data..])?;
+    let members = members(&event[start..])?;
+    let at = members.iter().position(|m| m.key == b"usage")?;
+    let usage = &members[at];
+    let value = &event[start + usage.value.0..start + usage.value.1];
+    if value.starts_with(b"{") && carries_nothing_else(&event[start..], &members) {
+        return Some(Cut::Event);
     }
-    out.extend_from_slice(rest);
+    let (from, to) = if at > 0 {
+        // From the end of the member before it: `,"usage":...`.
+        (members[at - 1].value.1, usage.value.1)
+    } else if let Some(next) = members.get(1) {
+        // The first member: `"usage":...,` up to the next key.
+        (usage.key_at, next.key_at)
+    } else {
+        (usage.key_at, usage.value.1)
+    };
+    Some(Cut::Span(start + from, start + to))
+}
+
+/// Whether a chunk is there only for its usage: no choices, or choices that each have
+/// an empty delta (nothing but nulls and empty strings) and no finish reason.
+fn carries_nothing_else(object: &[u8], members: &[Member<'_>]) -> bool {
+    let Some(choices) = members.iter().find(|m| m.key == b"choices") else {
+        return true;
+    };
+    let Ok(choices) =
+        serde_json::from_slice::<Vec<serde_json::Value>>(&object[choices.value.0..choices.value.1])
+    else {
+        return false;
+    };
+    let empty = |v: &serde_json::Value| match v {
+        serde_json::Value::Null => true,
+        serde_json::Value::String(s) => s.is_empty(),
+        serde_json::Value::Object(o) => o.values().all(|f| f.is_null() || f.as_str() == Some("")),
+        _ => false,
+    };
+    choices.iter().all(|c| {
+        c.get("finish_reason")
+            .is_none_or(serde_json::Value::is_null)
+            && c.get("delta").is_none_or(empty)
+    })
+}
+
+/// One member of a JSON object: its key (as written, without quotes), where its key's
+/// opening quote is, and where its value starts and ends (offsets in the object).
+#[derive(Debug)]
+struct Member<'a> {
+    key: &'a [u8],
+    key_at: usize,
+    value: (usize, usize),
+}
+
+/// The top-level members of the JSON object `o` starts with; `None` when it is not one.
+fn members(o: &[u8]) -> Option<Vec<Member<'_>>> {
+    let ws = |mut i: usize| {
+        while i < o.len() && o[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        i
+    };
+    let mut out = Vec::new();
+    let mut i = ws(1);
+    if o.get(i) == Some(&b'}') {
+        return Some(out);
+    }
+    loop {
+        if o.get(i) != Some(&b'"') {
+            return None;
+        }
+        let key_at = i;
+        let key_end = string_end(o, i)?;
+        let key = &o[i + 1..key_end - 1];
+        i = ws(key_end);
+        if o.get(i) != Some(&b':') {
+            return None;
+        }
+        let value_start = ws(i + 1);
+        let value_end = value_end(o, value_start)?;
+        out.push(Member {
+            key,
+            key_at,
+            value: (value_start, value_end),
+        });
+        i = ws(value_end);
+        match o.get(i)? {
+            b',' => i = ws(i + 1),
+            b'}' => return Some(out),
+            _ => return None,
+        }
+    }
+}
+
+/// The index just past the string whose opening quote is at `i`.
+fn string_end(o: &[u8], mut i: usize) -> Option<usize> {
+    i += 1;
+    loop {
+        let j = i + memchr::memchr2(b'"', b'\\', &o[i..])?;
+        if o[j] == b'"' {
+            return Some(j + 1);
+        }
+        i = j + 2;
+        if i > o.len() {
+            return None;
+        }
+    }
+}
+
+/// The index just past the value starting at `i` (trailing whitespace not included).
+fn value_end(o: &[u8], mut i: usize) -> Option<usize> {
+    let mut depth = 0usize;
+    loop {
+        match *o.get(i)? {
+            b'"' => i = string_end(o, i)?,
+            b'{' | b'[' => {
+                depth += 1;
+                i += 1;
+            }
+            b'}' | b']' if depth > 0 => {
+                depth -= 1;
+                i += 1;
+            }
+            // The end of a scalar at the top level.
+            b',' | b'}' | b']' if depth == 0 => return Some(i),
+            b if b.is_ascii_whitespace() && depth == 0 => return Some(i),
+            _ => i += 1,
+        }
+        if depth == 0 && matches!(o.get(i - 1), Some(b'"' | b'}' | b']')) {
+            return Some(i);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -164,6 +317,90 @@ mod tests {
             out.extend_from_slice(&st.feed(&s[i..], true));
             assert_eq!(String::from_utf8(out).unwrap(), WITHOUT, "split at {i}");
         }
+    }
+
+    /// Every way of feeding `with` in three pieces gives `without`.
+    fn strips_to(with: &str, without: &str) {
+        let s = with.as_bytes();
+        for i in 0..=s.len() {
+            for j in (i..=s.len()).step_by(7) {
+                let out = run(&mut UsageStripper::default(), &[&s[..i], &s[i..j], &s[j..]]);
+                assert_eq!(String::from_utf8(out).unwrap(), without, "split at {i},{j}");
+            }
+        }
+    }
+
+    const CONTENT: &str = "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"},\"finish_reason\":null}]}\n\n";
+    const FINISH: &str = "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n";
+    const USAGE: &str = "{\"prompt_tokens\":3,\"completion_tokens\":1,\"total_tokens\":4,\"prompt_tokens_details\":{\"cached_tokens\":0},\"extra\":{\"queue_ms\":[1,2]}}";
+
+    /// `chunk` (one `data: {...}\n\n` event) with `member` added before its closing brace.
+    fn with_member(chunk: &str, member: &str) -> String {
+        let end = chunk.rfind('}').unwrap();
+        format!("{}{member}{}", &chunk[..end], &chunk[end..])
+    }
+
+    #[test]
+    fn a_chunk_with_choices_that_carry_nothing_goes_whole() {
+        let usage_chunk = format!(
+            "data: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"\"}},\"logprobs\":null,\"finish_reason\":null}}],\"usage\":{USAGE}}}\n\n"
+        );
+        strips_to(
+            &format!("{CONTENT}{FINISH}{usage_chunk}data: [DONE]\n\n"),
+            &format!("{CONTENT}{FINISH}data: [DONE]\n\n"),
+        );
+    }
+
+    #[test]
+    fn usage_on_the_finish_chunk_loses_the_member_only() {
+        let finish = with_member(FINISH, &format!(",\"usage\":{USAGE}"));
+        strips_to(
+            &format!("{CONTENT}{finish}data: [DONE]\n\n"),
+            &format!("{CONTENT}{FINISH}data: [DONE]\n\n"),
+        );
+        // First among the members, and spaced as some servers write JSON.
+        let first = format!(
+            "data: {{\"usage\": {USAGE}, \"id\": \"c\", \"choices\": [{{\"index\": 0, \"delta\": {{}}, \"finish_reason\": \"length\"}}]}}\n\n"
+        );
+        strips_to(
+            &first,
+            "data: {\"id\": \"c\", \"choices\": [{\"index\": 0, \"delta\": {}, \"finish_reason\": \"length\"}]}\n\n",
+        );
+    }
+
+    #[test]
+    fn a_running_count_on_every_chunk_is_removed_from_each() {
+        let counted = |chunk: &str, n: u32| {
+            with_member(
+                chunk,
+                &format!(",\"usage\":{{\"prompt_tokens\":3,\"completion_tokens\":{n},\"total_tokens\":{}}}", 3 + n),
+            )
+        };
+        strips_to(
+            &format!(
+                "{}{}{}data: [DONE]\n\n",
+                counted(CONTENT, 1),
+                counted(CONTENT, 2),
+                counted(FINISH, 2)
+            ),
+            &format!("{CONTENT}{CONTENT}{FINISH}data: [DONE]\n\n"),
+        );
+    }
+
+    #[test]
+    fn usage_below_the_top_level_is_left_alone() {
+        let nested = "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"function\":{\"usage\":{\"a\":1}}}]},\"usage\":null}],\"x\":1}\n\n";
+        strips_to(nested, nested);
+        assert_eq!(
+            usage_cut(b"data: {\"usage\":null}\n\n"),
+            Some(Cut::Span(7, 19))
+        );
+        assert_eq!(
+            usage_cut(b"data: {\"usage\":{\"a\":1}}\n\n"),
+            Some(Cut::Event)
+        );
+        assert_eq!(usage_cut(b"data: {\"usage\":null"), None);
+        assert_eq!(usage_cut(b"data: [DONE]\n\n"), None);
     }
 
     #[test]
