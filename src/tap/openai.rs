@@ -6,7 +6,7 @@ use memchr::memmem::Finder;
 use serde::Deserialize;
 use std::sync::LazyLock;
 
-use super::{skip_ws, string_after, Measure, Usage};
+use super::{skip_ws, string_after_with, Measure, Usage};
 
 static OUTPUT_STRINGS: LazyLock<[Finder<'static>; 4]> = LazyLock::new(|| {
     [
@@ -23,6 +23,9 @@ static OUTPUT_CALLS: LazyLock<[Finder<'static>; 2]> = LazyLock::new(|| {
     ]
 });
 static USAGE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\":"));
+static MODEL: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"model\":"));
+static FINISH: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"finish_reason\":"));
+static ERROR: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"error\":"));
 
 /// Reads one event (its `event:` name, empty when it has none, and its data); true
 /// when it carries generated output (see the TTFT definition in `tap`). OpenAI's typed
@@ -36,11 +39,11 @@ pub fn event(name: &[u8], data: &[u8], m: &mut Measure) -> bool {
         return false;
     }
     if m.model.is_none() {
-        if let Some(model) = string_after(data, b"\"model\":") {
+        if let Some(model) = string_after_with(data, &MODEL) {
             m.model = Some(String::from_utf8_lossy(model).into_owned());
         }
     }
-    if let Some(reason) = string_after(data, b"\"finish_reason\":") {
+    if let Some(reason) = string_after_with(data, &FINISH) {
         m.finish_reason = Some(String::from_utf8_lossy(reason).into_owned());
     }
     if let Some(i) = USAGE.find(data) {
@@ -48,7 +51,7 @@ pub fn event(name: &[u8], data: &[u8], m: &mut Measure) -> bool {
             read_usage(data, &mut m.usage);
         }
     }
-    if let Some(i) = memchr::memmem::find(data, b"\"error\":") {
+    if let Some(i) = ERROR.find(data) {
         if skip_ws(&data[i + 8..]).first() == Some(&b'{') {
             m.stream_error = Some(error_type(data));
         }

@@ -143,6 +143,10 @@ fn push_tail(tail: &mut [u8; 3], s: &[u8]) {
     }
 }
 
+/// Made once: building a searcher is most of the cost of one search in an event.
+static USAGE_KEY: std::sync::LazyLock<memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
+
 fn strip_event(event: &[u8], out: &mut BytesMut) {
     match usage_cut(event) {
         None => out.extend_from_slice(event),
@@ -166,8 +170,12 @@ enum Cut {
 /// What to remove from `event` (one SSE event: its `data:` line holds a JSON object), or
 /// `None` when it has no top-level `usage` member, or is not such an object.
 fn usage_cut(event: &[u8]) -> Option<Cut> {
-    memmem::find(event, b"\"usage\"")?;
-    let data = memmem::find(event, b"data:")? + 5;
+    USAGE_KEY.find(event)?;
+    let data = if event.starts_with(b"data:") {
+        5
+    } else {
+        memmem::find(event, b"\ndata:")? + 6
+    };
     let start = data + memchr(b'{', &event[data..])?;
     let members = members(&event[start..])?;
     let at = members.iter().position(|m| m.key == b"usage")?;

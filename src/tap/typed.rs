@@ -15,9 +15,15 @@
 //! Events are read as they come and never changed: delta events carry an `obfuscation`
 //! padding field that varies their size, so nothing here relies on sizes.
 
+use std::sync::LazyLock;
+
+use memchr::memmem::Finder;
 use serde::Deserialize;
 
 use super::{skip_ws, string_after, Measure, Usage};
+
+static DELTA: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"delta\":"));
+static AUDIO: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"audio\":"));
 
 /// The event's type when it is a Responses event: its name, or when a server sends no
 /// `event:` line, the `type` its data starts with.
@@ -66,24 +72,24 @@ pub fn event(kind: &[u8], data: &[u8], m: &mut Measure) -> bool {
         }
         b"speech.audio.delta" => {
             m.audio_events = true;
-            non_empty(data, b"\"audio\":")
+            non_empty(data, &AUDIO)
         }
         b"error" => {
             m.stream_error = Some(error_code(data));
             false
         }
-        k if k.ends_with(b".delta") => non_empty(data, b"\"delta\":"),
+        k if k.ends_with(b".delta") => non_empty(data, &DELTA),
         _ => false,
     }
 }
 
 /// Whether the value after `key` is a non-empty string or any non-string value (an
 /// audio or structured delta).
-fn non_empty(data: &[u8], key: &[u8]) -> bool {
-    let Some(i) = memchr::memmem::find(data, key) else {
+fn non_empty(data: &[u8], key: &Finder<'_>) -> bool {
+    let Some(i) = key.find(data) else {
         return false;
     };
-    match skip_ws(&data[i + key.len()..]) {
+    match skip_ws(&data[i + key.needle().len()..]) {
         [b'"', b'"', ..] => false,
         [b'"', _, ..] => true,
         [b'n', b'u', b'l', b'l', ..] => false,
