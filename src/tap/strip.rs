@@ -181,7 +181,13 @@ fn usage_cut(event: &[u8]) -> Option<Cut> {
     let at = members.iter().position(|m| m.key == b"usage")?;
     let usage = &members[at];
     let value = &event[start + usage.value.0..start + usage.value.1];
-    if value.starts_with(b"{") && carries_nothing_else(&event[start..], &members) {
+    // What the relay's flag brings is an object, or `null`; anything else is the
+    // server's own and stays.
+    let object = value.starts_with(b"{");
+    if !object && value != b"null" {
+        return None;
+    }
+    if object && carries_nothing_else(&event[start..], &members) {
         return Some(Cut::Event);
     }
     let (from, to) = if at > 0 {
@@ -408,6 +414,7 @@ mod tests {
             Some(Cut::Event)
         );
         assert_eq!(usage_cut(b"data: {\"usage\":null"), None);
+        assert_eq!(usage_cut(b"data: {\"usage\": 5}\n\n"), None);
         assert_eq!(usage_cut(b"data: [DONE]\n\n"), None);
     }
 
