@@ -10,6 +10,7 @@
 #   RELAY_BIN=/other/stream-relay scripts/instructions-per-request.sh
 #   TOP=40 scripts/instructions-per-request.sh          # more of the relay's own functions
 #   WORKLOAD=stream N=200 scripts/instructions-per-request.sh   # per stream of 50 events
+#   INCLUDE_USAGE=0 WORKLOAD=stream ...   # clients that do not ask for usage (the relay strips it)
 #
 # It prints instructions per request for each target, then the relay's own functions
 # (src/) with their inclusive instructions per request. Needs valgrind (Debian's
@@ -76,7 +77,9 @@ measure() { # TARGET -> prints "TARGET INSTRUCTIONS_PER_REQUEST", leaves $OUT/TA
   local load=("$LG_BIN" rps "${url[@]}" -c 8 -n "$N" --timeout-s 600)
   if [ "$WORKLOAD" = stream ]; then
     warm=("$LG_BIN" stream "${url[@]}" -k 10 -n 20 --chunks "$EVENTS" --delay-ms 2 --include-usage --timeout-s 120)
-    load=("$LG_BIN" stream "${url[@]}" -k 20 -n "$N" --chunks "$EVENTS" --delay-ms 2 --include-usage --timeout-s 600)
+    load=("$LG_BIN" stream "${url[@]}" -k 20 -n "$N" --chunks "$EVENTS" --delay-ms 2 --timeout-s 600)
+    # Without it, the relay asks for usage itself and strips what that brings.
+    [ "${INCLUDE_USAGE:-1}" = 1 ] && load+=(--include-usage)
   fi
   # Warm-up (connections, pools, lazy statics), not counted.
   "${warm[@]}" > /dev/null 2>> "$OUT/load.err"
@@ -103,7 +106,7 @@ measure() { # TARGET -> prints "TARGET INSTRUCTIONS_PER_REQUEST", leaves $OUT/TA
 }
 
 if [ "$WORKLOAD" = stream ]; then
-  echo "instructions per stream ($N streams of $EVENTS events, usage asked for; user space):"
+  echo "instructions per stream ($N streams of $EVENTS events, include_usage=${INCLUDE_USAGE:-1}; user space):"
 else
   echo "instructions per request ($N non-streaming requests, user space):"
 fi

@@ -171,46 +171,127 @@ enum Cut {
 /// `None` when it has no top-level `usage` member, or is not such an object.
 fn usage_cut(event: &[u8]) -> Option<Cut> {
     USAGE_KEY.find(event)?;
+    // OpenAI's `"usage":null` ends every other chunk: a member right before the brace
+    // that ends the JSON text is a member of the top-level object, so no scan is needed.
+    let text_end = event
+        .iter()
+        .rposition(|b| !matches!(b, b'\n' | b'\r'))
+        .map_or(0, |i| i + 1);
+    const NULL_LAST: &[u8] = b",\"usage\":null}";
+    if event[..text_end].ends_with(NULL_LAST) {
+        let from = text_end - NULL_LAST.len();
+        return Some(Cut::Span(from, text_end - 1));
+    }
     let data = if event.starts_with(b"data:") {
         5
     } else {
         memmem::find(event, b"\ndata:")? + 6
     };
     let start = data + memchr(b'{', &event[data..])?;
-    let members = members(&event[start..])?;
-    let at = members.iter().position(|m| m.key == b"usage")?;
-    let usage = &members[at];
-    let value = &event[start + usage.value.0..start + usage.value.1];
+    let o = &event[start..];
+    let key_at = top_level_key(o, b"usage")?;
+    let value_at = skip_ws(o, memchr(b':', &o[key_at..])? + key_at + 1);
     // What the relay's flag brings is an object, or `null`; anything else is the
     // server's own and stays.
-    let object = value.starts_with(b"{");
-    if !object && value != b"null" {
-        return None;
-    }
-    if object && carries_nothing_else(&event[start..], &members) {
-        return Some(Cut::Event);
-    }
-    let (from, to) = if at > 0 {
-        // From the end of the member before it: `,"usage":...`.
-        (members[at - 1].value.1, usage.value.1)
-    } else if let Some(next) = members.get(1) {
-        // The first member: `"usage":...,` up to the next key.
-        (usage.key_at, next.key_at)
+    let value_end = match o.get(value_at)? {
+        b'{' => {
+            let end = object_end(o, value_at)?;
+            if carries_nothing_else(o) {
+                return Some(Cut::Event);
+            }
+            end
+        }
+        _ if o[value_at..].starts_with(b"null") => value_at + 4,
+        _ => return None,
+    };
+    // With the comma before it, or for the first member, the one after it.
+    let before = o[..key_at].iter().rposition(|b| !b.is_ascii_whitespace())?;
+    let (from, to) = if o[before] == b',' {
+        (before, value_end)
     } else {
-        (usage.key_at, usage.value.1)
+        let after = skip_ws(o, value_end);
+        match o.get(after)? {
+            b',' => (key_at, skip_ws(o, after + 1)),
+            _ => (key_at, value_end),
+        }
     };
     Some(Cut::Span(start + from, start + to))
 }
 
+fn skip_ws(o: &[u8], mut i: usize) -> usize {
+    while i < o.len() && o[i].is_ascii_whitespace() {
+        i += 1;
+    }
+    i
+}
+
+/// Where the key `name` of the object `o` starts with is, at its top level: braces are
+/// counted and strings skipped, with a vectorized search for the three bytes that
+/// matter. (A key is always at a brace depth of one more than its object's; arrays hold
+/// values, never keys.)
+fn top_level_key(o: &[u8], name: &[u8]) -> Option<usize> {
+    let mut depth = 0usize;
+    let mut i = 0;
+    while let Some(r) = memchr::memchr3(b'"', b'{', b'}', &o[i..]) {
+        let j = i + r;
+        match o[j] {
+            b'{' => {
+                depth += 1;
+                i = j + 1;
+            }
+            b'}' => {
+                depth = depth.checked_sub(1)?;
+                if depth == 0 {
+                    return None;
+                }
+                i = j + 1;
+            }
+            _ => {
+                let end = string_end(o, j)?;
+                if depth == 1 && &o[j + 1..end - 1] == name && o.get(skip_ws(o, end)) == Some(&b':')
+                {
+                    return Some(j);
+                }
+                i = end;
+            }
+        }
+    }
+    None
+}
+
+/// The index just past the object whose `{` is at `i`.
+fn object_end(o: &[u8], mut i: usize) -> Option<usize> {
+    let mut depth = 0usize;
+    while let Some(r) = memchr::memchr3(b'"', b'{', b'}', &o[i..]) {
+        let j = i + r;
+        match o[j] {
+            b'{' => depth += 1,
+            b'}' => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(j + 1);
+                }
+            }
+            _ => {
+                i = string_end(o, j)?;
+                continue;
+            }
+        }
+        i = j + 1;
+    }
+    None
+}
+
 /// Whether a chunk is there only for its usage: no choices, or choices that each have
-/// an empty delta (nothing but nulls and empty strings) and no finish reason.
-fn carries_nothing_else(object: &[u8], members: &[Member<'_>]) -> bool {
-    let Some(choices) = members.iter().find(|m| m.key == b"choices") else {
-        return true;
-    };
-    let Ok(choices) =
-        serde_json::from_slice::<Vec<serde_json::Value>>(&object[choices.value.0..choices.value.1])
-    else {
+/// an empty delta (nothing but nulls and empty strings) and no finish reason. Read with
+/// serde: this runs once a stream, on the chunk that carries the usage.
+fn carries_nothing_else(object: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Chunk {
+        choices: Option<Vec<serde_json::Value>>,
+    }
+    let mut de = serde_json::Deserializer::from_slice(object);
+    let Ok(chunk) = <Chunk as serde::Deserialize>::deserialize(&mut de) else {
         return false;
     };
     let empty = |v: &serde_json::Value| match v {
@@ -219,60 +300,11 @@ fn carries_nothing_else(object: &[u8], members: &[Member<'_>]) -> bool {
         serde_json::Value::Object(o) => o.values().all(|f| f.is_null() || f.as_str() == Some("")),
         _ => false,
     };
-    choices.iter().all(|c| {
+    chunk.choices.unwrap_or_default().iter().all(|c| {
         c.get("finish_reason")
             .is_none_or(serde_json::Value::is_null)
             && c.get("delta").is_none_or(empty)
     })
-}
-
-/// One member of a JSON object: its key (as written, without quotes), where its key's
-/// opening quote is, and where its value starts and ends (offsets in the object).
-#[derive(Debug)]
-struct Member<'a> {
-    key: &'a [u8],
-    key_at: usize,
-    value: (usize, usize),
-}
-
-/// The top-level members of the JSON object `o` starts with; `None` when it is not one.
-fn members(o: &[u8]) -> Option<Vec<Member<'_>>> {
-    let ws = |mut i: usize| {
-        while i < o.len() && o[i].is_ascii_whitespace() {
-            i += 1;
-        }
-        i
-    };
-    let mut out = Vec::new();
-    let mut i = ws(1);
-    if o.get(i) == Some(&b'}') {
-        return Some(out);
-    }
-    loop {
-        if o.get(i) != Some(&b'"') {
-            return None;
-        }
-        let key_at = i;
-        let key_end = string_end(o, i)?;
-        let key = &o[i + 1..key_end - 1];
-        i = ws(key_end);
-        if o.get(i) != Some(&b':') {
-            return None;
-        }
-        let value_start = ws(i + 1);
-        let value_end = value_end(o, value_start)?;
-        out.push(Member {
-            key,
-            key_at,
-            value: (value_start, value_end),
-        });
-        i = ws(value_end);
-        match o.get(i)? {
-            b',' => i = ws(i + 1),
-            b'}' => return Some(out),
-            _ => return None,
-        }
-    }
 }
 
 /// The index just past the string whose opening quote is at `i`.
@@ -286,31 +318,6 @@ fn string_end(o: &[u8], mut i: usize) -> Option<usize> {
         i = j + 2;
         if i > o.len() {
             return None;
-        }
-    }
-}
-
-/// The index just past the value starting at `i` (trailing whitespace not included).
-fn value_end(o: &[u8], mut i: usize) -> Option<usize> {
-    let mut depth = 0usize;
-    loop {
-        match *o.get(i)? {
-            b'"' => i = string_end(o, i)?,
-            b'{' | b'[' => {
-                depth += 1;
-                i += 1;
-            }
-            b'}' | b']' if depth > 0 => {
-                depth -= 1;
-                i += 1;
-            }
-            // The end of a scalar at the top level.
-            b',' | b'}' | b']' if depth == 0 => return Some(i),
-            b if b.is_ascii_whitespace() && depth == 0 => return Some(i),
-            _ => i += 1,
-        }
-        if depth == 0 && matches!(o.get(i - 1), Some(b'"' | b'}' | b']')) {
-            return Some(i);
         }
     }
 }
