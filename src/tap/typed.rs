@@ -132,12 +132,18 @@ struct ErrorObject {
 }
 
 impl ErrorObject {
-    fn name(&self) -> Option<String> {
-        match &self.code {
-            Some(serde_json::Value::String(s)) => Some(s.clone()),
-            Some(serde_json::Value::Null) | None => self.kind.clone(),
-            Some(other) => Some(other.to_string()),
-        }
+    /// Its code, else its type.
+    fn name(self) -> Option<String> {
+        code_text(self.code).or(self.kind)
+    }
+}
+
+/// An error code as text (a string as it is, a number written out); `None` for null.
+fn code_text(code: Option<serde_json::Value>) -> Option<String> {
+    match code? {
+        serde_json::Value::String(s) => Some(s),
+        serde_json::Value::Null => None,
+        other => Some(other.to_string()),
     }
 }
 
@@ -216,13 +222,8 @@ fn error_code(data: &[u8]) -> String {
         code: Option<serde_json::Value>,
         error: Option<ErrorObject>,
     }
-    let named = |v: Option<serde_json::Value>| match v {
-        Some(serde_json::Value::String(s)) => Some(s),
-        Some(serde_json::Value::Null) | None => None,
-        Some(other) => Some(other.to_string()),
-    };
     match serde_json::from_slice::<E>(data) {
-        Ok(e) => named(e.code)
+        Ok(e) => code_text(e.code)
             .or_else(|| e.error.and_then(|e| e.name()))
             .unwrap_or_else(|| "error".into()),
         Err(_) => "error".into(),
