@@ -96,24 +96,30 @@ fn check_rows(relay: &RelayProc, ids: &HashMap<String, String>) {
     }
 }
 
+/// The relay with `routes` (in front of a mock `{u}` stands for), the demo tenant and
+/// the prices, and its mock.
+fn relay_with(routes: &str) -> (MockProc, RelayProc) {
+    let mock = MockProc::start(None);
+    let routes = routes.replace("{u}", &mock.url());
+    let config = format!(
+        "routes:\n{routes}tenants:\n  - {{ id: demo, key_sha256: [\"{h}\"] }}\n{PRICING}",
+        h = hash(TENANT_KEY)
+    );
+    let relay = RelayProc::start(&config, &[]);
+    (mock, relay)
+}
+
 #[test]
 fn official_sdks_work_through_the_relay() {
     if !have_sdks() {
         return;
     }
-    let mock = MockProc::start(None);
-    let u = mock.url();
-    let config = format!(
-        r#"routes:
-  - {{ name: mock-openai, prefix: /mock/openai/v1, provider: openai, upstreams: ["{u}/v1"] }}
-  - {{ name: mock-anthropic, prefix: /mock/anthropic, provider: anthropic, upstreams: ["{u}"] }}
-  - {{ name: mock-audio, prefix: /mock/audio/v1, provider: audio, upstreams: ["{u}/v1"] }}
-tenants:
-  - {{ id: demo, key_sha256: ["{h}"] }}
-{PRICING}"#,
-        h = hash(TENANT_KEY)
+    let (_mock, relay) = relay_with(
+        r#"  - { name: mock-openai, prefix: /mock/openai/v1, provider: openai, upstreams: ["{u}/v1"] }
+  - { name: mock-anthropic, prefix: /mock/anthropic, provider: anthropic, upstreams: ["{u}"] }
+  - { name: mock-audio, prefix: /mock/audio/v1, provider: audio, upstreams: ["{u}/v1"] }
+"#,
     );
-    let relay = RelayProc::start(&config, &[]);
     let ids = sdk_check(&relay, &[]);
     check_rows(&relay, &ids);
 }
@@ -126,18 +132,11 @@ fn both_sdks_share_one_base_url() {
     if !have_sdks() {
         return;
     }
-    let mock = MockProc::start(None);
-    let u = mock.url();
-    let config = format!(
-        r#"routes:
-  - {{ name: anthropic, prefix: /v1/messages, provider: anthropic, upstreams: ["{u}/v1/messages"] }}
-  - {{ name: openai, prefix: /v1, provider: openai, upstreams: ["{u}/v1"] }}
-tenants:
-  - {{ id: demo, key_sha256: ["{h}"] }}
-{PRICING}"#,
-        h = hash(TENANT_KEY)
+    let (_mock, relay) = relay_with(
+        r#"  - { name: anthropic, prefix: /v1/messages, provider: anthropic, upstreams: ["{u}/v1/messages"] }
+  - { name: openai, prefix: /v1, provider: openai, upstreams: ["{u}/v1"] }
+"#,
     );
-    let relay = RelayProc::start(&config, &[]);
     let ids = sdk_check(&relay, &["/v1", "-", "/v1"]);
     check_rows(&relay, &ids);
     assert_eq!(row(&relay, &ids["anthropic_json"])["route"], "anthropic");

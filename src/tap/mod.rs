@@ -42,6 +42,31 @@ pub struct Usage {
     pub reasoning: Option<u64>,
 }
 
+impl Usage {
+    /// Takes a provider's counts (input with its cached part, output with its reasoning
+    /// part). A usage of nothing at all is a server that does not count, not a free
+    /// answer: it is not taken, and the usage stays unknown.
+    pub(crate) fn take(
+        &mut self,
+        input: Option<u64>,
+        output: Option<u64>,
+        cached: Option<u64>,
+        reasoning: Option<u64>,
+    ) {
+        if input.unwrap_or(0) == 0 && output.unwrap_or(0) == 0 {
+            return;
+        }
+        self.input = input.or(self.input);
+        self.output = output.or(self.output);
+        if cached.is_some() {
+            self.cached_input = cached;
+        }
+        if reasoning.is_some() {
+            self.reasoning = reasoning;
+        }
+    }
+}
+
 /// What a tap learned about one response.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Measure {

@@ -110,26 +110,16 @@ struct CompletionDetails {
 
 impl UsageJson {
     pub(crate) fn apply(&self, u: &mut Usage) {
-        // A usage of nothing at all is a server that does not count, not a free answer.
-        if self.prompt_tokens.unwrap_or(0) == 0 && self.completion_tokens.unwrap_or(0) == 0 {
-            return;
-        }
-        u.input = self.prompt_tokens.or(u.input);
-        u.output = self.completion_tokens.or(u.output);
-        if let Some(c) = self
-            .prompt_tokens_details
-            .as_ref()
-            .and_then(|d| d.cached_tokens)
-        {
-            u.cached_input = Some(c);
-        }
-        if let Some(r) = self
-            .completion_tokens_details
-            .as_ref()
-            .and_then(|d| d.reasoning_tokens)
-        {
-            u.reasoning = Some(r);
-        }
+        u.take(
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.prompt_tokens_details
+                .as_ref()
+                .and_then(|d| d.cached_tokens),
+            self.completion_tokens_details
+                .as_ref()
+                .and_then(|d| d.reasoning_tokens),
+        );
     }
 }
 

@@ -192,26 +192,16 @@ struct OutputDetails {
 
 impl ResponseUsage {
     pub(crate) fn apply(&self, u: &mut Usage) {
-        // A usage of nothing at all is a server that does not count, not a free answer.
-        if self.input_tokens.unwrap_or(0) == 0 && self.output_tokens.unwrap_or(0) == 0 {
-            return;
-        }
-        u.input = self.input_tokens.or(u.input);
-        u.output = self.output_tokens.or(u.output);
-        if let Some(c) = self
-            .input_tokens_details
-            .as_ref()
-            .and_then(|d| d.cached_tokens)
-        {
-            u.cached_input = Some(c);
-        }
-        if let Some(r) = self
-            .output_tokens_details
-            .as_ref()
-            .and_then(|d| d.reasoning_tokens)
-        {
-            u.reasoning = Some(r);
-        }
+        u.take(
+            self.input_tokens,
+            self.output_tokens,
+            self.input_tokens_details
+                .as_ref()
+                .and_then(|d| d.cached_tokens),
+            self.output_tokens_details
+                .as_ref()
+                .and_then(|d| d.reasoning_tokens),
+        );
     }
 }
 
