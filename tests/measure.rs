@@ -446,3 +446,58 @@ fn usage_is_removed_exactly_in_every_server_shape() {
         );
     }
 }
+
+/// A Responses API stream through the relay: the bytes as the mock sent them (named
+/// events, sequence numbers, padding), TTFT, tokens and cost from `response.completed`;
+/// cut before its terminal event, its usage is unknown, never zero.
+#[test]
+fn responses_streams_are_measured_and_a_cut_one_is_unknown_not_zero() {
+    let mock = MockProc::start(None);
+    let relay = RelayProc::start(&config(&mock), &[]);
+    let auth = format!("Bearer {TENANT_KEY}");
+    let body = br#"{"model":"gpt-4o-mini","input":"Say hello","stream":true}"#;
+    let direct = request(mock.addr, "POST", "/v1/responses", &[], body);
+    let via = request(
+        relay.addr,
+        "POST",
+        "/openai/v1/responses",
+        &[
+            ("authorization", &auth),
+            ("x-request-id", "responses-whole"),
+        ],
+        body,
+    );
+    assert_eq!(via.status, 200);
+    assert!(via.complete);
+    assert_eq!(
+        String::from_utf8_lossy(&via.body),
+        String::from_utf8_lossy(&direct.body)
+    );
+    assert!(String::from_utf8_lossy(&via.body).contains("event: response.completed"));
+    let f = access_line(&relay, "responses-whole");
+    assert_eq!(f["tokens_out"], "8");
+    assert_ne!(f["tokens_in"], "-1");
+    assert_ne!(f["cost_usd"], "unknown");
+    assert_ne!(f["ttft_ms"], "-1.0");
+    assert_eq!(f["finish"], "completed");
+
+    let cut = request(
+        relay.addr,
+        "POST",
+        "/openai/v1/responses",
+        &[
+            ("authorization", &auth),
+            ("x-request-id", "responses-cut"),
+            ("x-mock-cut-after", "3"),
+        ],
+        body,
+    );
+    assert!(!cut.complete, "a cut stream must not look complete");
+    let f = access_line(&relay, "responses-cut");
+    assert_eq!(
+        (f["tokens_in"].as_str(), f["tokens_out"].as_str()),
+        ("-1", "-1")
+    );
+    assert_eq!(f["cost_usd"], "unknown");
+    assert_ne!(f["ttft_ms"], "-1.0");
+}
