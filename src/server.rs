@@ -197,16 +197,21 @@ fn add_proxy(
         rows,
         instance: Arc::from(config.instance.as_str()),
     });
+    let limiter: Arc<dyn crate::limits::Limiter> = match &config.redis {
+        Some(r) => Arc::new(crate::limits::redis::RedisLimiter::new(r, metrics.clone())?),
+        None => Arc::new(crate::limits::local::LocalLimiter::default()),
+    };
+    server.add_service(background_service(
+        "limiter clock",
+        crate::limits::LimiterClock(limiter.clone()),
+    ));
     let proxy = RelayProxy {
         input: config.input_limits,
         routes: routes.clone(),
         tenants: tenants.clone(),
         metrics: metrics.clone(),
         pricing: pricing.clone(),
-        limiter: match &config.redis {
-            Some(r) => Arc::new(crate::limits::redis::RedisLimiter::new(r, metrics.clone())?),
-            None => Arc::new(crate::limits::local::LocalLimiter::default()),
-        },
+        limiter: limiter.clone(),
         default_max_tokens: config.default_max_tokens,
         recorder: recorder.clone(),
     };

@@ -13,6 +13,10 @@ use async_trait::async_trait;
 use super::Limits;
 use super::{Admission, Budget, LimitKind, Limiter, Refused};
 
+/// How often [`super::LimiterClock`] turns the windows over: a window ends at most this
+/// late, and a wait that crosses a window's end is given this much more.
+pub const TICK: Duration = Duration::from_millis(100);
+
 pub struct LocalLimiter {
     per_second: Rate,
     per_minute: Rate,
@@ -57,14 +61,17 @@ fn wait_for_room(c: &RateComponents, limit: f64, need: f64) -> Duration {
     let left_in_window = interval * (1.0 - c.current_interval_fraction);
     let prev_rate = c.prev_samples as f64 / interval;
     if prev_rate > 0.0 && over <= prev_rate * left_in_window {
-        return Duration::from_secs_f64(over / prev_rate);
+        // `Rate` measures time in whole milliseconds: one (and a rounding) to spare.
+        return Duration::from_secs_f64(over / prev_rate) + Duration::from_millis(2);
     }
-    // The current window's own events leave over the next window.
+    // The current window's own events leave over the next window, which begins at most
+    // a tick after this one ends.
     let curr_rate = (c.curr_samples.max(1)) as f64 / interval;
     Duration::from_secs_f64(
         left_in_window + (over - prev_rate * left_in_window).max(0.0) / curr_rate,
     )
     .min(c.interval * 2)
+        + TICK
 }
 
 /// One rate check: count `n` events for `key`, or refuse and count nothing. With the
@@ -125,6 +132,18 @@ impl Limiter for LocalLimiter {
     ) {
         self.settle_now(tenant, limits, &admission, actual);
     }
+
+    fn tick(&self) {
+        for rate in [&self.per_second, &self.per_minute, &self.tokens_per_minute] {
+            turn(rate);
+        }
+    }
+}
+
+/// Lets `rate` start its next window if the current one has ended (reading it is what
+/// turns it over).
+fn turn(rate: &Rate) {
+    rate.rate_with(&(), |_| ());
 }
 
 /// The rate checks an admission has passed so far: each is undone when a later check
@@ -343,6 +362,40 @@ impl LocalLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A client refused by a rate limit that waits the time it was told is admitted: on
+    /// a fresh limiter (6 a "minute"), and under a limit of 2 used up round after round.
+    /// The window is turned over once it has ended, as the limiter clock does, and the
+    /// retry comes a whole tick after that (the latest the clock may turn it).
+    #[test]
+    fn a_client_that_waits_its_retry_after_is_admitted() {
+        let window = Duration::from_millis(1200);
+        for (limit, rounds) in [(6u64, 1), (2, 3)] {
+            let rate = Rate::new(window);
+            for round in 0..rounds {
+                let wait = loop {
+                    if let Err(w) = take(&rate, "t", 1, limit) {
+                        break w;
+                    }
+                };
+                // Never more than the two windows a count can weigh in.
+                assert!(wait <= window * 2 + TICK, "limit {limit}: wait {wait:?}");
+                let c = rate.rate_with(&"t", |c| c);
+                let left = c.interval.mul_f64(1.0 - c.current_interval_fraction);
+                if wait >= left + TICK {
+                    std::thread::sleep(left + Duration::from_millis(1));
+                    turn(&rate);
+                    std::thread::sleep(wait - left - TICK + Duration::from_millis(5));
+                } else {
+                    std::thread::sleep(wait);
+                }
+                assert!(
+                    take(&rate, "t", 1, limit).is_ok(),
+                    "limit {limit}, round {round}: refused after waiting {wait:?}"
+                );
+            }
+        }
+    }
 
     fn limits(rpm: Option<u64>, tpm: Option<u64>, conc: Option<u64>) -> Limits {
         Limits {

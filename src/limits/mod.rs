@@ -191,6 +191,29 @@ pub trait Limiter: Send + Sync {
         admission: Admission,
         actual: Option<u64>,
     );
+    /// Keeps the local windows on schedule: [`LimiterClock`] calls it every
+    /// [`local::TICK`].
+    fn tick(&self) {}
+}
+
+/// Turns the local limiter's windows over on time. pingora-limits' `Rate` starts a new
+/// window at the first count after the old one ended, and takes the old one's count as
+/// the previous window from that moment. On a quiet relay that moment was the retry of
+/// a refused client, which then found the previous minute's whole count still standing
+/// and was refused again (the wrong `Retry-After` of issue 17). Ticked, a window turns
+/// over at most one tick late, whoever is counting.
+pub struct LimiterClock(pub std::sync::Arc<dyn Limiter>);
+
+#[async_trait]
+impl pingora_core::services::background::BackgroundService for LimiterClock {
+    async fn start(&self, _shutdown: pingora_core::server::ShutdownWatch) {
+        let mut tick = tokio::time::interval(local::TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.0.tick();
+        }
+    }
 }
 
 /// Per-tenant limits; each is optional (absent: no limit).

@@ -377,6 +377,11 @@ impl Limiter for RedisLimiter {
             self.failed("settle", &e);
         }
     }
+
+    /// The local counts used while Redis is down keep their windows on schedule too.
+    fn tick(&self) {
+        self.local.tick();
+    }
 }
 /// Validated Redis settings (`redis`).
 #[derive(Debug, Clone)]
