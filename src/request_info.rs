@@ -54,7 +54,7 @@ pub struct BodyCollector {
     too_large: bool,
     rewrite: Rewrite,
     /// The fields of a form upload too large to keep, read from its start.
-    form: Option<RequestInfo>,
+    form: Option<Result<RequestInfo, FieldProblem>>,
 }
 
 /// What the filter does with one request body chunk.
@@ -96,10 +96,18 @@ impl BodyCollector {
 
     /// Takes one chunk; `end` is set with the last one.
     pub fn step(&mut self, chunk: &[u8], end: bool) -> (BodyStep, Option<BodyEnd>) {
-        let past_cap = |form: &mut Option<RequestInfo>| BodyEnd {
-            unreadable: self.rewrite.store_off,
-            info: form.take(),
-            ..BodyEnd::default()
+        let past_cap = |form: &mut Option<Result<RequestInfo, FieldProblem>>| {
+            let (info, problem) = match form.take() {
+                None => (None, None),
+                Some(Ok(info)) => (Some(info), None),
+                Some(Err(p)) => (None, Some(p)),
+            };
+            BodyEnd {
+                unreadable: self.rewrite.store_off,
+                info,
+                problem,
+                ..BodyEnd::default()
+            }
         };
         if self.too_large {
             return (BodyStep::Pass, end.then(|| past_cap(&mut self.form)));
@@ -108,7 +116,7 @@ impl BodyCollector {
             self.too_large = true;
             let held = std::mem::take(&mut self.buf);
             // An upload (an audio file to transcribe) has its fields before its file.
-            self.form = read_form(&held);
+            self.form = read_form(&held).transpose();
             if !self.hold() {
                 return (BodyStep::Pass, end.then(|| past_cap(&mut self.form)));
             }
@@ -135,8 +143,10 @@ impl BodyCollector {
             };
         }
         let buf = std::mem::take(&mut self.buf);
-        let (info, problem) = match read(&buf) {
-            Ok(None) => (read_form(&buf), None),
+        let (info, problem) = match read(&buf).and_then(|info| match info {
+            None => read_form(&buf),
+            info => Ok(info),
+        }) {
             Ok(info) => (info, None),
             Err(p) => (None, Some(p)),
         };
@@ -385,24 +395,36 @@ pub fn read(body: &[u8]) -> Result<Option<RequestInfo>, FieldProblem> {
 }
 
 /// The fields of a `multipart/form-data` upload (a transcription's `model` and
-/// `stream`), `None` when the body is not one or names neither.
-fn read_form(body: &[u8]) -> Option<RequestInfo> {
+/// `stream`), `None` when the body is not one or names neither. A field there twice is
+/// refused, as in JSON: the relay would price one model while the provider ran another.
+fn read_form(body: &[u8]) -> Result<Option<RequestInfo>, FieldProblem> {
     let mut info = RequestInfo::default();
-    let mut any = false;
+    let (mut model, mut stream) = (false, false);
     for (name, value) in form_fields(body) {
-        match name {
-            b"model" => info.model = Some(String::from_utf8_lossy(value).into_owned()),
-            b"stream" => info.stream = value == b"true",
+        let seen = match name {
+            b"model" => {
+                info.model = Some(String::from_utf8_lossy(value).into_owned());
+                &mut model
+            }
+            b"stream" => {
+                info.stream = value == b"true";
+                &mut stream
+            }
             _ => continue,
+        };
+        if std::mem::replace(seen, true) {
+            let key = String::from_utf8_lossy(name);
+            return Err(FieldProblem(format!(
+                "the field `{key}` appears more than once"
+            )));
         }
-        any = true;
     }
-    any.then_some(info)
+    Ok((model || stream).then_some(info))
 }
 
-/// The text fields of a `multipart/form-data` body as (name, value), in order, up to its
-/// first file part (clients send their fields before the file) or the end of the bytes
-/// given; empty when the body is not a form.
+/// The text fields of a `multipart/form-data` body as (name, value), in order, file parts
+/// skipped, up to the end of the bytes given (clients send their fields before the file,
+/// so the start of a large upload has them); empty when the body is not a form.
 pub fn form_fields(body: &[u8]) -> Vec<(&[u8], &[u8])> {
     use memchr::memmem::find;
     let mut fields = Vec::new();
@@ -419,19 +441,22 @@ pub fn form_fields(body: &[u8]) -> Vec<(&[u8], &[u8])> {
     while let Some(head_len) = find(&body[at..], b"\r\n\r\n") {
         let head = &body[at..at + head_len];
         let value_start = at + head_len + 4;
-        if find(head, b"filename=").is_some() {
-            break;
-        }
-        let Some(name) = find(head, b"name=\"").and_then(|i| {
-            let rest = &head[i + 6..];
-            memchr::memchr(b'"', rest).map(|end| &rest[..end])
-        }) else {
-            break;
-        };
         let Some(len) = find(&body[value_start..], &delimiter) else {
             break;
         };
-        fields.push((name, &body[value_start..value_start + len]));
+        // `name="..."`, not the `filename="..."` a file part also has.
+        let name = memchr::memmem::find_iter(head, b"name=\"")
+            .find(|&i| i == 0 || !head[i - 1].is_ascii_alphanumeric())
+            .and_then(|i| {
+                let rest = &head[i + 6..];
+                memchr::memchr(b'"', rest).map(|end| &rest[..end])
+            });
+        match name {
+            Some(name) if find(head, b"filename=").is_none() => {
+                fields.push((name, &body[value_start..value_start + len]));
+            }
+            _ => {}
+        }
         at = value_start + len + delimiter.len();
         // `--` after a delimiter ends the form; CRLF starts the next part.
         if body[at..].starts_with(b"--") {
@@ -651,6 +676,27 @@ mod tests {
             assert!(!end.invalid_json);
         }
         assert!(form_fields(b"{\"model\":\"m\"}").is_empty());
+        // A field after the file is read too, when the body is held whole.
+        let mut late = form(&[], 100);
+        late.truncate(late.len() - b"--XyZ--\r\n".len());
+        late.extend_from_slice(b"--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ngpt-4o-transcribe\r\n--XyZ--\r\n");
+        assert_eq!(
+            read_form(&late).unwrap().unwrap().model.as_deref(),
+            Some("gpt-4o-transcribe")
+        );
+        // Two models: the relay cannot know which one the provider runs, so it refuses.
+        let twice = form(
+            &[("model", "whisper-1"), ("model", "gpt-4o-transcribe")],
+            10,
+        );
+        let mut c = BodyCollector::default();
+        let (_, end) = c.step(&twice, true);
+        assert!(end
+            .unwrap()
+            .problem
+            .unwrap()
+            .0
+            .contains("`model` appears more than once"));
         assert!(form_fields(b"--\r\n").is_empty());
     }
 

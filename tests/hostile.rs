@@ -561,3 +561,33 @@ fn a_trickling_request_head_gets_408_at_the_head_deadline() {
     // Everyone else is served meanwhile and after.
     assert_eq!(ordinary_chat(&relay).status, 200);
 }
+
+/// A transcription upload naming two models could be priced as one while the provider
+/// runs the other: it is refused before the provider sees it, as a JSON body with a
+/// field twice is.
+#[test]
+fn an_upload_with_two_models_is_refused_before_the_provider() {
+    let mock = MockProc::start(None);
+    let relay = RelayProc::start(&config(&mock), &[]);
+    let mut body = Vec::new();
+    for model in ["whisper-1", "gpt-4o-transcribe"] {
+        body.extend_from_slice(
+            format!("--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n{model}\r\n")
+                .as_bytes(),
+        );
+    }
+    body.extend_from_slice(b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\nContent-Type: audio/wav\r\n\r\nRIFF0000\r\n--b--\r\n");
+    let r = request(
+        relay.addr,
+        "POST",
+        "/openai/v1/audio/transcriptions",
+        &[
+            ("authorization", &format!("Bearer {TENANT_KEY}")),
+            ("content-type", "multipart/form-data; boundary=b"),
+        ],
+        &body,
+    );
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    assert!(String::from_utf8_lossy(&r.body).contains("`model` appears more than once"));
+    assert_eq!(mock.stats()["requests"], 0);
+}
