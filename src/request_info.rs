@@ -94,45 +94,50 @@ impl BodyCollector {
         self.rewrite.any()
     }
 
+    /// The end of a body too large to read: what its start said, if it was a form.
+    fn past_cap(&mut self) -> BodyEnd {
+        let (info, problem) = match self.form.take() {
+            None => (None, None),
+            Some(Ok(info)) => (Some(info), None),
+            Some(Err(p)) => (None, Some(p)),
+        };
+        BodyEnd {
+            unreadable: self.rewrite.store_off,
+            info,
+            problem,
+            ..BodyEnd::default()
+        }
+    }
+
+    /// A chunk that takes the body past [`MAX_READ`]: what was held goes (or, when
+    /// `store` must be rewritten, nothing more does).
+    fn outgrown(&mut self, chunk: &[u8], end: bool) -> (BodyStep, Option<BodyEnd>) {
+        self.too_large = true;
+        let held = std::mem::take(&mut self.buf);
+        // An upload (an audio file to transcribe) has its fields before its file.
+        self.form = read_form(&held).transpose();
+        if !self.hold() {
+            return (BodyStep::Pass, end.then(|| self.past_cap()));
+        }
+        if self.rewrite.store_off {
+            // Refused at its end; nothing more is sent meanwhile.
+            return (
+                BodyStep::Replace(bytes::Bytes::new()),
+                Some(self.past_cap()),
+            );
+        }
+        let mut out = held;
+        out.extend_from_slice(chunk);
+        (BodyStep::Replace(out.into()), end.then(|| self.past_cap()))
+    }
+
     /// Takes one chunk; `end` is set with the last one.
     pub fn step(&mut self, chunk: &[u8], end: bool) -> (BodyStep, Option<BodyEnd>) {
-        let past_cap = |form: &mut Option<Result<RequestInfo, FieldProblem>>| {
-            let (info, problem) = match form.take() {
-                None => (None, None),
-                Some(Ok(info)) => (Some(info), None),
-                Some(Err(p)) => (None, Some(p)),
-            };
-            BodyEnd {
-                unreadable: self.rewrite.store_off,
-                info,
-                problem,
-                ..BodyEnd::default()
-            }
-        };
         if self.too_large {
-            return (BodyStep::Pass, end.then(|| past_cap(&mut self.form)));
+            return (BodyStep::Pass, end.then(|| self.past_cap()));
         }
         if self.buf.len() + chunk.len() > MAX_READ {
-            self.too_large = true;
-            let held = std::mem::take(&mut self.buf);
-            // An upload (an audio file to transcribe) has its fields before its file.
-            self.form = read_form(&held).transpose();
-            if !self.hold() {
-                return (BodyStep::Pass, end.then(|| past_cap(&mut self.form)));
-            }
-            if self.rewrite.store_off {
-                // Refused at its end; nothing more is sent meanwhile.
-                return (
-                    BodyStep::Replace(bytes::Bytes::new()),
-                    Some(past_cap(&mut self.form)),
-                );
-            }
-            let mut out = held;
-            out.extend_from_slice(chunk);
-            return (
-                BodyStep::Replace(out.into()),
-                end.then(|| past_cap(&mut self.form)),
-            );
+            return self.outgrown(chunk, end);
         }
         self.buf.extend_from_slice(chunk);
         if !end {
