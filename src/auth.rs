@@ -1,5 +1,6 @@
 //! Authentication stage (`request_filter`): who the tenant is, from the relay key in
-//! `Authorization: Bearer` (OpenAI SDKs) or `x-api-key` (Anthropic SDK). Pure.
+//! `Authorization: Bearer` (OpenAI SDKs) or `x-api-key` (Anthropic SDK), or on a
+//! browser's WebSocket handshake from `Sec-WebSocket-Protocol`. Pure.
 //!
 //! Keys are stored only as SHA-256 digests. A presented key is hashed, looked up by its
 //! digest, and the stored digest is compared with [`subtle::ConstantTimeEq`]: the lookup
@@ -72,7 +73,8 @@ impl TenantTable {
     }
 }
 
-/// The relay key the client sent: `Authorization: Bearer KEY` first, else `x-api-key`.
+/// The relay key the client sent: `Authorization: Bearer KEY` first, else `x-api-key`,
+/// else (a browser's WebSocket) the key form of `Sec-WebSocket-Protocol`.
 pub fn presented_key(req: &RequestHeader) -> Option<&[u8]> {
     if let Some(v) = req.headers.get(http::header::AUTHORIZATION) {
         let v = v.as_bytes();
@@ -87,6 +89,7 @@ pub fn presented_key(req: &RequestHeader) -> Option<&[u8]> {
         .get("x-api-key")
         .map(|v| trim_ascii(v.as_bytes()))
         .filter(|k| !k.is_empty())
+        .or_else(|| crate::websocket::protocol_key(req))
 }
 
 fn trim_ascii(b: &[u8]) -> &[u8] {

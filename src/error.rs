@@ -218,6 +218,9 @@ impl RelayError {
             RelayError::Stalled(crate::stall::Deadline::Total) => {
                 "The request exceeded the route's total deadline.".into()
             }
+            RelayError::Stalled(crate::stall::Deadline::Shutdown) => {
+                "The relay is shutting down.".into()
+            }
             RelayError::Internal => "The relay failed to handle the request.".into(),
         }
     }

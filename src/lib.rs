@@ -38,3 +38,4 @@ pub mod sse;
 pub mod stall;
 pub mod tap;
 pub mod upstream;
+pub mod websocket;

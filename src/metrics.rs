@@ -41,6 +41,8 @@ pub struct Metrics {
     usage_unknown: IntCounterVec,
     errors: IntCounterVec,
     open_streams: IntGaugeVec,
+    open_sessions: IntGaugeVec,
+    session_frames: IntCounterVec,
     response_bytes: IntCounterVec,
     upstream_failures: IntCounterVec,
     limiter_redis_failures: prometheus::IntCounter,
@@ -146,6 +148,17 @@ impl Metrics {
         .expect("metric");
         registry
             .register(Box::new(open_streams.clone()))
+            .expect("unique metric");
+        let open_sessions = IntGaugeVec::new(
+            Opts::new(
+                "stream_relay_open_websocket_sessions",
+                "WebSocket sessions (Realtime) open now, by route.",
+            ),
+            &["route"],
+        )
+        .expect("metric");
+        registry
+            .register(Box::new(open_sessions.clone()))
             .expect("unique metric");
         let limiter_redis_failures = prometheus::IntCounter::new(
             "stream_relay_limiter_redis_failures_total",
@@ -327,6 +340,12 @@ impl Metrics {
                 &["route", "kind"],
             ),
             open_streams,
+            open_sessions,
+            session_frames: counter(
+                "stream_relay_websocket_frames_total",
+                "Frames of ended WebSocket sessions, by route and direction (client or server: who sent them).",
+                &["route", "direction"],
+            ),
             response_bytes: counter(
                 "stream_relay_response_bytes_total",
                 "Response body bytes relayed to clients.",
@@ -355,6 +374,24 @@ impl Metrics {
             gap: self.gap.with_label_values(&[route]),
             open,
         }
+    }
+
+    /// Called once when a WebSocket session opens: the gap histogram (gaps within one
+    /// response) and its place in the open-sessions gauge.
+    pub fn session_started(&self, route: &str) -> StreamHandles {
+        let open = self.open_sessions.with_label_values(&[route]);
+        open.inc();
+        StreamHandles {
+            gap: self.gap.with_label_values(&[route]),
+            open,
+        }
+    }
+
+    /// The frames an ended session passed, each way.
+    pub fn session_frames(&self, route: &str, from_client: u64, from_server: u64) {
+        let f = &self.session_frames;
+        f.with_label_values(&[route, "client"]).inc_by(from_client);
+        f.with_label_values(&[route, "server"]).inc_by(from_server);
     }
 
     pub fn rows_queued(&self, n: i64) {

@@ -1,5 +1,7 @@
 //! The mock provider: OpenAI chat completions, Anthropic messages and audio speech, as
-//! JSON and as streams, for tests, benchmarks and the first-run demo. No network needed.
+//! JSON and as streams (and the Responses API, embeddings, transcriptions and a Realtime
+//! WebSocket, see [`realtime`]), for tests, benchmarks and the first-run demo. No
+//! network needed.
 //!
 //! Knobs come as request headers (defaults in [`Knobs::default`]):
 //! `x-mock-chunks` (content events or audio chunks), `x-mock-interval-ms` (pacing),
@@ -33,6 +35,8 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::time::{sleep_until, Instant};
+
+mod realtime;
 
 const MAX_HEAD: usize = 64 * 1024;
 const MAX_BODY: usize = 16 * 1024 * 1024;
@@ -199,6 +203,10 @@ impl Mock {
                 let body = error_body(kind, 401, "mock: wrong or missing provider key");
                 return write_full(stream, 401, "application/json", body.as_bytes()).await;
             }
+        }
+        if kind == Kind::Realtime {
+            let knobs = knobs_from(&req.headers, self.defaults);
+            return realtime::session(self, stream, pending, &req, knobs).await;
         }
         let ask = Ask::read(kind, &req, self.defaults);
 
@@ -429,6 +437,8 @@ enum Kind {
     /// `/v1/audio/transcriptions`: a multipart upload; JSON, or `transcript.text.*`
     /// events when its `stream` field is true.
     Transcription,
+    /// `/v1/realtime`: a WebSocket session ([`realtime`]).
+    Realtime,
 }
 
 impl Kind {
@@ -446,6 +456,8 @@ impl Kind {
             Some(Kind::Embeddings)
         } else if path.ends_with("/audio/transcriptions") {
             Some(Kind::Transcription)
+        } else if path.ends_with("/realtime") {
+            Some(Kind::Realtime)
         } else {
             None
         }
@@ -517,6 +529,8 @@ enum Flow {
 
 struct Request {
     path: String,
+    /// What follows `?` in the target (empty when nothing does).
+    query: String,
     headers: Vec<(String, String)>,
     body: Vec<u8>,
     close: bool,
@@ -857,7 +871,7 @@ fn steps(kind: Kind, chunks: usize, include_usage: bool) -> Vec<Event> {
             steps.push(plain(Step::SpeechDone));
         }
         // Answered whole, never streamed.
-        Kind::Embeddings => {}
+        Kind::Embeddings | Kind::Realtime => {}
     }
     steps
 }
@@ -1110,8 +1124,10 @@ async fn read_request<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>) -
         }
         buf.drain(..len).collect()
     };
+    let (path, query) = path.split_once('?').unwrap_or((&path, ""));
     Some(Request {
-        path: path.split('?').next().unwrap_or("/").to_string(),
+        query: query.to_string(),
+        path: path.to_string(),
         headers,
         body,
         close,

@@ -8,7 +8,8 @@
 //!   control characters ([`check_path`]); what is checked is what is routed and sent;
 //! - a route serves a list of endpoints, each a method and a path pattern
 //!   ([`Endpoints`]); by default the provider's inference endpoints and nothing else;
-//! - protocol switches (`Upgrade`) are refused: no route meters a tunnel yet;
+//! - protocol switches (`Upgrade`) are refused, except a WebSocket on an endpoint
+//!   listed as `WEBSOCKET` (OpenAI's `realtime` by default), which is metered;
 //! - request and response headers pass by policy ([`scrub_request`], [`scrub_response`]).
 
 use http::Method;
@@ -93,10 +94,13 @@ fn check_segment(seg: &[u8]) -> Result<(), &'static str> {
 /// One endpoint a route serves: a method and a path pattern. A pattern without a leading
 /// `/` matches the last segments of the path the provider sees (`chat/completions` serves
 /// `/v1/chat/completions` and Azure's `/openai/deployments/NAME/chat/completions`); with a
-/// leading `/` it must match that whole path. `*` matches any one segment.
+/// leading `/` it must match that whole path. `*` matches any one segment. The method
+/// `WEBSOCKET` serves a `GET` with `Upgrade: websocket` (a session) and nothing else.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
     pub method: Method,
+    /// The endpoint is a WebSocket's: only an upgrade is served.
+    pub websocket: bool,
     anchored: bool,
     segments: Vec<String>,
 }
@@ -124,10 +128,12 @@ impl Endpoint {
             .trim()
             .split_once(char::is_whitespace)
             .ok_or_else(|| EndpointError::Shape(text.to_string()))?;
+        let websocket = method == "WEBSOCKET";
         let method = match method {
             "GET" | "POST" | "PUT" | "PATCH" | "DELETE" | "HEAD" | "OPTIONS" => {
                 Method::from_bytes(method.as_bytes())?
             }
+            "WEBSOCKET" => Method::GET,
             other => {
                 return Err(EndpointError::UnknownMethod {
                     text: text.to_string(),
@@ -152,6 +158,7 @@ impl Endpoint {
         }
         Ok(Endpoint {
             method,
+            websocket,
             anchored,
             segments,
         })
@@ -182,6 +189,7 @@ pub fn default_endpoints(provider: ProviderKind) -> &'static [&'static str] {
             "POST embeddings",
             "POST audio/speech",
             "POST audio/transcriptions",
+            "WEBSOCKET realtime",
             "GET models",
             "GET models/*",
         ],
@@ -223,12 +231,13 @@ impl Endpoints {
         )
     }
 
-    /// Checks `method` on `path`, the path the provider would see.
-    pub fn check(&self, method: &Method, path: &str) -> Allowed {
+    /// Checks `method` on `path`, the path the provider would see; `websocket`: the
+    /// request asks for a WebSocket session.
+    pub fn check(&self, method: &Method, path: &str, websocket: bool) -> Allowed {
         let mut path_served = false;
         for e in &self.0 {
             if e.matches(path) {
-                if e.method == *method {
+                if e.method == *method && e.websocket == websocket {
                     return Allowed::Yes;
                 }
                 path_served = true;
@@ -460,34 +469,67 @@ mod tests {
     #[test]
     fn endpoints_match_by_suffix_or_whole_path() {
         let e = Endpoints::defaults(ProviderKind::Openai);
-        assert_eq!(e.check(&Method::POST, "/v1/chat/completions"), Allowed::Yes);
         assert_eq!(
-            e.check(&Method::POST, "/openai/deployments/d/chat/completions"),
+            e.check(&Method::POST, "/v1/chat/completions", false),
             Allowed::Yes
         );
         assert_eq!(
-            e.check(&Method::GET, "/v1/chat/completions"),
+            e.check(
+                &Method::POST,
+                "/openai/deployments/d/chat/completions",
+                false
+            ),
+            Allowed::Yes
+        );
+        assert_eq!(
+            e.check(&Method::GET, "/v1/chat/completions", false),
             Allowed::WrongMethod
         );
         assert_eq!(
-            e.check(&Method::DELETE, "/v1/chat/completions/abc"),
+            e.check(&Method::DELETE, "/v1/chat/completions/abc", false),
             Allowed::No
         );
-        assert_eq!(e.check(&Method::POST, "/v1/files"), Allowed::No);
-        assert_eq!(e.check(&Method::GET, "/v1/models"), Allowed::Yes);
-        assert_eq!(e.check(&Method::GET, "/v1/models/gpt-4o"), Allowed::Yes);
+        assert_eq!(e.check(&Method::POST, "/v1/files", false), Allowed::No);
+        assert_eq!(e.check(&Method::GET, "/v1/models", false), Allowed::Yes);
         assert_eq!(
-            e.check(&Method::DELETE, "/v1/models/ft-x"),
+            e.check(&Method::GET, "/v1/models/gpt-4o", false),
+            Allowed::Yes
+        );
+        assert_eq!(
+            e.check(&Method::DELETE, "/v1/models/ft-x", false),
             Allowed::WrongMethod
         );
         assert_eq!(e.methods_for("/v1/chat/completions"), "POST");
         let anchored = Endpoints(vec![Endpoint::parse("GET /v1/files/*").unwrap()]);
-        assert_eq!(anchored.check(&Method::GET, "/v1/files/f1"), Allowed::Yes);
-        assert_eq!(anchored.check(&Method::GET, "/x/v1/files/f1"), Allowed::No);
-        assert_eq!(anchored.check(&Method::GET, "/v1/files"), Allowed::No);
+        assert_eq!(
+            anchored.check(&Method::GET, "/v1/files/f1", false),
+            Allowed::Yes
+        );
+        assert_eq!(
+            anchored.check(&Method::GET, "/x/v1/files/f1", false),
+            Allowed::No
+        );
+        assert_eq!(
+            anchored.check(&Method::GET, "/v1/files", false),
+            Allowed::No
+        );
         let a = Endpoints::defaults(ProviderKind::Anthropic);
-        assert_eq!(a.check(&Method::POST, "/v1/messages"), Allowed::Yes);
-        assert_eq!(a.check(&Method::POST, "/v1/messages/batches"), Allowed::No);
+        assert_eq!(a.check(&Method::POST, "/v1/messages", false), Allowed::Yes);
+        assert_eq!(
+            a.check(&Method::POST, "/v1/messages/batches", false),
+            Allowed::No
+        );
+        // A WebSocket endpoint serves sessions only, and a session nothing else.
+        assert_eq!(e.check(&Method::GET, "/v1/realtime", true), Allowed::Yes);
+        assert_eq!(
+            e.check(&Method::GET, "/v1/realtime", false),
+            Allowed::WrongMethod
+        );
+        assert_eq!(
+            e.check(&Method::GET, "/v1/models", true),
+            Allowed::WrongMethod
+        );
+        assert_eq!(a.check(&Method::GET, "/v1/realtime", true), Allowed::No);
     }
 
     #[test]

@@ -47,6 +47,12 @@ pub struct Row {
     /// limit kept the whole estimate.
     #[serde(default)]
     pub usage_unknown: bool,
+    /// A WebSocket session's frames from the client and from the server (`None`: not a
+    /// session).
+    #[serde(default)]
+    pub frames_from_client: Option<u64>,
+    #[serde(default)]
+    pub frames_from_server: Option<u64>,
     pub client_addr: Option<String>,
     pub user_agent: Option<String>,
     /// The request body as received, when the route captures it (`capture.request`);
@@ -128,6 +134,8 @@ pub(crate) mod tests {
             request_bytes: 120,
             response_bytes: 2000,
             finish_reason: Some("stop".into()),
+            frames_from_client: None,
+            frames_from_server: None,
             client_addr: Some("127.0.0.1:5000".into()),
             user_agent: None,
             request_body: None,

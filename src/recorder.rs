@@ -35,6 +35,8 @@ pub struct Facts<'a> {
     pub captured_response: &'a [u8],
     /// The upstream answered in a content encoding the tap cannot read.
     pub encoded_answer: bool,
+    /// A WebSocket session's frames: from the client, from the server.
+    pub frames: Option<(u64, u64)>,
 }
 
 /// Ends each request in the metrics, the access log and its row.
@@ -90,6 +92,7 @@ impl<'a> Facts<'a> {
             captured_request: &[],
             captured_response: &[],
             encoded_answer: false,
+            frames: None,
         }
     }
 }
@@ -184,6 +187,9 @@ impl Recorder {
             response_bytes: f.response_bytes,
             error: account.error,
         });
+        if let (Some((client, server)), Some(route)) = (f.frames, f.route) {
+            self.metrics.session_frames(&route.name, client, server);
+        }
         access_line(f, &end, &account);
         let usage = account.usage;
         self.rows.send(row(f, end, &account, &self.instance));
@@ -261,6 +267,8 @@ pub fn row(f: &Facts<'_>, end: End<'_>, a: &Account<'_>, instance: &str) -> Row 
         response_bytes: f.response_bytes,
         finish_reason: measure.and_then(|m| m.finish_reason.clone()),
         usage_unknown: a.usage_unknown,
+        frames_from_client: f.frames.map(|f| f.0),
+        frames_from_server: f.frames.map(|f| f.1),
         client_addr: end.client_addr,
         user_agent: end.user_agent,
         request_body: route
@@ -277,6 +285,11 @@ pub fn row(f: &Facts<'_>, end: End<'_>, a: &Account<'_>, instance: &str) -> Row 
 /// that named a model, with neither token count known, or with one missing after the
 /// tap had to skip an event too large to read (it may have held the count).
 fn usage_unknown(f: &Facts<'_>, usage: &Usage) -> bool {
+    if f.frames.is_some() {
+        // A session whose responses gave output but no usage the relay could read.
+        let output = f.tap.is_some_and(|t| t.measure.output_events > 0);
+        return output && (usage.input.is_none() || usage.output.is_none());
+    }
     let answered = f.upstream_status.is_some_and(|s| (200..300).contains(&s));
     let model_request = f.request_info.is_some_and(|i| i.model.is_some());
     let text = f.encoded_answer

@@ -348,6 +348,7 @@ impl Route {
         &self,
         method: &http::Method,
         path: &str,
+        websocket: bool,
     ) -> Result<(), crate::error::RelayError> {
         use crate::error::RelayError;
         use crate::policy::Allowed;
@@ -359,7 +360,11 @@ impl Route {
                 continue;
             }
             let provider_path = self.upstream_target(&u.url, path);
-            match self.policy.endpoints.check(method, &provider_path) {
+            match self
+                .policy
+                .endpoints
+                .check(method, &provider_path, websocket)
+            {
                 Allowed::Yes => {}
                 Allowed::WrongMethod => {
                     return Err(RelayError::EndpointMethod {

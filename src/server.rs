@@ -72,6 +72,12 @@ pub fn build(
     add_admin(&mut server, config, &metrics, &draining);
     server.add_service(background_service("drain watch", DrainWatch(draining)));
     server.add_service(background_service("log flusher", crate::logsink::Flusher));
+    server.add_service(background_service(
+        "session closer",
+        crate::websocket::SessionCloser {
+            grace: std::time::Duration::from_secs(config.server.grace_period_seconds),
+        },
+    ));
     server.add_service(background_service("upstream resolver", resolver));
     server.add_service(background_service(
         "health checks",

@@ -32,6 +32,21 @@ pub struct Timeouts {
     pub first_byte: Duration,
     pub idle: Duration,
     pub total: Duration,
+    /// WebSocket sessions: no frame either way for this long ends one; its longest life.
+    pub session_idle: Duration,
+    pub session_max: Duration,
+}
+
+impl Timeouts {
+    /// The deadlines of a WebSocket session: the handshake's first byte as any
+    /// request's, then the session's idle limit (frames either way) and longest life.
+    pub fn for_session(&self) -> Timeouts {
+        Timeouts {
+            idle: self.session_idle,
+            total: self.session_max,
+            ..*self
+        }
+    }
 }
 
 /// How often armed guards are checked.
@@ -43,6 +58,9 @@ pub enum Deadline {
     FirstByte,
     Gap,
     Total,
+    /// The relay is shutting down and its grace period is ending: an open WebSocket
+    /// session is closed (see [`close_sessions`]).
+    Shutdown,
 }
 
 impl Deadline {
@@ -52,6 +70,16 @@ impl Deadline {
             Deadline::FirstByte => "first_byte_timeout",
             Deadline::Gap => "stream_stalled",
             Deadline::Total => "total_timeout",
+            Deadline::Shutdown => "shutdown",
+        }
+    }
+
+    /// The outcome label of a WebSocket session this deadline ended.
+    pub fn session_outcome(self) -> &'static str {
+        match self {
+            Deadline::Gap => "session_idle",
+            Deadline::Total => "session_max",
+            other => other.outcome(),
         }
     }
 
@@ -60,6 +88,7 @@ impl Deadline {
             1 => Some(Deadline::FirstByte),
             2 => Some(Deadline::Gap),
             3 => Some(Deadline::Total),
+            4 => Some(Deadline::Shutdown),
             _ => None,
         }
     }
@@ -69,6 +98,7 @@ impl Deadline {
             Deadline::FirstByte => 1,
             Deadline::Gap => 2,
             Deadline::Total => 3,
+            Deadline::Shutdown => 4,
         }
     }
 }
@@ -90,6 +120,8 @@ struct Inner {
     phase: AtomicU8,
     fired: AtomicU8,
     watching: AtomicBool,
+    /// A WebSocket session is open on the connection (closed at shutdown).
+    session: AtomicBool,
     /// The current attempt's upstream socket.
     socket: Mutex<Target>,
 }
@@ -196,6 +228,7 @@ impl StallGuard {
                 phase: AtomicU8::new(WAITING),
                 fired: AtomicU8::new(0),
                 watching: AtomicBool::new(false),
+                session: AtomicBool::new(false),
                 socket: Mutex::new(Target::None),
             }),
         }
@@ -229,6 +262,14 @@ impl StallGuard {
         let mut socket = lock(&inner.socket);
         *socket = Target::None;
         inner.phase.store(BETWEEN, Ordering::Release);
+    }
+
+    /// The upstream switched to a WebSocket (`101`): from now on the gap clock is the
+    /// session's idle clock, fed by frames either way, and the session is closed when
+    /// the relay's grace period at shutdown ends.
+    pub fn session_started(&self, now: Instant) {
+        self.response_started(now);
+        self.inner.session.store(true, Ordering::Release);
     }
 
     /// The response head arrived: the gap clock starts.
@@ -284,6 +325,21 @@ fn watched() -> &'static Mutex<Vec<Weak<Inner>>> {
     })
 }
 
+/// Ends every open WebSocket session (the relay is about to exit); returns how many.
+pub fn close_sessions() -> usize {
+    let sessions: Vec<Arc<Inner>> = lock(watched())
+        .iter()
+        .filter_map(Weak::upgrade)
+        .filter(|i| i.session.load(Ordering::Acquire) && i.fired.load(Ordering::Acquire) == 0)
+        .collect();
+    let mut closed = 0;
+    for inner in sessions {
+        inner.fire(Deadline::Shutdown);
+        closed += usize::from(inner.fired.load(Ordering::Acquire) == Deadline::Shutdown.as_u8());
+    }
+    closed
+}
+
 /// Fires every guard whose deadline passed; forgets finished ones.
 fn check(list: &Mutex<Vec<Weak<Inner>>>) {
     let armed: Vec<Arc<Inner>> = {
@@ -323,6 +379,8 @@ mod tests {
             first_byte: Duration::from_millis(first_byte),
             idle: Duration::from_millis(idle),
             total: Duration::from_millis(total),
+            session_idle: Duration::from_millis(idle),
+            session_max: Duration::from_millis(total),
         }
     }
 

@@ -414,6 +414,8 @@ mod tests {
             first_byte: Duration::from_secs(30),
             idle: Duration::from_secs(5),
             total: Duration::from_secs(60),
+            session_idle: Duration::from_secs(300),
+            session_max: Duration::from_secs(3600),
         }
     }
 

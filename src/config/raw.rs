@@ -399,6 +399,10 @@ pub struct RawTimeouts {
     pub idle: String,
     /// Whole request, first byte to last. Default `30m`.
     pub total: String,
+    /// A WebSocket session with no frame either way for this long is closed. Default `5m`.
+    pub session_idle: String,
+    /// A WebSocket session's longest life. Default `1h`.
+    pub session_max: String,
 }
 
 impl Default for RawTimeouts {
@@ -408,6 +412,8 @@ impl Default for RawTimeouts {
             first_byte: "120s".into(),
             idle: "60s".into(),
             total: "30m".into(),
+            session_idle: "5m".into(),
+            session_max: "1h".into(),
         }
     }
 }

@@ -231,12 +231,16 @@ fn route_timeouts(at: &str, t: &RawTimeouts) -> Result<Timeouts, ConfigError> {
         first_byte: duration_at(key("first_byte"), &t.first_byte)?,
         idle: duration_at(key("idle"), &t.idle)?,
         total: duration_at(key("total"), &t.total)?,
+        session_idle: duration_at(key("session_idle"), &t.session_idle)?,
+        session_max: duration_at(key("session_max"), &t.session_max)?,
     };
     for (name, d) in [
         ("connect", timeouts.connect),
         ("first_byte", timeouts.first_byte),
         ("idle", timeouts.idle),
         ("total", timeouts.total),
+        ("session_idle", timeouts.session_idle),
+        ("session_max", timeouts.session_max),
     ] {
         if d.is_zero() {
             return Err(invalid(key(name), Problem::Zero));

@@ -94,10 +94,15 @@ fn authorize(
     if !gate::known_method(&req.method) {
         return Err(RelayError::MethodNotAllowed);
     }
-    if crate::policy::is_upgrade(req) {
+    // A protocol switch is served only as a WebSocket, on an endpoint listed for one.
+    let websocket = crate::websocket::is_websocket(req);
+    if crate::policy::is_upgrade(req) && !websocket {
         return Err(RelayError::UpgradeRefused);
     }
-    route.check_endpoint(&req.method, req.uri.path())
+    match route.check_endpoint(&req.method, req.uri.path(), websocket) {
+        Err(_) if websocket => Err(RelayError::UpgradeRefused),
+        checked => checked,
+    }
 }
 
 impl RelayProxy {
@@ -131,6 +136,9 @@ impl RelayProxy {
             return Ok(Err(e.into()));
         }
         a.json_required = gate::wants_json(req);
+        if crate::websocket::is_websocket(req) {
+            a.websocket = Some(Box::new(crate::websocket::handshake_info(req)));
+        }
         let mut body_bytes = announced.unwrap_or(0);
         if let Some(len) = request_info::early_read_len(req) {
             let rw = body::rewrite_for(

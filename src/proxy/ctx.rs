@@ -68,6 +68,8 @@ pub struct Admitted {
     pub answer: Answer,
     /// First-byte, gap and total deadlines, armed when an upstream connection is made.
     pub stall: Option<StallGuard>,
+    /// A WebSocket handshake: what it names (the model in its query), for its row.
+    pub websocket: Option<Box<crate::request_info::RequestInfo>>,
 }
 
 impl Admitted {
@@ -83,6 +85,15 @@ impl Admitted {
             admitted_after: Duration::ZERO,
             answer: Answer::default(),
             stall: None,
+            websocket: None,
+        }
+    }
+
+    /// The route's deadlines for this request: a WebSocket session's, or a request's.
+    pub fn timeouts(&self) -> crate::stall::Timeouts {
+        match self.websocket {
+            Some(_) => self.route.timeouts.for_session(),
+            None => self.route.timeouts,
         }
     }
 
@@ -98,8 +109,9 @@ impl Admitted {
         let addrs = digest
             .and_then(|d| d.socket_digest.as_ref())
             .and_then(|s| Some((*s.local_addr()?.as_inet()?, *s.peer_addr()?.as_inet()?)));
+        let timeouts = self.timeouts();
         self.stall
-            .get_or_insert_with(|| StallGuard::new(start, &self.route.timeouts))
+            .get_or_insert_with(|| StallGuard::new(start, &timeouts))
             .attempt(fd, addrs, Instant::now());
     }
 
@@ -206,7 +218,7 @@ impl RequestCtx {
         f.route = self.route.as_ref();
         f.tenant = self.tenant.as_deref();
         if let Some(a) = &self.admitted {
-            f.request_info = a.body.info.as_ref();
+            f.request_info = a.websocket.as_deref().or(a.body.info.as_ref());
             f.request_bytes = a.body.bytes;
             f.captured_request = a.body.captured();
             f.attempts = a.tries.budget.attempts;

@@ -16,8 +16,12 @@ pub fn outcome(ctx: &RequestCtx, e: Option<&Error>) -> &'static str {
     if let Some(r) = &ctx.refusal {
         return r.kind();
     }
-    if let Some(deadline) = ctx.admitted.as_ref().and_then(|a| a.stalled()) {
-        return deadline.outcome();
+    if let Some(a) = &ctx.admitted {
+        match a.stalled() {
+            Some(deadline) if a.answer.in_session() => return deadline.session_outcome(),
+            Some(deadline) => return deadline.outcome(),
+            None => {}
+        }
     }
     match e {
         None => "ok",

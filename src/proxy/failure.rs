@@ -11,6 +11,39 @@ use crate::answer::LocalAnswer;
 use crate::error::RelayError;
 use crate::stall::Deadline;
 
+/// The close frame the relay sends a WebSocket client whose session it ends (by
+/// `deadline`), or whose upstream failed (`None`): 1001 at shutdown, 1000 at the idle
+/// limit, 1008 past the longest life, 1011 for a failed upstream.
+pub fn session_close_frame(deadline: Option<Deadline>) -> bytes::Bytes {
+    let (code, reason) = match deadline {
+        Some(Deadline::Shutdown) => (1001, "relay shutting down"),
+        Some(Deadline::Gap) => (1000, "session idle"),
+        Some(Deadline::Total) => (1008, "session too long"),
+        _ => (1011, "upstream failed"),
+    };
+    bytes::Bytes::from(crate::websocket::close_frame(code, reason))
+}
+
+/// A WebSocket session whose upstream failed: the client gets a close frame when the
+/// server's frames are between two (else the connection just closes); nothing when the
+/// client is the one that went away. (A session the relay ends itself ends cleanly
+/// upstream, and its close frame goes out with the end of the response body.)
+pub async fn end_session(session: &mut Session, ctx: &RequestCtx, e: &Error) -> FailToProxy {
+    let a = ctx.admitted.as_deref();
+    let client_gone = e.esource() == &ErrorSource::Downstream;
+    if !client_gone && a.is_some_and(|a| a.answer.may_close_session()) {
+        let frame = session_close_frame(a.and_then(|a| a.stalled()));
+        let downstream = session.as_downstream_mut();
+        if let Err(we) = downstream.write_response_body(frame, true).await {
+            warn!("{}: cannot write the close frame: {we}", ctx.request_id);
+        }
+    }
+    FailToProxy {
+        error_code: 0,
+        can_reuse_downstream: false,
+    }
+}
+
 /// Maps a Pingora error to the relay's answer; `None` when the client is gone and no
 /// answer can be written.
 pub fn classify_failure(e: &Error) -> Option<RelayError> {

@@ -1,6 +1,6 @@
 //! Forwarding stage (`upstream_request_filter`): the request head the provider gets.
-//! The tenant's credentials go out, the provider key comes in, and the path, Host and
-//! request id are the upstream's.
+//! The tenant's credentials go out (also from a WebSocket's subprotocols), the provider
+//! key comes in, and the path, Host and request id are the upstream's.
 
 use pingora_core::{Error, ErrorType, Result};
 use pingora_http::RequestHeader;
@@ -24,6 +24,10 @@ pub fn prepare_upstream_request(
     request_id: &str,
 ) -> Result<()> {
     crate::policy::scrub_request(req, &route.policy.upstream_headers, &NOT_FORWARDED)?;
+    if crate::websocket::is_websocket(req) {
+        // The tenant's key out of the subprotocols; no compression of frames.
+        crate::websocket::scrub_handshake(req)?;
+    }
     if let (RouteKey::Pool { header, .. }, Some(slot)) = (&route.key, route.key_slot(key)) {
         req.insert_header(header.clone(), slot.value.expose())?;
     }

@@ -103,7 +103,12 @@ impl ProxyHttp for RelayProxy {
         a.answer.reset();
         let pick = a.tries.next(&a.route, &self.metrics);
         let upstream = &a.route.upstreams[pick.upstream];
-        if let Some(peer) = upstream.peer(&a.route.timeouts) {
+        if let Some(mut peer) = upstream.peer(&a.timeouts()) {
+            if a.websocket.is_some() {
+                // A session's server may be silent while its client talks: the guard's
+                // idle clock (frames either way) ends it, not a read timeout.
+                peer.options.read_timeout = None;
+            }
             return Ok(Box::new(peer));
         }
         Err(a.tries.unresolved(&a.route, pick, &self.metrics))
@@ -139,6 +144,10 @@ impl ProxyHttp for RelayProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let a = admitted(&mut ctx.admitted)?;
+        if a.answer.in_session() {
+            a.answer.client_frames(body, a.stall.as_ref());
+            return Ok(());
+        }
         match a.body.chunk(body, end_of_stream, a.json_required) {
             Ok(Some(ended)) => {
                 a.answer.strip_usage = ended
@@ -158,6 +167,9 @@ impl ProxyHttp for RelayProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let status = resp.status.as_u16();
+        if status == 101 {
+            return self.session_started(session, resp, ctx);
+        }
         if status < 200 {
             // An interim answer (100 Continue): the real one follows.
             return Ok(());
@@ -219,6 +231,12 @@ impl ProxyHttp for RelayProxy {
         ctx: &mut RequestCtx,
     ) -> Result<Option<Duration>> {
         let a = admitted(&mut ctx.admitted)?;
+        if end_of_stream && a.answer.in_session() {
+            if let Some(deadline) = a.stalled() {
+                let frame = failure::session_close_frame(Some(deadline));
+                a.answer.close_session(body, frame);
+            }
+        }
         a.answer
             .client_chunk(body, end_of_stream, a.route.capture.response);
         Ok(None)
@@ -293,7 +311,11 @@ impl ProxyHttp for RelayProxy {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
-        match ctx.admitted.as_deref().and_then(Admitted::stalled) {
+        let a = ctx.admitted.as_deref();
+        if a.is_some_and(|a| a.answer.in_session()) {
+            return failure::end_session(session, ctx, e).await;
+        }
+        match a.and_then(Admitted::stalled) {
             Some(deadline) => failure::end_stalled(session, ctx, deadline).await,
             None => failure::answer_failure(session, ctx, e).await,
         }
@@ -308,5 +330,33 @@ impl ProxyHttp for RelayProxy {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         self.end(session, e, ctx).await
+    }
+}
+
+impl RelayProxy {
+    /// The upstream switched protocols. Only a WebSocket the request asked for is taken
+    /// (Pingora refuses a switch the client did not ask for); its frames are read from
+    /// now on, and frames either way, not the client read timeout, keep it open.
+    fn session_started(
+        &self,
+        session: &mut Session,
+        resp: &ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let start = ctx.start;
+        let a = admitted(&mut ctx.admitted)?;
+        if a.websocket.is_none() {
+            return Err(Error::explain(
+                ErrorType::InvalidHTTPHeader,
+                "the upstream switched protocols unasked",
+            ));
+        }
+        a.tries.judge_response(101, resp, &self.metrics);
+        a.answer.session_started(start, &a.route, &self.metrics);
+        if let Some(g) = &a.stall {
+            g.session_started(Instant::now());
+        }
+        session.as_downstream_mut().set_read_timeout(None);
+        Ok(())
     }
 }

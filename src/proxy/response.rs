@@ -18,6 +18,7 @@ use crate::route::Route;
 use crate::stall::StallGuard;
 use crate::tap::strip::UsageStripper;
 use crate::tap::{Tap, TapKind};
+use crate::websocket::FrameReader;
 
 /// The response header a non-streaming answer carries: the relay's own time, in
 /// milliseconds (routing, authentication and header handling; not the upstream's).
@@ -40,6 +41,12 @@ pub struct Answer {
     encoded: bool,
     /// Body bytes kept for the row (the route's `capture`).
     captured: Vec<u8>,
+    /// A WebSocket session (the upstream switched): the client's frames, counted as
+    /// they pass (the server's are read by the tap), and their bytes.
+    client_frames: Option<Box<FrameReader>>,
+    client_bytes: u64,
+    /// The relay sent the client a close frame of its own.
+    close_sent: bool,
 }
 
 impl Answer {
@@ -57,6 +64,63 @@ impl Answer {
         f.response_bytes = self.bytes;
         f.captured_response = &self.captured;
         f.encoded_answer = self.encoded;
+        if let Some(client) = &self.client_frames {
+            f.request_bytes += self.client_bytes;
+            let server = self.tap.as_ref().and_then(Tap::frames);
+            f.frames = Some((client.frames, server.map_or(0, |s| s.frames)));
+        }
+    }
+
+    /// The upstream switched to a WebSocket (`101`, `start`: of the request): its
+    /// frames are read from now on, and it counts as an open session.
+    pub fn session_started(&mut self, start: Instant, route: &Route, metrics: &Metrics) {
+        self.upstream_status = Some(101);
+        self.ttfb = Some(start.elapsed());
+        self.stream = Some(metrics.session_started(&route.name));
+        self.tap = Some(Tap::new(TapKind::WebSocket, start));
+        self.client_frames = Some(Box::new(FrameReader::new(false)));
+    }
+
+    /// A WebSocket session is open: the request's body is the client's frames.
+    pub fn in_session(&self) -> bool {
+        self.client_frames.is_some()
+    }
+
+    /// Client frames on their way to the upstream: counted, and they keep the session
+    /// from idling.
+    pub fn client_frames(&mut self, body: &Option<Bytes>, stall: Option<&StallGuard>) {
+        let (Some(b), Some(frames)) = (body, &mut self.client_frames) else {
+            return;
+        };
+        self.client_bytes += b.len() as u64;
+        frames.feed(b, &mut |_| false);
+        if let Some(g) = stall {
+            g.chunk(Instant::now());
+        }
+    }
+
+    /// A frame of the relay's own may go to the client now: the server's frames are
+    /// between two, and no close frame went by (the server's, or the relay's).
+    pub fn may_close_session(&self) -> bool {
+        !self.close_sent
+            && self
+                .tap
+                .as_ref()
+                .and_then(Tap::frames)
+                .is_some_and(|f| f.at_boundary() && !f.closed)
+    }
+
+    /// The last chunk of a session the relay ended (its guard cut the upstream, which
+    /// the proxy sees as the session's end): the client's close frame goes with it.
+    pub fn close_session(&mut self, body: &mut Option<Bytes>, frame: Bytes) {
+        if !self.may_close_session() {
+            return;
+        }
+        self.close_sent = true;
+        *body = Some(match body.take() {
+            Some(b) if !b.is_empty() => [b, frame].concat().into(),
+            _ => frame,
+        });
     }
 
     /// The response head the client will get (`start`: of the request): its status,

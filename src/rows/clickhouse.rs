@@ -90,6 +90,8 @@ struct ChRow<'a> {
     response_body: Option<&'a str>,
     client_request_id: Option<&'a str>,
     usage_unknown: u8,
+    frames_from_client: Option<u64>,
+    frames_from_server: Option<u64>,
 }
 
 impl<'a> ChRow<'a> {
@@ -129,6 +131,8 @@ impl<'a> ChRow<'a> {
             response_body: r.response_body.as_deref(),
             client_request_id: r.client_request_id.as_deref(),
             usage_unknown: u8::from(r.usage_unknown),
+            frames_from_client: r.frames_from_client,
+            frames_from_server: r.frames_from_server,
         }
     }
 }

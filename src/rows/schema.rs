@@ -26,6 +26,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "client_id_usage_unknown",
         sql: include_str!("migrations/0002_client_id_usage_unknown.sql"),
     },
+    Migration {
+        version: 3,
+        name: "websocket_frames",
+        sql: include_str!("migrations/0003_websocket_frames.sql"),
+    },
 ];
 
 /// The table and column an `ALTER TABLE db.t ADD COLUMN c ...` statement adds; such a

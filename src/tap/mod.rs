@@ -25,6 +25,7 @@
 mod anthropic;
 mod json;
 mod openai;
+mod realtime;
 pub mod strip;
 mod typed;
 
@@ -32,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use crate::provider::ProviderKind;
 use crate::sse::SseReader;
+use crate::websocket::{FrameReader, Seen};
 
 /// Token counts as the provider reported them; `None` where it did not say.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -64,6 +66,29 @@ impl Usage {
         if reasoning.is_some() {
             self.reasoning = reasoning;
         }
+    }
+
+    /// Adds one more answer's counts (a session's responses), with the same rule for a
+    /// usage of nothing at all.
+    pub(crate) fn add(
+        &mut self,
+        input: Option<u64>,
+        output: Option<u64>,
+        cached: Option<u64>,
+        reasoning: Option<u64>,
+    ) {
+        if input.unwrap_or(0) == 0 && output.unwrap_or(0) == 0 {
+            return;
+        }
+        let sum = |a: &mut Option<u64>, b: Option<u64>| {
+            if let Some(b) = b {
+                *a = Some(a.unwrap_or(0) + b);
+            }
+        };
+        sum(&mut self.input, input);
+        sum(&mut self.output, output);
+        sum(&mut self.cached_input, cached);
+        sum(&mut self.reasoning, reasoning);
     }
 }
 
@@ -99,6 +124,8 @@ pub enum TapKind {
     AnthropicSse,
     Json,
     Audio,
+    /// The server's side of a WebSocket session (Realtime events in text frames).
+    WebSocket,
     None,
 }
 
@@ -128,6 +155,8 @@ pub struct Tap {
     sse: SseReader,
     last_output: Option<Instant>,
     json: json::JsonBody,
+    /// The server's frames, for a WebSocket session.
+    frames: Option<Box<FrameReader>>,
     pub measure: Measure,
 }
 
@@ -140,12 +169,18 @@ impl Tap {
             sse: SseReader::new(),
             last_output: None,
             json: json::JsonBody::default(),
+            frames: (kind == TapKind::WebSocket).then(|| Box::new(FrameReader::new(true))),
             measure: Measure::default(),
         }
     }
 
     pub fn kind(&self) -> TapKind {
         self.kind
+    }
+
+    /// The server's frames of a WebSocket session.
+    pub fn frames(&self) -> Option<&FrameReader> {
+        self.frames.as_deref()
     }
 
     /// Reads one chunk that arrived at `now`. `on_gap` gets each gap between output
@@ -175,8 +210,48 @@ impl Tap {
                 }
             }
             TapKind::Json => self.json.push(chunk),
+            TapKind::WebSocket => self.feed_frames(chunk, now, on_gap),
             TapKind::None => {}
         }
+    }
+
+    /// Server frames of a session (see [`realtime`] for what is measured).
+    fn feed_frames(&mut self, chunk: &[u8], now: Instant, on_gap: &mut dyn FnMut(Duration)) {
+        let Some(reader) = self.frames.as_mut() else {
+            return;
+        };
+        let m = &mut self.measure;
+        let (mut outputs, mut restarted) = (0u64, false);
+        reader.feed(chunk, &mut |seen| {
+            let kind = match seen {
+                Seen::Start(prefix) => match realtime::kind(prefix) {
+                    realtime::Kind::Read => return true,
+                    k => k,
+                },
+                Seen::Whole(message) => realtime::read(message, m),
+                Seen::TooLarge => {
+                    m.usage_unreadable = true;
+                    return false;
+                }
+            };
+            match kind {
+                realtime::Kind::Output { audio } => {
+                    outputs += 1;
+                    m.audio_events |= audio;
+                }
+                realtime::Kind::ResponseCreated => restarted = true,
+                _ => {}
+            }
+            false
+        });
+        if restarted {
+            // Gaps are within a response; the first output is timed from its start.
+            self.last_output = None;
+            if self.measure.first_output.is_none() {
+                self.start = now;
+            }
+        }
+        self.outputs(outputs, now, on_gap);
     }
 
     /// Called once when the body has ended (or was cut): reads a buffered JSON body.
@@ -193,6 +268,8 @@ impl Tap {
         }
         let m = &mut self.measure;
         match self.last_output {
+            // (A session's later responses start over without a last output.)
+            None if m.first_output.is_some() => {}
             None => m.first_output = Some(now.saturating_duration_since(self.start)),
             Some(last) => {
                 let gap = now.saturating_duration_since(last);
