@@ -4,12 +4,14 @@
 Usage: sdk_check.py RELAY_URL RELAY_KEY [OPENAI_PREFIX ANTHROPIC_PREFIX AUDIO_PREFIX]
 Route prefixes default to the shipped configuration's mock routes; `-` is the relay's
 root (one base URL: `OpenAI(base_url=RELAY/v1)` and `Anthropic(base_url=RELAY)`).
-Exits non-zero on the first check that fails, printing what it saw. Its last line is
-`requests: {...}`, the relay's x-request-id of each API call by name, so that the
-caller can check each call's row.
+Exits non-zero on the first check that fails, printing what it saw. Its last lines are
+`requests: {...}`, the relay's x-request-id of each API call by name, and `sessions:
+{...}`, the x-request-id this script gave each WebSocket session (the SDK does not show
+the handshake's answer), so that the caller can check each call's row.
 """
 import json
 import sys
+import uuid
 
 import anthropic
 import openai
@@ -104,6 +106,32 @@ def main() -> int:
     kinds = [e["type"] for e in events]
     check(kinds == ["speech.audio.delta"] * 8 + ["speech.audio.done"], f"speech sse events {kinds}")
 
+    # The Realtime API over a WebSocket (the SDK's `websockets` client): two responses.
+    sessions = {"realtime": "sdk-realtime-" + uuid.uuid4().hex}
+    with oa.realtime.connect(model="gpt-realtime",
+                             extra_headers={"x-request-id": sessions["realtime"]}) as conn:
+        first = conn.recv()
+        check(first.type == "session.created" and first.session.model == "gpt-realtime",
+              f"realtime first event {first}")
+        for _ in range(2):
+            conn.response.create()
+            audio, done = 0, None
+            for event in conn:
+                if event.type == "response.output_audio.delta":
+                    audio += 1
+                elif event.type == "response.done":
+                    done = event
+                    break
+            check(audio == 8 and done.response.usage.output_tokens == 24,
+                  f"realtime response: {audio} audio deltas, {done}")
+    bad_rt = openai.OpenAI(base_url=base + oa_prefix, api_key="sk-wrong", max_retries=0)
+    try:
+        with bad_rt.realtime.connect(model="gpt-realtime") as conn:
+            conn.recv()
+        check(False, "a realtime session with a wrong key was opened")
+    except Exception as e:  # noqa: BLE001 - the handshake's refusal, as websockets raises it
+        check("401" in str(e), f"realtime with a wrong key: {type(e).__name__}: {e}")
+
     # Refusals raise the SDK's own exceptions.
     bad = openai.OpenAI(base_url=base + oa_prefix, api_key="sk-wrong", max_retries=0)
     expect_raise(openai.AuthenticationError, lambda: bad.chat.completions.create(model="m", messages=messages))
@@ -127,6 +155,7 @@ def main() -> int:
                  lambda: bad_an.messages.create(model="m", max_tokens=8, messages=messages))
     print("sdk check: openai", openai.__version__, "and anthropic", anthropic.__version__, "work through the relay")
     print("requests:", json.dumps(ids))
+    print("sessions:", json.dumps(sessions))
     return 0
 
 

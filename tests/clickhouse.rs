@@ -166,12 +166,12 @@ fn every_outcome_lands_once_with_its_values_and_the_seed_queries_answer() {
     assert_eq!(
         ch.query("SELECT count() FROM relay_test.stream_relay_migrations")
             .trim(),
-        "2"
+        "3"
     );
     assert_eq!(
-        ch.query("SELECT count() FROM system.columns WHERE database = 'relay_test' AND table = 'stream_logs' AND name IN ('client_request_id', 'usage_unknown')")
+        ch.query("SELECT count() FROM system.columns WHERE database = 'relay_test' AND table = 'stream_logs' AND name IN ('client_request_id', 'usage_unknown', 'frames_from_client', 'frames_from_server')")
             .trim(),
-        "2"
+        "4"
     );
 }
 

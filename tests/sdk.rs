@@ -1,6 +1,7 @@
 //! The official OpenAI and Anthropic Python SDKs, unchanged, against the relay and its
 //! mock (scripts/sdk_check.py): chat, the Responses API, embeddings, transcription,
-//! speech (bytes and SSE) and Anthropic messages, each checked on its row.
+//! speech (bytes and SSE), a Realtime WebSocket session and Anthropic messages, each
+//! checked on its row.
 //! `scripts/test.sh` installs the SDKs; under CI a missing SDK fails the test instead of
 //! skipping it.
 
@@ -15,26 +16,36 @@ const PRICING: &str = r#"pricing:
   gpt-4o-transcribe: { input: 2.5, output: 10 }
   gpt-4o-mini-tts: { input: 0.6, output: 12 }
   mock-claude: { input: 1, output: 5 }
+  gpt-realtime: { input: 4, output: 16 }
 "#;
 
 fn have_sdks() -> bool {
     let have = Command::new("python3")
-        .args(["-c", "import openai, anthropic"])
+        .args(["-c", "import openai, anthropic, websockets"])
         .status()
         .is_ok_and(|s| s.success());
     if !have {
         assert!(
             std::env::var_os("CI").is_none(),
-            "python3 with the openai and anthropic packages is required under CI"
+            "python3 with the openai, anthropic and websockets packages is required under CI"
         );
-        eprintln!("SKIPPED: python3 -m pip install openai anthropic (scripts/test.sh does)");
+        eprintln!(
+            "SKIPPED: python3 -m pip install openai anthropic websockets (scripts/test.sh does)"
+        );
     }
     have
 }
 
+/// The request ids sdk_check.py reports: the relay's of each API call, and the
+/// client's own of each WebSocket session.
+struct Ids {
+    requests: HashMap<String, String>,
+    sessions: HashMap<String, String>,
+}
+
 /// Runs sdk_check.py against `relay` with the route prefixes given (none: its
-/// defaults); returns the relay's request id of each API call by name.
-fn sdk_check(relay: &RelayProc, prefixes: &[&str]) -> HashMap<String, String> {
+/// defaults).
+fn sdk_check(relay: &RelayProc, prefixes: &[&str]) -> Ids {
     let out = Command::new("python3")
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/sdk_check.py"))
         .arg(format!("http://{}", relay.addr))
@@ -49,11 +60,17 @@ fn sdk_check(relay: &RelayProc, prefixes: &[&str]) -> HashMap<String, String> {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("work through the relay"), "{stdout}");
-    let ids = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("requests: "))
-        .expect("the request ids line");
-    serde_json::from_str(ids).unwrap()
+    let line = |prefix: &str| -> HashMap<String, String> {
+        let ids = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .expect("the request ids lines");
+        serde_json::from_str(ids).unwrap()
+    };
+    Ids {
+        requests: line("requests: "),
+        sessions: line("sessions: "),
+    }
 }
 
 /// The row of the request the relay answered with `x-request-id: id`.
@@ -70,7 +87,8 @@ fn row(relay: &RelayProc, id: &str) -> serde_json::Value {
 
 /// Every call's row has its tokens and cost from the provider's own counts, and each
 /// stream its time to first token (or audio).
-fn check_rows(relay: &RelayProc, ids: &HashMap<String, String>) {
+fn check_rows(relay: &RelayProc, all: &Ids) {
+    let ids = &all.requests;
     for (api, id) in ids {
         let row = row(relay, id);
         let what = format!("{api}: {row}");
@@ -94,6 +112,31 @@ fn check_rows(relay: &RelayProc, ids: &HashMap<String, String>) {
     for api in ["embeddings"] {
         assert_eq!(row(&relay, &ids[api])["tokens_out"], 0, "{api}");
     }
+    // The Realtime session: two responses summed, priced, its first audio timed.
+    let session = relay.row_for(&all.sessions["realtime"]);
+    let what = session.to_string();
+    assert_eq!(session["status"], 101, "{what}");
+    assert_eq!(session["outcome"], "ok", "{what}");
+    assert_eq!(session["model"], "gpt-realtime", "{what}");
+    assert_eq!(
+        (
+            session["tokens_in"].as_u64(),
+            session["tokens_out"].as_u64()
+        ),
+        (Some(34), Some(48)),
+        "{what}"
+    );
+    assert!(
+        session["cost_usd"].as_f64().is_some_and(|c| c > 0.0),
+        "{what}"
+    );
+    assert!(session["ttfa_ms"].as_f64().is_some(), "{what}");
+    assert!(
+        session["frames_from_client"]
+            .as_u64()
+            .is_some_and(|n| n >= 2),
+        "{what}"
+    );
 }
 
 /// The relay with `routes` (in front of a mock `{u}` stands for), the demo tenant and
@@ -139,6 +182,12 @@ fn both_sdks_share_one_base_url() {
     );
     let ids = sdk_check(&relay, &["/v1", "-", "/v1"]);
     check_rows(&relay, &ids);
-    assert_eq!(row(&relay, &ids["anthropic_json"])["route"], "anthropic");
-    assert_eq!(row(&relay, &ids["responses_json"])["route"], "openai");
+    assert_eq!(
+        row(&relay, &ids.requests["anthropic_json"])["route"],
+        "anthropic"
+    );
+    assert_eq!(
+        row(&relay, &ids.requests["responses_json"])["route"],
+        "openai"
+    );
 }
