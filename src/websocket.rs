@@ -490,6 +490,54 @@ pub(crate) mod tests {
         assert_eq!(protocol_key(&req), None);
     }
 
+    proptest::proptest! {
+        /// Any messages, fragmented and with pings between fragments, read in pieces of
+        /// any sizes, are seen as when read in one piece.
+        #[test]
+        fn any_split_reads_the_same(
+            msgs in proptest::collection::vec((0usize..700, 1usize..4, proptest::bool::ANY), 0..12),
+            cuts in proptest::collection::vec(1usize..900, 0..40),
+        ) {
+            let mut s = Vec::new();
+            let mut frames = 0u64;
+            for (i, (len, parts, text)) in msgs.iter().enumerate() {
+                let body: Vec<u8> = (0..*len).map(|j| b'a' + ((i + j) % 26) as u8).collect();
+                let step = len.div_ceil(*parts).max(1);
+                let pieces: Vec<&[u8]> = if body.is_empty() { vec![&body[..]] } else { body.chunks(step).collect() };
+                for (k, p) in pieces.iter().enumerate() {
+                    let opcode = if k > 0 { 0 } else if *text { 1 } else { 2 };
+                    s.extend(frame(k + 1 == pieces.len(), opcode, p, None));
+                    frames += 1;
+                    if k + 1 < pieces.len() {
+                        s.extend(frame(true, 9, b"p", None));
+                        frames += 1;
+                    }
+                }
+            }
+            let want = |p: &[u8]| p.len() % 2 == 0;
+            let (starts, wholes, r) = read(&s, s.len().max(1), &want);
+            let mut r2 = FrameReader::new(true);
+            let (mut starts2, mut wholes2) = (Vec::new(), Vec::new());
+            let mut at = 0usize;
+            for c in cuts.iter().chain(std::iter::once(&usize::MAX)) {
+                let end = at.saturating_add(*c).min(s.len());
+                r2.feed(&s[at..end], &mut |seen| match seen {
+                    Seen::Start(p) => { starts2.push(p.to_vec()); want(p) }
+                    Seen::Whole(w) => { wholes2.push(w.to_vec()); false }
+                    Seen::TooLarge => false,
+                });
+                at = end;
+            }
+            proptest::prop_assert_eq!(&starts, &starts2);
+            proptest::prop_assert_eq!(&wholes, &wholes2);
+            proptest::prop_assert_eq!(r2.frames, frames);
+            proptest::prop_assert_eq!(r.frames, frames);
+            proptest::prop_assert!(r2.at_boundary());
+            let texts = msgs.iter().filter(|m| m.2).count();
+            proptest::prop_assert_eq!(starts.len(), texts);
+        }
+    }
+
     #[test]
     fn a_close_frame_is_unmasked_with_its_code() {
         assert_eq!(
