@@ -48,10 +48,10 @@ pub struct Row {
     #[serde(default)]
     pub usage_unknown: bool,
     /// A WebSocket session's frames from the client and from the server (`None`: not a
-    /// session).
-    #[serde(default)]
+    /// session, and then not written in a JSON row).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub frames_from_client: Option<u64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub frames_from_server: Option<u64>,
     pub client_addr: Option<String>,
     pub user_agent: Option<String>,

@@ -16,6 +16,11 @@
 //! 8. `logging` ([`end`]): the one end of a request (`crate::recorder`), and the settlement of its
 //!    limits. A request whose task is dropped without it is ended by its context's `Drop`
 //!    ([`ctx`]).
+//!
+//! A WebSocket handshake is a request like any other up to the upstream's `101`; from
+//! then on the body filters carry the session's frames (the client's in
+//! `request_body_filter`, the server's in the response body filters), read by
+//! `crate::websocket` and the Realtime tap, and the stall guard keeps its idle clock.
 
 mod admit;
 mod attempt;
