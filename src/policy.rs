@@ -289,23 +289,32 @@ pub fn drop_h2c_offer(req: &mut RequestHeader) {
     }
     req.remove_header(&http::header::UPGRADE);
     req.remove_header("http2-settings");
+    let _ = keep_list_items(req, http::header::CONNECTION, |t| {
+        !t.eq_ignore_ascii_case("upgrade") && !t.eq_ignore_ascii_case("http2-settings")
+    });
+}
+
+/// Rewrites the comma-separated list header `name` (all its lines) to the items `keep`
+/// takes, in their order; removes the header when none is left.
+pub fn keep_list_items(
+    req: &mut RequestHeader,
+    name: http::HeaderName,
+    keep: impl Fn(&str) -> bool,
+) -> pingora_core::Result<()> {
     let kept: Vec<String> = req
         .headers
-        .get_all(http::header::CONNECTION)
+        .get_all(&name)
         .iter()
         .flat_map(|v| v.to_str().unwrap_or_default().split(','))
         .map(str::trim)
-        .filter(|t| {
-            !t.is_empty()
-                && !t.eq_ignore_ascii_case("upgrade")
-                && !t.eq_ignore_ascii_case("http2-settings")
-        })
+        .filter(|t| !t.is_empty() && keep(t))
         .map(str::to_string)
         .collect();
-    req.remove_header(&http::header::CONNECTION);
+    req.remove_header(&name);
     if !kept.is_empty() {
-        let _ = req.insert_header(http::header::CONNECTION, kept.join(", "));
+        req.insert_header(name, kept.join(", "))?;
     }
+    Ok(())
 }
 
 /// A route's policy, from its configuration.

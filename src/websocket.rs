@@ -60,20 +60,9 @@ pub fn scrub_handshake(req: &mut RequestHeader) -> pingora_core::Result<()> {
     if !offered {
         return Ok(());
     }
-    let kept: Vec<String> = req
-        .headers
-        .get_all(http::header::SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .flat_map(|v| v.to_str().unwrap_or_default().split(','))
-        .map(str::trim)
-        .filter(|p| !p.is_empty() && !p.starts_with(KEY_PROTOCOL))
-        .map(str::to_string)
-        .collect();
-    req.remove_header(&http::header::SEC_WEBSOCKET_PROTOCOL);
-    if !kept.is_empty() {
-        req.insert_header(http::header::SEC_WEBSOCKET_PROTOCOL, kept.join(", "))?;
-    }
-    Ok(())
+    crate::policy::keep_list_items(req, http::header::SEC_WEBSOCKET_PROTOCOL, |p| {
+        !p.starts_with(KEY_PROTOCOL)
+    })
 }
 
 /// What a session's row says of its request: the model named in the handshake's query

@@ -201,6 +201,16 @@ impl Ws {
         }
     }
 
+    /// The close frame the relay (or server) sends; panics if the connection ends first.
+    fn until_close(&mut self) -> Frame {
+        loop {
+            let f = self.next().expect("a close frame before the end");
+            if f.opcode == 8 {
+                return f;
+            }
+        }
+    }
+
     /// Closes cleanly: a close frame, the server's echo, the end of the connection.
     fn close(mut self) -> Vec<u8> {
         self.send_frame(0x8, &1000u16.to_be_bytes());
@@ -216,6 +226,19 @@ impl Ws {
 
 fn auth() -> String {
     format!("Bearer {TENANT_KEY}")
+}
+
+/// A session the tenant opens with `x-request-id: id`, past its `session.created`.
+fn open(relay: &RelayProc, id: &str) -> Ws {
+    let a = auth();
+    let (mut ws, _) = connect(
+        relay.addr,
+        PATH,
+        &[("authorization", &a), ("x-request-id", id)],
+    )
+    .unwrap();
+    assert_eq!(ws.event()["type"], "session.created");
+    ws
 }
 
 const PATH: &str = "/openai/v1/realtime?model=gpt-realtime";
@@ -384,15 +407,8 @@ fn refusals_come_before_any_upgrade() {
 #[test]
 fn an_idle_session_is_closed_and_a_talking_client_keeps_one_open() {
     let (_mock, relay) = start(", timeouts: { session_idle: 1s }", "");
-    let a = auth();
     // Only the client talks (audio the mock does not answer): the session stays open.
-    let (mut ws, _) = connect(
-        relay.addr,
-        PATH,
-        &[("authorization", &a), ("x-request-id", "talk")],
-    )
-    .unwrap();
-    assert_eq!(ws.event()["type"], "session.created");
+    let mut ws = open(&relay, "talk");
     let until = Instant::now() + Duration::from_millis(2500);
     while Instant::now() < until {
         ws.send(r#"{"type":"input_audio_buffer.append","audio":"AAAA"}"#);
@@ -402,20 +418,9 @@ fn an_idle_session_is_closed_and_a_talking_client_keeps_one_open() {
     ws.close();
     assert_eq!(relay.row_for("talk")["outcome"], "ok");
     // Nobody talks: the relay closes the session with a close frame, 1000.
-    let (mut ws, _) = connect(
-        relay.addr,
-        PATH,
-        &[("authorization", &a), ("x-request-id", "idle")],
-    )
-    .unwrap();
-    assert_eq!(ws.event()["type"], "session.created");
+    let mut ws = open(&relay, "idle");
     let started = Instant::now();
-    let close = loop {
-        let f = ws.next().expect("a close frame before the end");
-        if f.opcode == 8 {
-            break f;
-        }
-    };
+    let close = ws.until_close();
     assert!(
         started.elapsed() >= Duration::from_millis(900),
         "{:?}",
@@ -436,13 +441,7 @@ fn a_session_outlives_a_graceful_upgrade_until_the_grace_period_ends() {
     let mock = MockProc::start(Some(PROVIDER_KEY));
     let relay = RelayProc::start_with_grace(&config(&mock, "", ""), &[("PK", PROVIDER_KEY)], 4);
     let a = auth();
-    let (mut ws, _) = connect(
-        relay.addr,
-        PATH,
-        &[("authorization", &a), ("x-request-id", "kept")],
-    )
-    .unwrap();
-    assert_eq!(ws.event()["type"], "session.created");
+    let mut ws = open(&relay, "kept");
     let new = relay.start_upgrade();
     std::thread::sleep(Duration::from_millis(500));
     std::process::Command::new("kill")
@@ -469,12 +468,7 @@ fn a_session_outlives_a_graceful_upgrade_until_the_grace_period_ends() {
         IN_PER_RESPONSE
     );
     // A second before the end of the grace period (4 s): a close frame, 1001.
-    let close = loop {
-        let f = ws.next().expect("a close frame before the end");
-        if f.opcode == 8 {
-            break f;
-        }
-    };
+    let close = ws.until_close();
     let waited = quit_at.elapsed();
     // Pingora hands the listeners over, waits 5 s, then the grace period starts.
     assert!(

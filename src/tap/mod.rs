@@ -55,7 +55,7 @@ impl Usage {
         cached: Option<u64>,
         reasoning: Option<u64>,
     ) {
-        if input.unwrap_or(0) == 0 && output.unwrap_or(0) == 0 {
+        if counts_nothing(input, output) {
             return;
         }
         self.input = input.or(self.input);
@@ -77,7 +77,7 @@ impl Usage {
         cached: Option<u64>,
         reasoning: Option<u64>,
     ) {
-        if input.unwrap_or(0) == 0 && output.unwrap_or(0) == 0 {
+        if counts_nothing(input, output) {
             return;
         }
         let sum = |a: &mut Option<u64>, b: Option<u64>| {
@@ -90,6 +90,11 @@ impl Usage {
         sum(&mut self.cached_input, cached);
         sum(&mut self.reasoning, reasoning);
     }
+}
+
+/// Neither count given, or both zero: a server that does not count.
+fn counts_nothing(input: Option<u64>, output: Option<u64>) -> bool {
+    input.unwrap_or(0) == 0 && output.unwrap_or(0) == 0
 }
 
 /// What a tap learned about one response.
