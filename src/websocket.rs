@@ -49,9 +49,15 @@ pub fn protocol_key(req: &RequestHeader) -> Option<&[u8]> {
 }
 
 /// Removes the tenant's key from the subprotocol list (the other protocols stay, in
-/// their order) and the extension offers. Nothing else of the handshake changes.
+/// their order), the extension offers, and the relay's own body framing
+/// ([`hold_handshake_body`]), which becomes `content-length: 0`. Nothing else of the
+/// handshake changes.
 pub fn scrub_handshake(req: &mut RequestHeader) -> pingora_core::Result<()> {
     req.remove_header(&http::header::SEC_WEBSOCKET_EXTENSIONS);
+    // The relay's own framing off; an explicit empty body, or Pingora would frame the
+    // upstream request as chunked too and the provider would wait for its end.
+    req.remove_header(&http::header::TRANSFER_ENCODING);
+    req.insert_header(http::header::CONTENT_LENGTH, "0")?;
     let offered = req
         .headers
         .get_all(http::header::SEC_WEBSOCKET_PROTOCOL)
@@ -63,6 +69,20 @@ pub fn scrub_handshake(req: &mut RequestHeader) -> pingora_core::Result<()> {
     crate::policy::keep_list_items(req, http::header::SEC_WEBSOCKET_PROTOCOL, |p| {
         !p.starts_with(KEY_PROTOCOL)
     })
+}
+
+/// Works around a race in Pingora 0.9.1 (cloudflare/pingora#946): the proxy queues the
+/// end of the handshake's empty body before the upstream answers; when the `101` is
+/// read first, that end is taken for the end of the upgraded tunnel, and the session
+/// closes right after the handshake (seen here in about one session in 30 on a loaded
+/// machine). Announced as chunked, the client's side has no body end to queue: Pingora
+/// waits for the body, and at the `101` it reads the rest as the session's frames. The
+/// header is the relay's alone (a handshake with a body of its own is refused) and never
+/// goes upstream: the provider gets `content-length: 0` ([`scrub_handshake`]). When the upstream answers anything but `101`,
+/// Pingora keeps the connection open until the client closes it (WebSocket clients do
+/// on a failed handshake) or the client read timeout passes.
+pub fn hold_handshake_body(req: &mut RequestHeader) -> pingora_core::Result<()> {
+    req.insert_header(http::header::TRANSFER_ENCODING, "chunked")
 }
 
 /// What a session's row says of its request: the model named in the handshake's query

@@ -136,11 +136,15 @@ impl RelayProxy {
             return Ok(Err(e.into()));
         }
         a.json_required = gate::wants_json(req);
-        if crate::websocket::is_websocket(req) {
-            a.websocket = Some(Box::new(crate::websocket::handshake_info(req)));
-        }
         let mut body_bytes = announced.unwrap_or(0);
-        if let Some(len) = request_info::early_read_len(req) {
+        if crate::websocket::is_websocket(req) {
+            if body_bytes > 0 || req.headers.contains_key(http::header::TRANSFER_ENCODING) {
+                let why = "a WebSocket handshake carries no body".to_string();
+                return Ok(Err(RelayError::BodyField(why).into()));
+            }
+            a.websocket = Some(Box::new(crate::websocket::handshake_info(req)));
+            crate::websocket::hold_handshake_body(session.req_header_mut())?;
+        } else if let Some(len) = request_info::early_read_len(req) {
             let rw = body::rewrite_for(
                 &a.route,
                 &req.method,

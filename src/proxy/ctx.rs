@@ -97,6 +97,13 @@ impl Admitted {
         }
     }
 
+    /// A WebSocket handshake the upstream refused (any answer but `101`), whose answer
+    /// reached the client whole. (The client then closes the connection, which Pingora
+    /// sees as a client gone: see `websocket::hold_handshake_body`.)
+    pub fn handshake_refused_upstream(&self) -> bool {
+        self.websocket.is_some() && !self.answer.in_session() && self.answer.body_sent
+    }
+
     /// The deadline that ended the request, if one did.
     pub fn stalled(&self) -> Option<crate::stall::Deadline> {
         self.stall.as_ref().and_then(StallGuard::fired)

@@ -23,9 +23,14 @@ pub fn outcome(ctx: &RequestCtx, e: Option<&Error>) -> &'static str {
             None => {}
         }
     }
+    let answered = ctx
+        .admitted
+        .as_ref()
+        .is_some_and(|a| a.handshake_refused_upstream());
     match e {
         None => "ok",
         Some(e) => match classify_failure(e) {
+            None if answered => "ok",
             None => "client_disconnect",
             Some(r) => r.kind(),
         },

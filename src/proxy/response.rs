@@ -47,6 +47,8 @@ pub struct Answer {
     client_bytes: u64,
     /// The relay sent the client a close frame of its own.
     close_sent: bool,
+    /// The body's end went to the client.
+    pub body_sent: bool,
 }
 
 impl Answer {
@@ -198,6 +200,7 @@ impl Answer {
         if let Some(b) = body.as_ref() {
             keep_bytes(&mut self.captured, b, capture);
         }
+        self.body_sent |= end;
     }
 
     /// The answer ended an SSE stream (an error event can still end it cleanly).
