@@ -22,6 +22,11 @@ usage:
   stream-relay new-key                 make a random relay key and print it with its hash
   stream-relay mock [--listen ADDR] [--key KEY] [--control-key KEY] [--tls-cert PEM --tls-key PEM]
                                        run the mock provider (default 127.0.0.1:18080)
+  stream-relay rows replay [-c FILE] [--spool DIR]
+                                       send a row spool to the configuration's ClickHouse
+                                       (never a row twice) and exit: 0 when it is empty,
+                                       1 when batches are left (ClickHouse down, or a relay
+                                       holds the spool), 2 for a usage or configuration error
 ";
 
 fn main() -> ExitCode {
@@ -32,6 +37,9 @@ fn main() -> ExitCode {
         Some("new-key") => new_key(),
         Some("mock") => run_mock(&args[1..]),
         Some("check") => run_relay(&args[1..], true),
+        Some("rows") if args.get(1).map(String::as_str) == Some("replay") => {
+            rows_replay(&args[2..])
+        }
         Some("-h" | "--help" | "help") => {
             print!("{USAGE}");
             ExitCode::SUCCESS
@@ -184,6 +192,59 @@ fn run_mock(args: &[String]) -> ExitCode {
             .await;
         ExitCode::SUCCESS
     })
+}
+
+/// `rows replay`: a spool (a decommissioned node's, say) to ClickHouse, until it is empty
+/// or ClickHouse stops taking it.
+fn rows_replay(args: &[String]) -> ExitCode {
+    let mut conf = PathBuf::from("conf/relay.yaml");
+    let mut spool = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let value = match a.as_str() {
+            "-c" | "--conf" | "--config" | "--spool" => match it.next() {
+                Some(v) => PathBuf::from(v),
+                None => return usage_error(&format!("{a} needs a value")),
+            },
+            other => return usage_error(&format!("unknown argument `{other}`")),
+        };
+        if a == "--spool" {
+            spool = Some(value);
+        } else {
+            conf = value;
+        }
+    }
+    let config = match Config::load(&conf) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{}: {e}", conf.display());
+            return ExitCode::from(2);
+        }
+    };
+    let Some(mut ch) = config.rows_clickhouse.clone() else {
+        eprintln!("{}: rows.clickhouse is not configured", conf.display());
+        return ExitCode::from(2);
+    };
+    if let Some(dir) = spool {
+        ch.spool_dir = dir;
+    }
+    let metrics = std::sync::Arc::new(stream_relay::metrics::Metrics::new(false));
+    let d =
+        stream_relay::rows::clickhouse::drain_spool(&ch, metrics, Duration::from_secs(24 * 3600));
+    println!(
+        "{}: {} batches ({} rows) sent to ClickHouse, {} left",
+        ch.spool_dir.display(),
+        d.batches,
+        d.rows,
+        d.left
+    );
+    match (d.left, d.stopped) {
+        (0, _) => ExitCode::SUCCESS,
+        (_, why) => {
+            eprintln!("stopped: {}", why.unwrap_or_else(|| "unknown".into()));
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn usage_error(msg: &str) -> ExitCode {

@@ -150,6 +150,7 @@ fn add_row_writer(
     metrics: &Arc<Metrics>,
 ) -> (crate::rows::RowSender, crate::rows::Ending) {
     let flushed = crate::rows::Flushed::default();
+    let mut deliver: Option<crate::rows::Deliver> = None;
     let (row_sender, write_late): (_, crate::rows::WriteLate) = match &config.rows_clickhouse {
         Some(ch) => {
             let (sender, rx) = crate::rows::channel(ch.queue, metrics.clone());
@@ -160,6 +161,10 @@ fn add_row_writer(
                 &flushed,
             );
             server.add_service(background_service("row writer", sink));
+            let (at_exit, m) = (ch.clone(), metrics.clone());
+            deliver = Some(Box::new(move || {
+                crate::rows::clickhouse::deliver_at_exit(&at_exit, m)
+            }));
             let (ch, metrics) = (ch.clone(), metrics.clone());
             (
                 sender,
@@ -182,7 +187,7 @@ fn add_row_writer(
             )
         }
     };
-    let ending = crate::rows::Ending::new(&row_sender, flushed, write_late);
+    let ending = crate::rows::Ending::new(&row_sender, flushed, write_late, deliver);
     (row_sender, ending)
 }
 

@@ -442,3 +442,117 @@ fn a_table_dropped_by_hand_comes_back_with_every_row() {
     wait_count(&ch, COUNT, 5);
     relay.metrics_with("\nstream_relay_rows_dropped_total 0\n");
 }
+
+/// Stops `relay` with `signal` and waits until it has exited.
+fn stop_relay(relay: &mut RelayProc, signal: &str) {
+    std::process::Command::new("kill")
+        .args([signal, &relay.proc.pid().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while relay.proc.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "relay did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Issue 17's case: 300 requests with ClickHouse stopped for a while in the middle, then
+/// SIGTERM a second after it came back. The relay's probe waits 30 s here, so it never
+/// replays while running: what it spooled must leave with it, at exit.
+#[test]
+fn rows_spooled_during_an_outage_leave_with_the_relay() {
+    let mut ch = ClickHouseProc::start();
+    let mock = MockProc::start(None);
+    let spool = temp_dir("spool");
+    let conf = config(&mock, &ch, &spool, "batch_interval: 100ms")
+        .replace("retry_interval: 200ms", "retry_interval: 30s");
+    let mut relay = RelayProc::start(&conf, &[]);
+    let auth = format!("Bearer {TENANT_KEY}");
+    let body = chat_body(false, false);
+    let mut sent = 0;
+    for phase in 0..3 {
+        if phase == 1 {
+            ch.stop();
+        }
+        if phase == 2 {
+            relay.metrics_with("\nstream_relay_clickhouse_up 0\n");
+            ch.restart();
+        }
+        for _ in 0..100 {
+            let id = format!("outage-{sent}");
+            assert_eq!(send(&relay, &id, CHAT, &auth, &body, &[]), 200);
+            sent += 1;
+        }
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    stop_relay(&mut relay, "-TERM");
+    // No relay runs now: what is in ClickHouse is what the stopped one left there.
+    assert_eq!(ch.query(COUNT).trim(), "300", "{}", relay.stderr());
+    assert_eq!(
+        ch.query("SELECT uniqExact(request_id) FROM relay_test.stream_logs")
+            .trim(),
+        "300"
+    );
+    assert!(
+        relay
+            .stderr()
+            .contains("spooled rows written to ClickHouse"),
+        "{}",
+        relay.stderr()
+    );
+}
+
+/// `stream-relay rows replay` drains a stopped relay's spool: not while ClickHouse is
+/// down (exit 1, nothing lost), then all of it (exit 0), and a second run sends nothing.
+#[test]
+fn rows_replay_drains_a_spool_once() {
+    let mut ch = ClickHouseProc::start();
+    let mock = MockProc::start(None);
+    let spool = temp_dir("spool");
+    let conf = config(
+        &mock,
+        &ch,
+        &spool,
+        "batch_interval: 100ms\n    shutdown_flush: 0s",
+    );
+    let mut relay = RelayProc::start(&conf, &[]);
+    relay.metrics_with("\nstream_relay_clickhouse_up 1\n");
+    ch.stop();
+    let auth = format!("Bearer {TENANT_KEY}");
+    for i in 0..50 {
+        let id = format!("replay-{i}");
+        assert_eq!(
+            send(&relay, &id, CHAT, &auth, &chat_body(false, false), &[]),
+            200
+        );
+    }
+    stop_relay(&mut relay, "-TERM");
+    let replay = || {
+        std::process::Command::new(bin())
+            .args(["rows", "replay", "-c"])
+            .arg(relay.dir.join("relay.yaml"))
+            .output()
+            .unwrap()
+    };
+    let down = replay();
+    assert_eq!(down.status.code(), Some(1), "{down:?}");
+    ch.restart();
+    let out = replay();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        said.contains("(50 rows) sent to ClickHouse, 0 left"),
+        "{said}"
+    );
+    assert_eq!(
+        ch.query(
+            "SELECT count() FROM relay_test.stream_logs WHERE client_request_id LIKE 'replay-%'"
+        )
+        .trim(),
+        "50"
+    );
+    let again = replay();
+    assert_eq!(again.status.code(), Some(0), "{again:?}");
+    assert!(String::from_utf8_lossy(&again.stdout).contains("0 batches (0 rows)"));
+    assert_eq!(ch.query(COUNT).trim(), "50");
+}

@@ -88,6 +88,12 @@ pub struct RawClickHouse {
     /// Rows that may wait for the writer. Default 65536.
     #[serde(default)]
     pub queue: Option<usize>,
+    /// At exit (SIGTERM, SIGINT, the old process of an upgrade), once the server has
+    /// stopped: the longest time spent sending the spool, with what the writer held, to
+    /// ClickHouse, so rows leave with the relay. `0s`: leave them to the next relay on the
+    /// spool, or `stream-relay rows replay`. Default `5s`.
+    #[serde(default)]
+    pub shutdown_flush: Option<String>,
     /// ClickHouse settings sent with every insert, e.g. `async_insert: 1` (servers that
     /// know them only).
     #[serde(default)]

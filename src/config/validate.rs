@@ -445,6 +445,10 @@ fn validate_clickhouse(
         spool_max_bytes: c.spool_max_bytes.unwrap_or(1 << 30),
         queue: at_least_one("queue", c.queue, 65536)?,
         settings,
+        shutdown_flush: duration_at(
+            "rows.clickhouse.shutdown_flush",
+            c.shutdown_flush.as_deref().unwrap_or("5s"),
+        )?,
     })
 }
 

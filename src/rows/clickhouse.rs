@@ -51,6 +51,8 @@ pub struct ClickHouseConfig {
     pub queue: usize,
     /// Sent with every insert (for example `async_insert`, on servers that know it).
     pub settings: Vec<(String, String)>,
+    /// At exit, the longest time spent sending the spool to ClickHouse (zero: none).
+    pub shutdown_flush: Duration,
 }
 
 /// A row as the table takes it. Column names come from the field names.
@@ -269,6 +271,7 @@ impl BackgroundService for ClickHouseSink {
             next_try: Instant::now(),
             replay_after: Instant::now(),
             refusals: None,
+            replayed_rows: 0,
             _flushed: shipper_guard,
         };
         self.metrics.clickhouse_up(false);
@@ -310,6 +313,96 @@ impl BackgroundService for ClickHouseSink {
                 _ = shutdown.changed(), if !stopping => stopping = true,
             }
         }
+    }
+}
+
+/// What [`drain_spool`] did.
+#[derive(Debug, Default)]
+pub struct Drained {
+    /// Spooled batches sent (or found already in ClickHouse) and removed, and their rows.
+    pub batches: u64,
+    pub rows: u64,
+    /// Batches still in the spool.
+    pub left: usize,
+    /// Why it stopped with batches left: ClickHouse failed, the time ran out, or another
+    /// relay holds the spool.
+    pub stopped: Option<String>,
+}
+
+/// Sends the spool to ClickHouse, oldest batch first and never a row twice (a batch's id
+/// is looked up before it is sent), until the spool is empty, ClickHouse fails, or
+/// `within` has passed: at exit (after the server stopped, so the rows a stopping relay
+/// spooled leave with it) and for `stream-relay rows replay`. Blocks; runs its own
+/// runtime.
+pub fn drain_spool(config: &ClickHouseConfig, metrics: Arc<Metrics>, within: Duration) -> Drained {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    let runtime = match runtime {
+        Ok(r) => r,
+        Err(e) => {
+            return Drained {
+                stopped: Some(format!("cannot start a runtime: {e}")),
+                ..Drained::default()
+            }
+        }
+    };
+    runtime.block_on(async {
+        let spool = match Spool::open(&config.spool_dir, config.spool_max_bytes, metrics.clone()) {
+            Ok(s) => s,
+            Err(e) => {
+                return Drained {
+                    stopped: Some(format!(
+                        "cannot open the spool {}: {e}",
+                        config.spool_dir.display()
+                    )),
+                    ..Drained::default()
+                }
+            }
+        };
+        let mut shipper = Shipper {
+            admin: client(config),
+            client: client(config).with_database(&config.database),
+            config: config.clone(),
+            rx: mpsc::channel(1).1,
+            spool: Arc::new(Mutex::new(Some(spool))),
+            metrics,
+            in_flight: None,
+            up: false,
+            migrated: false,
+            next_try: Instant::now(),
+            replay_after: Instant::now(),
+            refusals: None,
+            replayed_rows: 0,
+            _flushed: super::Flushed::default().hold(),
+        };
+        let mut drained = Drained::default();
+        let run = shipper.drain(&mut drained);
+        if tokio::time::timeout(within, run).await.is_err() {
+            drained.stopped = Some(format!("not done within {within:?}"));
+        }
+        drained.rows = shipper.replayed_rows;
+        drained.left = lock(&shipper.spool).as_mut().map_or(0, Spool::batches);
+        drained
+    })
+}
+
+/// At exit: the spool (with what the writer saved as it stopped) to ClickHouse, within
+/// `shutdown_flush`; what is left waits for the next relay or `rows replay`.
+pub fn deliver_at_exit(config: &ClickHouseConfig, metrics: Arc<Metrics>) {
+    if config.shutdown_flush.is_zero() {
+        return;
+    }
+    let d = drain_spool(config, metrics, config.shutdown_flush);
+    match (&d.stopped, d.left) {
+        (_, 0) if d.batches > 0 => info!("at exit: {} spooled rows written to ClickHouse", d.rows),
+        (_, 0) => {}
+        (Some(why), left) => warn!(
+            "at exit: {} spooled rows written to ClickHouse, {left} batches left in {} ({why}); the next relay on it or `stream-relay rows replay` sends them",
+            d.rows,
+            config.spool_dir.display()
+        ),
+        (None, left) => warn!("at exit: {left} batches left in {}", config.spool_dir.display()),
     }
 }
 
@@ -413,6 +506,8 @@ struct Shipper {
     replay_after: Instant,
     /// Server-answered failures of the oldest spooled batch, by file.
     refusals: Option<(std::path::PathBuf, u32)>,
+    /// Rows of the spooled batches replayed (or found already written).
+    replayed_rows: u64,
     /// Last field: released after `drop` has spooled what was left.
     _flushed: FlushGuard,
 }
@@ -463,6 +558,28 @@ impl Shipper {
                     None => return,
                 },
                 _ = tokio::time::sleep(wait.max(Duration::from_millis(10))) => {}
+            }
+        }
+    }
+
+    /// Replays the whole spool (see [`drain_spool`]).
+    async fn drain(&mut self, drained: &mut Drained) {
+        let locked = lock(&self.spool).as_mut().is_some_and(Spool::try_lock);
+        if !locked {
+            drained.stopped = Some("another relay is replaying this spool".into());
+            return;
+        }
+        while self.has_spool_work() {
+            if !self.ensure_migrated().await {
+                drained.stopped = Some("ClickHouse did not answer".into());
+                return;
+            }
+            match self.replay_oldest().await {
+                Replay::Done => drained.batches += 1,
+                Replay::Stop => {
+                    drained.stopped = Some("ClickHouse did not take a batch".into());
+                    return;
+                }
             }
         }
     }
@@ -681,6 +798,7 @@ impl Shipper {
 
     fn replayed(&mut self, spooled: &Spooled, n: u64) -> Replay {
         self.refusals = None;
+        self.replayed_rows += n;
         self.metrics.rows_replayed(n);
         if lock(&self.spool)
             .as_mut()

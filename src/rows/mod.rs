@@ -175,14 +175,25 @@ pub struct Ending {
     flushed: Flushed,
     late: Arc<Late>,
     write_late: WriteLate,
+    /// Run last, once every row is saved: ClickHouse's sends the spool (`shutdown_flush`).
+    deliver: Option<Deliver>,
 }
 
+/// A sink's last try at exit to put its saved rows where they belong.
+pub type Deliver = Box<dyn FnOnce() + Send>;
+
 impl Ending {
-    pub fn new(sender: &RowSender, flushed: Flushed, write_late: WriteLate) -> Ending {
+    pub fn new(
+        sender: &RowSender,
+        flushed: Flushed,
+        write_late: WriteLate,
+        deliver: Option<Deliver>,
+    ) -> Ending {
         Ending {
             flushed,
             late: sender.late.clone(),
             write_late,
+            deliver,
         }
     }
 
@@ -207,6 +218,9 @@ impl Ending {
         }
         if !rows.is_empty() {
             (self.write_late)(rows);
+        }
+        if let Some(deliver) = self.deliver {
+            deliver();
         }
         match (open, saved) {
             (0, true) => Ok(()),

@@ -97,6 +97,14 @@ impl Spool {
         &self.dir
     }
 
+    /// Batch files in the spool now (read again from the directory).
+    pub fn batches(&mut self) -> usize {
+        if let Err(e) = self.rescan() {
+            error!("cannot read the spool {}: {e}", self.dir.display());
+        }
+        self.queue.len()
+    }
+
     /// Lists the directory: the batch files, oldest first, and their total size.
     fn rescan(&mut self) -> std::io::Result<()> {
         let mut files = Vec::new();
