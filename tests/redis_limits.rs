@@ -310,3 +310,59 @@ fn settlements_in_redis_credit_no_later_window_and_never_go_below_zero() {
         }
     });
 }
+
+/// Issue 17's `Retry-After`: a client refused by the Redis limiter that waits the time it
+/// was told is admitted, whatever the moments of its requests. Bursts against limits per
+/// second (a window of 1 s, so the test is quick) at pseudo-random offsets into Redis'
+/// windows and with pseudo-random pauses: each refusal's wait is honoured and is enough,
+/// and never more than the two windows a count can weigh in. Before the fix the wait was
+/// the time to the end of the current window, which a burst within one window outlasts.
+#[test]
+fn a_client_that_waits_the_redis_retry_after_is_admitted() {
+    use stream_relay::limits::Limiter;
+    let redis = RedisProc::start();
+    let l = direct_limiter(&redis);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut seed: u64 = 0x5eed_17;
+    let mut next = move |n: u64| {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 33) % n
+    };
+    rt.block_on(async {
+        let mut n = 0;
+        for (round, limit) in [2u64, 3, 5, 2, 3, 5, 2, 3].into_iter().enumerate() {
+            let lim = stream_relay::config::Limits {
+                requests_per_second: Some(limit),
+                ..Default::default()
+            };
+            let tenant = format!("ra-{round}");
+            tokio::time::sleep(Duration::from_millis(next(900))).await;
+            for burst in 0..3 {
+                let refused = loop {
+                    n += 1;
+                    match l.admit(&tenant, &format!("r{n}"), &lim, 0).await {
+                        Ok(_) => {}
+                        Err(r) => break r,
+                    }
+                };
+                let wait = refused.retry_after;
+                assert!(
+                    wait <= Duration::from_millis(2100),
+                    "limit {limit}: wait {wait:?}"
+                );
+                tokio::time::sleep(wait).await;
+                n += 1;
+                assert!(
+                    l.admit(&tenant, &format!("r{n}"), &lim, 0).await.is_ok(),
+                    "limit {limit}, burst {burst}: refused after waiting {wait:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(next(400))).await;
+            }
+        }
+    });
+}

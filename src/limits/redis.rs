@@ -37,7 +37,20 @@ local function window(name, interval)
   local c = tonumber(redis.call('GET', kc) or '0')
   local p = tonumber(redis.call('GET', KEYS[1] .. ':' .. name .. ':' .. (cur - 1)) or '0')
   local into = now % interval
-  return p * (1 - into / interval) + c, kc, interval - into
+  return p * (1 - into / interval) + c, kc, interval - into, p, c, into
+end
+-- How long until `cost` more fits under `limit` with nothing else counted: the previous
+-- window's weight fading within this one, or (when this window's own count leaves no
+-- room) this window's count fading in the next. Whole ms, one more for rounding.
+local function wait_ms(p, c, into, interval, cost, limit)
+  if c + cost <= limit then
+    if p <= 0 then return 1 end
+    local at = interval * (1 - (limit - c - cost) / p)
+    return math.max(1, math.ceil(at - into) + 1)
+  end
+  local u = 0
+  if c > 0 then u = math.max(0, math.ceil(interval * (1 - (limit - cost) / c))) end
+  return interval - into + u + 1
 end
 local limits = {
   {tonumber(ARGV[1]), 'rps', 1000, 1},
@@ -49,9 +62,9 @@ local keys = {'', '', ''}
 local resets = {0, 0, 0}
 for i, l in ipairs(limits) do
   if l[1] > 0 then
-    local used, key, reset = window(l[2], l[3])
+    local used, key, reset, p, c, into = window(l[2], l[3])
     if used + l[4] > l[1] then
-      return {0, i, reset, 0, 0, 0, '', 0, 0}
+      return {0, i, wait_ms(p, c, into, l[3], l[4], l[1]), 0, 0, 0, '', 0, 0}
     end
     left[i] = math.floor(l[1] - used - l[4])
     keys[i] = key
