@@ -186,7 +186,7 @@ fn token_reservations_settle_in_redis() {
 /// A limiter of this test's own on `redis`, asked directly (no relay in between).
 fn direct_limiter(redis: &RedisProc) -> stream_relay::limits::redis::RedisLimiter {
     let config = stream_relay::config::RedisConfig {
-        url: stream_relay::secret::Secret::new(redis.url()),
+        url: stream_relay::config::RedisUrl::Single(stream_relay::secret::Secret::new(redis.url())),
         timeout: Duration::from_secs(2),
         refuse_when_down: true,
         key_prefix: "settle-test".into(),
@@ -365,4 +365,109 @@ fn a_client_that_waits_the_redis_retry_after_is_admitted() {
             }
         }
     });
+}
+
+fn cluster_config(mock: &MockProc, cluster: &RedisClusterProc, limits: &str) -> String {
+    let urls: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
+    format!(
+        r#"routes:
+  - {{ name: openai, prefix: /openai/v1, provider: openai, upstreams: ["{u}/v1"] }}
+redis:
+  url: [{urls}]
+  timeout: 200ms
+  on_failure: local
+tenants:
+  - {{ id: fleet, key_sha256: ["{h}"], limits: {limits} }}
+  - {{ id: after, key_sha256: ["{h2}"], limits: {limits} }}
+  - {{ id: later, key_sha256: ["{h3}"], limits: {limits} }}
+"#,
+        u = mock.url(),
+        urls = urls.join(", "),
+        h = hash(KEY),
+        h2 = hash("sk-tenant-after"),
+        h3 = hash("sk-tenant-later"),
+    )
+}
+
+/// Requests `n` times through `relays` in turn with `key`: how many were admitted (every
+/// answer is 200 or 429).
+fn admitted(relays: &[RelayProc], key: &str, n: usize) -> usize {
+    let auth = format!("Bearer {key}");
+    (0..n)
+        .filter(|i| {
+            let r = request(
+                relays[i % relays.len()].addr,
+                "POST",
+                "/openai/v1/chat/completions",
+                &[("authorization", &auth)],
+                &chat_body(false, false),
+            );
+            assert!(r.status == 200 || r.status == 429, "status {}", r.status);
+            r.status == 200
+        })
+        .count()
+}
+
+/// Three relays on a Redis Cluster (3 masters, 3 replicas, started here) hold one budget;
+/// the master of the tenant's slot is killed, its replica takes over, and the relays are
+/// back on the cluster by themselves: a new tenant's budget is again exact fleet-wide.
+#[test]
+fn three_relays_share_one_budget_on_a_redis_cluster_through_a_failover() {
+    let cluster = RedisClusterProc::start(3);
+    let mock = MockProc::start(None);
+    let conf = cluster_config(&mock, &cluster, "{ requests_per_minute: 30 }");
+    let relays: Vec<RelayProc> = (0..3).map(|_| RelayProc::start(&conf, &[])).collect();
+    assert_eq!(
+        admitted(&relays, KEY, 45),
+        30,
+        "one budget of 30 for the fleet"
+    );
+    for relay in &relays {
+        relay.metrics_with("\nstream_relay_limiter_redis_up 1\n");
+    }
+    // Each tenant's keys share one slot (the `{tenant}` hash tag): kill that slot's
+    // master for the tenant `after`.
+    let master = cluster.master_of("{after}");
+    let node = cluster.nodes.iter().find(|n| n.port == master).unwrap();
+    std::process::Command::new("kill")
+        .args(["-KILL", &node.proc.pid().to_string()])
+        .status()
+        .unwrap();
+    let killed = Instant::now();
+    // Served all along (local counts while the slot has no master), then exact again.
+    let deadline = killed + Duration::from_secs(30);
+    let (mut sent, mut served) = (0, 0);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "the relays never came back to the cluster (slot master now {:?}, was {master}):\n{}",
+            cluster.try_master_of("{after}"),
+            relays[0].stderr()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        sent += 3;
+        served += admitted(&relays, "sk-tenant-after", 3);
+        if cluster.try_master_of("{after}").is_none_or(|m| m == master) {
+            // No master for the slot yet: the relays serve on their local counts.
+            continue;
+        }
+        let up = relays.iter().all(|r| {
+            let text =
+                String::from_utf8(request(r.admin, "GET", "/metrics", &[], b"").body).unwrap();
+            text.contains("\nstream_relay_limiter_redis_up 1\n")
+        });
+        if up {
+            break;
+        }
+    }
+    let back = killed.elapsed();
+    eprintln!(
+        "failover: the relays were back on the cluster {back:?} after the master was killed; {served} of {sent} requests admitted meanwhile"
+    );
+    // Under `on_failure: local` each relay counts alone while the slot has no master: a
+    // fleet of 3 may admit up to 3 x 30 in that time, never a refusal for lack of Redis.
+    assert!(served <= 3 * 30, "{served}");
+    // A budget spent only after the failover is one budget for the fleet again.
+    assert_eq!(admitted(&relays, "sk-tenant-later", 45), 30);
+    assert!(back < Duration::from_secs(30));
 }

@@ -18,7 +18,7 @@ pub use raw::*;
 pub use validate::{per_address_cap, MAX_LABELLED_TENANTS, PER_ADDRESS_BEYOND_LOOPBACK};
 
 pub use crate::auth::TenantConfig;
-pub use crate::limits::redis::RedisConfig;
+pub use crate::limits::redis::{RedisConfig, RedisUrl};
 pub use crate::route::{Balance, Capture, KeyConfig, RouteConfig};
 pub use crate::stall::Timeouts;
 pub use crate::upstream::{parse_upstream_url, HealthCheck, UpstreamUrl};

@@ -128,8 +128,9 @@ impl Default for RawRowsFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRedis {
-    /// `redis://[:password@]host:port[/db]`, or `env:NAME` / `file:/path` holding it.
-    pub url: String,
+    /// `redis://[:password@]host:port[/db]`, or `env:NAME` / `file:/path` holding it; or
+    /// a list of such URLs, the nodes of a Redis Cluster (some of them suffice).
+    pub url: RawRedisUrl,
     /// Longest wait for Redis on the request path. Default `50ms`.
     #[serde(default)]
     pub timeout: Option<String>,
@@ -143,6 +144,14 @@ pub struct RawRedis {
     /// A concurrency slot whose relay died is freed after this. Default `30m`.
     #[serde(default)]
     pub slot_ttl: Option<String>,
+}
+
+/// `redis.url`: one URL, or a Redis Cluster's node URLs.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawRedisUrl {
+    One(String),
+    Cluster(Vec<String>),
 }
 
 #[derive(Debug, Default, Deserialize)]

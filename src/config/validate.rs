@@ -12,13 +12,13 @@ use super::error::{invalid, ConfigError, Problem};
 use super::parse::{check_socket_addr, parse_duration, parse_sha256_hex};
 use super::raw::{
     Limits, RawClickHouse, RawConfig, RawListen, RawMetrics, RawMock, RawPrice, RawRedis,
-    RawRowsFile, RawServer, RawTenant,
+    RawRedisUrl, RawRowsFile, RawServer, RawTenant,
 };
 use super::routes::validate_routes;
 use super::Config;
 use crate::auth::TenantConfig;
 use crate::gate::InputLimits;
-use crate::limits::redis::RedisConfig;
+use crate::limits::redis::{RedisConfig, RedisUrl};
 use crate::route::RouteConfig;
 use crate::rows::clickhouse::ClickHouseConfig;
 use crate::rows::file::FileSinkConfig;
@@ -350,15 +350,33 @@ fn check_tenant_label(metrics: RawMetrics, tenants: usize) -> Result<(), ConfigE
 // redis, rows.
 // ---------------------------------------------------------------------------------------
 
-fn validate_redis(r: &RawRedis, lookup_env: LookupEnv<'_>) -> Result<RedisConfig, ConfigError> {
-    let url = if is_secret_reference(&r.url) {
-        required_secret("redis.url", &r.url, lookup_env)?
+/// One Redis URL, inline or from a secret reference.
+fn redis_url(key: &str, text: &str, lookup_env: LookupEnv<'_>) -> Result<Secret, ConfigError> {
+    let url = if is_secret_reference(text) {
+        required_secret(key, text, lookup_env)?
     } else {
-        Secret::new(r.url.clone())
+        Secret::new(text.to_string())
     };
     if !url.expose().starts_with("redis://") && !url.expose().starts_with("rediss://") {
-        return Err(invalid("redis.url", Problem::RedisScheme));
+        return Err(invalid(key, Problem::RedisScheme));
     }
+    Ok(url)
+}
+
+fn validate_redis(r: &RawRedis, lookup_env: LookupEnv<'_>) -> Result<RedisConfig, ConfigError> {
+    let url = match &r.url {
+        RawRedisUrl::One(u) => RedisUrl::Single(redis_url("redis.url", u, lookup_env)?),
+        RawRedisUrl::Cluster(nodes) if nodes.is_empty() => {
+            return Err(invalid("redis.url", Problem::Empty));
+        }
+        RawRedisUrl::Cluster(nodes) => RedisUrl::Cluster(
+            nodes
+                .iter()
+                .enumerate()
+                .map(|(i, u)| redis_url(&format!("redis.url[{i}]"), u, lookup_env))
+                .collect::<Result<_, _>>()?,
+        ),
+    };
     let refuse_when_down = match r.on_failure.as_deref().unwrap_or("local") {
         "local" => false,
         "refuse" => true,

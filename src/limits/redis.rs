@@ -114,9 +114,55 @@ end
 return 1
 "#;
 
+/// The limiter's Redis client: one server, or a Redis Cluster (every script touches one
+/// tenant's keys, which share a hash slot, so each call goes to that slot's master).
+enum Client {
+    Single(redis::Client),
+    Cluster(redis::cluster::ClusterClient),
+}
+
+/// A connection of either kind; each reconnects by itself (and a cluster's follows a
+/// failover to the promoted replica).
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 pub struct RedisLimiter {
-    client: redis::Client,
-    conn: OnceCell<ConnectionManager>,
+    client: Client,
+    conn: OnceCell<Conn>,
     admit_script: Script,
     settle_script: Script,
     prefix: String,
@@ -137,7 +183,17 @@ impl RedisLimiter {
         config: &RedisConfig,
         metrics: Arc<Metrics>,
     ) -> Result<RedisLimiter, redis::RedisError> {
-        let client = redis::Client::open(config.url.expose())?;
+        let connect = config.timeout.max(Duration::from_millis(200));
+        let client = match &config.url {
+            RedisUrl::Single(url) => Client::Single(redis::Client::open(url.expose())?),
+            RedisUrl::Cluster(nodes) => Client::Cluster(
+                redis::cluster::ClusterClient::builder(nodes.iter().map(|n| n.expose()))
+                    .connection_timeout(connect)
+                    .response_timeout(config.timeout)
+                    .retries(1)
+                    .build()?,
+            ),
+        };
         Ok(RedisLimiter {
             client,
             conn: OnceCell::new(),
@@ -161,16 +217,26 @@ impl RedisLimiter {
     }
 
     /// The connection, made on first use inside the proxy's runtime (after any fork).
-    async fn conn(&self) -> Result<ConnectionManager, String> {
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.timeout.max(Duration::from_millis(200))))
-            .set_response_timeout(Some(self.timeout))
-            .set_number_of_retries(1);
+    async fn conn(&self) -> Result<Conn, String> {
         self.conn
             .get_or_try_init(|| async {
-                ConnectionManager::new_with_config(self.client.clone(), config)
-                    .await
-                    .map_err(|e| e.to_string())
+                match &self.client {
+                    Client::Single(client) => {
+                        let config = ConnectionManagerConfig::new()
+                            .set_connection_timeout(Some(
+                                self.timeout.max(Duration::from_millis(200)),
+                            ))
+                            .set_response_timeout(Some(self.timeout))
+                            .set_number_of_retries(1);
+                        ConnectionManager::new_with_config(client.clone(), config)
+                            .await
+                            .map(Conn::Single)
+                    }
+                    Client::Cluster(client) => {
+                        client.get_async_connection().await.map(Conn::Cluster)
+                    }
+                }
+                .map_err(|e| e.to_string())
             })
             .await
             .cloned()
@@ -396,10 +462,18 @@ impl Limiter for RedisLimiter {
         self.local.tick();
     }
 }
+/// Where the limiter's Redis is (`redis.url`): one server's URL, or a list of a Redis
+/// Cluster's nodes (any of them; the rest of the cluster is learned from them).
+#[derive(Debug, Clone)]
+pub enum RedisUrl {
+    Single(crate::secret::Secret),
+    Cluster(Vec<crate::secret::Secret>),
+}
+
 /// Validated Redis settings (`redis`).
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
-    pub url: crate::secret::Secret,
+    pub url: RedisUrl,
     pub timeout: Duration,
     pub refuse_when_down: bool,
     pub key_prefix: String,

@@ -683,6 +683,163 @@ impl RedisProc {
     }
 }
 
+/// A Redis Cluster of `masters` masters with one replica each, on free loopback ports,
+/// made with `redis-cli --cluster create`; every node is stopped by pid when dropped.
+pub struct RedisClusterProc {
+    pub nodes: Vec<RedisProc>,
+}
+
+impl RedisClusterProc {
+    pub fn start(masters: usize) -> RedisClusterProc {
+        let nodes: Vec<RedisProc> = (0..masters * 2)
+            .map(|_| {
+                let port = free_port();
+                let dir = temp_dir("redis-cluster");
+                let child = Command::new("redis-server")
+                    .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                    .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+                    .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
+                    .arg("--cluster-config-file")
+                    .arg(dir.join("nodes.conf"))
+                    .arg("--dir")
+                    .arg(&dir)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("redis-server must be installed (scripts/test.sh installs it)");
+                RedisProc {
+                    proc: Proc {
+                        child,
+                        signal: "-TERM",
+                    },
+                    port,
+                    dir,
+                }
+            })
+            .collect();
+        for n in &nodes {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while TcpStream::connect(("127.0.0.1", n.port)).is_err() {
+                assert!(
+                    Instant::now() < deadline,
+                    "redis-server did not start on {}",
+                    n.port
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .expect("redis-cli must be installed");
+        assert!(out.status.success(), "cluster create: {out:?}");
+        let cluster = RedisClusterProc { nodes };
+        cluster.wait_ok(Duration::from_secs(20));
+        // A replica that never synced with its master will not take over from it.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for n in &cluster.nodes {
+            loop {
+                let info = cluster.cli(n.port, &["info", "replication"]);
+                if info.contains("role:master") || info.contains("master_link_status:up") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "replica {} never synced:\n{info}",
+                    n.port
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        cluster
+    }
+
+    /// `redis-cli -p PORT ARGS...`, its output.
+    pub fn cli(&self, port: u16, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &port.to_string()])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Waits until every running node says the cluster is ok.
+    pub fn wait_ok(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let ok = self
+                .nodes
+                .iter()
+                .filter(|n| TcpStream::connect(("127.0.0.1", n.port)).is_ok())
+                .all(|n| {
+                    self.cli(n.port, &["cluster", "info"])
+                        .contains("cluster_state:ok")
+                });
+            if ok {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the cluster is not ok");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// A node that accepts connections.
+    fn live_port(&self) -> u16 {
+        self.nodes
+            .iter()
+            .map(|n| n.port)
+            .find(|p| TcpStream::connect(("127.0.0.1", *p)).is_ok())
+            .expect("a live node")
+    }
+
+    /// The port of the master that serves `key`'s slot now.
+    pub fn master_of(&self, key: &str) -> u16 {
+        self.try_master_of(key)
+            .unwrap_or_else(|| panic!("no master serves the slot of {key}"))
+    }
+
+    /// As [`RedisClusterProc::master_of`]; `None` while no healthy master serves it (a
+    /// failover under way).
+    pub fn try_master_of(&self, key: &str) -> Option<u16> {
+        let port = self.live_port();
+        let slot: u32 = self
+            .cli(port, &["cluster", "keyslot", key])
+            .trim()
+            .parse()
+            .unwrap();
+        let nodes = self.cli(port, &["cluster", "nodes"]);
+        for line in nodes.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 9 || !f[2].contains("master") || f[2].contains("fail") {
+                continue;
+            }
+            let serves = f[8..].iter().any(|r| match r.split_once('-') {
+                Some((a, b)) => {
+                    (a.parse::<u32>().unwrap_or(u32::MAX)..=b.parse().unwrap_or(0)).contains(&slot)
+                }
+                None => r.parse::<u32>() == Ok(slot),
+            });
+            if serves {
+                let addr = f[1].split('@').next().unwrap();
+                return addr.rsplit(':').next().unwrap().parse().ok();
+            }
+        }
+        None
+    }
+
+    /// The nodes' URLs, for `redis.url`.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("redis://127.0.0.1:{}/", n.port))
+            .collect()
+    }
+}
+
 /// Opens a long OpenAI stream through `relay` (`chunks` events 50 ms apart) and reads
 /// its first two events; the stream stays open until the returned connection drops.
 pub fn open_long_stream(relay: &RelayProc, key: &str, chunks: usize) -> TcpStream {
