@@ -367,13 +367,14 @@ fn a_client_that_waits_the_redis_retry_after_is_admitted() {
     });
 }
 
-fn cluster_config(mock: &MockProc, cluster: &RedisClusterProc, limits: &str) -> String {
-    let urls: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
+/// Three tenants with `limits`, on the Redis that `where_` (a `url:` or `sentinel:` line)
+/// names, serving on local counts while it cannot answer.
+fn fleet_config(mock: &MockProc, where_: &str, limits: &str) -> String {
     format!(
         r#"routes:
   - {{ name: openai, prefix: /openai/v1, provider: openai, upstreams: ["{u}/v1"] }}
 redis:
-  url: [{urls}]
+  {where_}
   timeout: 200ms
   on_failure: local
 tenants:
@@ -382,11 +383,16 @@ tenants:
   - {{ id: later, key_sha256: ["{h3}"], limits: {limits} }}
 "#,
         u = mock.url(),
-        urls = urls.join(", "),
         h = hash(KEY),
         h2 = hash("sk-tenant-after"),
         h3 = hash("sk-tenant-later"),
     )
+}
+
+/// `[\"url\", ...]` for YAML.
+fn yaml_list(urls: &[String]) -> String {
+    let quoted: Vec<String> = urls.iter().map(|u| format!("\"{u}\"")).collect();
+    format!("[{}]", quoted.join(", "))
 }
 
 /// Requests `n` times through `relays` in turn with `key`: how many were admitted (every
@@ -415,7 +421,11 @@ fn admitted(relays: &[RelayProc], key: &str, n: usize) -> usize {
 fn three_relays_share_one_budget_on_a_redis_cluster_through_a_failover() {
     let cluster = RedisClusterProc::start(3);
     let mock = MockProc::start(None);
-    let conf = cluster_config(&mock, &cluster, "{ requests_per_minute: 30 }");
+    let conf = fleet_config(
+        &mock,
+        &format!("url: {}", yaml_list(&cluster.urls())),
+        "{ requests_per_minute: 30 }",
+    );
     let relays: Vec<RelayProc> = (0..3).map(|_| RelayProc::start(&conf, &[])).collect();
     assert_eq!(
         admitted(&relays, KEY, 45),
@@ -470,4 +480,58 @@ fn three_relays_share_one_budget_on_a_redis_cluster_through_a_failover() {
     // A budget spent only after the failover is one budget for the fleet again.
     assert_eq!(admitted(&relays, "sk-tenant-later", 45), 30);
     assert!(back < Duration::from_secs(30));
+}
+
+/// Three relays on a Redis master behind three sentinels (with one replica), started
+/// here: one budget; the master is killed, the sentinels promote the replica, and the
+/// relays find it through them by themselves.
+#[test]
+fn three_relays_share_one_budget_through_a_sentinel_failover() {
+    let redis = RedisSentinelProc::start();
+    let mock = MockProc::start(None);
+    let sentinel = format!(
+        "sentinel: {{ nodes: {}, service: mymaster }}",
+        yaml_list(&redis.urls())
+    );
+    let conf = fleet_config(&mock, &sentinel, "{ requests_per_minute: 30 }");
+    let relays: Vec<RelayProc> = (0..3).map(|_| RelayProc::start(&conf, &[])).collect();
+    assert_eq!(
+        admitted(&relays, KEY, 45),
+        30,
+        "one budget of 30 for the fleet"
+    );
+    let old = redis.master.port;
+    std::process::Command::new("kill")
+        .args(["-KILL", &redis.master.proc.pid().to_string()])
+        .status()
+        .unwrap();
+    let killed = Instant::now();
+    let deadline = killed + Duration::from_secs(40);
+    let (mut sent, mut served) = (0, 0);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "the relays never came back to Redis (master now {:?}):\n{}",
+            redis.master_port(),
+            relays[0].stderr()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        sent += 3;
+        served += admitted(&relays, "sk-tenant-after", 3);
+        if redis.master_port().is_none_or(|p| p == old) {
+            continue;
+        }
+        let up = relays.iter().all(|r| {
+            let text =
+                String::from_utf8(request(r.admin, "GET", "/metrics", &[], b"").body).unwrap();
+            text.contains("\nstream_relay_limiter_redis_up 1\n")
+        });
+        if up {
+            break;
+        }
+    }
+    let back = killed.elapsed();
+    eprintln!("sentinel failover: the relays were back on Redis {back:?} after the master was killed; {served} of {sent} requests admitted meanwhile");
+    assert_eq!(redis.master_port(), Some(redis.replica.port));
+    assert_eq!(admitted(&relays, "sk-tenant-later", 45), 30);
 }

@@ -95,6 +95,8 @@ pub enum Problem {
     // redis, rows.
     #[error("must start with redis:// or rediss://")]
     RedisScheme,
+    #[error("give `redis.url` or `redis.sentinel`, not both")]
+    RedisUrlAndSentinel,
     #[error("`{0}`: must be `local` or `refuse`")]
     OnFailure(String),
     #[error("must start with http:// (ClickHouse's HTTP interface)")]

@@ -129,8 +129,14 @@ impl Default for RawRowsFile {
 #[serde(deny_unknown_fields)]
 pub struct RawRedis {
     /// `redis://[:password@]host:port[/db]`, or `env:NAME` / `file:/path` holding it; or
-    /// a list of such URLs, the nodes of a Redis Cluster (some of them suffice).
-    pub url: RawRedisUrl,
+    /// a list of such URLs, the nodes of a Redis Cluster (some of them suffice). Or
+    /// `sentinel` instead.
+    #[serde(default)]
+    pub url: Option<RawRedisUrl>,
+    /// A master watched by Redis Sentinel: `{ nodes: [redis://host:26379, ...], service:
+    /// NAME }` (the sentinels' URLs and the master's name). Instead of `url`.
+    #[serde(default)]
+    pub sentinel: Option<RawSentinel>,
     /// Longest wait for Redis on the request path. Default `50ms`.
     #[serde(default)]
     pub timeout: Option<String>,
@@ -144,6 +150,16 @@ pub struct RawRedis {
     /// A concurrency slot whose relay died is freed after this. Default `30m`.
     #[serde(default)]
     pub slot_ttl: Option<String>,
+}
+
+/// `redis.sentinel`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSentinel {
+    /// The sentinels' URLs (`redis://host:26379`).
+    pub nodes: Vec<String>,
+    /// The name the sentinels know the master by.
+    pub service: String,
 }
 
 /// `redis.url`: one URL, or a Redis Cluster's node URLs.

@@ -199,3 +199,29 @@ fn shipped_config_is_valid() {
         "the first run needs the built-in mock"
     );
 }
+
+#[test]
+fn redis_is_one_url_a_cluster_list_or_a_sentinel_service() {
+    let with = |redis: &str| load(&format!("{}redis:\n{redis}", minimal("", "  []\n")));
+    let one = with("  url: redis://127.0.0.1:6379\n").unwrap();
+    assert!(matches!(one.redis.unwrap().url, RedisUrl::Single(_)));
+    let cluster = with("  url: [redis://10.0.0.1:6379, redis://10.0.0.2:6379]\n").unwrap();
+    assert!(matches!(cluster.redis.unwrap().url, RedisUrl::Cluster(n) if n.len() == 2));
+    let sentinel =
+        with("  sentinel: { nodes: [redis://10.0.0.1:26379], service: mymaster }\n").unwrap();
+    match sentinel.redis.unwrap().url {
+        RedisUrl::Sentinel { nodes, service } => {
+            assert_eq!((nodes.len(), service.as_str()), (1, "mymaster"));
+        }
+        other => panic!("{other:?}"),
+    }
+    let err = |redis: &str| with(redis).unwrap_err().to_string();
+    assert!(err("  url: []\n").contains("redis.url"));
+    assert!(err("  url: [redis://a:1, http://b:2]\n").contains("redis.url[1]"));
+    assert!(err("  timeout: 50ms\n").contains("redis.url"));
+    let both = "  url: redis://a:1\n  sentinel: { nodes: [redis://b:2], service: m }\n";
+    assert!(err(both).contains("not both"));
+    assert!(err("  sentinel: { nodes: [], service: m }\n").contains("redis.sentinel.nodes"));
+    assert!(err("  sentinel: { nodes: [redis://b:2], service: \"\" }\n")
+        .contains("redis.sentinel.service"));
+}

@@ -364,18 +364,32 @@ fn redis_url(key: &str, text: &str, lookup_env: LookupEnv<'_>) -> Result<Secret,
 }
 
 fn validate_redis(r: &RawRedis, lookup_env: LookupEnv<'_>) -> Result<RedisConfig, ConfigError> {
-    let url = match &r.url {
-        RawRedisUrl::One(u) => RedisUrl::Single(redis_url("redis.url", u, lookup_env)?),
-        RawRedisUrl::Cluster(nodes) if nodes.is_empty() => {
-            return Err(invalid("redis.url", Problem::Empty));
+    let list = |key: &str, nodes: &[String]| -> Result<Vec<Secret>, ConfigError> {
+        if nodes.is_empty() {
+            return Err(invalid(key, Problem::Empty));
         }
-        RawRedisUrl::Cluster(nodes) => RedisUrl::Cluster(
-            nodes
-                .iter()
-                .enumerate()
-                .map(|(i, u)| redis_url(&format!("redis.url[{i}]"), u, lookup_env))
-                .collect::<Result<_, _>>()?,
-        ),
+        nodes
+            .iter()
+            .enumerate()
+            .map(|(i, u)| redis_url(&format!("{key}[{i}]"), u, lookup_env))
+            .collect()
+    };
+    let url = match (&r.url, &r.sentinel) {
+        (Some(_), Some(_)) => return Err(invalid("redis.sentinel", Problem::RedisUrlAndSentinel)),
+        (None, None) => return Err(invalid("redis.url", Problem::Empty)),
+        (Some(RawRedisUrl::One(u)), None) => {
+            RedisUrl::Single(redis_url("redis.url", u, lookup_env)?)
+        }
+        (Some(RawRedisUrl::Cluster(nodes)), None) => RedisUrl::Cluster(list("redis.url", nodes)?),
+        (None, Some(s)) => {
+            if s.service.is_empty() {
+                return Err(invalid("redis.sentinel.service", Problem::Empty));
+            }
+            RedisUrl::Sentinel {
+                nodes: list("redis.sentinel.nodes", &s.nodes)?,
+                service: s.service.clone(),
+            }
+        }
     };
     let refuse_when_down = match r.on_failure.as_deref().unwrap_or("local") {
         "local" => false,

@@ -119,6 +119,47 @@ return 1
 enum Client {
     Single(redis::Client),
     Cluster(redis::cluster::ClusterClient),
+    Sentinel(Arc<SentinelConn>),
+}
+
+/// A connection to the master the sentinels name. It is asked for again after any
+/// failure, so a failover (the old master gone, or back as a read-only replica) costs
+/// the calls until the sentinels name the new one.
+struct SentinelConn {
+    client: tokio::sync::Mutex<redis::sentinel::SentinelClient>,
+    conn: tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
+    config: redis::AsyncConnectionConfig,
+}
+
+impl SentinelConn {
+    /// Sends one packed command (or pipeline, `count` answers from `offset`).
+    async fn call(
+        &self,
+        cmd: Option<&redis::Cmd>,
+        pipeline: Option<(&redis::Pipeline, usize, usize)>,
+    ) -> redis::RedisResult<Vec<redis::Value>> {
+        use redis::aio::ConnectionLike;
+        let mut held = self.conn.lock().await;
+        if held.is_none() {
+            let c = self
+                .client
+                .lock()
+                .await
+                .get_async_connection_with_config(&self.config)
+                .await?;
+            *held = Some(c);
+        }
+        let conn = held.as_mut().expect("just set");
+        let result = match (cmd, pipeline) {
+            (Some(cmd), _) => conn.req_packed_command(cmd).await.map(|v| vec![v]),
+            (None, Some((p, offset, count))) => conn.req_packed_commands(p, offset, count).await,
+            (None, None) => Ok(Vec::new()),
+        };
+        if result.is_err() {
+            *held = None;
+        }
+        result
+    }
 }
 
 /// A connection of either kind; each reconnects by itself (and a cluster's follows a
@@ -127,6 +168,7 @@ enum Client {
 enum Conn {
     Single(ConnectionManager),
     Cluster(redis::cluster_async::ClusterConnection),
+    Sentinel(Arc<SentinelConn>),
 }
 
 impl redis::aio::ConnectionLike for Conn {
@@ -137,6 +179,10 @@ impl redis::aio::ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.req_packed_command(cmd),
             Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Sentinel(s) => Box::pin(async move {
+                let mut v = s.call(Some(cmd), None).await?;
+                Ok(v.pop().unwrap_or(redis::Value::Nil))
+            }),
         }
     }
 
@@ -149,6 +195,7 @@ impl redis::aio::ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Sentinel(s) => Box::pin(s.call(None, Some((pipeline, offset, count)))),
         }
     }
 
@@ -156,6 +203,7 @@ impl redis::aio::ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.get_db(),
             Conn::Cluster(c) => c.get_db(),
+            Conn::Sentinel(_) => 0,
         }
     }
 }
@@ -193,6 +241,21 @@ impl RedisLimiter {
                     .retries(1)
                     .build()?,
             ),
+            RedisUrl::Sentinel { nodes, service } => {
+                let client = redis::sentinel::SentinelClient::build(
+                    nodes.iter().map(|n| n.expose()).collect(),
+                    service.clone(),
+                    None,
+                    redis::sentinel::SentinelServerType::Master,
+                )?;
+                Client::Sentinel(Arc::new(SentinelConn {
+                    client: tokio::sync::Mutex::new(client),
+                    conn: tokio::sync::Mutex::new(None),
+                    config: redis::AsyncConnectionConfig::new()
+                        .set_connection_timeout(Some(connect))
+                        .set_response_timeout(Some(config.timeout)),
+                }))
+            }
         };
         Ok(RedisLimiter {
             client,
@@ -235,6 +298,7 @@ impl RedisLimiter {
                     Client::Cluster(client) => {
                         client.get_async_connection().await.map(Conn::Cluster)
                     }
+                    Client::Sentinel(s) => Ok(Conn::Sentinel(s.clone())),
                 }
                 .map_err(|e| e.to_string())
             })
@@ -468,6 +532,11 @@ impl Limiter for RedisLimiter {
 pub enum RedisUrl {
     Single(crate::secret::Secret),
     Cluster(Vec<crate::secret::Secret>),
+    /// The master `service` as the sentinels at `nodes` name it now.
+    Sentinel {
+        nodes: Vec<crate::secret::Secret>,
+        service: String,
+    },
 }
 
 /// Validated Redis settings (`redis`).

@@ -840,6 +840,121 @@ impl RedisClusterProc {
     }
 }
 
+/// One Redis master, one replica and three sentinels watching it as `mymaster`, on free
+/// loopback ports; every process is stopped by pid when dropped.
+pub struct RedisSentinelProc {
+    pub master: RedisProc,
+    pub replica: RedisProc,
+    pub sentinels: Vec<RedisProc>,
+}
+
+impl RedisSentinelProc {
+    pub fn start() -> RedisSentinelProc {
+        let master = RedisProc::start();
+        let replica_port = free_port();
+        let dir = temp_dir("redis-replica");
+        let child = Command::new("redis-server")
+            .args(["--port", &replica_port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .args(["--replicaof", "127.0.0.1", &master.port.to_string()])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (scripts/test.sh installs it)");
+        let replica = RedisProc {
+            proc: Proc {
+                child,
+                signal: "-TERM",
+            },
+            port: replica_port,
+            dir,
+        };
+        let synced = Instant::now() + Duration::from_secs(20);
+        while !redis_cli(replica.port, &["info", "replication"]).contains("master_link_status:up") {
+            assert!(Instant::now() < synced, "the replica never synced");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let sentinels = (0..3)
+            .map(|_| {
+                let port = free_port();
+                let dir = temp_dir("redis-sentinel");
+                let conf = dir.join("sentinel.conf");
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor mymaster 127.0.0.1 {} 2\nsentinel down-after-milliseconds mymaster 1000\nsentinel failover-timeout mymaster 5000\n",
+                        dir.display(),
+                        master.port
+                    ),
+                )
+                .unwrap();
+                let child = Command::new("redis-server")
+                    .arg(&conf)
+                    .arg("--sentinel")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("redis-server must be installed");
+                RedisProc {
+                    proc: Proc {
+                        child,
+                        signal: "-TERM",
+                    },
+                    port,
+                    dir,
+                }
+            })
+            .collect::<Vec<_>>();
+        let ready = Instant::now() + Duration::from_secs(20);
+        for s in &sentinels {
+            // Each sentinel knows the master, its replica and the two other sentinels.
+            while !redis_cli(s.port, &["sentinel", "master", "mymaster"])
+                .lines()
+                .collect::<Vec<_>>()
+                .windows(2)
+                .any(|w| w[0] == "num-other-sentinels" && w[1] == "2")
+            {
+                assert!(Instant::now() < ready, "sentinel {} not ready", s.port);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        RedisSentinelProc {
+            master,
+            replica,
+            sentinels,
+        }
+    }
+
+    /// The sentinels' URLs, for `redis.sentinel.nodes`.
+    pub fn urls(&self) -> Vec<String> {
+        self.sentinels
+            .iter()
+            .map(|s| format!("redis://127.0.0.1:{}/", s.port))
+            .collect()
+    }
+
+    /// The master's port as the first sentinel names it now.
+    pub fn master_port(&self) -> Option<u16> {
+        let out = redis_cli(
+            self.sentinels[0].port,
+            &["sentinel", "get-master-addr-by-name", "mymaster"],
+        );
+        out.lines().nth(1)?.trim().parse().ok()
+    }
+}
+
+/// `redis-cli -p PORT ARGS...`, its output.
+pub fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli must be installed");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Opens a long OpenAI stream through `relay` (`chunks` events 50 ms apart) and reads
 /// its first two events; the stream stays open until the returned connection drops.
 pub fn open_long_stream(relay: &RelayProc, key: &str, chunks: usize) -> TcpStream {
