@@ -72,7 +72,9 @@ fn bench(c: &mut Criterion) {
         std::thread::sleep(Duration::from_millis(20));
     }
     let config = RedisConfig {
-        url: Secret::new(format!("redis://127.0.0.1:{port}/")),
+        url: stream_relay::config::RedisUrl::Single(Secret::new(format!(
+            "redis://127.0.0.1:{port}/"
+        ))),
         timeout: Duration::from_millis(200),
         refuse_when_down: true,
         key_prefix: "bench".into(),
