@@ -414,6 +414,40 @@ fn admitted(relays: &[RelayProc], key: &str, n: usize) -> usize {
         .count()
 }
 
+/// After a master was killed (at `killed`): requests keep going through `relays` (tenant
+/// `after`, served on local counts meanwhile) until `promoted()` says a replica has
+/// taken over and every relay reports Redis up again. Returns how long that took, and
+/// how many of how many requests were admitted meanwhile.
+fn back_on_redis(
+    relays: &[RelayProc],
+    killed: Instant,
+    promoted: impl Fn() -> bool,
+) -> (Duration, usize, usize) {
+    let deadline = killed + Duration::from_secs(40);
+    let (mut sent, mut served) = (0, 0);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "the relays never came back to Redis:\n{}",
+            relays[0].stderr()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        sent += 3;
+        served += admitted(relays, "sk-tenant-after", 3);
+        if !promoted() {
+            continue;
+        }
+        let up = relays.iter().all(|r| {
+            let text =
+                String::from_utf8(request(r.admin, "GET", "/metrics", &[], b"").body).unwrap();
+            text.contains("\nstream_relay_limiter_redis_up 1\n")
+        });
+        if up {
+            return (killed.elapsed(), served, sent);
+        }
+    }
+}
+
 /// Three relays on a Redis Cluster (3 masters, 3 replicas, started here) hold one budget;
 /// the master of the tenant's slot is killed, its replica takes over, and the relays are
 /// back on the cluster by themselves: a new tenant's budget is again exact fleet-wide.
@@ -445,32 +479,11 @@ fn three_relays_share_one_budget_on_a_redis_cluster_through_a_failover() {
         .unwrap();
     let killed = Instant::now();
     // Served all along (local counts while the slot has no master), then exact again.
-    let deadline = killed + Duration::from_secs(30);
-    let (mut sent, mut served) = (0, 0);
-    loop {
-        assert!(
-            Instant::now() < deadline,
-            "the relays never came back to the cluster (slot master now {:?}, was {master}):\n{}",
-            cluster.try_master_of("{after}"),
-            relays[0].stderr()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-        sent += 3;
-        served += admitted(&relays, "sk-tenant-after", 3);
-        if cluster.try_master_of("{after}").is_none_or(|m| m == master) {
-            // No master for the slot yet: the relays serve on their local counts.
-            continue;
-        }
-        let up = relays.iter().all(|r| {
-            let text =
-                String::from_utf8(request(r.admin, "GET", "/metrics", &[], b"").body).unwrap();
-            text.contains("\nstream_relay_limiter_redis_up 1\n")
-        });
-        if up {
-            break;
-        }
-    }
-    let back = killed.elapsed();
+    let (back, served, sent) = back_on_redis(&relays, killed, || {
+        cluster
+            .try_master_of("{after}")
+            .is_some_and(|m| m != master)
+    });
     eprintln!(
         "failover: the relays were back on the cluster {back:?} after the master was killed; {served} of {sent} requests admitted meanwhile"
     );
@@ -506,31 +519,9 @@ fn three_relays_share_one_budget_through_a_sentinel_failover() {
         .status()
         .unwrap();
     let killed = Instant::now();
-    let deadline = killed + Duration::from_secs(40);
-    let (mut sent, mut served) = (0, 0);
-    loop {
-        assert!(
-            Instant::now() < deadline,
-            "the relays never came back to Redis (master now {:?}):\n{}",
-            redis.master_port(),
-            relays[0].stderr()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-        sent += 3;
-        served += admitted(&relays, "sk-tenant-after", 3);
-        if redis.master_port().is_none_or(|p| p == old) {
-            continue;
-        }
-        let up = relays.iter().all(|r| {
-            let text =
-                String::from_utf8(request(r.admin, "GET", "/metrics", &[], b"").body).unwrap();
-            text.contains("\nstream_relay_limiter_redis_up 1\n")
-        });
-        if up {
-            break;
-        }
-    }
-    let back = killed.elapsed();
+    let (back, served, sent) = back_on_redis(&relays, killed, || {
+        redis.master_port().is_some_and(|p| p != old)
+    });
     eprintln!("sentinel failover: the relays were back on Redis {back:?} after the master was killed; {served} of {sent} requests admitted meanwhile");
     assert_eq!(redis.master_port(), Some(redis.replica.port));
     assert_eq!(admitted(&relays, "sk-tenant-later", 45), 30);

@@ -258,22 +258,13 @@ impl BackgroundService for ClickHouseSink {
         let spool = Arc::new(Mutex::new(spool));
         // Room for a few batches: beyond that the shipper is behind and batches go to disk.
         let (batch_tx, batch_rx) = mpsc::channel(4);
-        let mut shipper = Shipper {
-            admin: client(&self.config),
-            client: client(&self.config).with_database(&self.config.database),
-            config: self.config.clone(),
-            rx: batch_rx,
-            spool: spool.clone(),
-            metrics: self.metrics.clone(),
-            in_flight: None,
-            up: false,
-            migrated: false,
-            next_try: Instant::now(),
-            replay_after: Instant::now(),
-            refusals: None,
-            replayed_rows: 0,
-            _flushed: shipper_guard,
-        };
+        let mut shipper = Shipper::new(
+            &self.config,
+            spool.clone(),
+            self.metrics.clone(),
+            batch_rx,
+            shipper_guard,
+        );
         self.metrics.clickhouse_up(false);
         tokio::spawn(async move { shipper.run().await });
 
@@ -360,22 +351,13 @@ pub fn drain_spool(config: &ClickHouseConfig, metrics: Arc<Metrics>, within: Dur
                 }
             }
         };
-        let mut shipper = Shipper {
-            admin: client(config),
-            client: client(config).with_database(&config.database),
-            config: config.clone(),
-            rx: mpsc::channel(1).1,
-            spool: Arc::new(Mutex::new(Some(spool))),
+        let mut shipper = Shipper::new(
+            config,
+            Arc::new(Mutex::new(Some(spool))),
             metrics,
-            in_flight: None,
-            up: false,
-            migrated: false,
-            next_try: Instant::now(),
-            replay_after: Instant::now(),
-            refusals: None,
-            replayed_rows: 0,
-            _flushed: super::Flushed::default().hold(),
-        };
+            mpsc::channel(1).1,
+            super::Flushed::default().hold(),
+        );
         let mut drained = Drained::default();
         let run = shipper.drain(&mut drained);
         if tokio::time::timeout(within, run).await.is_err() {
@@ -528,6 +510,31 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Shipper {
+    fn new(
+        config: &ClickHouseConfig,
+        spool: Arc<Mutex<Option<Spool>>>,
+        metrics: Arc<Metrics>,
+        rx: mpsc::Receiver<Batch>,
+        flushed: FlushGuard,
+    ) -> Shipper {
+        Shipper {
+            admin: client(config),
+            client: client(config).with_database(&config.database),
+            config: config.clone(),
+            rx,
+            spool,
+            metrics,
+            in_flight: None,
+            up: false,
+            migrated: false,
+            next_try: Instant::now(),
+            replay_after: Instant::now(),
+            refusals: None,
+            replayed_rows: 0,
+            _flushed: flushed,
+        }
+    }
+
     async fn run(&mut self) {
         // The table at once, and an honest `clickhouse_up` before the first batch.
         if self.ensure_migrated().await {

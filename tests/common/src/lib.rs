@@ -649,38 +649,65 @@ impl RedisProc {
     }
 
     pub fn start_on(port: u16) -> RedisProc {
-        let dir = temp_dir("redis");
+        let redis = RedisProc::spawn("redis", port, |dir| server_args(port, dir, &[]));
+        redis.wait_listening();
+        redis
+    }
+
+    /// `redis-server ARGS` in a new temporary directory (`args` gets it), not waited for.
+    fn spawn(tag: &str, port: u16, args: impl FnOnce(&Path) -> Vec<String>) -> RedisProc {
+        let dir = temp_dir(tag);
         let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-            .arg("--dir")
-            .arg(&dir)
+            .args(args(&dir))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server must be installed (scripts/test.sh installs it)");
-        let redis = RedisProc {
+        RedisProc {
             proc: Proc {
                 child,
                 signal: "-TERM",
             },
             port,
             dir,
-        };
+        }
+    }
+
+    fn wait_listening(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             assert!(
                 Instant::now() < deadline,
-                "redis-server did not start on {port}"
+                "redis-server did not start on {}",
+                self.port
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        redis
     }
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
     }
+}
+
+/// A plain server's arguments: loopback, no persistence, in `dir`, then `more`.
+fn server_args(port: u16, dir: &Path, more: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = ["--port", &port.to_string(), "--bind", "127.0.0.1"]
+        .iter()
+        .chain(&[
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            "--dir",
+        ])
+        .map(|s| s.to_string())
+        .collect();
+    a.push(dir.display().to_string());
+    a.extend(more.iter().map(|s| s.to_string()));
+    a
 }
 
 /// A Redis Cluster of `masters` masters with one replica each, on free loopback ports,
@@ -694,39 +721,19 @@ impl RedisClusterProc {
         let nodes: Vec<RedisProc> = (0..masters * 2)
             .map(|_| {
                 let port = free_port();
-                let dir = temp_dir("redis-cluster");
-                let child = Command::new("redis-server")
-                    .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                    .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-                    .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
-                    .arg("--cluster-config-file")
-                    .arg(dir.join("nodes.conf"))
-                    .arg("--dir")
-                    .arg(&dir)
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .expect("redis-server must be installed (scripts/test.sh installs it)");
-                RedisProc {
-                    proc: Proc {
-                        child,
-                        signal: "-TERM",
-                    },
-                    port,
-                    dir,
-                }
+                RedisProc::spawn("redis-cluster", port, |dir| {
+                    let cluster = ["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"];
+                    let mut a = server_args(port, dir, &cluster);
+                    a.extend([
+                        "--cluster-config-file".into(),
+                        dir.join("nodes.conf").display().to_string(),
+                    ]);
+                    a
+                })
             })
             .collect();
         for n in &nodes {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while TcpStream::connect(("127.0.0.1", n.port)).is_err() {
-                assert!(
-                    Instant::now() < deadline,
-                    "redis-server did not start on {}",
-                    n.port
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            n.wait_listening();
         }
         let out = Command::new("redis-cli")
             .arg("--cluster")
@@ -852,25 +859,11 @@ impl RedisSentinelProc {
     pub fn start() -> RedisSentinelProc {
         let master = RedisProc::start();
         let replica_port = free_port();
-        let dir = temp_dir("redis-replica");
-        let child = Command::new("redis-server")
-            .args(["--port", &replica_port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-            .args(["--replicaof", "127.0.0.1", &master.port.to_string()])
-            .arg("--dir")
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed (scripts/test.sh installs it)");
-        let replica = RedisProc {
-            proc: Proc {
-                child,
-                signal: "-TERM",
-            },
-            port: replica_port,
-            dir,
-        };
+        let of = master.port.to_string();
+        let replica = RedisProc::spawn("redis-replica", replica_port, |dir| {
+            server_args(replica_port, dir, &["--replicaof", "127.0.0.1", &of])
+        });
+        replica.wait_listening();
         let synced = Instant::now() + Duration::from_secs(20);
         while !redis_cli(replica.port, &["info", "replication"]).contains("master_link_status:up") {
             assert!(Instant::now() < synced, "the replica never synced");
@@ -879,32 +872,19 @@ impl RedisSentinelProc {
         let sentinels = (0..3)
             .map(|_| {
                 let port = free_port();
-                let dir = temp_dir("redis-sentinel");
-                let conf = dir.join("sentinel.conf");
-                std::fs::write(
-                    &conf,
-                    format!(
-                        "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor mymaster 127.0.0.1 {} 2\nsentinel down-after-milliseconds mymaster 1000\nsentinel failover-timeout mymaster 5000\n",
-                        dir.display(),
-                        master.port
-                    ),
-                )
-                .unwrap();
-                let child = Command::new("redis-server")
-                    .arg(&conf)
-                    .arg("--sentinel")
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .expect("redis-server must be installed");
-                RedisProc {
-                    proc: Proc {
-                        child,
-                        signal: "-TERM",
-                    },
-                    port,
-                    dir,
-                }
+                RedisProc::spawn("redis-sentinel", port, |dir| {
+                    let conf = dir.join("sentinel.conf");
+                    std::fs::write(
+                        &conf,
+                        format!(
+                            "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor mymaster 127.0.0.1 {} 2\nsentinel down-after-milliseconds mymaster 1000\nsentinel failover-timeout mymaster 5000\n",
+                            dir.display(),
+                            master.port
+                        ),
+                    )
+                    .unwrap();
+                    vec![conf.display().to_string(), "--sentinel".into()]
+                })
             })
             .collect::<Vec<_>>();
         let ready = Instant::now() + Duration::from_secs(20);
