@@ -43,30 +43,52 @@ impl LocalLimiter {
     }
 }
 
+/// What the window arithmetic needs of a `Rate` (whose own components cannot be made
+/// outside pingora-limits, so the tests make these).
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    prev: f64,
+    curr: f64,
+    interval: Duration,
+    /// How far into the current window now is, 0 to 1.
+    fraction: f64,
+}
+
+impl From<RateComponents> for Window {
+    fn from(c: RateComponents) -> Window {
+        Window {
+            prev: c.prev_samples as f64,
+            curr: c.curr_samples as f64,
+            interval: c.interval,
+            fraction: c.current_interval_fraction,
+        }
+    }
+}
+
 /// Events in the sliding window ending now: the current window plus the part of the
 /// previous one that the sliding window still covers.
-fn sliding(c: RateComponents) -> f64 {
-    c.prev_samples as f64 * (1.0 - c.current_interval_fraction) + c.curr_samples as f64
+fn sliding(c: Window) -> f64 {
+    c.prev * (1.0 - c.fraction) + c.curr
 }
 
 /// Time until a sliding window over `rate` has room for `need` more events under
 /// `limit`, estimated from how its count decays (the previous window's part fades
 /// linearly over the current one).
-fn wait_for_room(c: &RateComponents, limit: f64, need: f64) -> Duration {
+fn wait_for_room(c: &Window, limit: f64, need: f64) -> Duration {
     let over = sliding(*c) + need - limit;
     if over <= 0.0 {
         return Duration::ZERO;
     }
     let interval = c.interval.as_secs_f64();
-    let left_in_window = interval * (1.0 - c.current_interval_fraction);
-    let prev_rate = c.prev_samples as f64 / interval;
+    let left_in_window = interval * (1.0 - c.fraction);
+    let prev_rate = c.prev / interval;
     if prev_rate > 0.0 && over <= prev_rate * left_in_window {
         // `Rate` measures time in whole milliseconds: one (and a rounding) to spare.
         return Duration::from_secs_f64(over / prev_rate) + Duration::from_millis(2);
     }
     // The current window's own events leave over the next window, which begins at most
     // a tick after this one ends.
-    let curr_rate = (c.curr_samples.max(1)) as f64 / interval;
+    let curr_rate = c.curr.max(1.0) / interval;
     Duration::from_secs_f64(
         left_in_window + (over - prev_rate * left_in_window).max(0.0) / curr_rate,
     )
@@ -83,11 +105,11 @@ fn take(rate: &Rate, key: &str, n: u64, limit: u64) -> Result<(Budget, Instant),
     let n = n as isize;
     rate.observe(&key, n);
     let c = rate.rate_with(&key, |c| c);
-    let used = sliding(c);
+    let used = sliding(c.into());
     if used > limit as f64 {
         rate.observe(&key, -n);
         let c = rate.rate_with(&key, |c| c);
-        let wait = wait_for_room(&c, limit as f64, n as f64);
+        let wait = wait_for_room(&c.into(), limit as f64, n as f64);
         return Err(wait.max(Duration::from_millis(1)));
     }
     let left_in_window = c.interval.mul_f64(1.0 - c.current_interval_fraction);
@@ -394,6 +416,51 @@ mod tests {
                     "limit {limit}, round {round}: refused after waiting {wait:?}"
                 );
             }
+        }
+    }
+
+    /// The sliding count `t` after the moment `c` describes, with nothing more counted,
+    /// on a clock that turns each window over exactly at its end.
+    fn count_after(c: &Window, t: Duration) -> f64 {
+        let interval = c.interval.as_secs_f64();
+        let at = c.fraction + t.as_secs_f64() / interval;
+        let (prev, curr) = (c.prev, c.curr);
+        match at {
+            at if at < 1.0 => prev * (1.0 - at) + curr,
+            at if at < 2.0 => curr * (2.0 - at),
+            _ => 0.0,
+        }
+    }
+
+    proptest::proptest! {
+        /// Issue 17's property: for any state of the two windows and any moment into the
+        /// current one, a request refused now fits once its wait has passed, and the wait
+        /// is never longer than the two windows a count can weigh in (plus the clock's
+        /// tick). The clock is the test's: the state is given, and time is a number.
+        #[test]
+        fn the_wait_given_is_enough_for_any_moment(
+            prev in 0isize..200,
+            curr in 0isize..200,
+            fraction in 0.0f64..1.0,
+            limit in 1u64..150,
+            need in 1u64..10,
+            window_ms in proptest::sample::select(vec![1000u64, 60_000]),
+        ) {
+            let c = Window {
+                prev: prev as f64,
+                curr: curr as f64,
+                interval: Duration::from_millis(window_ms),
+                fraction,
+            };
+            proptest::prop_assume!(need <= limit);
+            proptest::prop_assume!(sliding(c) + need as f64 > limit as f64);
+            let wait = wait_for_room(&c, limit as f64, need as f64);
+            proptest::prop_assert!(wait <= c.interval * 2 + TICK, "wait {:?}", wait);
+            let after = count_after(&c, wait);
+            proptest::prop_assert!(
+                after + need as f64 <= limit as f64 + 1e-6,
+                "refused again after {:?}: {} + {} > {}", wait, after, need, limit
+            );
         }
     }
 
