@@ -285,10 +285,12 @@ pub fn row(f: &Facts<'_>, end: End<'_>, a: &Account<'_>, instance: &str) -> Row 
 /// that named a model, with neither token count known, or with one missing after the
 /// tap had to skip an event too large to read (it may have held the count).
 fn usage_unknown(f: &Facts<'_>, usage: &Usage) -> bool {
-    if f.frames.is_some() {
-        // A session whose responses gave output but no usage the relay could read.
-        let output = f.tap.is_some_and(|t| t.measure.output_events > 0);
-        return output && (usage.input.is_none() || usage.output.is_none());
+    if let Some((from_client, _)) = f.frames {
+        // A session the client used (it sent frames) without a usage the relay could
+        // read: its output deltas came without a `response.done`, or it used the model
+        // in a way the tap does not meter (a transcription session, say). Never taken
+        // as free.
+        return from_client > 0 && (usage.input.is_none() || usage.output.is_none());
     }
     let answered = f.upstream_status.is_some_and(|s| (200..300).contains(&s));
     let model_request = f.request_info.is_some_and(|i| i.model.is_some());

@@ -487,12 +487,12 @@ fn three_relays_share_one_budget_on_a_redis_cluster_through_a_failover() {
     eprintln!(
         "failover: the relays were back on the cluster {back:?} after the master was killed; {served} of {sent} requests admitted meanwhile"
     );
-    // Under `on_failure: local` each relay counts alone while the slot has no master: a
-    // fleet of 3 may admit up to 3 x 30 in that time, never a refusal for lack of Redis.
+    // Under `on_failure: local` each relay counts alone while the slot has no master: the
+    // stated bound is a fleet of 3 admitting at most 3 x 30 in that time (and every
+    // answer meanwhile was a 200 or a 429, never an error for lack of Redis).
     assert!(served <= 3 * 30, "{served}");
     // A budget spent only after the failover is one budget for the fleet again.
     assert_eq!(admitted(&relays, "sk-tenant-later", 45), 30);
-    assert!(back < Duration::from_secs(30));
 }
 
 /// Three relays on a Redis master behind three sentinels (with one replica), started

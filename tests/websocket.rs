@@ -299,6 +299,9 @@ fn a_realtime_session_is_metered_recorded_and_passes_unchanged() {
         mock_digest(&format!("Bearer {PROVIDER_KEY}"))
     );
     assert!(seen.get("sec-websocket-extensions").is_none(), "{seen}");
+    // The relay's hold on the handshake's body never reaches the provider.
+    assert!(seen.get("transfer-encoding").is_none(), "{seen}");
+    assert_eq!(seen["content-length"], "0", "{seen}");
     let row = relay.row_for("ws-1");
     assert_eq!(row["status"], 101, "{row}");
     assert_eq!(row["outcome"], "ok");
@@ -435,7 +438,17 @@ fn an_idle_session_is_closed_and_a_talking_client_keeps_one_open() {
     }
     ws.response();
     ws.close();
-    assert_eq!(relay.row_for("talk")["outcome"], "ok");
+    let talk = relay.row_for("talk");
+    assert_eq!(talk["outcome"], "ok");
+    assert_eq!(talk["usage_unknown"], false, "{talk}");
+    // A session the client used with no usage the relay could read (audio sent, no
+    // response asked for) is flagged, never taken as free.
+    let mut ws = open(&relay, "unmetered");
+    ws.send(r#"{"type":"input_audio_buffer.append","audio":"AAAA"}"#);
+    ws.close();
+    let unmetered = relay.row_for("unmetered");
+    assert_eq!(unmetered["usage_unknown"], true, "{unmetered}");
+    assert!(unmetered["tokens_in"].is_null(), "{unmetered}");
     // Nobody talks: the relay closes the session with a close frame, 1000.
     let mut ws = open(&relay, "idle");
     let started = Instant::now();
@@ -452,6 +465,8 @@ fn an_idle_session_is_closed_and_a_talking_client_keeps_one_open() {
     );
     let row = relay.row_for("idle");
     assert_eq!(row["outcome"], "session_idle", "{row}");
+    // Nothing was asked of the model: nothing to meter.
+    assert_eq!(row["usage_unknown"], false, "{row}");
     assert_eq!(row["status"], 101);
 }
 
