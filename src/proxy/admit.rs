@@ -143,7 +143,6 @@ impl RelayProxy {
                 return Ok(Err(RelayError::BodyField(why).into()));
             }
             a.websocket = Some(Box::new(crate::websocket::handshake_info(req)));
-            crate::websocket::hold_handshake_body(session.req_header_mut())?;
         } else if let Some(len) = request_info::early_read_len(req) {
             let rw = body::rewrite_for(
                 &a.route,

@@ -96,7 +96,12 @@ impl ProxyHttp for RelayProxy {
         if let Err(refused) = self.check_admitted(session, ctx).await? {
             return self.answer(session, ctx, refused).await;
         }
-        admitted(&mut ctx.admitted)?.admitted_after = ctx.start.elapsed();
+        let a = admitted(&mut ctx.admitted)?;
+        a.admitted_after = ctx.start.elapsed();
+        if a.websocket.is_some() {
+            // Only a handshake going upstream (see `websocket::hold_handshake_body`).
+            crate::websocket::hold_handshake_body(session.req_header_mut())?;
+        }
         Ok(false)
     }
 
