@@ -1,7 +1,9 @@
 //! The request log in a real ClickHouse (the `clickhouse-server` these tests start):
 //! exactly one row per request of every outcome, none lost and none twice while
 //! ClickHouse goes away and comes back or the relay stops, malformed rows kept aside,
-//! and the seed's queries answering with the expected figures.
+//! and the seed's queries answering with the expected figures. The outcome and outage
+//! tests run twice: on 18.16 (the legacy layout) and on a current ClickHouse (26.9,
+//! chdb-core behind tests/fixtures/chdb_http.py: the current layout).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -79,14 +81,36 @@ const COUNT: &str = "SELECT count() FROM relay_test.stream_logs";
 
 #[test]
 fn every_outcome_lands_once_with_its_values_and_the_seed_queries_answer() {
-    let ch = ClickHouseProc::start();
+    every_outcome_lands_once_with_its_values(ClickHouseProc::start());
+}
+
+/// The same on a current ClickHouse (26.9, chdb-core): the current layout's migrations,
+/// the relay's RowBinary batches in it (the values read back are the ones sent), and the
+/// seed's queries.
+#[test]
+fn on_a_current_clickhouse_the_current_layout_takes_every_value() {
+    every_outcome_lands_once_with_its_values(ClickHouseProc::start_current());
+}
+
+fn every_outcome_lands_once_with_its_values(ch: ClickHouseProc) {
     let mock = MockProc::start(None);
     let spool = temp_dir("spool");
-    let relay = RelayProc::start(&config(&mock, &ch, &spool, "batch_interval: 200ms"), &[]);
+    let conf = config(
+        &mock,
+        &ch,
+        &spool,
+        "batch_interval: 200ms\n    ttl_days: 30",
+    );
+    let relay = RelayProc::start(&conf, &[]);
     let expected = send_every_outcome(&relay, "ch-test/1");
     let n = expected.len() as u64 + 1;
     wait_count(&ch, COUNT, n);
-    let rows = ch.rows("SELECT * FROM relay_test.stream_logs");
+    // The current layout keeps the milliseconds in `time` (DateTime64(3)).
+    let rows = ch.rows(if ch.current {
+        "SELECT *, toUnixTimestamp64Milli(time) AS time_ms FROM relay_test.stream_logs"
+    } else {
+        "SELECT * FROM relay_test.stream_logs"
+    });
     assert_eq!(rows.len() as u64, n);
     assert_every_outcome_row(&rows, &expected, "ch-test/1");
     assert!(rows
@@ -150,6 +174,12 @@ fn every_outcome_lands_once_with_its_values_and_the_seed_queries_answer() {
         .filter_map(|id| by_id(id)["tokens_out"].as_u64())
         .sum();
     assert_eq!(acme["total_out"].as_u64().unwrap(), sum_out);
+    // The dashboard's ClickHouse panels.
+    let panels = dashboard_sql("relay_test");
+    assert!(panels.len() >= 3);
+    for (title, sql) in panels {
+        assert!(!ch.rows(&sql).is_empty(), "{title}: no rows from\n{sql}");
+    }
     let one = ch.rows(
         "SELECT client_request_id, outcome FROM relay_test.stream_logs WHERE client_request_id = 'row-404'",
     );
@@ -162,12 +192,38 @@ fn every_outcome_lands_once_with_its_values_and_the_seed_queries_answer() {
     relay.metrics_with("\nstream_relay_rows_dropped_total 0\n");
     relay.metrics_with("\nstream_relay_clickhouse_up 1\n");
     relay.metrics_with("stream_relay_rows_spool_total{event=\"spooled\"} 0\n");
-    // The migrations ran once each (the table, then the columns added to it).
+    // The migrations ran once each (the layout, the table, then the columns added to it).
     assert_eq!(
         ch.query("SELECT count() FROM relay_test.stream_relay_migrations")
             .trim(),
-        "3"
+        "4"
     );
+    let layout = ch.query("SELECT name FROM relay_test.stream_relay_migrations WHERE version = 0");
+    let types = ch.query(
+        "SELECT name, type FROM system.columns WHERE database = 'relay_test' AND table = 'stream_logs' AND name IN ('time', 'tenant') ORDER BY name",
+    );
+    let engine = ch.query(
+        "SELECT engine_full FROM system.tables WHERE database = 'relay_test' AND name = 'stream_logs'",
+    );
+    if ch.current {
+        assert!(
+            layout.starts_with("layout current (ClickHouse 26."),
+            "{layout}"
+        );
+        assert_eq!(
+            types,
+            "tenant\tLowCardinality(Nullable(String))\ntime\tDateTime64(3)\n"
+        );
+        assert!(
+            engine.contains("TTL toDateTime(time) + toIntervalDay(30)"),
+            "{engine}"
+        );
+    } else {
+        assert_eq!(layout.trim(), "layout legacy (ClickHouse 18.16.1)");
+        assert_eq!(types, "tenant\tNullable(String)\ntime\tDateTime\n");
+        assert!(!engine.contains("TTL"), "{engine}");
+        assert!(relay.stderr().contains("the legacy layout has no TTL"));
+    }
     assert_eq!(
         ch.query("SELECT count() FROM system.columns WHERE database = 'relay_test' AND table = 'stream_logs' AND name IN ('client_request_id', 'usage_unknown', 'frames_from_client', 'frames_from_server')")
             .trim(),
@@ -177,7 +233,17 @@ fn every_outcome_lands_once_with_its_values_and_the_seed_queries_answer() {
 
 #[test]
 fn clickhouse_down_and_back_loses_no_row_and_doubles_none() {
-    let mut ch = ClickHouseProc::start();
+    down_and_back_loses_no_row_and_doubles_none(ClickHouseProc::start());
+}
+
+/// The same on a current ClickHouse: the replay's check for rows already written reads
+/// the current layout.
+#[test]
+fn a_current_clickhouse_down_and_back_loses_no_row_and_doubles_none() {
+    down_and_back_loses_no_row_and_doubles_none(ClickHouseProc::start_current());
+}
+
+fn down_and_back_loses_no_row_and_doubles_none(mut ch: ClickHouseProc) {
     let mock = MockProc::start(None);
     let spool = temp_dir("spool");
     let relay = RelayProc::start(&config(&mock, &ch, &spool, "batch_interval: 100ms"), &[]);

@@ -105,6 +105,10 @@ pub enum Problem {
     ClickHouseHttps,
     #[error("letters, digits and _ only, not starting with a digit")]
     DatabaseName,
+    #[error("`{0}`: must be `auto`, `legacy` or `current`")]
+    ClickHouseLayout(String),
+    #[error("must not contain `;`, quotes or backslashes")]
+    SqlFragment,
     #[error("must be a string, number or boolean")]
     SettingValue,
 

@@ -53,8 +53,21 @@ pub struct RawRows {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawClickHouse {
-    /// HTTP interface, `http://host:8123`, or `env:NAME` / `file:/path` holding it.
-    pub url: String,
+    /// HTTP interface, `http://host:8123`, or `env:NAME` / `file:/path` holding it; or a
+    /// list of them, the nodes of a cluster (a node that fails is skipped for a while).
+    pub url: RawClickHouseUrl,
+    /// The table layout for a cluster: a local table on every node and a `Distributed`
+    /// table over them that the relay inserts into. Absent: one table.
+    #[serde(default)]
+    pub cluster: Option<RawClickHouseCluster>,
+    /// `auto` (default: from the server's version when the table is first made),
+    /// `legacy` (the 18.16 types) or `current` (DateTime64, LowCardinality, codecs).
+    #[serde(default)]
+    pub layout: Option<String>,
+    /// Rows older than this many days are deleted by ClickHouse (a table `TTL`, set when
+    /// the table is made; current layout only). Default: kept.
+    #[serde(default)]
+    pub ttl_days: Option<u32>,
     /// Database of the `stream_logs` table, created when missing. Default `stream_relay`.
     #[serde(default)]
     pub database: Option<String>,
@@ -98,6 +111,28 @@ pub struct RawClickHouse {
     /// know them only).
     #[serde(default)]
     pub settings: std::collections::BTreeMap<String, serde_yaml::Value>,
+}
+
+/// `rows.clickhouse.url`: one URL, or a cluster's node URLs.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawClickHouseUrl {
+    One(String),
+    Nodes(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawClickHouseCluster {
+    /// The cluster's name in the servers' `remote_servers`.
+    pub name: String,
+    /// Engine of the local table. Default `MergeTree`; for replicas, for example
+    /// `ReplicatedMergeTree('/clickhouse/tables/{shard}/stream_logs', '{replica}')`.
+    #[serde(default)]
+    pub engine: Option<String>,
+    /// How the `Distributed` table spreads rows over shards. Default `rand()`.
+    #[serde(default)]
+    pub sharding_key: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

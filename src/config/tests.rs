@@ -225,3 +225,48 @@ fn redis_is_one_url_a_cluster_list_or_a_sentinel_service() {
     assert!(err("  sentinel: { nodes: [redis://b:2], service: \"\" }\n")
         .contains("redis.sentinel.service"));
 }
+
+#[test]
+fn clickhouse_is_one_url_or_a_clusters_nodes_with_a_layout() {
+    let with = |ch: &str| {
+        load(&format!(
+            "{}rows:\n  clickhouse:\n{ch}",
+            minimal("", "  []\n")
+        ))
+    };
+    let one = with("    url: http://127.0.0.1:8123\n").unwrap();
+    let one = one.rows_clickhouse.unwrap();
+    assert_eq!(one.urls, ["http://127.0.0.1:8123"]);
+    assert!(one.cluster.is_none() && one.layout.is_none() && one.ttl_days.is_none());
+    let nodes = with(
+        "    url: [http://10.0.0.1:8123, http://10.0.0.2:8123]\n    cluster: { name: logs }\n    layout: current\n    ttl_days: 90\n",
+    )
+    .unwrap()
+    .rows_clickhouse
+    .unwrap();
+    assert_eq!(nodes.urls.len(), 2);
+    let cluster = nodes.cluster.unwrap();
+    assert_eq!(
+        (
+            cluster.name.as_str(),
+            cluster.engine.as_str(),
+            cluster.sharding_key.as_str()
+        ),
+        ("logs", "MergeTree", "rand()")
+    );
+    assert_eq!(
+        (nodes.layout, nodes.ttl_days),
+        (Some(crate::rows::schema::Layout::Current), Some(90))
+    );
+    let err = |ch: &str| with(ch).unwrap_err().to_string();
+    assert!(err("    url: []\n").starts_with("rows.clickhouse.url:"));
+    assert!(err("    url: [http://a:1, redis://b:2]\n").starts_with("rows.clickhouse.url[1]:"));
+    assert!(err("    url: http://a:1\n    layout: newest\n").starts_with("rows.clickhouse.layout:"));
+    assert!(err("    url: http://a:1\n    ttl_days: 0\n").starts_with("rows.clickhouse.ttl_days:"));
+    assert!(err("    url: http://a:1\n    cluster: { name: \"a'b\" }\n")
+        .starts_with("rows.clickhouse.cluster.name:"));
+    assert!(
+        err("    url: http://a:1\n    cluster: { name: c, sharding_key: \"rand(); DROP\" }\n")
+            .starts_with("rows.clickhouse.cluster.sharding_key:")
+    );
+}

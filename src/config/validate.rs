@@ -11,8 +11,8 @@ use std::time::Duration;
 use super::error::{invalid, ConfigError, Problem};
 use super::parse::{check_socket_addr, parse_duration, parse_sha256_hex};
 use super::raw::{
-    Limits, RawClickHouse, RawConfig, RawListen, RawMetrics, RawMock, RawPrice, RawRedis,
-    RawRedisUrl, RawRowsFile, RawServer, RawTenant,
+    Limits, RawClickHouse, RawClickHouseCluster, RawClickHouseUrl, RawConfig, RawListen,
+    RawMetrics, RawMock, RawPrice, RawRedis, RawRedisUrl, RawRowsFile, RawServer, RawTenant,
 };
 use super::routes::validate_routes;
 use super::Config;
@@ -22,6 +22,7 @@ use crate::limits::redis::{RedisConfig, RedisUrl};
 use crate::route::RouteConfig;
 use crate::rows::clickhouse::ClickHouseConfig;
 use crate::rows::file::FileSinkConfig;
+use crate::rows::schema::{Cluster, Layout};
 use crate::secret::{Secret, SecretRef, SecretState};
 
 pub(super) type LookupEnv<'a> = &'a dyn Fn(&str) -> Option<String>;
@@ -440,7 +441,17 @@ fn validate_clickhouse(
     base_dir: &Path,
     lookup_env: LookupEnv<'_>,
 ) -> Result<ClickHouseConfig, ConfigError> {
-    let url = clickhouse_url(&c.url, lookup_env)?;
+    let urls = match &c.url {
+        RawClickHouseUrl::One(u) => vec![clickhouse_url("rows.clickhouse.url", u, lookup_env)?],
+        RawClickHouseUrl::Nodes(nodes) if nodes.is_empty() => {
+            return Err(invalid("rows.clickhouse.url", Problem::Empty))
+        }
+        RawClickHouseUrl::Nodes(nodes) => nodes
+            .iter()
+            .enumerate()
+            .map(|(i, u)| clickhouse_url(&format!("rows.clickhouse.url[{i}]"), u, lookup_env))
+            .collect::<Result<_, _>>()?,
+    };
     let database = c.database.clone().unwrap_or_else(|| "stream_relay".into());
     if !crate::rows::schema::valid_database(&database) {
         return Err(invalid("rows.clickhouse.database", Problem::DatabaseName));
@@ -463,8 +474,25 @@ fn validate_clickhouse(
         )),
         set => Ok(set.unwrap_or(default)),
     };
+    let layout = match c.layout.as_deref().unwrap_or("auto") {
+        "auto" => None,
+        "legacy" => Some(Layout::Legacy),
+        "current" => Some(Layout::Current),
+        other => {
+            return Err(invalid(
+                "rows.clickhouse.layout",
+                Problem::ClickHouseLayout(other.into()),
+            ))
+        }
+    };
+    if c.ttl_days == Some(0) {
+        return Err(invalid("rows.clickhouse.ttl_days", Problem::AtLeast(1)));
+    }
     Ok(ClickHouseConfig {
-        url,
+        urls,
+        cluster: c.cluster.as_ref().map(clickhouse_cluster).transpose()?,
+        layout,
+        ttl_days: c.ttl_days,
         database,
         user: c.user.clone(),
         password,
@@ -484,9 +512,35 @@ fn validate_clickhouse(
     })
 }
 
+/// `rows.clickhouse.cluster`: names and SQL fragments that go into the DDL as written.
+fn clickhouse_cluster(c: &RawClickHouseCluster) -> Result<Cluster, ConfigError> {
+    let fragment = |key: &str, text: &str| {
+        if text.trim().is_empty() {
+            Err(invalid(
+                format!("rows.clickhouse.cluster.{key}"),
+                Problem::Empty,
+            ))
+        } else if text.contains([';', '\\']) || (key == "name" && text.contains(['\'', '"'])) {
+            Err(invalid(
+                format!("rows.clickhouse.cluster.{key}"),
+                Problem::SqlFragment,
+            ))
+        } else {
+            Ok(text.trim().to_string())
+        }
+    };
+    Ok(Cluster {
+        name: fragment("name", &c.name)?,
+        engine: fragment("engine", c.engine.as_deref().unwrap_or("MergeTree"))?,
+        sharding_key: fragment(
+            "sharding_key",
+            c.sharding_key.as_deref().unwrap_or("rand()"),
+        )?,
+    })
+}
+
 /// ClickHouse's HTTP URL, inline or from a secret reference; plain http only.
-fn clickhouse_url(text: &str, lookup_env: LookupEnv<'_>) -> Result<String, ConfigError> {
-    let key = "rows.clickhouse.url";
+fn clickhouse_url(key: &str, text: &str, lookup_env: LookupEnv<'_>) -> Result<String, ConfigError> {
     let url = if is_secret_reference(text) {
         required_secret(key, text, lookup_env)?.expose().to_string()
     } else {

@@ -24,7 +24,7 @@ use pingora_core::services::background::BackgroundService;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use super::schema;
+use super::schema::{self, Cluster, Layout};
 use super::spool::{Batch, Spool, Spooled};
 use super::{FlushGuard, Flushed, RowReceiver};
 use crate::metrics::Metrics;
@@ -33,8 +33,14 @@ use crate::record::Row;
 /// Validated `rows.clickhouse` settings.
 #[derive(Debug, Clone)]
 pub struct ClickHouseConfig {
-    /// `http://host:8123`.
-    pub url: String,
+    /// `http://host:8123`: one, or a cluster's nodes.
+    pub urls: Vec<String>,
+    /// A `Distributed` table over local ones, when set.
+    pub cluster: Option<Cluster>,
+    /// The layout asked for; `None`: from the server's version.
+    pub layout: Option<Layout>,
+    /// Retention TTL of the current layout, set when the table is made.
+    pub ttl_days: Option<u32>,
     pub database: String,
     pub user: Option<String>,
     pub password: Option<crate::secret::Secret>,
@@ -58,7 +64,7 @@ pub struct ClickHouseConfig {
 /// A row as the table takes it. Column names come from the field names.
 #[derive(clickhouse::Row, Serialize)]
 struct ChRow<'a> {
-    time: u32,
+    time: Time,
     time_ms: u64,
     request_id: &'a str,
     batch_id: &'a str,
@@ -97,9 +103,9 @@ struct ChRow<'a> {
 }
 
 impl<'a> ChRow<'a> {
-    fn new(r: &'a Row, batch_id: &'a str) -> ChRow<'a> {
+    fn new(r: &'a Row, batch_id: &'a str, layout: Layout) -> ChRow<'a> {
         ChRow {
-            time: (r.time_ms / 1000) as u32,
+            time: Time::new(r.time_ms, layout),
             time_ms: r.time_ms,
             request_id: &r.request_id,
             batch_id,
@@ -139,6 +145,31 @@ impl<'a> ChRow<'a> {
     }
 }
 
+/// The `time` column: `DateTime` (seconds, UInt32 in RowBinary) in the legacy layout,
+/// `DateTime64(3)` (milliseconds, Int64) in the current one.
+enum Time {
+    Seconds(u32),
+    Millis(i64),
+}
+
+impl Time {
+    fn new(time_ms: u64, layout: Layout) -> Time {
+        match layout {
+            Layout::Legacy => Time::Seconds((time_ms / 1000) as u32),
+            Layout::Current => Time::Millis(time_ms as i64),
+        }
+    }
+}
+
+impl Serialize for Time {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Time::Seconds(t) => s.serialize_u32(*t),
+            Time::Millis(t) => s.serialize_i64(*t),
+        }
+    }
+}
+
 /// Why a ClickHouse request failed, and so what happens to its rows.
 #[derive(Debug, PartialEq)]
 enum Failure {
@@ -150,12 +181,18 @@ enum Failure {
     Refused(String),
     /// The server refused the rows themselves: retrying cannot help.
     Malformed(String),
+    /// The node answered, but a server behind it (another shard of a `Distributed`
+    /// table) did not: the node stays in use, the rows wait in the spool.
+    Elsewhere(String),
 }
 
 impl Failure {
     fn message(&self) -> &str {
         match self {
-            Failure::Unavailable(m) | Failure::Refused(m) | Failure::Malformed(m) => m,
+            Failure::Unavailable(m)
+            | Failure::Refused(m)
+            | Failure::Malformed(m)
+            | Failure::Elsewhere(m) => m,
         }
     }
 }
@@ -169,7 +206,10 @@ const MALFORMED_CODES: &[u32] = &[
 const MISSING_CODES: &[u32] = &[60, 81];
 /// Passing trouble: timeouts, too many parts or queries, the same query id (batch) still
 /// running, a replica or the server shutting down.
-const TRANSIENT_CODES: &[u32] = &[159, 160, 202, 209, 210, 216, 241, 242, 252, 425];
+const TRANSIENT_CODES: &[u32] = &[159, 160, 202, 216, 241, 242, 252, 425];
+/// The answering node could not reach another server: socket timeout, network error,
+/// all connection tries failed (a shard of a `Distributed` table is down).
+const ELSEWHERE_CODES: &[u32] = &[209, 210, 279];
 
 /// The `Code: N` of a server error message.
 fn server_code(message: &str) -> Option<u32> {
@@ -187,6 +227,7 @@ fn classify(e: &clickhouse::error::Error) -> Failure {
         clickhouse::error::Error::BadResponse(m) => match server_code(m) {
             Some(c) if MALFORMED_CODES.contains(&c) => Failure::Malformed(text),
             Some(c) if TRANSIENT_CODES.contains(&c) => Failure::Unavailable(text),
+            Some(c) if ELSEWHERE_CODES.contains(&c) => Failure::Elsewhere(text),
             Some(_) => Failure::Refused(text),
             None => Failure::Unavailable(text),
         },
@@ -221,10 +262,8 @@ impl ClickHouseSink {
     }
 }
 
-fn client(config: &ClickHouseConfig) -> Client {
-    let mut c = Client::default()
-        .with_url(&config.url)
-        .with_validation(false);
+fn client(config: &ClickHouseConfig, url: &str) -> Client {
+    let mut c = Client::default().with_url(url).with_validation(false);
     if let Some(user) = &config.user {
         c = c.with_user(user);
     }
@@ -470,18 +509,43 @@ impl Drop for Batcher {
     }
 }
 
-struct Shipper {
+/// One server of `rows.clickhouse.url`.
+struct Node {
+    url: String,
     /// No default database: it may not exist yet.
     admin: Client,
     client: Client,
+    /// The table's layout, once the migrations ran on this node.
+    layout: Option<Layout>,
+    /// After a failure, skipped until then.
+    down_until: Option<Instant>,
+    /// Failed since it last took a batch (logged once).
+    failing: bool,
+}
+
+impl Node {
+    fn usable(&self, now: Instant) -> bool {
+        self.down_until.is_none_or(|t| now >= t)
+    }
+}
+
+struct Shipper {
+    /// Tried in turn, a batch each; a node that fails is skipped for `retry_interval`.
+    nodes: Vec<Node>,
+    /// The node the next request goes to.
+    at: usize,
     config: ClickHouseConfig,
     rx: mpsc::Receiver<Batch>,
     spool: Arc<Mutex<Option<Spool>>>,
     metrics: Arc<Metrics>,
     /// The batch being delivered, spooled if the task is dropped meanwhile.
     in_flight: Option<Batch>,
+    /// Some node answers.
     up: bool,
-    migrated: bool,
+    /// `up` has been logged once.
+    told: bool,
+    /// A shard behind the nodes is unreachable (logged once until a batch gets in).
+    shard_down: bool,
     /// While down: when the next probe may run.
     next_try: Instant,
     /// When the spool may be tried again after a step that made no progress.
@@ -517,16 +581,29 @@ impl Shipper {
         rx: mpsc::Receiver<Batch>,
         flushed: FlushGuard,
     ) -> Shipper {
+        let nodes = config
+            .urls
+            .iter()
+            .map(|url| Node {
+                url: url.clone(),
+                admin: client(config, url),
+                client: client(config, url).with_database(&config.database),
+                layout: None,
+                down_until: None,
+                failing: false,
+            })
+            .collect();
         Shipper {
-            admin: client(config),
-            client: client(config).with_database(&config.database),
+            nodes,
+            at: 0,
             config: config.clone(),
             rx,
             spool,
             metrics,
             in_flight: None,
             up: false,
-            migrated: false,
+            told: false,
+            shard_down: false,
             next_try: Instant::now(),
             replay_after: Instant::now(),
             refusals: None,
@@ -597,7 +674,9 @@ impl Shipper {
     }
 
     fn set_up(&mut self, up: bool, why: Option<&str>) {
-        if up != self.up {
+        // The first state is told too: a relay that starts with ClickHouse down says so.
+        if up != self.up || !self.told {
+            self.told = true;
             match why {
                 Some(why) => warn!("ClickHouse is unavailable, rows go to the spool: {why}"),
                 None => info!("ClickHouse answers: writing rows and replaying the spool"),
@@ -610,12 +689,69 @@ impl Shipper {
         }
     }
 
+    fn node(&self) -> &Node {
+        &self.nodes[self.at]
+    }
+
+    /// The first usable node after the current one (the current one last), if any.
+    fn next_usable(&self) -> Option<usize> {
+        let now = Instant::now();
+        let n = self.nodes.len();
+        (1..=n)
+            .map(|k| (self.at + k) % n)
+            .find(|&i| self.nodes[i].usable(now))
+    }
+
+    /// After a batch got in: the next one goes to the next node.
+    fn rotate(&mut self) {
+        let node = &mut self.nodes[self.at];
+        if std::mem::take(&mut node.failing) && self.config.urls.len() > 1 {
+            info!("ClickHouse node {} takes rows again", node.url);
+        }
+        if let Some(i) = self.next_usable() {
+            self.at = i;
+        }
+    }
+
+    /// The current node failed: skip it for a while; with no other node to turn to,
+    /// ClickHouse is down.
+    fn node_failed(&mut self, why: &str) {
+        let failed = self.at;
+        self.nodes[failed].down_until = Some(Instant::now() + self.config.retry_interval);
+        let first = !std::mem::replace(&mut self.nodes[failed].failing, true);
+        match self.next_usable() {
+            Some(i) if i != failed => {
+                if first {
+                    warn!(
+                        "ClickHouse node {} failed ({why}); the other nodes take the rows until it answers",
+                        self.nodes[failed].url
+                    );
+                }
+                self.at = i;
+            }
+            _ => self.set_up(false, Some(why)),
+        }
+    }
+
     fn unavailable(&mut self, failure: &Failure) {
         if is_missing_table(failure) {
-            self.migrated = false;
+            self.nodes[self.at].layout = None;
         }
         self.metrics.clickhouse_failure("unavailable");
-        self.set_up(false, Some(failure.message()));
+        self.node_failed(failure.message());
+    }
+
+    /// A shard behind the node did not answer: the node stays, the rows wait.
+    fn shard_unavailable(&mut self, failure: &Failure) {
+        self.metrics.clickhouse_failure("shard_unavailable");
+        if !self.shard_down {
+            warn!(
+                "ClickHouse node {} cannot reach a shard; rows it cannot take wait in the spool: {}",
+                self.node().url,
+                failure.message()
+            );
+            self.shard_down = true;
+        }
     }
 
     /// The spool made no progress this step: leave it for a while.
@@ -623,33 +759,51 @@ impl Shipper {
         self.replay_after = Instant::now() + self.config.retry_interval;
     }
 
+    /// The migrations on the node in use, once per node; a node that fails them is
+    /// skipped for the next. False when no node could run them.
     async fn ensure_migrated(&mut self) -> bool {
-        if self.migrated {
-            return true;
-        }
-        let run = schema::migrate(&self.admin, &self.config.database);
-        match tokio::time::timeout(self.config.timeout, run).await {
-            Ok(Ok(applied)) => {
-                if !applied.is_empty() {
-                    info!(
-                        "ClickHouse migrations applied to `{}`: {applied:?}",
-                        self.config.database
-                    );
+        for _ in 0..self.nodes.len() {
+            if !self.node().usable(Instant::now()) {
+                match self.next_usable() {
+                    Some(i) => self.at = i,
+                    None => return false,
                 }
-                self.migrated = true;
-                true
             }
-            Ok(Err(e)) => {
-                self.metrics.clickhouse_failure("migration");
-                self.set_up(false, Some(&format!("migrations: {e}")));
-                false
+            if self.node().layout.is_some() {
+                return true;
             }
-            Err(_) => {
-                self.metrics.clickhouse_failure("migration");
-                self.set_up(false, Some("migrations: timed out"));
-                false
+            let target = schema::Target {
+                database: &self.config.database,
+                layout: self.config.layout,
+                cluster: self.config.cluster.as_ref(),
+                ttl_days: self.config.ttl_days,
+            };
+            let run = schema::migrate(&self.node().admin, &target);
+            let why = match tokio::time::timeout(self.config.timeout, run).await {
+                Ok(Ok(m)) => {
+                    if !m.applied.is_empty() {
+                        info!(
+                            "ClickHouse migrations applied to `{}` on {} (ClickHouse {}, {} layout): {:?}",
+                            self.config.database,
+                            self.node().url,
+                            m.server_version,
+                            m.layout.name(),
+                            m.applied
+                        );
+                    }
+                    self.nodes[self.at].layout = Some(m.layout);
+                    return true;
+                }
+                Ok(Err(e)) => format!("migrations: {e}"),
+                Err(_) => "migrations: timed out".to_string(),
+            };
+            self.metrics.clickhouse_failure("migration");
+            self.node_failed(&why);
+            if !self.up && self.next_usable().is_none() {
+                return false;
             }
         }
+        false
     }
 
     fn has_spool_work(&mut self) -> bool {
@@ -678,6 +832,7 @@ impl Shipper {
                 self.metrics
                     .rows_written("clickhouse", batch.rows.len() as u64);
                 self.set_up(true, None);
+                self.rotate();
             }
             Some(Err(failure)) => {
                 match &failure {
@@ -690,6 +845,7 @@ impl Shipper {
                         );
                         self.set_up(true, None);
                     }
+                    Failure::Elsewhere(_) => self.shard_unavailable(&failure),
                     _ => self.unavailable(&failure),
                 }
                 spool_batch(&self.spool, &self.metrics, &batch);
@@ -711,8 +867,10 @@ impl Shipper {
     ) -> Result<(), Failure> {
         let started = Instant::now();
         let t = Some(self.config.timeout);
+        let layout = self.node().layout.unwrap_or(Layout::Legacy);
         let write = async {
             let mut insert = self
+                .node()
                 .client
                 .insert::<ChRow<'_>>(schema::TABLE)
                 .await?
@@ -722,7 +880,7 @@ impl Shipper {
                 insert = insert.with_setting(k, v);
             }
             for row in rows {
-                insert.write(&ChRow::new(row, batch_id)).await?;
+                insert.write(&ChRow::new(row, batch_id, layout)).await?;
             }
             insert.end().await
         };
@@ -743,10 +901,13 @@ impl Shipper {
         let (lo, hi) = batch.rows.iter().fold((u64::MAX, 0), |(lo, hi), r| {
             (lo.min(r.time_ms), hi.max(r.time_ms))
         });
+        let layout = self.node().layout.unwrap_or(Layout::Legacy);
         let query = self
+            .node()
             .client
             .query(&format!(
-                "SELECT request_id, time_ms FROM {} WHERE time >= toDateTime(?) AND time <= toDateTime(?) AND batch_id = ?",
+                "SELECT request_id, {} FROM {} WHERE time >= toDateTime(?) AND time < toDateTime(?) + 1 AND batch_id = ?",
+                layout.time_ms(),
                 schema::TABLE
             ))
             .bind(lo / 1000)
@@ -805,6 +966,7 @@ impl Shipper {
 
     fn replayed(&mut self, spooled: &Spooled, n: u64) -> Replay {
         self.refusals = None;
+        self.shard_down = false;
         self.replayed_rows += n;
         self.metrics.rows_replayed(n);
         if lock(&self.spool)
@@ -819,6 +981,11 @@ impl Shipper {
     }
 
     fn replay_failed(&mut self, spooled: &Spooled, failure: Failure) -> Replay {
+        if let Failure::Elsewhere(_) = failure {
+            self.shard_unavailable(&failure);
+            self.back_off();
+            return Replay::Stop;
+        }
         let failure = match failure {
             Failure::Refused(m) => {
                 let tries = match &mut self.refusals {

@@ -4,7 +4,7 @@
 -- (a token count the provider did not give is NULL, never 0).
 -- Partitioned by day (retention: ALTER TABLE ... DROP PARTITION yyyymmdd), ordered by
 -- time so that "the last 10 minutes" and "today" read only their own granules.
-CREATE TABLE IF NOT EXISTS {database}.stream_logs
+CREATE TABLE IF NOT EXISTS {database}.{table}
 (
     time DateTime,
     time_ms UInt64,
@@ -39,7 +39,7 @@ CREATE TABLE IF NOT EXISTS {database}.stream_logs
     request_body Nullable(String),
     response_body Nullable(String)
 )
-ENGINE = MergeTree
+ENGINE = {engine}
 PARTITION BY toYYYYMMDD(time)
 ORDER BY (time, instance, request_id)
 SETTINGS index_granularity = 8192;

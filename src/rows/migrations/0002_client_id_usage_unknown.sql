@@ -3,5 +3,5 @@
 -- tokens are NULL; the tenant's token limit kept the estimate).
 -- ClickHouse 18.16 has no ADD COLUMN IF NOT EXISTS: the runner skips a column the table
 -- already has.
-ALTER TABLE {database}.stream_logs ADD COLUMN client_request_id Nullable(String);
-ALTER TABLE {database}.stream_logs ADD COLUMN usage_unknown UInt8 DEFAULT 0
+ALTER TABLE {database}.{table} ADD COLUMN client_request_id Nullable(String);
+ALTER TABLE {database}.{table} ADD COLUMN usage_unknown UInt8 DEFAULT 0

@@ -1,4 +1,4 @@
 -- A WebSocket session's frames each way (NULL for a request that is not a session).
 -- As in 0002, a column the table already has is skipped by the runner.
-ALTER TABLE {database}.stream_logs ADD COLUMN frames_from_client Nullable(UInt64);
-ALTER TABLE {database}.stream_logs ADD COLUMN frames_from_server Nullable(UInt64)
+ALTER TABLE {database}.{table} ADD COLUMN frames_from_client Nullable(UInt64);
+ALTER TABLE {database}.{table} ADD COLUMN frames_from_server Nullable(UInt64)

@@ -983,13 +983,37 @@ pub struct ClickHouseProc {
     pub proc: Option<Proc>,
     pub http_port: u16,
     pub dir: PathBuf,
+    /// A current ClickHouse (chdb-core behind tests/fixtures/chdb_http.py), not the
+    /// Debian `clickhouse-server`.
+    pub current: bool,
 }
 
 impl ClickHouseProc {
     pub fn start() -> ClickHouseProc {
+        ClickHouseProc::start_with(free_port(), "")
+    }
+
+    /// `shards` servers that form the cluster `relay_test`, one shard each (their native
+    /// ports in `remote_servers`).
+    pub fn start_cluster(shards: usize) -> Vec<ClickHouseProc> {
+        let ports: Vec<u16> = (0..shards).map(|_| free_port()).collect();
+        let replicas: String = ports
+            .iter()
+            .map(|p| {
+                format!("<shard><replica><host>127.0.0.1</host><port>{p}</port></replica></shard>")
+            })
+            .collect();
+        let remote =
+            format!("<remote_servers><relay_test>{replicas}</relay_test></remote_servers>");
+        ports
+            .iter()
+            .map(|&p| ClickHouseProc::start_with(p, &remote))
+            .collect()
+    }
+
+    fn start_with(tcp_port: u16, extra: &str) -> ClickHouseProc {
         let dir = temp_dir("clickhouse");
         let http_port = free_port();
-        let tcp_port = free_port();
         std::fs::write(
             dir.join("config.xml"),
             format!(
@@ -1006,6 +1030,7 @@ impl ClickHouseProc {
   <default_database>default</default_database>
   <mark_cache_size>5368709</mark_cache_size>
   <max_concurrent_queries>50</max_concurrent_queries>
+  {extra}
 </yandex>
 "#,
                 d = dir.display()
@@ -1026,21 +1051,44 @@ impl ClickHouseProc {
             proc: None,
             http_port,
             dir,
+            current: false,
         };
         ch.restart();
         ch
     }
 
-    /// Starts the server (again) and waits until it answers a query.
-    pub fn restart(&mut self) {
-        assert!(self.proc.is_none(), "already running");
+    /// A current ClickHouse (26.9): chdb-core, in-process, behind a small HTTP front
+    /// (tests/fixtures/chdb_http.py; scripts/test.sh installs chdb-core).
+    pub fn start_current() -> ClickHouseProc {
+        let mut ch = ClickHouseProc {
+            proc: None,
+            http_port: free_port(),
+            dir: temp_dir("chdb"),
+            current: true,
+        };
+        ch.restart();
+        ch
+    }
+
+    fn spawn(&self) -> Child {
+        if self.current {
+            let front = concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/chdb_http.py");
+            return Command::new("python3")
+                .arg(front)
+                .arg(self.http_port.to_string())
+                .arg(&self.dir)
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(self.dir.join("error.log")).unwrap())
+                .spawn()
+                .expect("python3 must be installed");
+        }
         // Debian puts it in /usr/sbin, which a user's PATH may not have.
         let bin = if Path::new("/usr/sbin/clickhouse-server").exists() {
             "/usr/sbin/clickhouse-server"
         } else {
             "clickhouse-server"
         };
-        let child = Command::new(bin)
+        Command::new(bin)
             .arg(format!(
                 "--config-file={}",
                 self.dir.join("config.xml").display()
@@ -1049,7 +1097,13 @@ impl ClickHouseProc {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("clickhouse-server must be installed (scripts/test.sh installs it)");
+            .expect("clickhouse-server must be installed (scripts/test.sh installs it)")
+    }
+
+    /// Starts the server (again) and waits until it answers a query.
+    pub fn restart(&mut self) {
+        assert!(self.proc.is_none(), "already running");
+        let child = self.spawn();
         self.proc = Some(Proc {
             child,
             signal: "-TERM",
@@ -1221,4 +1275,42 @@ pub fn assert_every_outcome_row(
         assert_eq!(r["user_agent"], user_agent);
         assert!(r["client_addr"].as_str().unwrap().starts_with("127.0.0.1:"));
     }
+}
+
+/// The dashboard's panel targets' `field` (`expr`, `rawSql`), with their panel's title.
+pub fn dashboard_targets(field: &str) -> Vec<(String, String)> {
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../grafana/dashboards/stream-relay.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        let title = panel["title"].as_str().unwrap();
+        for target in panel["targets"].as_array().unwrap() {
+            if let Some(text) = target[field].as_str() {
+                out.push((title.to_string(), text.to_string()));
+            }
+        }
+    }
+    out
+}
+
+/// The dashboard's ClickHouse queries, with Grafana's macros as the plugin expands them
+/// for the last hour, on `database`.
+pub fn dashboard_sql(database: &str) -> Vec<(String, String)> {
+    dashboard_targets("rawSql")
+        .into_iter()
+        .map(|(title, sql)| {
+            let sql = sql.replace("${database}", database).replace(
+                "$__timeFilter(time)",
+                "time >= now() - INTERVAL 1 HOUR AND time <= now() + INTERVAL 1 MINUTE",
+            );
+            assert!(!sql.contains('$'), "{title}: a macro left in {sql}");
+            (title, sql)
+        })
+        .collect()
 }
