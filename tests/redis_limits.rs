@@ -526,3 +526,76 @@ fn three_relays_share_one_budget_through_a_sentinel_failover() {
     assert_eq!(redis.master_port(), Some(redis.replica.port));
     assert_eq!(admitted(&relays, "sk-tenant-later", 45), 30);
 }
+
+/// Issue 17: the Redis limiter's `Retry-After` is honest. The real admission script,
+/// with its clock given as an argument, is driven through random limits, token costs
+/// and request times: whenever it refuses with a wait of W ms, the same request W ms
+/// later (nothing else in between) is admitted, and 3 ms short of W it is still refused,
+/// so W is not longer than it needs to be (the script rounds up by at most 2 ms).
+#[test]
+fn the_redis_wait_given_is_enough_and_not_longer_than_needed() {
+    use proptest::prelude::*;
+    let redis = RedisProc::start();
+    let script =
+        redis::Script::new(&stream_relay::limits::redis::admit_script_with_clock_argument());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let conn = std::cell::RefCell::new(
+        rt.block_on(client.get_multiplexed_async_connection())
+            .unwrap(),
+    );
+    let case = std::cell::Cell::new(0u64);
+    let refusals = std::cell::Cell::new(0u64);
+    let config = ProptestConfig {
+        cases: 48,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    };
+    let limits = (0u64..4, 0u64..8, prop_oneof![Just(0u64), 40u64..300])
+        .prop_filter("some limit", |(s, m, t)| s + m + t > 0);
+    let steps = proptest::collection::vec((0u64..20_000, 1u64..120), 1..25);
+    proptest!(config, |((rps, rpm, tpm) in limits, steps in steps, start in 0u64..120_000)| {
+        case.set(case.get() + 1);
+        let prefix = format!("{{wait-{}}}", case.get());
+        let admit = |now: u64, tokens: u64| -> Vec<redis::Value> {
+            let mut call = script.key(&prefix);
+            call.arg(rps).arg(rpm).arg(tpm).arg(tokens).arg(0).arg("m").arg(60_000).arg(now);
+            rt.block_on(call.invoke_async(&mut *conn.borrow_mut())).unwrap()
+        };
+        let int = |v: &redis::Value| match v {
+            redis::Value::Int(i) => *i as u64,
+            other => panic!("{other:?}"),
+        };
+        let mut now = 1_800_000_000_000 + start;
+        for (gap, tokens) in steps {
+            let tokens = if tpm > 0 { tokens.min(tpm) } else { tokens };
+            now += gap;
+            let first = admit(now, tokens);
+            if int(&first[0]) == 1 {
+                continue;
+            }
+            refusals.set(refusals.get() + 1);
+            let wait = int(&first[2]);
+            prop_assert!(wait <= 120_001, "wait {} ms", wait);
+            if wait > 3 {
+                let early = admit(now + wait - 3, tokens);
+                prop_assert_eq!(int(&early[0]), 0, "admitted 3 ms before the {} ms it was told", wait);
+            }
+            now += wait;
+            let again = admit(now, tokens);
+            prop_assert_eq!(
+                int(&again[0]), 1,
+                "refused again (kind {}) after waiting {} ms (kind {})",
+                int(&again[1]), wait, int(&first[1])
+            );
+        }
+    });
+    let refusals = refusals.get();
+    assert!(
+        refusals > 20,
+        "only {refusals} refusals: the cases do not reach the limits"
+    );
+}

@@ -218,8 +218,11 @@ impl LocalLimiter {
             return Err(refused);
         }
         let mut taken = Taken::new(tenant);
-        let requests = self.take_requests(limits, &mut taken)?;
-        let (token_budget, window_ends) = self.take_tokens(limits, tokens, requests, &mut taken)?;
+        let longest = |r| self.longest_wait(tenant, limits, tokens, r);
+        let requests = self.take_requests(limits, &mut taken).map_err(longest)?;
+        let (token_budget, window_ends) = self
+            .take_tokens(limits, tokens, requests, &mut taken)
+            .map_err(longest)?;
         let slot = self.take_slot(limits, requests, token_budget, &mut taken)?;
         Ok(Admission {
             reserved_tokens: if limits.tokens_per_minute.is_some() {
@@ -233,6 +236,53 @@ impl LocalLimiter {
             requests,
             tokens: token_budget,
         })
+    }
+
+    /// A rate refusal made to carry the longest wait of every rate limit the request
+    /// does not fit now (the first check to refuse need not be the slowest to clear), so
+    /// that a client that waits it fits them all.
+    fn longest_wait(&self, tenant: &str, limits: &Limits, tokens: u64, mut r: Refused) -> Refused {
+        for (rate, limit, n, kind) in [
+            (
+                &self.per_second,
+                limits.requests_per_second,
+                1,
+                LimitKind::RequestsPerSecond,
+            ),
+            (
+                &self.per_minute,
+                limits.requests_per_minute,
+                1,
+                LimitKind::RequestsPerMinute,
+            ),
+            (
+                &self.tokens_per_minute,
+                limits.tokens_per_minute,
+                tokens,
+                LimitKind::TokensPerMinute,
+            ),
+        ] {
+            let Some(limit) = limit else {
+                continue;
+            };
+            let c = rate.rate_with(&tenant, |c| c);
+            let wait = wait_for_room(&c.into(), limit as f64, n as f64);
+            if wait > r.retry_after {
+                let b = Some(Budget {
+                    limit,
+                    remaining: 0,
+                    reset: wait,
+                });
+                if kind == LimitKind::TokensPerMinute {
+                    r.tokens = b;
+                } else {
+                    r.requests = b;
+                }
+                r.kind = kind;
+                r.retry_after = wait;
+            }
+        }
+        r
     }
 
     /// The request-rate checks, per second then per minute: the budget left of the
@@ -384,6 +434,45 @@ impl LocalLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Refused by the per-second limit while the per-minute one is full too: the wait
+    /// given is the minute's, not the second's (waiting a second would be refused again).
+    #[test]
+    fn the_wait_given_is_the_longest_of_the_limits_the_request_does_not_fit() {
+        let l = LocalLimiter::default();
+        let limits = Limits {
+            requests_per_second: Some(1),
+            requests_per_minute: Some(1),
+            ..Default::default()
+        };
+        assert!(l.admit_now("t", &limits, 0).is_ok());
+        let Err(r) = l.admit_now("t", &limits, 0) else {
+            panic!("admitted")
+        };
+        assert_eq!(r.kind, LimitKind::RequestsPerMinute);
+        assert!(
+            r.retry_after > Duration::from_secs(50),
+            "{:?}",
+            r.retry_after
+        );
+        assert_eq!(r.requests.unwrap().reset, r.retry_after);
+        // Tokens: a full token minute outlasts a request second.
+        let tokens = Limits {
+            requests_per_second: Some(1),
+            tokens_per_minute: Some(100),
+            ..Default::default()
+        };
+        assert!(l.admit_now("u", &tokens, 100).is_ok());
+        let Err(r) = l.admit_now("u", &tokens, 50) else {
+            panic!("admitted")
+        };
+        assert_eq!(r.kind, LimitKind::TokensPerMinute);
+        assert!(
+            r.retry_after > Duration::from_secs(50),
+            "{:?}",
+            r.retry_after
+        );
+    }
 
     /// A client refused by a rate limit that waits the time it was told is admitted: on
     /// a fresh limiter (6 a "minute"), and under a limit of 2 used up round after round.

@@ -60,16 +60,22 @@ local limits = {
 local left = {-1, -1, -1}
 local keys = {'', '', ''}
 local resets = {0, 0, 0}
+-- Refused: the longest wait of the limits it does not fit, so that waiting it fits all.
+local refused, wait = 0, 0
 for i, l in ipairs(limits) do
   if l[1] > 0 then
     local used, key, reset, p, c, into = window(l[2], l[3])
     if used + l[4] > l[1] then
-      return {0, i, wait_ms(p, c, into, l[3], l[4], l[1]), 0, 0, 0, '', 0, 0}
+      local w = wait_ms(p, c, into, l[3], l[4], l[1])
+      if w > wait then refused, wait = i, w end
     end
     left[i] = math.floor(l[1] - used - l[4])
     keys[i] = key
     resets[i] = reset
   end
+end
+if refused > 0 then
+  return {0, refused, wait, 0, 0, 0, '', 0, 0}
 end
 local conc = tonumber(ARGV[5])
 local inflight = KEYS[1] .. ':inflight'
@@ -89,6 +95,19 @@ for i, l in ipairs(limits) do
 end
 return {1, 0, 0, left[1], left[2], left[3], keys[3], resets[2], resets[3]}
 "#;
+
+/// The admission script with its clock taken from ARGV[8] (Unix milliseconds) instead of
+/// Redis' `TIME`, and otherwise the same: for tests that drive the windows through
+/// chosen moments.
+#[doc(hidden)]
+pub fn admit_script_with_clock_argument() -> String {
+    let clock = "local t = redis.call('TIME')\nlocal now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n";
+    assert!(
+        ADMIT.contains(clock),
+        "the admission script reads its clock elsewhere"
+    );
+    ADMIT.replace(clock, "local now = tonumber(ARGV[8])\n")
+}
 
 /// Settlement. KEYS[1]: the tenant's key prefix. ARGV: tokens key ('' for none), token
 /// delta, in-flight member ('' for none). The delta goes into the window the tokens were
