@@ -44,6 +44,11 @@ impl Pricing {
         self.by_model.get_key_value(model).map(|(k, _)| k.as_str())
     }
 
+    /// The model's prices, when it has them.
+    pub fn price(&self, model: &str) -> Option<Price> {
+        self.by_model.get(model).copied()
+    }
+
     /// Cost in USD; `None` when the model has no price or the provider gave no counts.
     pub fn cost(&self, model: &str, usage: &Usage) -> Option<f64> {
         let p = self.by_model.get(model)?;

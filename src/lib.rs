@@ -10,6 +10,7 @@ pub mod admin;
 pub mod answer;
 pub mod auth;
 pub mod breaker;
+pub mod budget;
 pub mod config;
 pub mod conncap;
 pub mod cost;

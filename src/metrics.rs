@@ -565,6 +565,11 @@ impl Metrics {
     }
 
     /// Prometheus text exposition of every family.
+    /// The registry, for a module that owns its metrics (the budgets).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 * 1024);
         TextEncoder::new()

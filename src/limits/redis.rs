@@ -144,7 +144,7 @@ enum Client {
 /// A connection to the master the sentinels name. It is asked for again after any
 /// failure, so a failover (the old master gone, or back as a read-only replica) costs
 /// the calls until the sentinels name the new one.
-struct SentinelConn {
+pub struct SentinelConn {
     client: tokio::sync::Mutex<redis::sentinel::SentinelClient>,
     conn: tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
     config: redis::AsyncConnectionConfig,
@@ -184,7 +184,7 @@ impl SentinelConn {
 /// A connection of either kind; each reconnects by itself (and a cluster's follows a
 /// failover to the promoted replica).
 #[derive(Clone)]
-enum Conn {
+pub enum Conn {
     Single(ConnectionManager),
     Cluster(redis::cluster_async::ClusterConnection),
     Sentinel(Arc<SentinelConn>),
@@ -227,29 +227,17 @@ impl redis::aio::ConnectionLike for Conn {
     }
 }
 
-pub struct RedisLimiter {
+/// The fleet's Redis: one client and its connection, made on first use, shared by the
+/// limiter and the budgets.
+pub struct RedisConnection {
     client: Client,
     conn: OnceCell<Conn>,
-    admit_script: Script,
-    settle_script: Script,
-    prefix: String,
     timeout: Duration,
-    slot_ttl: Duration,
-    refuse_when_down: bool,
-    local: LocalLimiter,
-    metrics: Arc<Metrics>,
-    down: AtomicBool,
-    /// Milliseconds since `epoch` before which Redis is not asked again.
-    retry_after_ms: AtomicU64,
-    epoch: Instant,
 }
 
-impl RedisLimiter {
+impl RedisConnection {
     /// Fails only when the URL is not one the Redis client takes; nothing connects yet.
-    pub fn new(
-        config: &RedisConfig,
-        metrics: Arc<Metrics>,
-    ) -> Result<RedisLimiter, redis::RedisError> {
+    pub fn open(config: &RedisConfig) -> Result<RedisConnection, redis::RedisError> {
         let connect = config.timeout.max(Duration::from_millis(200));
         let client = match &config.url {
             RedisUrl::Single(url) => Client::Single(redis::Client::open(url.expose())?),
@@ -276,30 +264,15 @@ impl RedisLimiter {
                 }))
             }
         };
-        Ok(RedisLimiter {
+        Ok(RedisConnection {
             client,
             conn: OnceCell::new(),
-            admit_script: Script::new(ADMIT),
-            settle_script: Script::new(SETTLE),
-            prefix: format!("{}:{VERSION}", config.key_prefix),
             timeout: config.timeout,
-            slot_ttl: config.slot_ttl,
-            refuse_when_down: config.refuse_when_down,
-            local: LocalLimiter::default(),
-            metrics,
-            down: AtomicBool::new(false),
-            retry_after_ms: AtomicU64::new(0),
-            epoch: Instant::now(),
         })
     }
 
-    fn tenant_key(&self, tenant: &str) -> String {
-        // The hash tag keeps a tenant's keys in one slot of a Redis cluster.
-        format!("{}:{{{tenant}}}", self.prefix)
-    }
-
     /// The connection, made on first use inside the proxy's runtime (after any fork).
-    async fn conn(&self) -> Result<Conn, String> {
+    pub async fn get(&self) -> Result<Conn, String> {
         self.conn
             .get_or_try_init(|| async {
                 match &self.client {
@@ -323,6 +296,72 @@ impl RedisLimiter {
             })
             .await
             .cloned()
+    }
+
+    /// A call under the configured timeout.
+    pub async fn timed<T>(
+        &self,
+        call: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, String> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer in {:?}", self.timeout)),
+        }
+    }
+}
+
+pub struct RedisLimiter {
+    redis: Arc<RedisConnection>,
+    admit_script: Script,
+    settle_script: Script,
+    prefix: String,
+    timeout: Duration,
+    slot_ttl: Duration,
+    refuse_when_down: bool,
+    local: LocalLimiter,
+    metrics: Arc<Metrics>,
+    down: AtomicBool,
+    /// Milliseconds since `epoch` before which Redis is not asked again.
+    retry_after_ms: AtomicU64,
+    epoch: Instant,
+}
+
+impl RedisLimiter {
+    /// Fails only when the URL is not one the Redis client takes; nothing connects yet.
+    pub fn new(
+        config: &RedisConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<RedisLimiter, redis::RedisError> {
+        let redis = Arc::new(RedisConnection::open(config)?);
+        Ok(RedisLimiter::with_connection(redis, config, metrics))
+    }
+
+    /// A limiter on a connection shared with others (the budgets).
+    pub fn with_connection(
+        redis: Arc<RedisConnection>,
+        config: &RedisConfig,
+        metrics: Arc<Metrics>,
+    ) -> RedisLimiter {
+        RedisLimiter {
+            redis,
+            admit_script: Script::new(ADMIT),
+            settle_script: Script::new(SETTLE),
+            prefix: format!("{}:{VERSION}", config.key_prefix),
+            timeout: config.timeout,
+            slot_ttl: config.slot_ttl,
+            refuse_when_down: config.refuse_when_down,
+            local: LocalLimiter::default(),
+            metrics,
+            down: AtomicBool::new(false),
+            retry_after_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn tenant_key(&self, tenant: &str) -> String {
+        // The hash tag keeps a tenant's keys in one slot of a Redis cluster.
+        format!("{}:{{{tenant}}}", self.prefix)
     }
 
     fn may_ask(&self) -> bool {
@@ -361,7 +400,7 @@ impl RedisLimiter {
         limits: &Limits,
         tokens: u64,
     ) -> Result<Vec<redis::Value>, String> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.redis.get().await?;
         let mut call = self.admit_script.key(self.tenant_key(tenant));
         call.arg(limits.requests_per_second.unwrap_or(0))
             .arg(limits.requests_per_minute.unwrap_or(0))
@@ -523,7 +562,7 @@ impl Limiter for RedisLimiter {
             return;
         }
         let result = async {
-            let mut conn = self.conn().await?;
+            let mut conn = self.redis.get().await?;
             let mut call = self.settle_script.key(self.tenant_key(tenant));
             call.arg(&hold.tokens_key).arg(delta).arg(&hold.member);
             match tokio::time::timeout(self.timeout, call.invoke_async::<i64>(&mut conn)).await {
