@@ -1,5 +1,6 @@
 //! Admin stage: the loopback listener for `/healthz` (alive), `/readyz` (ready for
-//! traffic; 503 once a graceful shutdown or upgrade has begun) and `/metrics`.
+//! traffic; 503 once a graceful shutdown or upgrade has begun), `/metrics` and
+//! `/budgets` (every configured budget's spend, reservations and reset, as JSON).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -37,6 +38,8 @@ impl BackgroundService for DrainWatch {
 pub struct Admin {
     pub metrics: Arc<Metrics>,
     pub draining: Arc<Draining>,
+    pub budgets: Arc<crate::budget::Budgets>,
+    pub tenants: Arc<crate::reload::Tenants>,
 }
 
 #[async_trait]
@@ -47,6 +50,11 @@ impl ServeHttp for Admin {
             "/readyz" if self.draining.is_set() => (503, "text/plain", b"draining\n".to_vec()),
             "/readyz" => (200, "text/plain", b"ready\n".to_vec()),
             "/metrics" => (200, "text/plain; version=0.0.4", self.metrics.encode()),
+            "/budgets" => {
+                let specs = self.tenants.current().budgets();
+                let report = self.budgets.report(&specs).await;
+                (200, "application/json", report.to_string().into_bytes())
+            }
             _ => (404, "text/plain", b"not found\n".to_vec()),
         };
         Response::builder()

@@ -18,6 +18,8 @@ pub struct Tenant {
     pub id: Arc<str>,
     routes: Option<std::collections::HashSet<String>>,
     pub limits: crate::limits::Limits,
+    /// Every budget the tenant's requests count against (its own and its groups').
+    pub budgets: Arc<[Arc<crate::budget::BudgetSpec>]>,
 }
 
 impl Tenant {
@@ -49,12 +51,24 @@ impl TenantTable {
                 id: Arc::from(t.id.as_str()),
                 routes: t.routes.clone(),
                 limits: t.limits,
+                budgets: t.budgets.clone().into(),
             });
             for digest in &t.key_hashes {
                 table.by_digest.insert(*digest, index);
             }
         }
         table
+    }
+
+    /// Every budget of every tenant, once each (a group's is shared by its members).
+    pub fn budgets(&self) -> Vec<Arc<crate::budget::BudgetSpec>> {
+        let mut seen = std::collections::HashSet::new();
+        self.tenants
+            .iter()
+            .flat_map(|t| t.budgets.iter())
+            .filter(|b| seen.insert(b.id.clone()))
+            .cloned()
+            .collect()
     }
 
     pub fn authenticate(&self, req: &RequestHeader) -> Result<&Tenant, AuthFailure> {
@@ -120,6 +134,7 @@ pub struct TenantConfig {
     /// None means every route.
     pub routes: Option<std::collections::HashSet<String>>,
     pub limits: crate::limits::Limits,
+    pub budgets: Vec<Arc<crate::budget::BudgetSpec>>,
 }
 
 #[cfg(test)]
@@ -135,12 +150,14 @@ mod tests {
                 key_hashes: vec![digest("sk-acme-1"), digest("sk-acme-2")],
                 routes: None,
                 limits: Default::default(),
+                budgets: Vec::new(),
             },
             TenantConfig {
                 id: "small".into(),
                 key_hashes: vec![digest("sk-small")],
                 routes: Some(HashSet::from(["anthropic".to_string()])),
                 limits: Default::default(),
+                budgets: Vec::new(),
             },
         ])
     }

@@ -93,6 +93,14 @@ pub enum RelayError {
     },
     /// Redis could not be asked and the policy is to refuse.
     LimiterUnavailable,
+    /// A spend budget of the key (its own, or its group's) has nothing left for this
+    /// request's worst-case cost until its window resets.
+    BudgetExceeded,
+    /// The key has a budget, and the request's model has no price (or could not be read
+    /// before forwarding), so its cost cannot be held to the budget.
+    BudgetUnpriced {
+        model: Option<String>,
+    },
     UpstreamUnavailable,
     UpstreamTimeout,
     /// A route deadline (first byte, gap between chunks, total) passed.
@@ -118,7 +126,9 @@ impl RelayError {
             | RelayError::BadContentLength => 400,
             RelayError::MissingKey | RelayError::InvalidKey => 401,
             RelayError::RouteForbidden { .. } => 403,
-            RelayError::RateLimited { .. } => 429,
+            RelayError::RateLimited { .. } | RelayError::BudgetExceeded => 429,
+            RelayError::BudgetUnpriced { .. } => 400,
+            RelayError::Stalled(crate::stall::Deadline::Budget) => 429,
             RelayError::ProviderKeyMissing { .. } | RelayError::LimiterUnavailable => 503,
             RelayError::UpstreamUnavailable => 502,
             RelayError::UpstreamTimeout | RelayError::Stalled(_) => 504,
@@ -150,6 +160,8 @@ impl RelayError {
             RelayError::TokensExceedLimit { .. } => "tokens_exceed_limit",
             RelayError::ProviderKeyMissing { .. } => "provider_key_missing",
             RelayError::LimiterUnavailable => "limiter_unavailable",
+            RelayError::BudgetExceeded => "budget_exceeded",
+            RelayError::BudgetUnpriced { .. } => "budget_unpriced_model",
             RelayError::UpstreamUnavailable => "upstream_unavailable",
             RelayError::UpstreamTimeout => "upstream_timeout",
             RelayError::Stalled(d) => d.outcome(),
@@ -205,6 +217,15 @@ impl RelayError {
             RelayError::LimiterUnavailable => {
                 "The relay cannot check this key's limits right now; retry shortly.".into()
             }
+            RelayError::BudgetExceeded => {
+                "This API key's spend budget has no room for this request until it resets (see the x-budget-reset header).".into()
+            }
+            RelayError::BudgetUnpriced { model: Some(m) } => format!(
+                "This API key has a spend budget, and the model `{m}` has no price on the relay, so its cost cannot be counted."
+            ),
+            RelayError::BudgetUnpriced { model: None } => {
+                "This API key has a spend budget, and the relay could not read the request's model before forwarding it (a body without a length, or too large), so its cost cannot be counted.".into()
+            }
             RelayError::UpstreamUnavailable => {
                 "The upstream provider could not be reached.".into()
             }
@@ -220,6 +241,9 @@ impl RelayError {
             }
             RelayError::Stalled(crate::stall::Deadline::Shutdown) => {
                 "The relay is shutting down.".into()
+            }
+            RelayError::Stalled(crate::stall::Deadline::Budget) => {
+                "The stream was ended: this API key's spend budget has no room for more output until it resets.".into()
             }
             RelayError::Internal => "The relay failed to handle the request.".into(),
         }
@@ -253,6 +277,10 @@ impl RelayError {
             }
             RelayError::ProviderKeyMissing { .. } => ("api_error", "provider_key_missing"),
             RelayError::LimiterUnavailable => ("api_error", "limiter_unavailable"),
+            RelayError::BudgetExceeded | RelayError::Stalled(crate::stall::Deadline::Budget) => {
+                ("insufficient_quota", "budget_exceeded")
+            }
+            RelayError::BudgetUnpriced { .. } => ("invalid_request_error", "budget_unpriced_model"),
             RelayError::UpstreamUnavailable => ("api_error", "upstream_unavailable"),
             RelayError::UpstreamTimeout => ("api_error", "upstream_timeout"),
             RelayError::Stalled(d) => ("api_error", d.outcome()),
@@ -273,12 +301,15 @@ impl RelayError {
             | RelayError::UpgradeRefused
             | RelayError::BodyField(_)
             | RelayError::BadContentLength
-            | RelayError::TokensExceedLimit { .. } => "invalid_request_error",
+            | RelayError::TokensExceedLimit { .. }
+            | RelayError::BudgetUnpriced { .. } => "invalid_request_error",
             RelayError::BodyTooLarge { .. } => "request_too_large",
             RelayError::NoRoute | RelayError::EndpointNotServed { .. } => "not_found_error",
             RelayError::MissingKey | RelayError::InvalidKey => "authentication_error",
             RelayError::RouteForbidden { .. } => "permission_error",
-            RelayError::RateLimited { .. } => "rate_limit_error",
+            RelayError::RateLimited { .. }
+            | RelayError::BudgetExceeded
+            | RelayError::Stalled(crate::stall::Deadline::Budget) => "rate_limit_error",
             RelayError::ProviderKeyMissing { .. }
             | RelayError::LimiterUnavailable
             | RelayError::UpstreamUnavailable

@@ -53,6 +53,18 @@ pub struct Row {
     pub frames_from_client: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub frames_from_server: Option<u64>,
+    /// The budget that decided (the one with the least left, or the one that refused),
+    /// what it decided (`ok`, `refused`, `audit_over`, `cut`, `unpriced`), and the
+    /// dollars reserved and settled (`None`: the tenant has no budget for this request,
+    /// and then not written in a JSON row).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_decision: Option<Cow<'static, str>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_reserved_usd: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_settled_usd: Option<f64>,
     pub client_addr: Option<String>,
     pub user_agent: Option<String>,
     /// The request body as received, when the route captures it (`capture.request`);
@@ -136,6 +148,10 @@ pub(crate) mod tests {
             finish_reason: Some("stop".into()),
             frames_from_client: None,
             frames_from_server: None,
+            budget: Some("tenant:acme".into()),
+            budget_decision: Some("ok".into()),
+            budget_reserved_usd: Some(0.002),
+            budget_settled_usd: Some(0.0001),
             client_addr: Some("127.0.0.1:5000".into()),
             user_agent: None,
             request_body: None,

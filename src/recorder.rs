@@ -37,6 +37,11 @@ pub struct Facts<'a> {
     pub encoded_answer: bool,
     /// A WebSocket session's frames: from the client, from the server.
     pub frames: Option<(u64, u64)>,
+    /// The relay answered the request itself (a refusal): nothing was spent.
+    pub refused: bool,
+    /// The request's budget reservations, or the budget that refused it.
+    pub budget: Option<&'a crate::budget::Hold>,
+    pub budget_refused: Option<&'a str>,
 }
 
 /// Ends each request in the metrics, the access log and its row.
@@ -47,6 +52,14 @@ pub struct Recorder {
     pub rows: crate::rows::RowSender,
     /// This relay's name in rows.
     pub instance: Arc<str>,
+}
+
+/// What [`Recorder::record`] hands back for settlement.
+#[derive(Debug, Default)]
+pub struct Recorded {
+    pub usage: Usage,
+    /// Nano-dollars the request's budgets settle to (`None`: it holds none).
+    pub settled: Option<i64>,
 }
 
 /// What is known of a request refused before its head was whole.
@@ -93,6 +106,9 @@ impl<'a> Facts<'a> {
             captured_response: &[],
             encoded_answer: false,
             frames: None,
+            refused: false,
+            budget: None,
+            budget_refused: None,
         }
     }
 }
@@ -167,9 +183,18 @@ impl Recorder {
         self.record(&facts, end);
     }
 
-    /// Metrics, access line and row of a request; returns its usage (for settlement).
-    pub fn record(&self, f: &Facts<'_>, end: End<'_>) -> Usage {
+    /// Metrics, access line and row of a request; returns its usage and what its
+    /// budgets settle to (for settlement).
+    pub fn record(&self, f: &Facts<'_>, end: End<'_>) -> Recorded {
         let account = Account::of(&self.pricing, f, &end);
+        let settled = f.budget.map(|h| match f.refused {
+            true => 0,
+            false => h.settlement(
+                account.cost,
+                end.outcome,
+                f.tap.map_or(0, |t| t.measure.output_events),
+            ),
+        });
         let tenant = f.tenant.unwrap_or("-");
         self.metrics.request_done(&Finished {
             usage_unknown: account.usage_unknown,
@@ -192,8 +217,10 @@ impl Recorder {
         }
         access_line(f, &end, &account);
         let usage = account.usage;
-        self.rows.send(row(f, end, &account, &self.instance));
-        usage
+        let mut r = row(f, end, &account, &self.instance);
+        r.budget_settled_usd = settled.map(|n| n as f64 / 1e9);
+        self.rows.send(r);
+        Recorded { usage, settled }
     }
 }
 
@@ -269,6 +296,18 @@ pub fn row(f: &Facts<'_>, end: End<'_>, a: &Account<'_>, instance: &str) -> Row 
         usage_unknown: a.usage_unknown,
         frames_from_client: f.frames.map(|f| f.0),
         frames_from_server: f.frames.map(|f| f.1),
+        budget: f
+            .budget
+            .and_then(|h| h.headroom.as_ref().map(|r| r.budget.clone()))
+            .or_else(|| f.budget_refused.map(str::to_string)),
+        budget_decision: match (f.budget, f.budget_refused) {
+            (Some(_), _) if end.outcome == "budget_exceeded" => Some("cut".into()),
+            (Some(h), _) => Some(h.decision.into()),
+            (None, Some(_)) => Some("refused".into()),
+            (None, None) => None,
+        },
+        budget_reserved_usd: f.budget.map(crate::budget::Hold::reserved_usd),
+        budget_settled_usd: None,
         client_addr: end.client_addr,
         user_agent: end.user_agent,
         request_body: route

@@ -24,10 +24,16 @@ pub fn content_length(req: &pingora_http::RequestHeader) -> Option<usize> {
 
 /// The announced length of a POST body that can be read early, if any.
 pub fn early_read_len(req: &pingora_http::RequestHeader) -> Option<usize> {
+    early_read_len_up_to(req, EARLY_READ_MAX)
+}
+
+/// The same, for bodies up to `max` bytes (a budgeted tenant's, whose model and size
+/// must be known before it is forwarded).
+pub fn early_read_len_up_to(req: &pingora_http::RequestHeader, max: usize) -> Option<usize> {
     if req.method != http::Method::POST {
         return None;
     }
-    content_length(req).filter(|len| *len <= EARLY_READ_MAX)
+    content_length(req).filter(|len| *len <= max)
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

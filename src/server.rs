@@ -68,8 +68,15 @@ pub fn build(
     let draining = Arc::new(Draining::default());
     let tenants = Arc::new(Tenants::new(TenantTable::new(&config.tenants)));
     let (row_sender, ending) = add_row_writer(&mut server, config, &metrics);
-    add_proxy(&mut server, config, &routes, &tenants, &metrics, row_sender)?;
-    add_admin(&mut server, config, &metrics, &draining);
+    let (redis, budgets) = fleet_state(config, &metrics)?;
+    let shared = Shared {
+        tenants: &tenants,
+        metrics: &metrics,
+        redis,
+        budgets: budgets.clone(),
+    };
+    add_proxy(&mut server, config, &routes, &shared, row_sender);
+    add_admin(&mut server, config, &shared, &draining);
     server.add_service(background_service("drain watch", DrainWatch(draining)));
     server.add_service(background_service("log flusher", crate::logsink::Flusher));
     server.add_service(background_service(
@@ -193,14 +200,56 @@ fn add_row_writer(
 
 /// The proxy service: the relay's `ProxyHttp` behind the head gate, on `listen.proxy`
 /// with its read buffer and connection caps.
+/// The fleet's Redis connection (limits and budgets share it) and the budget engine.
+fn fleet_state(
+    config: &Config,
+    metrics: &Metrics,
+) -> Result<
+    (
+        Option<Arc<crate::limits::redis::RedisConnection>>,
+        Arc<crate::budget::Budgets>,
+    ),
+    BuildError,
+> {
+    let redis = match &config.redis {
+        Some(r) => Some(Arc::new(crate::limits::redis::RedisConnection::open(r)?)),
+        None => None,
+    };
+    let backend =
+        redis
+            .clone()
+            .zip(config.redis.as_ref())
+            .map(|(conn, r)| crate::budget::Backend {
+                redis: conn,
+                key_prefix: r.key_prefix.clone(),
+                refuse_when_down: r.refuse_when_down,
+            });
+    let budgets = crate::budget::Budgets::new(
+        backend,
+        config.pricing.clone(),
+        config.budget_settings.clone(),
+        metrics.registry(),
+    );
+    Ok((redis, Arc::new(budgets)))
+}
+
+/// What the proxy and the admin service share.
+struct Shared<'a> {
+    tenants: &'a Arc<Tenants>,
+    metrics: &'a Arc<Metrics>,
+    /// The fleet's Redis, for limits and budgets.
+    redis: Option<Arc<crate::limits::redis::RedisConnection>>,
+    budgets: Arc<crate::budget::Budgets>,
+}
+
 fn add_proxy(
     server: &mut Server,
     config: &Config,
     routes: &Arc<RouteTable>,
-    tenants: &Arc<Tenants>,
-    metrics: &Arc<Metrics>,
+    shared: &Shared<'_>,
     rows: crate::rows::RowSender,
-) -> Result<(), BuildError> {
+) {
+    let (tenants, metrics) = (shared.tenants, shared.metrics);
     let pricing = Arc::new(config.pricing.clone());
     let recorder = Arc::new(crate::recorder::Recorder {
         metrics: metrics.clone(),
@@ -208,9 +257,13 @@ fn add_proxy(
         rows,
         instance: Arc::from(config.instance.as_str()),
     });
-    let limiter: Arc<dyn crate::limits::Limiter> = match &config.redis {
-        Some(r) => Arc::new(crate::limits::redis::RedisLimiter::new(r, metrics.clone())?),
-        None => Arc::new(crate::limits::local::LocalLimiter::default()),
+    let limiter: Arc<dyn crate::limits::Limiter> = match (&config.redis, &shared.redis) {
+        (Some(r), Some(conn)) => Arc::new(crate::limits::redis::RedisLimiter::with_connection(
+            conn.clone(),
+            r,
+            metrics.clone(),
+        )),
+        _ => Arc::new(crate::limits::local::LocalLimiter::default()),
     };
     server.add_service(background_service(
         "limiter clock",
@@ -225,6 +278,7 @@ fn add_proxy(
         limiter: limiter.clone(),
         default_max_tokens: config.default_max_tokens,
         recorder: recorder.clone(),
+        budgets: shared.budgets.clone(),
     };
     let gate = crate::headgate::HeadGate::new(
         http_proxy(&server.configuration, proxy),
@@ -244,24 +298,20 @@ fn add_proxy(
             .l4_buffer(L4BufferSettings::default().read(config.proxy_read_buffer)),
     );
     server.add_service(proxy_service);
-    Ok(())
 }
 
 /// The admin service (`/healthz`, `/readyz`, `/metrics`), when `listen.admin` is set.
-fn add_admin(
-    server: &mut Server,
-    config: &Config,
-    metrics: &Arc<Metrics>,
-    draining: &Arc<Draining>,
-) {
+fn add_admin(server: &mut Server, config: &Config, shared: &Shared<'_>, draining: &Arc<Draining>) {
     let Some(admin_addr) = &config.admin_listen else {
         return;
     };
     let mut admin = Service::new(
         "stream-relay admin".to_string(),
         HttpServer::new_app(Admin {
-            metrics: metrics.clone(),
+            metrics: shared.metrics.clone(),
             draining: draining.clone(),
+            budgets: shared.budgets.clone(),
+            tenants: shared.tenants.clone(),
         }),
     );
     admin.threads = Some(1);

@@ -61,6 +61,9 @@ pub enum Deadline {
     /// The relay is shutting down and its grace period is ending: an open WebSocket
     /// session is closed (see [`close_sessions`]).
     Shutdown,
+    /// The request's budget has no room for more output: the stream is cut (see
+    /// [`StallGuard::cut`]).
+    Budget,
 }
 
 impl Deadline {
@@ -71,6 +74,7 @@ impl Deadline {
             Deadline::Gap => "stream_stalled",
             Deadline::Total => "total_timeout",
             Deadline::Shutdown => "shutdown",
+            Deadline::Budget => "budget_exceeded",
         }
     }
 
@@ -89,6 +93,7 @@ impl Deadline {
             2 => Some(Deadline::Gap),
             3 => Some(Deadline::Total),
             4 => Some(Deadline::Shutdown),
+            5 => Some(Deadline::Budget),
             _ => None,
         }
     }
@@ -99,6 +104,7 @@ impl Deadline {
             Deadline::Gap => 2,
             Deadline::Total => 3,
             Deadline::Shutdown => 4,
+            Deadline::Budget => 5,
         }
     }
 }
@@ -291,6 +297,12 @@ impl StallGuard {
     pub fn done(&self) {
         self.inner.phase.store(DONE, Ordering::Release);
         *lock(&self.inner.socket) = Target::None;
+    }
+
+    /// Ends the request now, as a deadline would (the upstream socket is shut down, so
+    /// the upstream stops its work and the proxy ends the response its way).
+    pub fn cut(&self, why: Deadline) {
+        self.inner.fire(why);
     }
 
     /// The deadline that ended this request, if one did.

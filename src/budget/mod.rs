@@ -184,6 +184,8 @@ struct Held {
 struct Extension {
     pending: AtomicBool,
     refused: AtomicBool,
+    /// The stream was cut (counted once).
+    cut: AtomicBool,
     /// Output tokens and nano-dollars (in every budget) granted beyond the first.
     tokens: AtomicU64,
     amount: AtomicI64,
@@ -225,7 +227,13 @@ impl Hold {
         let ext = &self.extension;
         let covered = self.output_tokens + ext.tokens.load(Ordering::Acquire);
         if ext.refused.load(Ordering::Acquire) {
-            return output > covered;
+            if output <= covered {
+                return false;
+            }
+            if !ext.cut.swap(true, Ordering::AcqRel) {
+                self.engine.count_cutoff(self);
+            }
+            return true;
         }
         if output * 4 >= covered * 3 && !ext.pending.swap(true, Ordering::AcqRel) {
             let step = self.output_tokens.max(256);
@@ -447,9 +455,42 @@ impl Budgets {
         let amount = price.map_or(0, |p| {
             nano(input_tokens as f64 * p.input + output_tokens as f64 * p.output)
         });
+        let (held, over, headroom) = self.reserve_each(specs, amount).await?;
+        let decision = match (price, over) {
+            (None, _) => "unpriced",
+            (Some(_), true) => "audit_over",
+            (Some(_), false) => "ok",
+        };
+        let cut_running = held
+            .iter()
+            .any(|h| h.spec.cut_running && h.spec.mode == Mode::Block);
+        Ok(Some(Hold {
+            held: Arc::new(held),
+            price,
+            input_tokens,
+            output_tokens,
+            amount,
+            extension: Arc::default(),
+            cut_running,
+            tenant: ask.tenant.into(),
+            model: ask.model.map(str::to_string),
+            decision,
+            headroom,
+            engine: self.clone(),
+        }))
+    }
+
+    /// Reserves `amount` in each budget, in its current window; on a refusal, gives
+    /// back what was taken. Also says whether an audit budget was passed, and which
+    /// budget has the least left.
+    async fn reserve_each(
+        &self,
+        specs: Vec<Arc<BudgetSpec>>,
+        amount: i64,
+    ) -> Result<(Vec<Held>, bool, Option<Headroom>), Refusal> {
         let now = (self.clock)();
         let mut held = Vec::with_capacity(specs.len());
-        let mut decision = if price.is_some() { "ok" } else { "unpriced" };
+        let mut over = false;
         let mut headroom: Option<Headroom> = None;
         for spec in specs {
             let window = spec.window_at(now);
@@ -480,7 +521,7 @@ impl Budgets {
                     .refusals
                     .with_label_values(&[&spec.id, "audit"])
                     .inc();
-                decision = "audit_over";
+                over = true;
             }
             if headroom
                 .as_ref()
@@ -494,23 +535,7 @@ impl Budgets {
                 spec,
             });
         }
-        let cut_running = held
-            .iter()
-            .any(|h| h.spec.cut_running && h.spec.mode == Mode::Block);
-        Ok(Some(Hold {
-            held: Arc::new(held),
-            price,
-            input_tokens,
-            output_tokens,
-            amount,
-            extension: Arc::default(),
-            cut_running,
-            tenant: ask.tenant.into(),
-            model: ask.model.map(str::to_string),
-            decision,
-            headroom,
-            engine: self.clone(),
-        }))
+        Ok((held, over, headroom))
     }
 
     /// More reservation for a running stream, in the windows it holds, from every budget
@@ -551,7 +576,7 @@ impl Budgets {
     }
 
     /// A stream was cut at its budget: counted against the budget with the least left.
-    pub fn count_cutoff(&self, hold: &Hold) {
+    fn count_cutoff(&self, hold: &Hold) {
         if let Some(h) = &hold.headroom {
             self.metrics.cutoffs.with_label_values(&[&h.budget]).inc();
         }

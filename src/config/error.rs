@@ -92,6 +92,20 @@ pub enum Problem {
     #[error("no route is named `{0}`")]
     NoSuchRoute(String),
 
+    // budgets, groups.
+    #[error("no tenant is named `{0}`")]
+    NoSuchTenant(String),
+    #[error("must be a dollar amount of 0 or more")]
+    Dollars,
+    #[error("`{0}`: not a time zone name (IANA, such as UTC or Europe/Berlin)")]
+    TimeZone(String),
+    #[error("`{0}`: must be one of {1}")]
+    OneOf(String, &'static str),
+    #[error("must be above 0 and at most 1")]
+    Percentile,
+    #[error("another budget of the same owner has the same scope (`{0}`)")]
+    BudgetScopeTaken(String),
+
     // redis, rows.
     #[error("must start with redis:// or rediss://")]
     RedisScheme,

@@ -6,6 +6,7 @@
 
 use std::path::Path;
 
+mod budgets;
 mod error;
 mod parse;
 mod raw;
@@ -53,6 +54,8 @@ pub struct Config {
     pub rows_file_queue: usize,
     /// This relay's name in rows.
     pub instance: String,
+    /// How budgets reserve (the budgets themselves are the tenants').
+    pub budget_settings: crate::budget::BudgetSettings,
 }
 
 impl Config {

@@ -40,6 +40,75 @@ pub struct RawConfig {
     /// Where the one row per request goes.
     #[serde(default)]
     pub rows: RawRows,
+    /// Groups of tenants (a team, an organisation) with budgets of their own.
+    #[serde(default)]
+    pub groups: Vec<RawGroup>,
+    /// How budgets reserve, and whether unpriced models may pass them.
+    #[serde(default)]
+    pub budgets: RawBudgets,
+}
+
+/// `budgets:` settings.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawBudgets {
+    /// `worst_case` (default: `max_tokens`, or the default) or `observed` (the smaller
+    /// of that and a high percentile of the tenant's recent outputs for the model).
+    pub reservation: Option<String>,
+    /// The percentile of `observed`. Default 0.95.
+    pub observed_percentile: Option<f64>,
+    /// Serve budgeted requests for models without a price (their spend is not counted)
+    /// instead of refusing them. Default false.
+    pub allow_unpriced: bool,
+}
+
+/// One budget: `usd` per `per` (`day`, `week` from Monday, `month`) in `time_zone`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBudget {
+    pub usd: f64,
+    pub per: String,
+    /// IANA name. Default `UTC`.
+    #[serde(default)]
+    pub time_zone: Option<String>,
+    /// `block` (default: refuse past the cap) or `audit` (serve and count).
+    #[serde(default)]
+    pub mode: Option<String>,
+    /// A stream running when the cap is reached: `cut` (default) or `finish`.
+    #[serde(default)]
+    pub running: Option<String>,
+    /// Only requests for this model count against it.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Only requests on this route count against it.
+    #[serde(default)]
+    pub route: Option<String>,
+}
+
+/// `budget:` one budget, or a list of them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RawBudgetList {
+    One(RawBudget),
+    Many(Vec<RawBudget>),
+}
+
+impl RawBudgetList {
+    pub fn as_slice(&self) -> &[RawBudget] {
+        match self {
+            RawBudgetList::One(b) => std::slice::from_ref(b),
+            RawBudgetList::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGroup {
+    pub id: String,
+    /// Tenant ids; a tenant may be in several groups.
+    pub members: Vec<String>,
+    pub budget: RawBudgetList,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -497,6 +566,9 @@ pub struct RawTenant {
     /// This tenant's limits, replacing `limits.default` as a whole.
     #[serde(default)]
     pub limits: Option<Limits>,
+    /// This tenant's spend budgets, in US dollars.
+    #[serde(default)]
+    pub budget: Option<RawBudgetList>,
 }
 
 fn all_routes() -> Vec<String> {

@@ -60,14 +60,25 @@ impl RawConfig {
     /// Checks every section, in file order, and builds the [`Config`]. Relative file
     /// paths are taken from `base_dir`; secrets are read through `lookup_env`.
     pub fn validate(
-        self,
+        mut self,
         base_dir: &Path,
         lookup_env: LookupEnv<'_>,
     ) -> Result<Config, ConfigError> {
         check_server(&self.server)?;
         check_listeners(&self.listen, self.mock.as_ref())?;
         let routes = validate_routes(self.routes, base_dir, lookup_env)?;
-        let tenants = validate_tenants(self.tenants, &routes, self.limits.default)?;
+        let raw_budgets: Vec<_> = self
+            .tenants
+            .iter_mut()
+            .map(|t| (t.id.clone(), t.budget.take()))
+            .collect();
+        let mut tenants = validate_tenants(self.tenants, &routes, self.limits.default)?;
+        let names: HashSet<&str> = routes.iter().map(|r| r.name.as_str()).collect();
+        let mut budgets = super::budgets::by_tenant(&raw_budgets, &self.groups, &names)?;
+        for t in &mut tenants {
+            t.budgets = budgets.remove(&t.id).unwrap_or_default();
+        }
+        let budget_settings = super::budgets::settings(&self.budgets)?;
         check_pricing(&self.pricing)?;
         check_tenant_label(self.metrics, tenants.len())?;
         validate_limits(&self.limits.default, "limits.default")?;
@@ -109,6 +120,7 @@ impl RawConfig {
             mock_listen: self.mock.map(|m| m.listen),
             routes,
             tenants,
+            budget_settings,
         })
     }
 }
@@ -256,6 +268,7 @@ fn validate_tenants(
             key_hashes,
             routes,
             limits: t.limits.unwrap_or(default_limits),
+            budgets: Vec::new(),
         });
     }
     Ok(tenants)

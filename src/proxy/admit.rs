@@ -20,11 +20,26 @@ use crate::limits::{self, Limits};
 use crate::request_info;
 use crate::route::{Route, RouteKey, RouteTable};
 
+/// Bodies a budgeted tenant sends are read before they are forwarded up to this size,
+/// so that their model and size are known; larger ones (and bodies without a length)
+/// count as unpriced.
+const BUDGETED_READ_MAX: usize = 4 << 20;
+
+/// The length of a body to read at admission, if it is to be read then.
+fn early_read_len(req: &RequestHeader, a: &Admitted) -> Option<usize> {
+    if a.budgets.is_empty() {
+        request_info::early_read_len(req)
+    } else {
+        request_info::early_read_len_up_to(req, BUDGETED_READ_MAX.min(a.route.max_body_bytes))
+    }
+}
+
 /// What [`admit`] let through.
 pub struct Allowed {
     pub route: Arc<Route>,
     pub tenant: Arc<str>,
     pub limits: Limits,
+    pub budgets: Arc<[Arc<crate::budget::BudgetSpec>]>,
 }
 
 /// A request the relay answers itself, with what was learned before refusing it.
@@ -74,6 +89,7 @@ pub fn admit(
         route: route.clone(),
         tenant: tenant.id.clone(),
         limits: tenant.limits,
+        budgets: tenant.budgets.clone(),
     })
 }
 
@@ -143,7 +159,7 @@ impl RelayProxy {
                 return Ok(Err(RelayError::BodyField(why).into()));
             }
             a.websocket = Some(Box::new(crate::websocket::handshake_info(req)));
-        } else if let Some(len) = request_info::early_read_len(req) {
+        } else if let Some(len) = early_read_len(req, a) {
             let rw = body::rewrite_for(
                 &a.route,
                 &req.method,
@@ -164,10 +180,68 @@ impl RelayProxy {
                 Err(e) => return Ok(Err(e.into())),
             }
         }
+        if !a.budgets.is_empty() && (body_bytes > 0 || a.websocket.is_some()) {
+            if let Err(refused) = self.within_budgets(a, body_bytes).await {
+                return Ok(Err(refused));
+            }
+        }
         if a.limits.is_empty() {
             return Ok(Ok(()));
         }
-        Ok(self.within_limits(a, &ctx.request_id, body_bytes).await)
+        let limited = self.within_limits(a, &ctx.request_id, body_bytes).await;
+        if limited.is_err() {
+            // Refused by a limit: the budgets get back what they reserved.
+            if let Some(hold) = a.budget.take() {
+                hold.settle(0, None).await;
+            }
+        }
+        Ok(limited)
+    }
+
+    /// Reserves the request's worst-case cost in each of its budgets, or the answer that
+    /// refuses it: 429 `insufficient_quota` with the budget's headers and the time to
+    /// its reset (and `x-should-retry: false`, which the OpenAI and Anthropic SDKs obey:
+    /// retrying cannot help before the reset); 400 for a model without a price.
+    async fn within_budgets(
+        &self,
+        a: &mut Admitted,
+        body_bytes: usize,
+    ) -> std::result::Result<(), LocalAnswer> {
+        let info = a.websocket.as_deref().or(a.body.info.as_ref());
+        let ask = crate::budget::Ask {
+            specs: &a.budgets,
+            tenant: &a.tenant,
+            route: &a.route.name,
+            model: info.and_then(|i| i.model.as_deref()),
+            max_tokens: info.and_then(|i| i.max_tokens),
+            default_max_tokens: self.default_max_tokens,
+            body_bytes,
+        };
+        match self.budgets.admit(&ask).await {
+            Ok(hold) => {
+                a.budget = hold;
+                Ok(())
+            }
+            Err(crate::budget::Refusal::Exceeded(room)) => {
+                let mut headers = room.headers();
+                headers.push(("retry-after", room.retry_after().to_string()));
+                headers.push(("x-should-retry", "false".into()));
+                a.budget_refused = Some(room.budget);
+                Err(LocalAnswer::with_headers(
+                    RelayError::BudgetExceeded,
+                    headers,
+                ))
+            }
+            Err(crate::budget::Refusal::Unpriced) => {
+                let model = ask.model.map(str::to_string);
+                a.budget_refused = a.budgets.first().map(|b| b.id.clone());
+                Err(RelayError::BudgetUnpriced { model }.into())
+            }
+            Err(crate::budget::Refusal::Unavailable) => Err(LocalAnswer::with_headers(
+                RelayError::LimiterUnavailable,
+                vec![("retry-after", "1".into())],
+            )),
+        }
     }
 
     /// Reserves the request's share of the tenant's limits, or the answer that refuses

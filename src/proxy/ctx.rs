@@ -70,6 +70,11 @@ pub struct Admitted {
     pub stall: Option<StallGuard>,
     /// A WebSocket handshake: what it names (the model in its query), for its row.
     pub websocket: Option<Box<crate::request_info::RequestInfo>>,
+    /// The tenant's budgets, what the request reserved in them, and the one that
+    /// refused it.
+    pub budgets: Arc<[Arc<crate::budget::BudgetSpec>]>,
+    pub budget: Option<crate::budget::Hold>,
+    pub budget_refused: Option<String>,
 }
 
 impl Admitted {
@@ -86,6 +91,28 @@ impl Admitted {
             answer: Answer::default(),
             stall: None,
             websocket: None,
+            budgets: Arc::new([]),
+            budget: None,
+            budget_refused: None,
+        }
+    }
+
+    /// A stream whose budget has no room for its next output is cut: nothing more of it
+    /// reaches the client, the upstream is cancelled, and the proxy ends the stream with
+    /// an error event (`failure::end_stalled`). A WebSocket session is settled at its
+    /// end instead (its deltas are not tokens).
+    pub fn watch_budget(&self, body: &mut Option<bytes::Bytes>) {
+        let (Some(hold), Some(tap)) = (&self.budget, &self.answer.tap) else {
+            return;
+        };
+        if self.answer.in_session() || self.stalled().is_some() {
+            return;
+        }
+        if hold.watch(tap.measure.output_events) {
+            if let Some(guard) = &self.stall {
+                guard.cut(crate::stall::Deadline::Budget);
+            }
+            *body = None;
         }
     }
 
@@ -191,11 +218,9 @@ impl RequestCtx {
         self.shape = ErrorShape::for_provider(allowed.route.provider);
         self.route = Some(allowed.route.clone());
         self.tenant = Some(allowed.tenant.clone());
-        self.admitted = Some(Box::new(Admitted::new(
-            allowed.route,
-            allowed.tenant,
-            allowed.limits,
-        )));
+        let mut admitted = Admitted::new(allowed.route, allowed.tenant, allowed.limits);
+        admitted.budgets = allowed.budgets;
+        self.admitted = Some(Box::new(admitted));
     }
 
     /// `request_filter` refused the request: what was learned is kept for its row.
@@ -224,11 +249,14 @@ impl RequestCtx {
         f.client_request_id = self.client_request_id.as_deref();
         f.route = self.route.as_ref();
         f.tenant = self.tenant.as_deref();
+        f.refused = self.refusal.is_some();
         if let Some(a) = &self.admitted {
             f.request_info = a.websocket.as_deref().or(a.body.info.as_ref());
             f.request_bytes = a.body.bytes;
             f.captured_request = a.body.captured();
             f.attempts = a.tries.budget.attempts;
+            f.budget = a.budget.as_ref();
+            f.budget_refused = a.budget_refused.as_deref();
             a.answer.add_facts(&mut f);
         }
         f
@@ -254,7 +282,7 @@ impl Drop for RequestCtx {
         if self.request_id.is_empty() {
             self.request_id = crate::request_id::new_id();
         }
-        recorder.record(
+        let recorded = recorder.record(
             &self.facts(),
             End {
                 status: self.client_status.unwrap_or(0),
@@ -264,5 +292,10 @@ impl Drop for RequestCtx {
                 user_agent: None,
             },
         );
+        // The budgets are settled too, if a runtime is still there to do it.
+        let hold = self.admitted.as_mut().and_then(|a| a.budget.take());
+        if let (Some(hold), Ok(runtime)) = (hold, tokio::runtime::Handle::try_current()) {
+            runtime.spawn(hold.settle(recorded.settled.unwrap_or(0), None));
+        }
     }
 }

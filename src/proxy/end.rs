@@ -66,13 +66,18 @@ impl RelayProxy {
                 .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
         };
         let outcome = end.outcome;
-        let usage = match ctx.recorder.take() {
+        let recorded = match ctx.recorder.take() {
             Some(recorder) => recorder.record(&ctx.facts(), end),
             None => Default::default(),
         };
+        let usage = recorded.usage;
         let Some(a) = ctx.admitted.as_mut() else {
             return;
         };
+        if let Some(hold) = a.budget.take() {
+            hold.settle(recorded.settled.unwrap_or(0), usage.output)
+                .await;
+        }
         // The open-stream gauge is released here, whatever ended the request.
         a.answer.stream = None;
         if let Some(admission) = a.admission.take() {

@@ -19,6 +19,7 @@ pub fn session_close_frame(deadline: Option<Deadline>) -> bytes::Bytes {
         Some(Deadline::Shutdown) => (1001, "relay shutting down"),
         Some(Deadline::Gap) => (1000, "session idle"),
         Some(Deadline::Total) => (1008, "session too long"),
+        Some(Deadline::Budget) => (1008, "budget exceeded"),
         _ => (1011, "upstream failed"),
     };
     bytes::Bytes::from(crate::websocket::close_frame(code, reason))

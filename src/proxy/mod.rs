@@ -71,6 +71,8 @@ pub struct RelayProxy {
     pub default_max_tokens: u64,
     /// Where each request ends (shares `metrics` and `pricing`).
     pub recorder: Arc<Recorder>,
+    /// The tenants' spend budgets.
+    pub budgets: Arc<crate::budget::Budgets>,
 }
 
 #[async_trait]
@@ -216,6 +218,11 @@ impl ProxyHttp for RelayProxy {
         let overhead = a.and_then(|a| a.overhead(ctx.start));
         let admission = a.and_then(|a| a.admission.as_ref());
         response::client_head(resp, ctx.answer_id(), admission, overhead)?;
+        if let Some(room) = a.and_then(|a| a.budget.as_ref()?.headroom.as_ref()) {
+            for (name, value) in room.headers() {
+                resp.insert_header(name, value)?;
+            }
+        }
         ctx.client_status = Some(resp.status.as_u16());
         Ok(())
     }
@@ -230,6 +237,7 @@ impl ProxyHttp for RelayProxy {
         let a = admitted(&mut ctx.admitted)?;
         a.answer
             .upstream_chunk(body, end_of_stream, a.stall.as_ref());
+        a.watch_budget(body);
         Ok(None)
     }
 

@@ -100,6 +100,10 @@ struct ChRow<'a> {
     usage_unknown: u8,
     frames_from_client: Option<u64>,
     frames_from_server: Option<u64>,
+    budget: Option<&'a str>,
+    budget_decision: Option<&'a str>,
+    budget_reserved_usd: Option<f64>,
+    budget_settled_usd: Option<f64>,
 }
 
 impl<'a> ChRow<'a> {
@@ -141,6 +145,10 @@ impl<'a> ChRow<'a> {
             usage_unknown: u8::from(r.usage_unknown),
             frames_from_client: r.frames_from_client,
             frames_from_server: r.frames_from_server,
+            budget: r.budget.as_deref(),
+            budget_decision: r.budget_decision.as_deref(),
+            budget_reserved_usd: r.budget_reserved_usd,
+            budget_settled_usd: r.budget_settled_usd,
         }
     }
 }

@@ -110,6 +110,12 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("migrations/0003_websocket_frames.sql"),
         current: None,
     },
+    Migration {
+        version: 4,
+        name: "budgets",
+        sql: include_str!("migrations/0004_budgets.sql"),
+        current: Some(include_str!("migrations/0004_budgets.current.sql")),
+    },
 ];
 
 /// The table and column an `ALTER TABLE db.t ADD COLUMN c ...` statement adds; such a
