@@ -453,3 +453,39 @@ fn the_openai_sdk_raises_on_a_cut_stream_and_does_not_retry_a_refusal() {
         .count();
     assert_eq!(refused, 1, "the SDK retried a budget refusal");
 }
+
+/// Budgets reload with the tenants (SIGHUP): a cap raised mid-window keeps what was
+/// spent, and the tenant is served again up to the new cap.
+#[test]
+fn a_budget_changed_mid_window_keeps_what_was_spent() {
+    let mock = MockProc::start(None);
+    let t = tenant("acme", TENANT_KEY, "{ usd: 0.02, per: day }");
+    let relay = RelayProc::start(&config(&mock, &t, ""), &[]);
+    let mut served = 0;
+    while chat(&relay, TENANT_KEY, &format!("before-{served}")).status == 200 {
+        served += 1;
+        assert!(served < 10);
+    }
+    let spent = |relay: &RelayProc| {
+        budget(&budgets(relay), "tenant:acme")["spent_usd"]
+            .as_f64()
+            .unwrap()
+    };
+    let before = spent(&relay);
+    assert!(before > 0.0);
+    let path = relay.dir.join("relay.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replace("usd: 0.02", "usd: 0.04")).unwrap();
+    std::process::Command::new("kill")
+        .args(["-HUP", &relay.proc.pid().to_string()])
+        .status()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while budget(&budgets(&relay), "tenant:acme")["limit_usd"] != 0.04 {
+        assert!(std::time::Instant::now() < deadline, "not reloaded");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(spent(&relay), before, "the spend was lost in the reload");
+    assert_eq!(chat(&relay, TENANT_KEY, "after").status, 200);
+    assert!(spent(&relay) > before);
+}

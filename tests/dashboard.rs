@@ -48,7 +48,7 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
 pricing:
   gpt-4o-mini: {{ input: 0.15, output: 0.60 }}
 tenants:
-  - {{ id: acme, key_sha256: ["{h}"] }}
+  - {{ id: acme, key_sha256: ["{h}"], budget: {{ usd: 1000, per: day, route: openai }} }}
   - {{ id: small, key_sha256: ["{h2}"], limits: {{ requests_per_minute: 1 }} }}
 rows:
   clickhouse: {{ url: "{ch_url}", batch_interval: 200ms, spool_dir: "{spool}" }}

@@ -349,6 +349,10 @@ impl BudgetMetrics {
 
     fn level(&self, spec: &BudgetSpec, level: &Level) {
         let id = spec.id.as_str();
+        // Every budget's counters exist from its first request, at 0 until they count.
+        self.refusals.with_label_values(&[id, "block"]);
+        self.refusals.with_label_values(&[id, "audit"]);
+        self.cutoffs.with_label_values(&[id]);
         self.spent.with_label_values(&[id]).set(usd(level.spent));
         self.reserved
             .with_label_values(&[id])
