@@ -354,6 +354,24 @@ mod tests {
     use serde_json::Value;
 
     #[test]
+    fn budget_answers_in_both_shapes() {
+        let v: Value =
+            serde_json::from_slice(&RelayError::BudgetExceeded.body(ErrorShape::OpenAi)).unwrap();
+        assert_eq!(v["error"]["type"], "insufficient_quota");
+        assert_eq!(v["error"]["code"], "budget_exceeded");
+        let a: Value =
+            serde_json::from_slice(&RelayError::BudgetExceeded.body(ErrorShape::Anthropic))
+                .unwrap();
+        assert_eq!(a["error"]["type"], "rate_limit_error");
+        let cut = RelayError::Stalled(crate::stall::Deadline::Budget);
+        assert_eq!(cut.kind(), "budget_exceeded");
+        let event = cut.sse_event(ErrorShape::Anthropic);
+        assert!(event.starts_with(b"event: error\ndata: {"));
+        assert!(String::from_utf8_lossy(&event).contains("rate_limit_error"));
+        assert_eq!(RelayError::BudgetUnpriced { model: None }.status(), 400);
+    }
+
+    #[test]
     fn openai_shape() {
         let b = RelayError::InvalidKey.body(ErrorShape::OpenAi);
         let v: Value = serde_json::from_slice(&b).unwrap();

@@ -489,3 +489,26 @@ fn a_budget_changed_mid_window_keeps_what_was_spent() {
     assert_eq!(chat(&relay, TENANT_KEY, "after").status, 200);
     assert!(spent(&relay) > before);
 }
+
+/// Issue 17 for budgets: on a Redis Cluster (three masters with replicas) the budget
+/// scripts work as on one server.
+#[test]
+fn a_budget_on_a_redis_cluster_holds_its_cap() {
+    let cluster = RedisClusterProc::start(3);
+    let mock = MockProc::start(None);
+    let t = tenant("acme", TENANT_KEY, "{ usd: 0.03, per: day }");
+    let nodes: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
+    let extra = format!("redis:\n  url: [{}]\n  timeout: 500ms", nodes.join(", "));
+    let relay = RelayProc::start(&config(&mock, &t, &extra), &[]);
+    let mut served = 0;
+    while chat(&relay, TENANT_KEY, &format!("cluster-{served}")).status == 200 {
+        served += 1;
+        assert!(served < 10);
+    }
+    let (cost, reservation) = cost_and_reservation(&relay.row_for("cluster-0"));
+    assert_eq!(served, fit(0.03, cost, reservation));
+    let report = budgets(&relay);
+    let b = budget(&report, "tenant:acme");
+    assert_eq!(b["counted_in"], "redis");
+    assert!((b["spent_usd"].as_f64().unwrap() - served as f64 * cost).abs() < 1e-7);
+}
