@@ -20,6 +20,7 @@ pub struct Tenant {
     pub limits: crate::limits::Limits,
     /// Every budget the tenant's requests count against (its own and its groups').
     pub budgets: Arc<[Arc<crate::budget::BudgetSpec>]>,
+    pub groups: Arc<[String]>,
 }
 
 impl Tenant {
@@ -52,6 +53,7 @@ impl TenantTable {
                 routes: t.routes.clone(),
                 limits: t.limits,
                 budgets: t.budgets.clone().into(),
+                groups: t.groups.clone().into(),
             });
             for digest in &t.key_hashes {
                 table.by_digest.insert(*digest, index);
@@ -135,6 +137,8 @@ pub struct TenantConfig {
     pub routes: Option<std::collections::HashSet<String>>,
     pub limits: crate::limits::Limits,
     pub budgets: Vec<Arc<crate::budget::BudgetSpec>>,
+    /// The groups (`groups:`) it is a member of.
+    pub groups: Vec<String>,
 }
 
 #[cfg(test)]
@@ -151,6 +155,7 @@ mod tests {
                 routes: None,
                 limits: Default::default(),
                 budgets: Vec::new(),
+                groups: Vec::new(),
             },
             TenantConfig {
                 id: "small".into(),
@@ -158,6 +163,7 @@ mod tests {
                 routes: Some(HashSet::from(["anthropic".to_string()])),
                 limits: Default::default(),
                 budgets: Vec::new(),
+                groups: Vec::new(),
             },
         ])
     }

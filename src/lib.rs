@@ -11,6 +11,7 @@ pub mod answer;
 pub mod auth;
 pub mod breaker;
 pub mod budget;
+pub mod cache;
 pub mod config;
 pub mod conncap;
 pub mod cost;

@@ -65,6 +65,13 @@ pub struct Row {
     pub budget_reserved_usd: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget_settled_usd: Option<f64>,
+    /// What the route's response cache did (`hit`, `miss`, `store`, `refresh`,
+    /// `bypass`), and for a hit what the original answer cost (`None`: the route does
+    /// not cache, and then not written in a JSON row).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<Cow<'static, str>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_saved_usd: Option<f64>,
     pub client_addr: Option<String>,
     pub user_agent: Option<String>,
     /// The request body as received, when the route captures it (`capture.request`);
@@ -152,6 +159,8 @@ pub(crate) mod tests {
             budget_decision: Some("ok".into()),
             budget_reserved_usd: Some(0.002),
             budget_settled_usd: Some(0.0001),
+            cache: Some("store".into()),
+            cache_saved_usd: None,
             client_addr: Some("127.0.0.1:5000".into()),
             user_agent: None,
             request_body: None,

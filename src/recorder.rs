@@ -42,6 +42,8 @@ pub struct Facts<'a> {
     /// The request's budget reservations, or the budget that refused it.
     pub budget: Option<&'a crate::budget::Hold>,
     pub budget_refused: Option<&'a str>,
+    /// What the request did with the route's response cache.
+    pub cache: Option<&'a crate::cache::Plan>,
 }
 
 /// Ends each request in the metrics, the access log and its row.
@@ -109,6 +111,7 @@ impl<'a> Facts<'a> {
             refused: false,
             budget: None,
             budget_refused: None,
+            cache: None,
         }
     }
 }
@@ -219,6 +222,9 @@ impl Recorder {
         let usage = account.usage;
         let mut r = row(f, end, &account, &self.instance);
         r.budget_settled_usd = settled.map(|n| n as f64 / 1e9);
+        if let Some(plan) = f.cache {
+            cache_columns(&mut r, plan);
+        }
         self.rows.send(r);
         Recorded { usage, settled }
     }
@@ -308,6 +314,8 @@ pub fn row(f: &Facts<'_>, end: End<'_>, a: &Account<'_>, instance: &str) -> Row 
         },
         budget_reserved_usd: f.budget.map(crate::budget::Hold::reserved_usd),
         budget_settled_usd: None,
+        cache: None,
+        cache_saved_usd: None,
         client_addr: end.client_addr,
         user_agent: end.user_agent,
         request_body: route
@@ -317,6 +325,25 @@ pub fn row(f: &Facts<'_>, end: End<'_>, a: &Account<'_>, instance: &str) -> Row 
             .filter(|r| r.capture.response > 0)
             .map(|_| String::from_utf8_lossy(f.captured_response).into_owned()),
     }
+}
+
+/// What the cache did, in the row; for a hit, the original answer's usage and model, a
+/// cost of 0 (nothing was paid) and what the original cost, saved.
+fn cache_columns(r: &mut Row, plan: &crate::cache::Plan) {
+    r.cache = Some(plan.result().into());
+    let Some(entry) = &plan.hit else {
+        return;
+    };
+    r.tokens_in = entry.usage.input;
+    r.tokens_out = entry.usage.output;
+    r.tokens_cached = entry.usage.cached_input;
+    r.tokens_reasoning = entry.usage.reasoning;
+    r.finish_reason = entry.finish_reason.clone();
+    if r.model.is_none() {
+        r.model = entry.model.clone();
+    }
+    r.cost_usd = Some(0.0);
+    r.cache_saved_usd = entry.cost;
 }
 
 /// A model request the provider answered (2xx) without a usage the relay could read:

@@ -42,6 +42,8 @@ pub struct Route {
     pub health_check: Option<crate::upstream::HealthCheck>,
     /// What the route serves and which headers it sets (see [`crate::policy`]).
     pub policy: crate::policy::RoutePolicy,
+    /// The route's response cache, when it has one.
+    pub cache: Option<crate::cache::RouteCache>,
     /// Round-robin cursors: each pick starts one upstream (key) further.
     next: AtomicUsize,
     next_key: AtomicUsize,
@@ -213,6 +215,7 @@ impl Route {
             retry_after_send: c.retry_after_send,
             health_check: c.health_check.clone(),
             policy: c.policy.clone(),
+            cache: c.cache.clone(),
             next: AtomicUsize::new(0),
             next_key: AtomicUsize::new(0),
         })
@@ -341,6 +344,15 @@ impl Route {
     /// rewrites are decided on it; every upstream was checked to serve the request).
     pub fn provider_path(&self, path: &str) -> String {
         self.upstream_target(&self.upstreams[0].url, path)
+    }
+
+    /// The same with the request's query, for the response cache's key.
+    pub fn provider_path_and_query(&self, uri: &http::Uri) -> String {
+        let path = self.provider_path(uri.path());
+        match uri.query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path,
+        }
     }
 
     /// Whether the route serves `method` on `path`: `Ok`, or the refusal.
@@ -478,6 +490,7 @@ pub struct RouteConfig {
     pub retry_after_send: bool,
     pub health_check: Option<crate::upstream::HealthCheck>,
     pub policy: crate::policy::RoutePolicy,
+    pub cache: Option<crate::cache::RouteCache>,
 }
 
 #[derive(Debug, Clone)]

@@ -68,12 +68,13 @@ pub fn build(
     let draining = Arc::new(Draining::default());
     let tenants = Arc::new(Tenants::new(TenantTable::new(&config.tenants)));
     let (row_sender, ending) = add_row_writer(&mut server, config, &metrics);
-    let (redis, budgets) = fleet_state(config, &metrics)?;
+    let (redis, budgets, cache) = fleet_state(config, &metrics)?;
     let shared = Shared {
         tenants: &tenants,
         metrics: &metrics,
         redis,
         budgets: budgets.clone(),
+        cache,
     };
     add_proxy(&mut server, config, &routes, &shared, row_sender);
     add_admin(&mut server, config, &shared, &draining);
@@ -201,16 +202,7 @@ fn add_row_writer(
 /// The proxy service: the relay's `ProxyHttp` behind the head gate, on `listen.proxy`
 /// with its read buffer and connection caps.
 /// The fleet's Redis connection (limits and budgets share it) and the budget engine.
-fn fleet_state(
-    config: &Config,
-    metrics: &Metrics,
-) -> Result<
-    (
-        Option<Arc<crate::limits::redis::RedisConnection>>,
-        Arc<crate::budget::Budgets>,
-    ),
-    BuildError,
-> {
+fn fleet_state(config: &Config, metrics: &Metrics) -> Result<FleetState, BuildError> {
     let redis = match &config.redis {
         Some(r) => Some(Arc::new(crate::limits::redis::RedisConnection::open(r)?)),
         None => None,
@@ -230,8 +222,23 @@ fn fleet_state(
         config.budget_settings.clone(),
         metrics.registry(),
     );
-    Ok((redis, Arc::new(budgets)))
+    let cache = crate::cache::Cache::new(
+        &config.cache_settings,
+        redis
+            .clone()
+            .zip(config.redis.as_ref())
+            .map(|(conn, r)| (conn, r.key_prefix.clone())),
+        metrics.registry(),
+    );
+    Ok((redis, Arc::new(budgets), Arc::new(cache)))
 }
+
+/// The fleet's Redis connection, the budget engine and the response cache.
+type FleetState = (
+    Option<Arc<crate::limits::redis::RedisConnection>>,
+    Arc<crate::budget::Budgets>,
+    Arc<crate::cache::Cache>,
+);
 
 /// What the proxy and the admin service share.
 struct Shared<'a> {
@@ -240,6 +247,7 @@ struct Shared<'a> {
     /// The fleet's Redis, for limits and budgets.
     redis: Option<Arc<crate::limits::redis::RedisConnection>>,
     budgets: Arc<crate::budget::Budgets>,
+    cache: Arc<crate::cache::Cache>,
 }
 
 fn add_proxy(
@@ -279,6 +287,7 @@ fn add_proxy(
         default_max_tokens: config.default_max_tokens,
         recorder: recorder.clone(),
         budgets: shared.budgets.clone(),
+        cache: shared.cache.clone(),
     };
     let gate = crate::headgate::HeadGate::new(
         http_proxy(&server.configuration, proxy),

@@ -196,7 +196,7 @@ fn every_outcome_lands_once_with_its_values(ch: ClickHouseProc) {
     assert_eq!(
         ch.query("SELECT count() FROM relay_test.stream_relay_migrations")
             .trim(),
-        "5"
+        "6"
     );
     let layout = ch.query("SELECT name FROM relay_test.stream_relay_migrations WHERE version = 0");
     let types = ch.query(

@@ -95,6 +95,8 @@ pub enum Problem {
     // budgets, groups.
     #[error("no tenant is named `{0}`")]
     NoSuchTenant(String),
+    #[error("no group is named `{0}`")]
+    NoSuchGroup(String),
     #[error("must be a dollar amount of 0 or more")]
     Dollars,
     #[error("`{0}`: not a time zone name (IANA, such as UTC or Europe/Berlin)")]

@@ -56,6 +56,8 @@ pub struct Config {
     pub instance: String,
     /// How budgets reserve (the budgets themselves are the tenants').
     pub budget_settings: crate::budget::BudgetSettings,
+    /// Where the response cache keeps its entries.
+    pub cache_settings: crate::cache::CacheSettings,
 }
 
 impl Config {

@@ -46,6 +46,41 @@ pub struct RawConfig {
     /// How budgets reserve, and whether unpriced models may pass them.
     #[serde(default)]
     pub budgets: RawBudgets,
+    /// Where the response cache keeps its entries.
+    #[serde(default)]
+    pub cache: RawCache,
+}
+
+/// `cache:` (top level).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawCache {
+    /// Bytes the in-memory store holds. Default 268435456 (256 MiB).
+    pub memory_bytes: Option<usize>,
+    /// Keep entries in the Redis of `redis:` instead of memory. Default false.
+    pub in_redis: bool,
+}
+
+/// `routes[].cache`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRouteCache {
+    /// How long an entry answers. Default `1h`.
+    #[serde(default)]
+    pub ttl: Option<String>,
+    /// Larger answers are not stored. Default 1048576 (1 MiB).
+    #[serde(default)]
+    pub max_entry_bytes: Option<usize>,
+    /// `deterministic` (default: only requests with `temperature: 0` or a `seed`) or
+    /// `always`.
+    #[serde(default)]
+    pub when: Option<String>,
+    /// The id of a group (`groups:`) whose members share entries; others keep their own.
+    #[serde(default)]
+    pub shared_by: Option<String>,
+    /// How long a request waits for an identical one still running. Default `5s`.
+    #[serde(default)]
+    pub wait: Option<String>,
 }
 
 /// `budgets:` settings.
@@ -472,6 +507,9 @@ pub struct RawRoute {
     /// `whole`, or a number of bytes to keep from the start.
     #[serde(default)]
     pub capture: RawCapture,
+    /// Answer repeated requests from the response cache. Absent: no caching.
+    #[serde(default)]
+    pub cache: Option<RawRouteCache>,
     /// What the route serves, each `METHOD path` (see [`crate::policy::Endpoint`]).
     /// Default: the provider's inference endpoints; anything else gets 404 or 405.
     #[serde(default)]

@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 
 use super::error::{invalid, ConfigError, Problem};
 use super::parse::{capture_size, normalize_prefix};
-use super::raw::{ProviderKind, RawBreaker, RawCapture, RawHealthCheck, RawRoute, RawTimeouts};
+use super::raw::{
+    ProviderKind, RawBreaker, RawCapture, RawHealthCheck, RawRoute, RawRouteCache, RawTimeouts,
+};
 use super::validate::{duration_at, LookupEnv};
 use crate::breaker::BreakerConfig;
 use crate::policy::{Endpoint, Endpoints, RoutePolicy, Store};
@@ -87,7 +89,9 @@ fn validate_route(
         return Err(invalid(format!("{at}.max_body_bytes"), Problem::AtLeast(1)));
     }
     let policy = route_policy(at, &r, &upstreams)?;
+    let cache = r.cache.as_ref().map(|c| route_cache(at, c)).transpose()?;
     Ok(RouteConfig {
+        cache,
         policy,
         health_check,
         balance,
@@ -106,6 +110,34 @@ fn validate_route(
         key,
         ca_pem,
         timeouts,
+    })
+}
+
+fn route_cache(at: &str, c: &RawRouteCache) -> Result<crate::cache::RouteCache, ConfigError> {
+    let at = format!("{at}.cache");
+    let dur = |key: &str, set: &Option<String>, default: &str| {
+        duration_at(format!("{at}.{key}"), set.as_deref().unwrap_or(default))
+    };
+    let ttl = dur("ttl", &c.ttl, "1h")?;
+    if ttl.is_zero() {
+        return Err(invalid(format!("{at}.ttl"), Problem::Zero));
+    }
+    let when = match c.when.as_deref().unwrap_or("deterministic") {
+        "deterministic" => crate::cache::When::Deterministic,
+        "always" => crate::cache::When::Always,
+        other => {
+            return Err(invalid(
+                format!("{at}.when"),
+                Problem::OneOf(other.into(), "deterministic, always"),
+            ))
+        }
+    };
+    Ok(crate::cache::RouteCache {
+        ttl,
+        max_entry_bytes: c.max_entry_bytes.unwrap_or(1 << 20),
+        when,
+        shared_by: c.shared_by.clone(),
+        wait: dur("wait", &c.wait, "5s")?,
     })
 }
 

@@ -77,8 +77,15 @@ impl RawConfig {
         let mut budgets = super::budgets::by_tenant(&raw_budgets, &self.groups, &names)?;
         for t in &mut tenants {
             t.budgets = budgets.remove(&t.id).unwrap_or_default();
+            t.groups = self
+                .groups
+                .iter()
+                .filter(|g| g.members.contains(&t.id))
+                .map(|g| g.id.clone())
+                .collect();
         }
         let budget_settings = super::budgets::settings(&self.budgets)?;
+        let cache_settings = cache_settings(&self.cache, &routes, &self.groups)?;
         check_pricing(&self.pricing)?;
         check_tenant_label(self.metrics, tenants.len())?;
         validate_limits(&self.limits.default, "limits.default")?;
@@ -121,6 +128,7 @@ impl RawConfig {
             routes,
             tenants,
             budget_settings,
+            cache_settings,
         })
     }
 }
@@ -269,6 +277,7 @@ fn validate_tenants(
             routes,
             limits: t.limits.unwrap_or(default_limits),
             budgets: Vec::new(),
+            groups: Vec::new(),
         });
     }
     Ok(tenants)
@@ -522,6 +531,32 @@ fn validate_clickhouse(
             "rows.clickhouse.shutdown_flush",
             c.shutdown_flush.as_deref().unwrap_or("5s"),
         )?,
+    })
+}
+
+/// `cache:`, and every route's `cache.shared_by` naming a group.
+fn cache_settings(
+    raw: &super::raw::RawCache,
+    routes: &[RouteConfig],
+    groups: &[super::raw::RawGroup],
+) -> Result<crate::cache::CacheSettings, ConfigError> {
+    for (i, r) in routes.iter().enumerate() {
+        let Some(group) = r.cache.as_ref().and_then(|c| c.shared_by.as_ref()) else {
+            continue;
+        };
+        if !groups.iter().any(|g| &g.id == group) {
+            return Err(invalid(
+                format!("routes[{i}].cache.shared_by"),
+                Problem::NoSuchGroup(group.clone()),
+            ));
+        }
+    }
+    if raw.memory_bytes == Some(0) {
+        return Err(invalid("cache.memory_bytes", Problem::AtLeast(1)));
+    }
+    Ok(crate::cache::CacheSettings {
+        memory_bytes: raw.memory_bytes.unwrap_or(256 << 20),
+        in_redis: raw.in_redis,
     })
 }
 

@@ -20,14 +20,15 @@ use crate::limits::{self, Limits};
 use crate::request_info;
 use crate::route::{Route, RouteKey, RouteTable};
 
-/// Bodies a budgeted tenant sends are read before they are forwarded up to this size,
-/// so that their model and size are known; larger ones (and bodies without a length)
-/// count as unpriced.
+/// Bodies a budgeted tenant sends (and bodies on a caching route) are read before they
+/// are forwarded up to this size, so that their model and size are known (and their
+/// cache key); larger ones (and bodies without a length) count as unpriced, and are not
+/// cached.
 const BUDGETED_READ_MAX: usize = 4 << 20;
 
 /// The length of a body to read at admission, if it is to be read then.
 fn early_read_len(req: &RequestHeader, a: &Admitted) -> Option<usize> {
-    if a.budgets.is_empty() {
+    if a.budgets.is_empty() && a.route.cache.is_none() {
         request_info::early_read_len(req)
     } else {
         request_info::early_read_len_up_to(req, BUDGETED_READ_MAX.min(a.route.max_body_bytes))
@@ -40,6 +41,7 @@ pub struct Allowed {
     pub tenant: Arc<str>,
     pub limits: Limits,
     pub budgets: Arc<[Arc<crate::budget::BudgetSpec>]>,
+    pub groups: Arc<[String]>,
 }
 
 /// A request the relay answers itself, with what was learned before refusing it.
@@ -90,6 +92,7 @@ pub fn admit(
         tenant: tenant.id.clone(),
         limits: tenant.limits,
         budgets: tenant.budgets.clone(),
+        groups: tenant.groups.clone(),
     })
 }
 
@@ -179,8 +182,11 @@ impl RelayProxy {
                 }
                 Err(e) => return Ok(Err(e.into())),
             }
+            self.plan_cache(a, session.req_header(), &whole).await;
         }
-        if !a.budgets.is_empty() && (body_bytes > 0 || a.websocket.is_some()) {
+        let hit = a.cache.as_ref().is_some_and(|p| p.hit.is_some());
+        // A hit costs a request against the limits, and no tokens and no budget.
+        if !hit && !a.budgets.is_empty() && (body_bytes > 0 || a.websocket.is_some()) {
             if let Err(refused) = self.within_budgets(a, body_bytes).await {
                 return Ok(Err(refused));
             }

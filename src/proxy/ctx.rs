@@ -75,6 +75,10 @@ pub struct Admitted {
     pub budgets: Arc<[Arc<crate::budget::BudgetSpec>]>,
     pub budget: Option<crate::budget::Hold>,
     pub budget_refused: Option<String>,
+    /// The tenant's groups (a route may share its cache with one).
+    pub groups: Arc<[String]>,
+    /// What the request does with the route's response cache.
+    pub cache: Option<Box<crate::cache::Plan>>,
 }
 
 impl Admitted {
@@ -94,6 +98,8 @@ impl Admitted {
             budgets: Arc::new([]),
             budget: None,
             budget_refused: None,
+            groups: Arc::new([]),
+            cache: None,
         }
     }
 
@@ -220,6 +226,7 @@ impl RequestCtx {
         self.tenant = Some(allowed.tenant.clone());
         let mut admitted = Admitted::new(allowed.route, allowed.tenant, allowed.limits);
         admitted.budgets = allowed.budgets;
+        admitted.groups = allowed.groups;
         self.admitted = Some(Box::new(admitted));
     }
 
@@ -257,6 +264,7 @@ impl RequestCtx {
             f.attempts = a.tries.budget.attempts;
             f.budget = a.budget.as_ref();
             f.budget_refused = a.budget_refused.as_deref();
+            f.cache = a.cache.as_deref();
             a.answer.add_facts(&mut f);
         }
         f

@@ -66,6 +66,7 @@ impl RelayProxy {
                 .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
         };
         let outcome = end.outcome;
+        self.store_answer(ctx, outcome).await;
         let recorded = match ctx.recorder.take() {
             Some(recorder) => recorder.record(&ctx.facts(), end),
             None => Default::default(),
@@ -81,8 +82,14 @@ impl RelayProxy {
         // The open-stream gauge is released here, whatever ended the request.
         a.answer.stream = None;
         if let Some(admission) = a.admission.take() {
-            // The concurrency slot is freed here (or as `admission` drops).
-            let actual = settled_tokens(&usage, outcome);
+            // The concurrency slot is freed here (or as `admission` drops). An answer
+            // from the cache used no tokens.
+            let hit = a.cache.as_ref().is_some_and(|p| p.hit.is_some());
+            let actual = if hit {
+                Some(0)
+            } else {
+                settled_tokens(&usage, outcome)
+            };
             self.limiter
                 .settle(&a.tenant, &a.limits, admission, actual)
                 .await;

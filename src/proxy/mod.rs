@@ -25,6 +25,7 @@
 mod admit;
 mod attempt;
 mod body;
+mod cached;
 mod ctx;
 mod end;
 mod failure;
@@ -73,6 +74,8 @@ pub struct RelayProxy {
     pub recorder: Arc<Recorder>,
     /// The tenants' spend budgets.
     pub budgets: Arc<crate::budget::Budgets>,
+    /// The routes' response cache.
+    pub cache: Arc<crate::cache::Cache>,
 }
 
 #[async_trait]
@@ -97,6 +100,13 @@ impl ProxyHttp for RelayProxy {
         }
         if let Err(refused) = self.check_admitted(session, ctx).await? {
             return self.answer(session, ctx, refused).await;
+        }
+        let hit = ctx
+            .admitted
+            .as_ref()
+            .and_then(|a| a.cache.as_ref()?.hit.clone());
+        if let Some(entry) = hit {
+            return self.serve_hit(session, ctx, &entry).await;
         }
         let a = admitted(&mut ctx.admitted)?;
         a.admitted_after = ctx.start.elapsed();
@@ -222,6 +232,12 @@ impl ProxyHttp for RelayProxy {
             for (name, value) in room.headers() {
                 resp.insert_header(name, value)?;
             }
+        }
+        if let Some(plan) = a.and_then(|a| a.cache.as_ref()) {
+            resp.insert_header(crate::cache::HEADER, plan.result())?;
+        }
+        if let Some(a) = ctx.admitted.as_mut() {
+            a.capture_for_cache();
         }
         ctx.client_status = Some(resp.status.as_u16());
         Ok(())

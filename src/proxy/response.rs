@@ -49,6 +49,10 @@ pub struct Answer {
     close_sent: bool,
     /// The body's end went to the client.
     pub body_sent: bool,
+    /// What the client got, kept for the response cache.
+    pub cache_capture: Option<crate::cache::Capture>,
+    /// The answer's content type, as the upstream sent it.
+    pub content_type: Option<String>,
 }
 
 impl Answer {
@@ -140,6 +144,7 @@ impl Answer {
             .headers
             .get(http::header::CONTENT_TYPE)
             .map_or(&b""[..], |v| v.as_bytes());
+        self.content_type = std::str::from_utf8(content_type).ok().map(str::to_string);
         // The relay asks for no compression; an upstream that compresses anyway cannot be
         // read as it passes, and its row says so.
         self.encoded = resp
@@ -199,6 +204,9 @@ impl Answer {
         }
         if let Some(b) = body.as_ref() {
             keep_bytes(&mut self.captured, b, capture);
+            if let Some(c) = &mut self.cache_capture {
+                c.feed(b);
+            }
         }
         self.body_sent |= end;
     }

@@ -104,6 +104,8 @@ struct ChRow<'a> {
     budget_decision: Option<&'a str>,
     budget_reserved_usd: Option<f64>,
     budget_settled_usd: Option<f64>,
+    cache: Option<&'a str>,
+    cache_saved_usd: Option<f64>,
 }
 
 impl<'a> ChRow<'a> {
@@ -149,6 +151,8 @@ impl<'a> ChRow<'a> {
             budget_decision: r.budget_decision.as_deref(),
             budget_reserved_usd: r.budget_reserved_usd,
             budget_settled_usd: r.budget_settled_usd,
+            cache: r.cache.as_deref(),
+            cache_saved_usd: r.cache_saved_usd,
         }
     }
 }

@@ -116,6 +116,12 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("migrations/0004_budgets.sql"),
         current: Some(include_str!("migrations/0004_budgets.current.sql")),
     },
+    Migration {
+        version: 5,
+        name: "cache",
+        sql: include_str!("migrations/0005_cache.sql"),
+        current: Some(include_str!("migrations/0005_cache.current.sql")),
+    },
 ];
 
 /// The table and column an `ALTER TABLE db.t ADD COLUMN c ...` statement adds; such a
