@@ -362,8 +362,10 @@ pub fn stores(method: &Method, path: &str) -> bool {
 /// Request headers that never go upstream: the tenant's own cookies, the client's address
 /// as other proxies write it (and every `x-forwarded-*`), the provider account selectors
 /// (a route sets those itself, in `upstream_headers`), and method overrides, which some
-/// servers obey in place of the method the endpoint list allowed.
-const REQUEST_DROP: [&str; 10] = [
+/// servers obey in place of the method the endpoint list allowed; and the relay's own
+/// cache control (`x-relay-cache`).
+const REQUEST_DROP: [&str; 11] = [
+    "x-relay-cache",
     "cookie",
     "forwarded",
     "x-real-ip",

@@ -230,6 +230,9 @@ fn fleet_state(config: &Config, metrics: &Metrics) -> Result<FleetState, BuildEr
             .map(|(conn, r)| (conn, r.key_prefix.clone())),
         metrics.registry(),
     );
+    for route in config.routes.iter().filter(|r| r.cache.is_some()) {
+        cache.declare_route(&route.name);
+    }
     Ok((redis, Arc::new(budgets), Arc::new(cache)))
 }
 

@@ -375,34 +375,11 @@ fn entries_in_redis_are_shared_and_redis_down_is_a_miss() {
 /// cache, byte for byte, and the SDK reads them as it read the first.
 #[test]
 fn the_openai_sdk_reads_cached_answers_as_the_first() {
-    let have = std::process::Command::new("python3")
-        .args(["-c", "import openai"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !have {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "the openai SDK is required under CI"
-        );
-        eprintln!("SKIPPED: the openai SDK is not installed (scripts/test.sh installs it)");
+    if !have_python_modules("openai") {
         return;
     }
     let mock = MockProc::start(None);
     let relay = RelayProc::start(&config(&mock, "{ ttl: 1h }", ""), &[]);
-    let out = std::process::Command::new("python3")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/scripts/sdk_cache_check.py"
-        ))
-        .arg(format!("http://{}", relay.addr))
-        .arg("sk-a")
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{said}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = run_sdk_script("sdk_cache_check.py", &relay, "sk-a");
     assert_eq!(requests(&mock), 2, "{said}");
 }

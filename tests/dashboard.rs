@@ -42,7 +42,7 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
     let dead = free_port();
     let config = format!(
         r#"routes:
-  - {{ name: openai, prefix: /openai/v1, provider: openai, upstreams: ["{u}/v1"] }}
+  - {{ name: openai, prefix: /openai/v1, provider: openai, upstreams: ["{u}/v1"], cache: {{ ttl: 1h }} }}
   - {{ name: audio, prefix: /audio/v1, provider: audio, upstreams: ["{u}/v1"] }}
   - {{ name: dead, prefix: /dead/v1, provider: openai, upstreams: ["http://127.0.0.1:{dead}/v1"] }}
 pricing:

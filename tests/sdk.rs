@@ -20,20 +20,7 @@ const PRICING: &str = r#"pricing:
 "#;
 
 fn have_sdks() -> bool {
-    let have = Command::new("python3")
-        .args(["-c", "import openai, anthropic, websockets"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !have {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "python3 with the openai, anthropic and websockets packages is required under CI"
-        );
-        eprintln!(
-            "SKIPPED: python3 -m pip install openai anthropic websockets (scripts/test.sh does)"
-        );
-    }
-    have
+    have_python_modules("openai, anthropic, websockets")
 }
 
 /// The request ids sdk_check.py reports: the relay's of each API call, and the

@@ -225,6 +225,15 @@ impl Cache {
         }
     }
 
+    /// A route that caches: its counters exist from the start, at 0.
+    pub fn declare_route(&self, route: &str) {
+        for result in ["hit", "miss", "refresh", "bypass"] {
+            self.metrics.requests.with_label_values(&[route, result]);
+        }
+        self.metrics.stores.with_label_values(&[route]);
+        self.metrics.saved.with_label_values(&[route]);
+    }
+
     /// The request's plan: keyed, with what the client asked and what the route caches.
     pub fn plan(
         &self,

@@ -1314,3 +1314,41 @@ pub fn dashboard_sql(database: &str) -> Vec<(String, String)> {
         })
         .collect()
 }
+
+/// Whether python3 imports `modules` (`"openai, anthropic"`); under CI a missing one
+/// fails the test instead (scripts/test.sh installs them).
+pub fn have_python_modules(modules: &str) -> bool {
+    let have = Command::new("python3")
+        .args(["-c", &format!("import {modules}")])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !have {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "python3 with {modules} is required under CI"
+        );
+        eprintln!("SKIPPED: python3 -m pip install {modules} (scripts/test.sh does)");
+    }
+    have
+}
+
+/// Runs `scripts/NAME` with the relay's base URL and `key`; panics with its output when
+/// it fails. Its standard output.
+pub fn run_sdk_script(name: &str, relay: &RelayProc, key: &str) -> String {
+    let out = Command::new("python3")
+        .arg(format!(
+            "{}/../../scripts/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .arg(format!("http://{}", relay.addr))
+        .arg(key)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{name}: {said}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    said
+}
