@@ -82,6 +82,16 @@ fn budgets(relay: &RelayProc) -> serde_json::Value {
     request(relay.admin, "GET", "/budgets", &[], b"").json()
 }
 
+/// Waits until `id` holds no reservation: the last request's settlement (made as it
+/// ends, a moment after its answer went out) is in.
+fn settled(relay: &RelayProc, id: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while budget(&budgets(relay), id)["reserved_usd"] != 0.0 {
+        assert!(std::time::Instant::now() < deadline, "{id} never settled");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn budget<'a>(report: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
     report["budgets"]
         .as_array()
@@ -106,6 +116,7 @@ fn a_daily_budget_serves_until_spent_then_refuses_in_the_providers_shape() {
             break r;
         }
         served += 1;
+        settled(&relay, "tenant:acme");
         let remaining: f64 = r.header("x-budget-remaining-usd").unwrap().parse().unwrap();
         assert!(
             remaining < last_remaining,
@@ -163,6 +174,7 @@ fn a_group_budget_stops_all_its_tenants() {
         let key = if i % 2 == 0 { "sk-a" } else { "sk-b" };
         if chat(&relay, key, &format!("group-{i}")).status == 200 {
             served += 1;
+            settled(&relay, "group:team");
         }
     }
     let (cost, reservation) = cost_and_reservation(&relay.row_for("group-0"));
@@ -219,6 +231,7 @@ fn three_relays_sharing_redis_hold_one_budget_under_50_concurrent_requests() {
         })
         .collect();
     let served: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    settled(&relays[0], "tenant:fleet");
     // Every request's row, once the writers have flushed them.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let rows = loop {
@@ -309,6 +322,7 @@ fn audit_mode_serves_and_counts() {
     for i in 0..6 {
         assert_eq!(chat(&relay, TENANT_KEY, &format!("audit-{i}")).status, 200);
     }
+    settled(&relay, "tenant:acme");
     let rows = relay.rows_at_least(6);
     let decision = |id: &str| {
         rows.iter().find(|r| r["client_request_id"] == id).unwrap()["budget_decision"].clone()
@@ -445,6 +459,7 @@ fn a_budget_changed_mid_window_keeps_what_was_spent() {
     let mut served = 0;
     while chat(&relay, TENANT_KEY, &format!("before-{served}")).status == 200 {
         served += 1;
+        settled(&relay, "tenant:acme");
         assert!(served < 10);
     }
     let spent = |relay: &RelayProc| {
@@ -468,6 +483,7 @@ fn a_budget_changed_mid_window_keeps_what_was_spent() {
     }
     assert_eq!(spent(&relay), before, "the spend was lost in the reload");
     assert_eq!(chat(&relay, TENANT_KEY, "after").status, 200);
+    settled(&relay, "tenant:acme");
     assert!(spent(&relay) > before);
 }
 
@@ -484,6 +500,7 @@ fn a_budget_on_a_redis_cluster_holds_its_cap() {
     let mut served = 0;
     while chat(&relay, TENANT_KEY, &format!("cluster-{served}")).status == 200 {
         served += 1;
+        settled(&relay, "tenant:acme");
         assert!(served < 10);
     }
     let (cost, reservation) = cost_and_reservation(&relay.row_for("cluster-0"));
