@@ -4,6 +4,10 @@ FROM rust:1-bookworm AS build
 # scripts/lib.sh is bash.
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 WORKDIR /src
+# The commit `stream-relay --version` names, when the context has no .git:
+# docker build --build-arg STREAM_RELAY_COMMIT=$(git rev-parse --short=12 HEAD) .
+ARG STREAM_RELAY_COMMIT
+ENV STREAM_RELAY_COMMIT=${STREAM_RELAY_COMMIT}
 COPY . .
 RUN . scripts/lib.sh \
     && need_build_tools \

@@ -6,66 +6,177 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use clap::{Args, Parser, Subcommand};
 use pingora_core::server::configuration::Opt;
 use stream_relay::{auth, config::Config, mock, server};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const USAGE: &str = "\
-usage:
-  stream-relay [-c FILE] [-d] [-u]     run the relay (default FILE: conf/relay.yaml)
-                                       -d: daemonize, -u: take over from a running relay
-  stream-relay -t [-c FILE]            check the configuration and exit
-  stream-relay check [-c FILE]         same as -t
-  stream-relay hash-key [KEY]          print the SHA-256 of a relay key (KEY or stdin)
-  stream-relay new-key                 make a random relay key and print it with its hash
-  stream-relay mock [--listen ADDR] [--key KEY] [--control-key KEY] [--tls-cert PEM --tls-key PEM]
-                                       run the mock provider (default 127.0.0.1:18080)
-  stream-relay rows replay [-c FILE] [--spool DIR]
-                                       send a row spool to the configuration's ClickHouse
-                                       (never a row twice) and exit: 0 when it is empty,
-                                       1 when batches are left (ClickHouse down, or a relay
-                                       holds the spool), 2 for a usage or configuration error
-";
+/// Exit codes, for every command: 0 done; 1 the work could not be finished (`rows
+/// replay` with batches left, the mock unable to listen); 2 a usage or configuration
+/// error.
+const AFTER_HELP: &str = "Exit codes: 0 done; 1 not finished (rows replay: batches left; mock: cannot listen); 2 usage or configuration error.";
+
+/// stream-relay: a relay for LLM and TTS APIs on Pingora. Without a command it runs the
+/// relay (`stream-relay -c FILE [-d] [-u]`, or `-t` to check the file).
+#[derive(Parser)]
+#[command(
+    name = "stream-relay",
+    version = VERSION,
+    after_help = AFTER_HELP,
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+    /// Check the configuration and exit (as `check`).
+    #[arg(short = 't', long = "test")]
+    test: bool,
+}
+
+/// The build's version and commit.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("STREAM_RELAY_COMMIT"),
+    ")"
+);
+
+#[derive(Args, Clone)]
+struct RunArgs {
+    /// The configuration file.
+    #[arg(
+        short = 'c',
+        long = "conf",
+        visible_alias = "config",
+        value_name = "FILE",
+        default_value = "conf/relay.yaml"
+    )]
+    conf: PathBuf,
+    /// Run in the background (daemonize).
+    #[arg(short = 'd', long = "daemon")]
+    daemon: bool,
+    /// Take over from a running relay: its listening sockets, then its open streams finish
+    /// in it (graceful upgrade).
+    #[arg(short = 'u', long = "upgrade")]
+    upgrade: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the relay.
+    #[command(after_help = AFTER_HELP)]
+    Run(RunArgs),
+    /// Check the configuration and exit (0 valid, 2 not, naming the key).
+    #[command(after_help = AFTER_HELP)]
+    Check {
+        /// The configuration file.
+        #[arg(
+            short = 'c',
+            long = "conf",
+            visible_alias = "config",
+            value_name = "FILE",
+            default_value = "conf/relay.yaml"
+        )]
+        conf: PathBuf,
+    },
+    /// Relay keys: make one, or hash one for `tenants[].key_sha256`.
+    #[command(subcommand, after_help = AFTER_HELP)]
+    Key(KeyCommand),
+    /// Print the SHA-256 of a relay key (as `key hash`).
+    #[command(hide = true)]
+    HashKey { key: Option<String> },
+    /// Make a random relay key (as `key new`).
+    #[command(hide = true)]
+    NewKey,
+    /// Run the built-in mock provider (OpenAI, Anthropic and audio streams).
+    #[command(after_help = AFTER_HELP)]
+    Mock(MockArgs),
+    /// Request rows.
+    #[command(subcommand, after_help = AFTER_HELP)]
+    Rows(RowsCommand),
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Make a random relay key and print it with its hash.
+    New,
+    /// Print the SHA-256 of a relay key (the argument, or the first line of stdin).
+    Hash {
+        /// The key; read from stdin when absent (keeps it out of the shell history).
+        key: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum RowsCommand {
+    /// Send a row spool to the configuration's ClickHouse (never a row twice) and exit:
+    /// 0 when it is empty, 1 when batches are left (ClickHouse down, or a relay holds the
+    /// spool), 2 for a usage or configuration error.
+    Replay {
+        /// The configuration file (its `rows.clickhouse`).
+        #[arg(
+            short = 'c',
+            long = "conf",
+            visible_alias = "config",
+            value_name = "FILE",
+            default_value = "conf/relay.yaml"
+        )]
+        conf: PathBuf,
+        /// The spool directory, instead of the configuration's `spool_dir`.
+        #[arg(long, value_name = "DIR")]
+        spool: Option<PathBuf>,
+    },
+}
+
+#[derive(Args)]
+struct MockArgs {
+    /// Address to listen on (port 0: any free one, printed at start).
+    #[arg(long, default_value = "127.0.0.1:18080", value_name = "ADDR")]
+    listen: String,
+    /// The provider key the mock expects (any when absent).
+    #[arg(long, value_name = "KEY")]
+    key: Option<String>,
+    /// The key `/mock/stats` and `/mock/control` need.
+    #[arg(long, value_name = "KEY")]
+    control_key: Option<String>,
+    /// Serve TLS with this certificate (PEM), with --tls-key.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<String>,
+    /// The TLS certificate's key (PEM).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<String>,
+}
 
 fn main() -> ExitCode {
     stream_relay::logsink::init();
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("hash-key") => hash_key(args.get(1)),
-        Some("new-key") => new_key(),
-        Some("mock") => run_mock(&args[1..]),
-        Some("check") => run_relay(&args[1..], true),
-        Some("rows") if args.get(1).map(String::as_str) == Some("replay") => {
-            rows_replay(&args[2..])
+    let cli = Cli::parse();
+    match cli.command {
+        None => run_relay(&cli.run, cli.test),
+        Some(Command::Run(args)) => run_relay(&args, false),
+        Some(Command::Check { conf }) => {
+            let args = RunArgs {
+                conf,
+                daemon: false,
+                upgrade: false,
+            };
+            run_relay(&args, true)
         }
-        Some("-h" | "--help" | "help") => {
-            print!("{USAGE}");
-            ExitCode::SUCCESS
+        Some(Command::Key(KeyCommand::Hash { key }) | Command::HashKey { key }) => {
+            hash_key(key.as_ref())
         }
-        _ => run_relay(&args, false),
+        Some(Command::Key(KeyCommand::New) | Command::NewKey) => new_key(),
+        Some(Command::Mock(args)) => run_mock(args),
+        Some(Command::Rows(RowsCommand::Replay { conf, spool })) => rows_replay(conf, spool),
     }
 }
 
-fn run_relay(args: &[String], mut check_only: bool) -> ExitCode {
-    let mut conf = PathBuf::from("conf/relay.yaml");
-    let mut daemon = false;
-    let mut upgrade = false;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "-c" | "--conf" => match it.next() {
-                Some(p) => conf = PathBuf::from(p),
-                None => return usage_error("-c needs a file"),
-            },
-            "-t" | "--test" => check_only = true,
-            "-d" | "--daemon" => daemon = true,
-            "-u" | "--upgrade" => upgrade = true,
-            other => return usage_error(&format!("unknown argument `{other}`")),
-        }
-    }
-    let mut config = match Config::load(&conf) {
+fn run_relay(args: &RunArgs, check_only: bool) -> ExitCode {
+    let conf = &args.conf;
+    let mut config = match Config::load(conf) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{}: {e}", conf.display());
@@ -87,11 +198,11 @@ fn run_relay(args: &[String], mut check_only: bool) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let opt = Opt {
-        upgrade,
-        daemon,
+        upgrade: args.upgrade,
+        daemon: args.daemon,
         ..Opt::default()
     };
-    match server::build(&config, &conf, opt) {
+    match server::build(&config, conf, opt) {
         Ok((server, rows)) => {
             server.run(pingora_core::server::RunArgs::default());
             // The runtimes may still be dropping tasks (a fast shutdown does not wait): the
@@ -144,31 +255,20 @@ fn new_key() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn run_mock(args: &[String]) -> ExitCode {
-    let mut listen = "127.0.0.1:18080".to_string();
-    let mut key = None;
-    let mut control_key = None;
-    let mut cert = None;
-    let mut tls_key = None;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let value = it.next();
-        match (a.as_str(), value) {
-            ("--listen", Some(v)) => listen = v.clone(),
-            ("--key", Some(v)) => key = Some(v.clone()),
-            ("--control-key", Some(v)) => control_key = Some(v.clone()),
-            ("--tls-cert", Some(v)) => cert = Some(v.clone()),
-            ("--tls-key", Some(v)) => tls_key = Some(v.clone()),
-            _ => return usage_error(&format!("bad mock argument `{a}`")),
-        }
-    }
+fn run_mock(args: MockArgs) -> ExitCode {
+    let MockArgs {
+        listen,
+        key,
+        control_key,
+        tls_cert: cert,
+        tls_key,
+    } = args;
     let tls = match (cert, tls_key) {
         (Some(c), Some(k)) => match mock::tls_acceptor(&c, &k) {
             Ok(a) => Some(a),
             Err(e) => return usage_error(&e),
         },
-        (None, None) => None,
-        _ => return usage_error("--tls-cert and --tls-key go together"),
+        _ => None,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -196,24 +296,7 @@ fn run_mock(args: &[String]) -> ExitCode {
 
 /// `rows replay`: a spool (a decommissioned node's, say) to ClickHouse, until it is empty
 /// or ClickHouse stops taking it.
-fn rows_replay(args: &[String]) -> ExitCode {
-    let mut conf = PathBuf::from("conf/relay.yaml");
-    let mut spool = None;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let value = match a.as_str() {
-            "-c" | "--conf" | "--config" | "--spool" => match it.next() {
-                Some(v) => PathBuf::from(v),
-                None => return usage_error(&format!("{a} needs a value")),
-            },
-            other => return usage_error(&format!("unknown argument `{other}`")),
-        };
-        if a == "--spool" {
-            spool = Some(value);
-        } else {
-            conf = value;
-        }
-    }
+fn rows_replay(conf: PathBuf, spool: Option<PathBuf>) -> ExitCode {
     let config = match Config::load(&conf) {
         Ok(c) => c,
         Err(e) => {
@@ -248,6 +331,6 @@ fn rows_replay(args: &[String]) -> ExitCode {
 }
 
 fn usage_error(msg: &str) -> ExitCode {
-    eprintln!("stream-relay: {msg}\n{USAGE}");
+    eprintln!("stream-relay: {msg} (see --help)");
     ExitCode::from(2)
 }

@@ -256,3 +256,59 @@ fn the_harness_runs_the_binary_cargo_built_for_the_tests() {
     assert_eq!(bin(), env!("CARGO_BIN_EXE_stream-relay"));
     assert!(std::path::Path::new(bin()).is_file(), "{}", bin());
 }
+
+/// Every command explains itself: `--help` on each names its options and the exit codes;
+/// `--version` names the build's commit; a mistyped option is a usage error (exit 2).
+#[test]
+fn every_command_has_help_and_the_version_names_the_commit() {
+    let run = |args: &[&str]| {
+        let out = Command::new(bin()).args(args).output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    for (args, mentions) in [
+        (
+            &["--help"][..],
+            &["run", "check", "key", "mock", "rows", "-c", "Exit codes"][..],
+        ),
+        (&["run", "--help"], &["--conf", "--daemon", "--upgrade"]),
+        (&["check", "--help"], &["--conf"]),
+        (&["key", "--help"], &["new", "hash"]),
+        (&["key", "hash", "--help"], &["stdin"]),
+        (&["key", "new", "--help"], &["random"]),
+        (
+            &["mock", "--help"],
+            &["--listen", "--key", "--control-key", "--tls-cert"],
+        ),
+        (&["rows", "--help"], &["replay"]),
+        (
+            &["rows", "replay", "--help"],
+            &["--spool", "--conf", "batches are left"],
+        ),
+    ] {
+        let (code, text) = run(args);
+        assert_eq!(code, 0, "{args:?}: {text}");
+        for m in mentions {
+            assert!(text.contains(m), "{args:?} does not mention {m}:\n{text}");
+        }
+    }
+    let (code, version) = run(&["--version"]);
+    assert_eq!(code, 0);
+    assert!(version.starts_with("stream-relay 0."), "{version}");
+    assert!(version.contains("(commit "), "{version}");
+    assert!(!version.contains("(commit )"), "{version}");
+    let (code, text) = run(&["check", "--cnof", "x"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("--conf"), "no suggestion: {text}");
+    // The short forms of before keep working.
+    let (code, _) = run(&["hash-key", "sk-x"]);
+    assert_eq!(code, 0);
+    let (code, text) = run(&["key", "hash", "sk-x"]);
+    assert_eq!(
+        (code, text.trim()),
+        (0, stream_relay::auth::hash_key_hex("sk-x").as_str())
+    );
+}
