@@ -168,6 +168,29 @@ fn a_changed_temperature_or_tool_list_misses() {
     let with_tools = send(&relay, "sk-a", "tools", tools.to_string().as_bytes(), &[]);
     assert_eq!(with_tools.header("x-relay-cache"), Some("miss"));
     assert_eq!(requests(&mock), 3);
+    // A stream that asks for its usage chunk and one that does not get different bytes:
+    // separate entries.
+    send(&relay, "sk-a", "sse-usage", &body(true, 0.0), &[]);
+    let mut plain: serde_json::Value = serde_json::from_slice(&body(true, 0.0)).unwrap();
+    plain.as_object_mut().unwrap().remove("stream_options");
+    let no_usage = send(
+        &relay,
+        "sk-a",
+        "sse-plain",
+        plain.to_string().as_bytes(),
+        &[],
+    );
+    assert_eq!(no_usage.header("x-relay-cache"), Some("miss"));
+    let again = send(
+        &relay,
+        "sk-a",
+        "sse-plain-2",
+        plain.to_string().as_bytes(),
+        &[],
+    );
+    assert_eq!(again.header("x-relay-cache"), Some("hit"));
+    assert_eq!(again.body, no_usage.body);
+    assert!(!String::from_utf8_lossy(&again.body).contains("\"usage\":{"));
     // Whitespace, key order and `user` do not change the key.
     let mut same: serde_json::Value = serde_json::from_slice(&body(false, 0.0)).unwrap();
     same["user"] = "someone".into();

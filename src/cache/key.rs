@@ -1,6 +1,7 @@
 //! The cache key: what makes two requests ask the same thing. Pure.
 //!
-//! The route, the upstream path and query, the answer's format (stream or JSON), the
+//! The route, the upstream path and query, the answer's format (JSON, a stream, or a
+//! stream with its usage chunk: `stream_options.include_usage` adds one), the
 //! provider headers that change an answer (`anthropic-version`, `anthropic-beta`,
 //! `openai-beta`), the scope (the tenant, or the group sharing the entries), and the body
 //! in a canonical form: JSON with sorted keys and no insignificant whitespace, without
@@ -21,7 +22,8 @@ pub struct KeyParts<'a> {
     pub scope: &'a str,
     pub route: &'a str,
     pub path_and_query: &'a str,
-    pub stream: bool,
+    /// `json`, `sse`, or `sse+usage`.
+    pub format: &'a str,
     /// `KEYED_HEADERS` values, in that order (`None`: absent).
     pub headers: [Option<&'a [u8]>; 3],
 }
@@ -65,7 +67,7 @@ pub fn key(parts: &KeyParts<'_>, body: &Canonical) -> String {
     part(parts.scope.as_bytes());
     part(parts.route.as_bytes());
     part(parts.path_and_query.as_bytes());
-    part(if parts.stream { b"sse" } else { b"json" });
+    part(parts.format.as_bytes());
     for value in parts.headers {
         match value {
             Some(v) => part(v),
@@ -85,7 +87,7 @@ mod tests {
             scope,
             route: "openai",
             path_and_query: "/chat/completions",
-            stream: false,
+            format: "json",
             headers: [None, None, None],
         }
     }
@@ -123,11 +125,14 @@ mod tests {
         let c = canonical(base.as_bytes()).unwrap();
         assert_ne!(key(&parts("tenant:b"), &c), k, "two tenants share an entry");
         let mut stream = parts("tenant:a");
-        stream.stream = true;
+        stream.format = "sse";
+        let sse = key(&stream, &c);
+        assert_ne!(sse, k, "a stream and a JSON answer share an entry");
+        stream.format = "sse+usage";
         assert_ne!(
             key(&stream, &c),
-            k,
-            "a stream and a JSON answer share an entry"
+            sse,
+            "a stream with a usage chunk and one without share an entry"
         );
         let mut versioned = parts("tenant:a");
         versioned.headers[0] = Some(b"2023-06-01");

@@ -251,7 +251,7 @@ impl Cache {
             key: canonical.map_or_else(String::new, |c| key::key(parts, &c)),
             route: parts.route.into(),
             config: config.clone(),
-            stream: parts.stream,
+            stream: parts.format != "json",
             leader: None,
             hit: None,
             stored: false,

@@ -27,11 +27,16 @@ impl RelayProxy {
         };
         let header = |name: &str| req.headers.get(name).map(|v| v.as_bytes());
         let keyed = cache::key::KEYED_HEADERS;
+        let format = match a.body.info.as_ref() {
+            Some(i) if i.stream && i.include_usage => "sse+usage",
+            Some(i) if i.stream => "sse",
+            _ => "json",
+        };
         let parts = cache::key::KeyParts {
             scope: &scope,
             route: &a.route.name,
             path_and_query: &a.route.provider_path_and_query(&req.uri),
-            stream: a.body.info.as_ref().is_some_and(|i| i.stream),
+            format,
             headers: [header(keyed[0]), header(keyed[1]), header(keyed[2])],
         };
         let mut plan = self
