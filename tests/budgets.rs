@@ -424,16 +424,27 @@ fn redis_stopped_follows_on_failure() {
 }
 
 /// The official OpenAI SDK raises on both: the cut stream while iterating, the refused
-/// request at once, without retrying it (one row for it, not three).
+/// request at once, without retrying it (one row for it, not three); the Anthropic SDK
+/// raises on its cut stream's `error` event.
 #[test]
 fn the_openai_sdk_raises_on_a_cut_stream_and_does_not_retry_a_refusal() {
-    if !have_python_modules("openai") {
+    if !have_python_modules("openai, anthropic") {
         return;
     }
     let mock = MockProc::start(None);
-    let t = tenant("acme", TENANT_KEY, "{ usd: 0.05, per: day }");
-    let relay = RelayProc::start(&config(&mock, &t, ""), &[]);
-    let said = run_sdk_script("sdk_budget_check.py", &relay, TENANT_KEY);
+    let t = tenant("acme", TENANT_KEY, "{ usd: 0.05, per: day }")
+        + &tenant("anth", "sk-anth", "{ usd: 0.05, per: day }");
+    let anthropic_route = format!(
+        "  - {{ name: anthropic, prefix: /anthropic, provider: anthropic, upstreams: [\"{}\"] }}\npricing:\n  mock-claude: {{ input: 100, output: 400 }}\n",
+        mock.url()
+    );
+    let conf = config(&mock, &t, "").replace("pricing:\n", &anthropic_route);
+    let relay = RelayProc::start(&conf, &[]);
+    let said = run_sdk_script("sdk_budget_check.py", &relay, &[TENANT_KEY, "sk-anth"]);
+    assert!(said.contains("ok: the Anthropic stream raised"), "{said}");
+    let cut = relay.row_for("sdk-anthropic-cut");
+    assert_eq!(cut["outcome"], "budget_exceeded");
+    assert_eq!(cut["budget_decision"], "cut");
     assert!(
         said.contains("ok: the stream raised APIError budget_exceeded"),
         "{said}"

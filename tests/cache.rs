@@ -403,6 +403,6 @@ fn the_openai_sdk_reads_cached_answers_as_the_first() {
     }
     let mock = MockProc::start(None);
     let relay = RelayProc::start(&config(&mock, "{ ttl: 1h }", ""), &[]);
-    let said = run_sdk_script("sdk_cache_check.py", &relay, "sk-a");
+    let said = run_sdk_script("sdk_cache_check.py", &relay, &["sk-a"]);
     assert_eq!(requests(&mock), 2, "{said}");
 }

@@ -1332,16 +1332,16 @@ pub fn have_python_modules(modules: &str) -> bool {
     have
 }
 
-/// Runs `scripts/NAME` with the relay's base URL and `key`; panics with its output when
+/// Runs `scripts/NAME` with the relay's base URL and `keys`; panics with its output when
 /// it fails. Its standard output.
-pub fn run_sdk_script(name: &str, relay: &RelayProc, key: &str) -> String {
+pub fn run_sdk_script(name: &str, relay: &RelayProc, keys: &[&str]) -> String {
     let out = Command::new("python3")
         .arg(format!(
             "{}/../../scripts/{name}",
             env!("CARGO_MANIFEST_DIR")
         ))
         .arg(format!("http://{}", relay.addr))
-        .arg(key)
+        .args(keys)
         .output()
         .unwrap();
     let said = String::from_utf8_lossy(&out.stdout).into_owned();
