@@ -39,5 +39,6 @@ pub mod server;
 pub mod sse;
 pub mod stall;
 pub mod tap;
+pub mod telemetry;
 pub mod upstream;
 pub mod websocket;

@@ -45,8 +45,9 @@ const VERSION: &str = concat!(
     ")"
 );
 
+/// `-c FILE`, the configuration file, as every command that reads one takes it.
 #[derive(Args, Clone)]
-struct RunArgs {
+struct ConfArg {
     /// The configuration file.
     #[arg(
         short = 'c',
@@ -56,6 +57,12 @@ struct RunArgs {
         default_value = "conf/relay.yaml"
     )]
     conf: PathBuf,
+}
+
+#[derive(Args, Clone)]
+struct RunArgs {
+    #[command(flatten)]
+    conf: ConfArg,
     /// Run in the background (daemonize).
     #[arg(short = 'd', long = "daemon")]
     daemon: bool,
@@ -73,15 +80,8 @@ enum Command {
     /// Check the configuration and exit (0 valid, 2 not, naming the key).
     #[command(after_help = AFTER_HELP)]
     Check {
-        /// The configuration file.
-        #[arg(
-            short = 'c',
-            long = "conf",
-            visible_alias = "config",
-            value_name = "FILE",
-            default_value = "conf/relay.yaml"
-        )]
-        conf: PathBuf,
+        #[command(flatten)]
+        conf: ConfArg,
     },
     /// Relay keys: make one, or hash one for `tenants[].key_sha256`.
     #[command(subcommand, after_help = AFTER_HELP)]
@@ -117,15 +117,9 @@ enum RowsCommand {
     /// 0 when it is empty, 1 when batches are left (ClickHouse down, or a relay holds the
     /// spool), 2 for a usage or configuration error.
     Replay {
-        /// The configuration file (its `rows.clickhouse`).
-        #[arg(
-            short = 'c',
-            long = "conf",
-            visible_alias = "config",
-            value_name = "FILE",
-            default_value = "conf/relay.yaml"
-        )]
-        conf: PathBuf,
+        /// The configuration file: its `rows.clickhouse`.
+        #[command(flatten)]
+        conf: ConfArg,
         /// The spool directory, instead of the configuration's `spool_dir`.
         #[arg(long, value_name = "DIR")]
         spool: Option<PathBuf>,
@@ -170,12 +164,12 @@ fn main() -> ExitCode {
         }
         Some(Command::Key(KeyCommand::New) | Command::NewKey) => new_key(),
         Some(Command::Mock(args)) => run_mock(args),
-        Some(Command::Rows(RowsCommand::Replay { conf, spool })) => rows_replay(conf, spool),
+        Some(Command::Rows(RowsCommand::Replay { conf, spool })) => rows_replay(conf.conf, spool),
     }
 }
 
 fn run_relay(args: &RunArgs, check_only: bool) -> ExitCode {
-    let conf = &args.conf;
+    let conf = &args.conf.conf;
     let mut config = match Config::load(conf) {
         Ok(c) => c,
         Err(e) => {

@@ -44,6 +44,10 @@ pub struct Facts<'a> {
     pub budget_refused: Option<&'a str>,
     /// What the request did with the route's response cache.
     pub cache: Option<&'a crate::cache::Plan>,
+    /// Its trace, when OpenTelemetry is on; and the request line for its span.
+    pub trace: Option<&'a crate::telemetry::Trace>,
+    pub method: &'a str,
+    pub path: &'a str,
 }
 
 /// Ends each request in the metrics, the access log and its row.
@@ -54,6 +58,8 @@ pub struct Recorder {
     pub rows: crate::rows::RowSender,
     /// This relay's name in rows.
     pub instance: Arc<str>,
+    /// The OTLP exporter, when `telemetry.otlp` is set.
+    pub telemetry: Option<Arc<crate::telemetry::Telemetry>>,
 }
 
 /// What [`Recorder::record`] hands back for settlement.
@@ -112,6 +118,9 @@ impl<'a> Facts<'a> {
             budget: None,
             budget_refused: None,
             cache: None,
+            trace: None,
+            method: "",
+            path: "",
         }
     }
 }
@@ -219,6 +228,9 @@ impl Recorder {
             self.metrics.session_frames(&route.name, client, server);
         }
         access_line(f, &end, &account);
+        if let (Some(t), Some(trace)) = (&self.telemetry, f.trace) {
+            t.finish(trace, &spans_of(f, &end, &account));
+        }
         let usage = account.usage;
         let mut r = row(f, end, &account, &self.instance);
         r.budget_settled_usd = settled.map(|n| n as f64 / 1e9);
@@ -324,6 +336,36 @@ pub fn row(f: &Facts<'_>, end: End<'_>, a: &Account<'_>, instance: &str) -> Row 
         response_body: route
             .filter(|r| r.capture.response > 0)
             .map(|_| String::from_utf8_lossy(f.captured_response).into_owned()),
+    }
+}
+
+/// What a request's spans say (see [`crate::telemetry`]).
+fn spans_of<'a>(
+    f: &'a Facts<'_>,
+    end: &'a End<'_>,
+    a: &'a Account<'_>,
+) -> crate::telemetry::Finished<'a> {
+    let measure = f.tap.map(|t| &t.measure);
+    crate::telemetry::Finished {
+        start: f.started_at,
+        end: f.started_at + a.duration,
+        method: f.method,
+        path: f.path,
+        status: end.status,
+        outcome: end.outcome,
+        provider: f.route.map(|r| match r.provider.as_str() {
+            "anthropic" => "anthropic",
+            _ => "openai",
+        }),
+        route: f.route.map(|r| r.name.as_str()),
+        tenant: f.tenant,
+        request_model: f.request_info.and_then(|i| i.model.as_deref()),
+        response_model: measure.and_then(|m| m.model.as_deref()),
+        input_tokens: a.usage.input,
+        output_tokens: a.usage.output,
+        finish_reason: measure.and_then(|m| m.finish_reason.as_deref()),
+        ttft: a.first_output.filter(|_| !a.audio),
+        upstream_status: f.upstream_status,
     }
 }
 

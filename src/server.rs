@@ -50,6 +50,9 @@ pub enum BuildError {
     /// `redis.url` is not a URL the Redis client takes.
     #[error(transparent)]
     Redis(#[from] redis::RedisError),
+    /// The OTLP exporter cannot be built.
+    #[error("telemetry.otlp: {0}")]
+    Telemetry(String),
 }
 
 /// Builds the server. Upstream names are resolved here once, waiting at most 3 s, before any
@@ -75,6 +78,13 @@ pub fn build(
         redis,
         budgets: budgets.clone(),
         cache,
+        telemetry: match &config.otlp {
+            Some(o) => Some(Arc::new(
+                crate::telemetry::Telemetry::start(o, metrics.registry())
+                    .map_err(BuildError::Telemetry)?,
+            )),
+            None => None,
+        },
     };
     add_proxy(&mut server, config, &routes, &shared, row_sender);
     add_admin(&mut server, config, &shared, &draining);
@@ -251,6 +261,7 @@ struct Shared<'a> {
     redis: Option<Arc<crate::limits::redis::RedisConnection>>,
     budgets: Arc<crate::budget::Budgets>,
     cache: Arc<crate::cache::Cache>,
+    telemetry: Option<Arc<crate::telemetry::Telemetry>>,
 }
 
 fn add_proxy(
@@ -267,6 +278,7 @@ fn add_proxy(
         pricing: pricing.clone(),
         rows,
         instance: Arc::from(config.instance.as_str()),
+        telemetry: shared.telemetry.clone(),
     });
     let limiter: Arc<dyn crate::limits::Limiter> = match (&config.redis, &shared.redis) {
         (Some(r), Some(conn)) => Arc::new(crate::limits::redis::RedisLimiter::with_connection(
@@ -291,6 +303,7 @@ fn add_proxy(
         recorder: recorder.clone(),
         budgets: shared.budgets.clone(),
         cache: shared.cache.clone(),
+        telemetry: shared.telemetry.clone(),
     };
     let gate = crate::headgate::HeadGate::new(
         http_proxy(&server.configuration, proxy),

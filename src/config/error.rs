@@ -97,6 +97,10 @@ pub enum Problem {
     NoSuchTenant(String),
     #[error("no group is named `{0}`")]
     NoSuchGroup(String),
+    #[error("must start with http:// (TLS to a collector is not built in: send to a collector agent nearby)")]
+    OtlpScheme,
+    #[error("must be between 0 and 1")]
+    Ratio,
     #[error("must be a dollar amount of 0 or more")]
     Dollars,
     #[error("`{0}`: not a time zone name (IANA, such as UTC or Europe/Berlin)")]

@@ -58,6 +58,8 @@ pub struct Config {
     pub budget_settings: crate::budget::BudgetSettings,
     /// Where the response cache keeps its entries.
     pub cache_settings: crate::cache::CacheSettings,
+    /// OpenTelemetry export, when on.
+    pub otlp: Option<crate::telemetry::OtlpConfig>,
 }
 
 impl Config {

@@ -49,6 +49,49 @@ pub struct RawConfig {
     /// Where the response cache keeps its entries.
     #[serde(default)]
     pub cache: RawCache,
+    /// OpenTelemetry export. Absent: none.
+    #[serde(default)]
+    pub telemetry: RawTelemetry,
+}
+
+/// `telemetry:`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTelemetry {
+    /// Traces over OTLP. Absent: off.
+    pub otlp: Option<RawOtlp>,
+}
+
+/// `telemetry.otlp`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOtlp {
+    /// The collector: `http://host:4318` (`/v1/traces` is added), or the traces URL.
+    pub endpoint: String,
+    /// `http/protobuf`, the one built in. Default it.
+    #[serde(default)]
+    pub protocol: Option<String>,
+    /// Headers sent with every export (a vendor's API key: `env:` or `file:` values).
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// The share of traces kept that no client's `traceparent` decided. Default 1.
+    #[serde(default)]
+    pub sample_ratio: Option<f64>,
+    /// `service.name` of the spans. Default `stream-relay`.
+    #[serde(default)]
+    pub service_name: Option<String>,
+    /// Spans that may wait for export (past it: dropped, counted). Default 8192.
+    #[serde(default)]
+    pub queue: Option<usize>,
+    /// Spans per export. Default 512.
+    #[serde(default)]
+    pub batch: Option<usize>,
+    /// The longest a span waits for its batch. Default `1s`.
+    #[serde(default)]
+    pub interval: Option<String>,
+    /// Longest wait for one export. Default `5s`.
+    #[serde(default)]
+    pub timeout: Option<String>,
 }
 
 /// `cache:` (top level).

@@ -86,6 +86,10 @@ impl RawConfig {
         }
         let budget_settings = super::budgets::settings(&self.budgets)?;
         let cache_settings = cache_settings(&self.cache, &routes, &self.groups)?;
+        let otlp = match &self.telemetry.otlp {
+            Some(o) => Some(validate_otlp(o, lookup_env)?),
+            None => None,
+        };
         check_pricing(&self.pricing)?;
         check_tenant_label(self.metrics, tenants.len())?;
         validate_limits(&self.limits.default, "limits.default")?;
@@ -129,6 +133,7 @@ impl RawConfig {
             tenants,
             budget_settings,
             cache_settings,
+            otlp,
         })
     }
 }
@@ -531,6 +536,71 @@ fn validate_clickhouse(
             "rows.clickhouse.shutdown_flush",
             c.shutdown_flush.as_deref().unwrap_or("5s"),
         )?,
+    })
+}
+
+/// `telemetry.otlp`: an http collector, the one protocol built in, secrets resolved.
+fn validate_otlp(
+    o: &super::raw::RawOtlp,
+    lookup_env: LookupEnv<'_>,
+) -> Result<crate::telemetry::OtlpConfig, ConfigError> {
+    let key = "telemetry.otlp";
+    match o.protocol.as_deref().unwrap_or("http/protobuf") {
+        "http/protobuf" => {}
+        other => return Err(invalid(
+            format!("{key}.protocol"),
+            Problem::OneOf(
+                other.into(),
+                "http/protobuf (grpc is not built in: use the collector's OTLP/HTTP port, 4318)",
+            ),
+        )),
+    }
+    if !o.endpoint.starts_with("http://") {
+        return Err(invalid(format!("{key}.endpoint"), Problem::OtlpScheme));
+    }
+    let after_host = o.endpoint["http://".len()..]
+        .split_once('/')
+        .map_or("", |(_, p)| p);
+    let endpoint = if after_host.is_empty() {
+        format!("{}/v1/traces", o.endpoint.trim_end_matches('/'))
+    } else {
+        o.endpoint.clone()
+    };
+    let mut headers = Vec::with_capacity(o.headers.len());
+    for (name, value) in &o.headers {
+        let at = format!("{key}.headers.{name}");
+        let value = if is_secret_reference(value) {
+            required_secret(&at, value, lookup_env)?
+                .expose()
+                .to_string()
+        } else {
+            value.clone()
+        };
+        headers.push((name.clone(), value));
+    }
+    let ratio = o.sample_ratio.unwrap_or(1.0);
+    if !(0.0..=1.0).contains(&ratio) {
+        return Err(invalid(format!("{key}.sample_ratio"), Problem::Ratio));
+    }
+    let dur = |name: &str, set: &Option<String>, default: &str| {
+        duration_at(format!("{key}.{name}"), set.as_deref().unwrap_or(default))
+    };
+    let positive = |name: &str, set: Option<usize>, default: usize| match set {
+        Some(0) => Err(invalid(format!("{key}.{name}"), Problem::AtLeast(1))),
+        set => Ok(set.unwrap_or(default)),
+    };
+    Ok(crate::telemetry::OtlpConfig {
+        endpoint,
+        headers,
+        sample_ratio: ratio,
+        service_name: o
+            .service_name
+            .clone()
+            .unwrap_or_else(|| "stream-relay".into()),
+        queue: positive("queue", o.queue, 8192)?,
+        batch: positive("batch", o.batch, 512)?,
+        interval: dur("interval", &o.interval, "1s")?,
+        timeout: dur("timeout", &o.timeout, "5s")?,
     })
 }
 

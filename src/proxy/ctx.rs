@@ -48,6 +48,8 @@ pub struct RequestCtx {
     pub(super) client_status: Option<u16>,
     /// Taken by `logging`; still here when the request's task is dropped without it.
     pub(super) recorder: Option<Arc<Recorder>>,
+    /// The request's trace ids, when OpenTelemetry is on.
+    pub(super) trace: Option<Box<crate::telemetry::Trace>>,
     /// Last field: the request counts as open (its row to come) until this drops.
     pub(super) open: Option<crate::rows::OpenRequest>,
 }
@@ -200,6 +202,7 @@ impl RequestCtx {
             admitted: None,
             client_status: None,
             recorder: None,
+            trace: None,
             open: None,
         }
     }
@@ -253,6 +256,7 @@ impl RequestCtx {
     /// What the request learned, for its record.
     pub(super) fn facts(&self) -> Facts<'_> {
         let mut f = Facts::head(&self.request_id, self.start, self.started_at);
+        f.trace = self.trace.as_deref();
         f.client_request_id = self.client_request_id.as_deref();
         f.route = self.route.as_ref();
         f.tenant = self.tenant.as_deref();

@@ -68,7 +68,13 @@ impl RelayProxy {
         let outcome = end.outcome;
         self.store_answer(ctx, outcome).await;
         let recorded = match ctx.recorder.take() {
-            Some(recorder) => recorder.record(&ctx.facts(), end),
+            Some(recorder) => {
+                let mut facts = ctx.facts();
+                let req = session.req_header();
+                facts.method = req.method.as_str();
+                facts.path = req.uri.path();
+                recorder.record(&facts, end)
+            }
             None => Default::default(),
         };
         let usage = recorded.usage;

@@ -76,6 +76,8 @@ pub struct RelayProxy {
     pub budgets: Arc<crate::budget::Budgets>,
     /// The routes' response cache.
     pub cache: Arc<crate::cache::Cache>,
+    /// The OTLP exporter, when `telemetry.otlp` is set.
+    pub telemetry: Option<Arc<crate::telemetry::Telemetry>>,
 }
 
 #[async_trait]
@@ -91,6 +93,10 @@ impl ProxyHttp for RelayProxy {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         ctx.open(session, self.input.client_read_timeout);
+        if let Some(t) = &self.telemetry {
+            let parent = session.req_header().headers.get("traceparent");
+            ctx.trace = Some(Box::new(t.trace(parent.map(|v| v.as_bytes()))));
+        }
         match admit(&self.routes, &self.tenants.current(), session.req_header()) {
             Ok(allowed) => ctx.admit(allowed),
             Err(refusal) => {
@@ -149,6 +155,10 @@ impl ProxyHttp for RelayProxy {
             .ok_or_else(|| Error::new(ErrorType::InternalError))?;
         let upstream = &a.route.upstreams[pick.upstream].url;
         prepare_upstream_request(req, &a.route, upstream, pick.key, &ctx.request_id)?;
+        if let (Some(t), Some(trace)) = (&self.telemetry, ctx.trace.as_mut()) {
+            // The upstream continues the trace from this attempt's span.
+            req.insert_header("traceparent", trace.attempt(&t.ids))?;
+        }
         if a.body.was_read() {
             return a.body.start_attempt(req, Rewrite::default());
         }

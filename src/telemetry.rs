@@ -1,0 +1,506 @@
+//! OpenTelemetry traces, off by default (`telemetry.otlp`): one server span per request
+//! and a client span per upstream attempt, with the GenAI semantic conventions'
+//! attributes and the relay's own, exported over OTLP/HTTP (protobuf) in batches.
+//!
+//! The request path only keeps ids and times: a W3C `traceparent` from the client is
+//! continued (its trace id, with its span as the parent), the upstream gets one naming the
+//! attempt's client span, and the spans are built when the request ends and handed to a
+//! bounded queue (`try_send`: a full queue drops the span, counted). A thread of its own
+//! batches them and calls the `opentelemetry-otlp` exporter.
+
+use std::borrow::Cow;
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::time::{Duration, Instant, SystemTime};
+
+use log::warn;
+use opentelemetry::trace::{
+    SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
+};
+use opentelemetry::{InstrumentationScope, KeyValue, Value};
+use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
+use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter, SpanLinks};
+use opentelemetry_sdk::Resource;
+use prometheus::{IntCounter, Registry};
+
+/// `telemetry.otlp`, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OtlpConfig {
+    /// The collector's traces URL (`/v1/traces` is added to a bare host).
+    pub endpoint: String,
+    pub headers: Vec<(String, String)>,
+    /// The share of traces kept that no client decided (0..=1).
+    pub sample_ratio: f64,
+    pub service_name: String,
+    /// Spans that may wait for export; past it they are dropped (counted).
+    pub queue: usize,
+    pub batch: usize,
+    /// The longest a span waits for its batch.
+    pub interval: Duration,
+    /// Longest wait for one export.
+    pub timeout: Duration,
+}
+
+/// A request's trace: its ids, decided at its head.
+#[derive(Debug, Clone)]
+pub struct Trace {
+    pub trace_id: TraceId,
+    /// The client's span, when it sent a `traceparent`.
+    pub parent: Option<SpanId>,
+    pub server_span: SpanId,
+    pub sampled: bool,
+    /// Upstream attempts: their span and when each began.
+    pub attempts: Vec<(SpanId, SystemTime)>,
+}
+
+impl Trace {
+    /// A new attempt's span; the `traceparent` to send upstream with it.
+    pub fn attempt(&mut self, ids: &Ids) -> String {
+        let span = ids.span();
+        self.attempts.push((span, SystemTime::now()));
+        format!(
+            "00-{}-{}-{}",
+            self.trace_id,
+            span,
+            if self.sampled { "01" } else { "00" }
+        )
+    }
+}
+
+/// Random span and trace ids: SipHash with a random key over a counter.
+pub struct Ids {
+    hasher: RandomState,
+    next: AtomicU64,
+}
+
+impl Default for Ids {
+    fn default() -> Self {
+        Ids {
+            hasher: RandomState::new(),
+            next: AtomicU64::new(1),
+        }
+    }
+}
+
+impl Ids {
+    fn u64(&self) -> u64 {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        self.hasher.hash_one(n).max(1)
+    }
+
+    pub fn span(&self) -> SpanId {
+        SpanId::from_bytes(self.u64().to_be_bytes())
+    }
+
+    fn trace(&self) -> TraceId {
+        let id = (u128::from(self.u64()) << 64) | u128::from(self.u64());
+        TraceId::from_bytes(id.to_be_bytes())
+    }
+}
+
+/// A W3C `traceparent` (`00-TRACE-SPAN-FLAGS`): its trace, span and sampled flag.
+pub fn parse_traceparent(value: &[u8]) -> Option<(TraceId, SpanId, bool)> {
+    let text = std::str::from_utf8(value).ok()?.trim();
+    let mut parts = text.split('-');
+    let (version, trace, span, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    if !hex(version, 2) || version == "ff" || !hex(trace, 32) || !hex(span, 16) || !hex(flags, 2) {
+        return None;
+    }
+    if version == "00" && parts.next().is_some() {
+        return None;
+    }
+    let trace = TraceId::from_hex(trace).ok()?;
+    let span = SpanId::from_hex(span).ok()?;
+    if trace == TraceId::INVALID || span == SpanId::INVALID {
+        return None;
+    }
+    let sampled = u8::from_str_radix(flags, 16).ok()? & 1 == 1;
+    Some((trace, span, sampled))
+}
+
+/// What a finished request's spans say, gathered by the recorder.
+pub struct Finished<'a> {
+    pub start: SystemTime,
+    pub end: SystemTime,
+    pub method: &'a str,
+    pub path: &'a str,
+    pub status: u16,
+    pub outcome: &'a str,
+    pub provider: Option<&'a str>,
+    pub route: Option<&'a str>,
+    pub tenant: Option<&'a str>,
+    pub request_model: Option<&'a str>,
+    pub response_model: Option<&'a str>,
+    pub input_tokens: Option<u64>,
+    pub output_tokens: Option<u64>,
+    pub finish_reason: Option<&'a str>,
+    pub ttft: Option<Duration>,
+    pub upstream_status: Option<u16>,
+}
+
+/// The `gen_ai.operation.name` of an upstream path.
+fn operation(path: &str) -> &'static str {
+    if path.ends_with("/embeddings") {
+        "embeddings"
+    } else if path.ends_with("/completions") && !path.ends_with("/chat/completions") {
+        "text_completion"
+    } else if path.ends_with("/chat/completions")
+        || path.ends_with("/messages")
+        || path.ends_with("/responses")
+        || path.ends_with("/realtime")
+    {
+        "chat"
+    } else {
+        "generate_content"
+    }
+}
+
+/// The exporter's side: the queue's sending end and the counters.
+pub struct Telemetry {
+    tx: SyncSender<SpanData>,
+    pub ids: Ids,
+    sample_ratio: f64,
+    dropped: IntCounter,
+    scope: InstrumentationScope,
+}
+
+impl Telemetry {
+    /// Builds the exporter and starts its thread.
+    pub fn start(config: &OtlpConfig, registry: &Registry) -> Result<Telemetry, String> {
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let dropped = counter(
+            "stream_relay_otlp_spans_dropped_total",
+            "Spans dropped because the export queue was full.",
+        );
+        let exported = counter(
+            "stream_relay_otlp_spans_exported_total",
+            "Spans the OTLP collector took.",
+        );
+        let failed = counter(
+            "stream_relay_otlp_export_failures_total",
+            "OTLP exports that failed; their spans are lost.",
+        );
+        let mut exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_protocol(Protocol::HttpBinary)
+            .with_endpoint(config.endpoint.clone())
+            .with_timeout(config.timeout)
+            .with_headers(config.headers.iter().cloned().collect())
+            .build()
+            .map_err(|e| e.to_string())?;
+        exporter.set_resource(
+            &Resource::builder()
+                .with_service_name(config.service_name.clone())
+                .build(),
+        );
+        let (tx, rx) = sync_channel(config.queue);
+        let (batch, interval) = (config.batch, config.interval);
+        std::thread::Builder::new()
+            .name("otlp-export".into())
+            .spawn(move || export_loop(exporter, rx, batch, interval, exported, failed))
+            .map_err(|e| e.to_string())?;
+        Ok(Telemetry {
+            tx,
+            ids: Ids::default(),
+            sample_ratio: config.sample_ratio,
+            dropped,
+            scope: InstrumentationScope::builder("stream-relay")
+                .with_version(env!("CARGO_PKG_VERSION"))
+                .build(),
+        })
+    }
+
+    /// A request's trace, from its `traceparent` when it has a sane one: the client's
+    /// sampling decision is kept; otherwise `sample_ratio` of the traces are.
+    pub fn trace(&self, traceparent: Option<&[u8]>) -> Trace {
+        match traceparent.and_then(parse_traceparent) {
+            Some((trace_id, parent, sampled)) => Trace {
+                trace_id,
+                parent: Some(parent),
+                server_span: self.ids.span(),
+                sampled,
+                attempts: Vec::new(),
+            },
+            None => {
+                let trace_id = self.ids.trace();
+                let low = u64::from_be_bytes(trace_id.to_bytes()[8..].try_into().unwrap_or([0; 8]));
+                Trace {
+                    trace_id,
+                    parent: None,
+                    server_span: self.ids.span(),
+                    sampled: (low as f64) < self.sample_ratio * (u64::MAX as f64),
+                    attempts: Vec::new(),
+                }
+            }
+        }
+    }
+
+    /// The request's spans, to the export queue.
+    pub fn finish(&self, trace: &Trace, f: &Finished<'_>) {
+        if !trace.sampled {
+            return;
+        }
+        let server = self.server_span(trace, f);
+        let ends: Vec<SystemTime> = trace
+            .attempts
+            .iter()
+            .skip(1)
+            .map(|(_, start)| *start)
+            .chain(std::iter::once(f.end))
+            .collect();
+        let last = trace.attempts.len().saturating_sub(1);
+        for (i, ((span, start), end)) in trace.attempts.iter().zip(ends).enumerate() {
+            let status = if i == last { f.upstream_status } else { None };
+            self.send(self.client_span(trace, f, *span, *start, end, status));
+        }
+        self.send(server);
+    }
+
+    fn send(&self, span: SpanData) {
+        if let Err(TrySendError::Full(_)) = self.tx.try_send(span) {
+            self.dropped.inc();
+        }
+    }
+
+    fn context(&self, trace: &Trace, span: SpanId) -> SpanContext {
+        SpanContext::new(
+            trace.trace_id,
+            span,
+            TraceFlags::SAMPLED,
+            false,
+            TraceState::default(),
+        )
+    }
+
+    fn server_span(&self, trace: &Trace, f: &Finished<'_>) -> SpanData {
+        let op = operation(f.path);
+        let mut attributes = gen_ai_attributes(f, op);
+        let text = |k: &'static str, v: Option<&str>| v.map(|v| KeyValue::new(k, v.to_string()));
+        attributes.extend(
+            [
+                text("stream_relay.tenant", f.tenant),
+                text("stream_relay.route", f.route),
+                Some(KeyValue::new("stream_relay.outcome", f.outcome.to_string())),
+                Some(KeyValue::new(
+                    "stream_relay.attempts",
+                    trace.attempts.len() as i64,
+                )),
+                f.ttft
+                    .map(|t| KeyValue::new("stream_relay.ttft_ms", t.as_secs_f64() * 1000.0)),
+                Some(KeyValue::new("http.request.method", f.method.to_string())),
+                Some(KeyValue::new("url.path", f.path.to_string())),
+                Some(KeyValue::new(
+                    "http.response.status_code",
+                    i64::from(f.status),
+                )),
+            ]
+            .into_iter()
+            .flatten(),
+        );
+        let failed = f.outcome != "ok" || f.status >= 500;
+        SpanData {
+            span_context: self.context(trace, trace.server_span),
+            parent_span_id: trace.parent.unwrap_or(SpanId::INVALID),
+            parent_span_is_remote: trace.parent.is_some(),
+            span_kind: SpanKind::Server,
+            name: span_name(op, f.request_model),
+            start_time: f.start,
+            end_time: f.end,
+            attributes,
+            dropped_attributes_count: 0,
+            events: SpanEvents::default(),
+            links: SpanLinks::default(),
+            status: if failed {
+                Status::error(f.outcome.to_string())
+            } else {
+                Status::Unset
+            },
+            instrumentation_scope: self.scope.clone(),
+        }
+    }
+
+    fn client_span(
+        &self,
+        trace: &Trace,
+        f: &Finished<'_>,
+        span: SpanId,
+        start: SystemTime,
+        end: SystemTime,
+        status: Option<u16>,
+    ) -> SpanData {
+        let op = operation(f.path);
+        let mut attributes = gen_ai_attributes(f, op);
+        if let Some(s) = status {
+            attributes.push(KeyValue::new("http.response.status_code", i64::from(s)));
+        }
+        SpanData {
+            span_context: self.context(trace, span),
+            parent_span_id: trace.server_span,
+            parent_span_is_remote: false,
+            span_kind: SpanKind::Client,
+            name: span_name(op, f.request_model),
+            start_time: start,
+            end_time: end.max(start),
+            attributes,
+            dropped_attributes_count: 0,
+            events: SpanEvents::default(),
+            links: SpanLinks::default(),
+            status: match status {
+                Some(s) if s >= 500 => Status::error(format!("upstream status {s}")),
+                None => Status::error("no answer from the upstream".to_string()),
+                _ => Status::Unset,
+            },
+            instrumentation_scope: self.scope.clone(),
+        }
+    }
+}
+
+/// `{operation} {model}`, as the GenAI conventions name spans.
+fn span_name(op: &str, model: Option<&str>) -> Cow<'static, str> {
+    match model {
+        Some(m) => format!("{op} {m}").into(),
+        None => op.to_string().into(),
+    }
+}
+
+fn gen_ai_attributes(f: &Finished<'_>, op: &'static str) -> Vec<KeyValue> {
+    let text = |k: &'static str, v: Option<&str>| v.map(|v| KeyValue::new(k, v.to_string()));
+    let count = |k: &'static str, v: Option<u64>| v.map(|n| KeyValue::new(k, n as i64));
+    [
+        text("gen_ai.system", f.provider),
+        Some(KeyValue::new("gen_ai.operation.name", op)),
+        text("gen_ai.request.model", f.request_model),
+        text("gen_ai.response.model", f.response_model),
+        count("gen_ai.usage.input_tokens", f.input_tokens),
+        count("gen_ai.usage.output_tokens", f.output_tokens),
+        f.finish_reason.map(|r| {
+            KeyValue::new(
+                "gen_ai.response.finish_reasons",
+                Value::Array(vec![opentelemetry::StringValue::from(r.to_string())].into()),
+            )
+        }),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+/// The export thread: batches of up to `batch` spans, each sent when full or `interval`
+/// after its first span; a failed export is counted and its spans are lost.
+fn export_loop(
+    exporter: opentelemetry_otlp::SpanExporter,
+    rx: Receiver<SpanData>,
+    batch: usize,
+    interval: Duration,
+    exported: IntCounter,
+    failed: IntCounter,
+) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            warn!("OTLP export cannot start: {e}");
+            return;
+        }
+    };
+    let mut spans: Vec<SpanData> = Vec::with_capacity(batch);
+    let mut since = Instant::now();
+    let mut warned = false;
+    loop {
+        let wait = interval.saturating_sub(since.elapsed());
+        let open = match rx.recv_timeout(if spans.is_empty() { interval } else { wait }) {
+            Ok(span) => {
+                if spans.is_empty() {
+                    since = Instant::now();
+                }
+                spans.push(span);
+                true
+            }
+            Err(RecvTimeoutError::Timeout) => true,
+            Err(RecvTimeoutError::Disconnected) => false,
+        };
+        let due = spans.len() >= batch || (!spans.is_empty() && since.elapsed() >= interval);
+        if due || (!open && !spans.is_empty()) {
+            let n = spans.len() as u64;
+            match runtime.block_on(exporter.export(std::mem::take(&mut spans))) {
+                Ok(()) => {
+                    exported.inc_by(n);
+                    warned = false;
+                }
+                Err(e) => {
+                    failed.inc();
+                    if !warned {
+                        warn!("OTLP export failed ({e}); its spans are lost, counted in stream_relay_otlp_export_failures_total");
+                        warned = true;
+                    }
+                }
+            }
+        }
+        if !open {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparents_are_read_as_w3c_says() {
+        let (t, s, sampled) =
+            parse_traceparent(b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01").unwrap();
+        assert_eq!(t.to_string(), "0af7651916cd43dd8448eb211c80319c");
+        assert_eq!(s.to_string(), "b7ad6b7169203331");
+        assert!(sampled);
+        assert!(
+            !parse_traceparent(b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00")
+                .unwrap()
+                .2
+        );
+        for bad in [
+            &b"00-00000000000000000000000000000000-b7ad6b7169203331-01"[..],
+            b"00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+            b"ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            b"00-0af7651916cd43dd8448eb211c8031-b7ad6b7169203331-01",
+            b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra",
+            b"garbage",
+        ] {
+            assert!(
+                parse_traceparent(bad).is_none(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn operations_follow_the_path() {
+        assert_eq!(operation("/v1/chat/completions"), "chat");
+        assert_eq!(operation("/v1/messages"), "chat");
+        assert_eq!(operation("/v1/embeddings"), "embeddings");
+        assert_eq!(operation("/v1/completions"), "text_completion");
+        assert_eq!(operation("/v1/audio/speech"), "generate_content");
+    }
+
+    #[test]
+    fn ids_are_distinct_and_never_zero() {
+        let ids = Ids::default();
+        let a: std::collections::HashSet<String> =
+            (0..1000).map(|_| ids.span().to_string()).collect();
+        assert_eq!(a.len(), 1000);
+        assert!(!a.contains("0000000000000000"));
+    }
+}

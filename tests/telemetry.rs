@@ -1,0 +1,255 @@
+//! OpenTelemetry through the relay: an OTLP/HTTP receiver of the test's own decodes the
+//! official protobuf definitions (opentelemetry-proto) and checks one trace per request
+//! with the GenAI attributes; a client's `traceparent` is continued, and the upstream gets
+//! one naming the relay's client span; sampling; a collector that is down costs nothing
+//! but the spans, counted.
+
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use opentelemetry_proto::tonic::trace::v1::Span;
+use prost::Message;
+
+const CHAT: &str = "/openai/v1/chat/completions";
+const CLIENT_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
+const CLIENT_SPAN: &str = "b7ad6b7169203331";
+
+/// The spans a collector received, with the `service.name` each came under.
+type Received = Arc<Mutex<Vec<(String, Span)>>>;
+
+/// An OTLP/HTTP collector on a free port: every POST body decoded, its spans kept.
+fn receiver() -> (u16, Received) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let got: Received = Arc::default();
+    let keep = got.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut s) = conn else { continue };
+            let keep = keep.clone();
+            std::thread::spawn(move || {
+                use std::io::Write;
+                let mut buf = Vec::new();
+                while let Some((head, body)) = read_upstream_request(&mut s, &mut buf) {
+                    let request = ExportTraceServiceRequest::decode(&buf[head..head + body])
+                        .expect("an ExportTraceServiceRequest");
+                    for rs in request.resource_spans {
+                        let service = rs
+                            .resource
+                            .iter()
+                            .flat_map(|r| &r.attributes)
+                            .find(|kv| kv.key == "service.name")
+                            .and_then(|kv| text(kv.value.as_ref()?.value.as_ref()?))
+                            .unwrap_or_default();
+                        for ss in rs.scope_spans {
+                            for span in ss.spans {
+                                keep.lock().unwrap().push((service.clone(), span));
+                            }
+                        }
+                    }
+                    buf.drain(..head + body);
+                    let _ = s.write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n",
+                    );
+                }
+            });
+        }
+    });
+    (port, got)
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::StringValue(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+fn attr<'a>(span: &'a Span, key: &str) -> Option<&'a Value> {
+    span.attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.as_ref()?.value.as_ref())
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn config(mock: &MockProc, otlp: &str) -> String {
+    format!(
+        r#"routes:
+  - {{ name: openai, prefix: /openai/v1, provider: openai, upstreams: ["{u}/v1"] }}
+pricing:
+  gpt-4o-mini: {{ input: 0.15, output: 0.60 }}
+tenants:
+  - {{ id: acme, key_sha256: ["{h}"] }}
+telemetry:
+  otlp: {otlp}
+"#,
+        u = mock.url(),
+        h = hash(TENANT_KEY),
+    )
+}
+
+fn chat(relay: &RelayProc, traceparent: Option<&str>, stream: bool) -> Response {
+    let auth = format!("Bearer {TENANT_KEY}");
+    let mut h = vec![("authorization", auth.as_str())];
+    if let Some(tp) = traceparent {
+        h.push(("traceparent", tp));
+    }
+    request(relay.addr, "POST", CHAT, &h, &chat_body(stream, stream))
+}
+
+fn wait_spans(got: &Received, n: usize) -> Vec<(String, Span)> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let spans = got.lock().unwrap().clone();
+        if spans.len() >= n {
+            return spans;
+        }
+        assert!(Instant::now() < deadline, "{} spans of {n}", spans.len());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Issue 16: a request with a client's `traceparent` yields one trace at the collector:
+/// a server span (the client's span its parent) with the GenAI attributes and the
+/// relay's, and a client span for the upstream attempt, whose id the upstream got in
+/// its own `traceparent`.
+#[test]
+fn a_request_yields_one_trace_with_the_gen_ai_attributes_and_continues_upstream() {
+    let (port, got) = receiver();
+    let mock = MockProc::start(None);
+    let otlp = format!(
+        "{{ endpoint: \"http://127.0.0.1:{port}\", interval: 100ms, service_name: relay-test }}"
+    );
+    let relay = RelayProc::start(&config(&mock, &otlp), &[]);
+    let tp = format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01");
+    assert_eq!(chat(&relay, Some(&tp), true).status, 200);
+    let spans = wait_spans(&got, 2);
+    assert_eq!(spans.len(), 2, "{spans:#?}");
+    assert!(spans.iter().all(|(service, _)| service == "relay-test"));
+    let server = &spans
+        .iter()
+        .find(|(_, s)| s.kind == 2)
+        .expect("a server span")
+        .1;
+    let client = &spans
+        .iter()
+        .find(|(_, s)| s.kind == 3)
+        .expect("a client span")
+        .1;
+    assert_eq!(hex(&server.trace_id), CLIENT_TRACE);
+    assert_eq!(hex(&server.parent_span_id), CLIENT_SPAN);
+    assert_eq!(hex(&client.trace_id), CLIENT_TRACE);
+    assert_eq!(client.parent_span_id, server.span_id);
+    assert_eq!(server.name, "chat gpt-4o-mini");
+    let s = |k| attr(server, k).and_then(text);
+    let i = |k| match attr(server, k) {
+        Some(Value::IntValue(n)) => Some(*n),
+        _ => None,
+    };
+    assert_eq!(s("gen_ai.system").as_deref(), Some("openai"));
+    assert_eq!(s("gen_ai.operation.name").as_deref(), Some("chat"));
+    assert_eq!(s("gen_ai.request.model").as_deref(), Some("gpt-4o-mini"));
+    assert!(s("gen_ai.response.model").is_some());
+    assert_eq!(i("gen_ai.usage.output_tokens"), Some(8));
+    assert!(i("gen_ai.usage.input_tokens").unwrap() > 0);
+    match attr(server, "gen_ai.response.finish_reasons") {
+        Some(Value::ArrayValue(a)) => {
+            assert_eq!(
+                text(a.values[0].value.as_ref().unwrap()).as_deref(),
+                Some("stop")
+            )
+        }
+        other => panic!("finish reasons: {other:?}"),
+    }
+    assert_eq!(s("stream_relay.tenant").as_deref(), Some("acme"));
+    assert_eq!(s("stream_relay.route").as_deref(), Some("openai"));
+    assert_eq!(s("stream_relay.outcome").as_deref(), Some("ok"));
+    assert_eq!(i("stream_relay.attempts"), Some(1));
+    assert!(matches!(
+        attr(server, "stream_relay.ttft_ms"),
+        Some(Value::DoubleValue(_))
+    ));
+    assert_eq!(i("http.response.status_code"), Some(200));
+    assert!(server.end_time_unix_nano >= server.start_time_unix_nano);
+    // The upstream continued the trace from the client span.
+    let sent = mock.stats()["last_headers"]["traceparent"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        sent,
+        format!("00-{CLIENT_TRACE}-{}-01", hex(&client.span_id))
+    );
+    relay.metrics_with("stream_relay_otlp_spans_exported_total 2\n");
+    relay.metrics_with("stream_relay_otlp_spans_dropped_total 0\n");
+
+    // Without a traceparent: a trace of its own, its server span a root.
+    assert_eq!(chat(&relay, None, false).status, 200);
+    let spans = wait_spans(&got, 4);
+    let root = &spans[2..].iter().find(|(_, s)| s.kind == 2).unwrap().1;
+    assert!(root.parent_span_id.is_empty());
+    assert_ne!(hex(&root.trace_id), CLIENT_TRACE);
+}
+
+/// `sample_ratio: 0` keeps no trace of its own, but a client's sampled `traceparent`
+/// still decides; an unsampled one sends the upstream an unsampled `traceparent`.
+#[test]
+fn sampling_follows_the_ratio_and_the_clients_decision() {
+    let (port, got) = receiver();
+    let mock = MockProc::start(None);
+    let otlp = format!(
+        "{{ endpoint: \"http://127.0.0.1:{port}/v1/traces\", interval: 100ms, sample_ratio: 0 }}"
+    );
+    let relay = RelayProc::start(&config(&mock, &otlp), &[]);
+    for _ in 0..5 {
+        assert_eq!(chat(&relay, None, false).status, 200);
+    }
+    let unsampled = format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-00");
+    assert_eq!(chat(&relay, Some(&unsampled), false).status, 200);
+    let sent = mock.stats()["last_headers"]["traceparent"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        sent.starts_with(&format!("00-{CLIENT_TRACE}-")) && sent.ends_with("-00"),
+        "{sent}"
+    );
+    let sampled = format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01");
+    assert_eq!(chat(&relay, Some(&sampled), false).status, 200);
+    let spans = wait_spans(&got, 2);
+    std::thread::sleep(Duration::from_millis(500));
+    let spans_now = got.lock().unwrap().len();
+    assert_eq!(spans_now, 2, "{spans:#?}");
+    assert!(spans.iter().all(|(_, s)| hex(&s.trace_id) == CLIENT_TRACE));
+}
+
+/// A collector that is down: requests are served as ever; the failed exports are
+/// counted.
+#[test]
+fn a_collector_down_costs_only_the_spans() {
+    let closed = free_port();
+    let mock = MockProc::start(None);
+    let otlp =
+        format!("{{ endpoint: \"http://127.0.0.1:{closed}\", interval: 100ms, timeout: 1s }}");
+    let relay = RelayProc::start(&config(&mock, &otlp), &[]);
+    for _ in 0..3 {
+        assert_eq!(chat(&relay, None, true).status, 200);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = relay.metrics_with("stream_relay_otlp_export_failures_total");
+        if !text.contains("stream_relay_otlp_export_failures_total 0\n") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no failed export counted");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
