@@ -366,6 +366,8 @@ fn spans_of<'a>(
         finish_reason: measure.and_then(|m| m.finish_reason.as_deref()),
         ttft: a.first_output.filter(|_| !a.audio),
         upstream_status: f.upstream_status,
+        model_label: a.model_label,
+        stream: f.request_info.is_some_and(|i| i.stream),
     }
 }
 

@@ -1,6 +1,9 @@
-//! OpenTelemetry traces, off by default (`telemetry.otlp`): one server span per request
-//! and a client span per upstream attempt, with the GenAI semantic conventions'
-//! attributes and the relay's own, exported over OTLP/HTTP (protobuf) in batches.
+//! OpenTelemetry, off by default (`telemetry.otlp`): one server span per request and a
+//! client span per upstream attempt, with the GenAI semantic conventions' attributes and
+//! the relay's own, exported over OTLP/HTTP (protobuf) in batches; and the GenAI metrics
+//! (`gen_ai.client.token.usage`, `gen_ai.client.operation.duration`,
+//! `gen_ai.server.time_to_first_token`, `gen_ai.server.time_per_output_token`) every
+//! `metrics_interval`.
 //!
 //! The request path only keeps ids and times: a W3C `traceparent` from the client is
 //! continued (its trace id, with its span as the parent), the upstream gets one naming the
@@ -41,6 +44,9 @@ pub struct OtlpConfig {
     pub interval: Duration,
     /// Longest wait for one export.
     pub timeout: Duration,
+    /// The collector's metrics URL, and how often the GenAI metrics go.
+    pub metrics_endpoint: String,
+    pub metrics_interval: Duration,
 }
 
 /// A request's trace: its ids, decided at its head.
@@ -140,6 +146,146 @@ pub struct Finished<'a> {
     pub finish_reason: Option<&'a str>,
     pub ttft: Option<Duration>,
     pub upstream_status: Option<u16>,
+    /// A bounded model label for metrics (a priced model, or `other`).
+    pub model_label: &'a str,
+    pub stream: bool,
+}
+
+/// The GenAI metrics, by their convention names.
+struct GenAiMetrics {
+    /// Kept: dropping it stops the export.
+    _provider: opentelemetry_sdk::metrics::SdkMeterProvider,
+    tokens: opentelemetry::metrics::Histogram<u64>,
+    duration: opentelemetry::metrics::Histogram<f64>,
+    ttft: opentelemetry::metrics::Histogram<f64>,
+    per_token: opentelemetry::metrics::Histogram<f64>,
+}
+
+/// The OTLP metric exporter on a runtime of its own: the SDK's periodic reader calls it
+/// from a plain thread, and the HTTP client needs tokio.
+struct OnRuntime {
+    inner: opentelemetry_otlp::MetricExporter,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl opentelemetry_sdk::metrics::exporter::PushMetricExporter for OnRuntime {
+    fn export(
+        &self,
+        metrics: &opentelemetry_sdk::metrics::data::ResourceMetrics,
+    ) -> impl std::future::Future<Output = opentelemetry_sdk::error::OTelSdkResult> + Send {
+        std::future::ready(self.runtime.block_on(self.inner.export(metrics)))
+    }
+
+    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn temporality(&self) -> opentelemetry_sdk::metrics::Temporality {
+        self.inner.temporality()
+    }
+}
+
+impl GenAiMetrics {
+    fn start(config: &OtlpConfig, resource: Resource) -> Result<GenAiMetrics, String> {
+        use opentelemetry::metrics::MeterProvider;
+        let inner = opentelemetry_otlp::MetricExporter::builder()
+            .with_http()
+            .with_protocol(Protocol::HttpBinary)
+            .with_endpoint(config.metrics_endpoint.clone())
+            .with_timeout(config.timeout)
+            .with_headers(config.headers.iter().cloned().collect())
+            .build()
+            .map_err(|e| e.to_string())?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let reader =
+            opentelemetry_sdk::metrics::PeriodicReader::builder(OnRuntime { inner, runtime })
+                .with_interval(config.metrics_interval)
+                .build();
+        let provider = opentelemetry_sdk::metrics::SdkMeterProvider::builder()
+            .with_reader(reader)
+            .with_resource(resource)
+            .build();
+        let meter = provider.meter("stream-relay");
+        let seconds = vec![
+            0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+        ];
+        Ok(GenAiMetrics {
+            tokens: meter
+                .u64_histogram("gen_ai.client.token.usage")
+                .with_unit("{token}")
+                .with_description("Input and output tokens of each request")
+                .with_boundaries(vec![
+                    1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0,
+                    1048576.0, 4194304.0,
+                ])
+                .build(),
+            duration: meter
+                .f64_histogram("gen_ai.client.operation.duration")
+                .with_unit("s")
+                .with_boundaries(seconds.clone())
+                .build(),
+            ttft: meter
+                .f64_histogram("gen_ai.server.time_to_first_token")
+                .with_unit("s")
+                .with_boundaries(seconds)
+                .build(),
+            per_token: meter
+                .f64_histogram("gen_ai.server.time_per_output_token")
+                .with_unit("s")
+                .with_boundaries(vec![
+                    0.001, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
+                    0.75, 1.0, 2.5,
+                ])
+                .build(),
+            _provider: provider,
+        })
+    }
+
+    /// One request's figures; attributes are bounded (the model label is a priced
+    /// model or `other`).
+    fn record(&self, f: &Finished<'_>) {
+        let Some(system) = f.provider else {
+            return;
+        };
+        let mut attrs = vec![
+            KeyValue::new("gen_ai.operation.name", operation(f.path)),
+            KeyValue::new("gen_ai.system", system.to_string()),
+            KeyValue::new("gen_ai.request.model", f.model_label.to_string()),
+        ];
+        let total = f
+            .end
+            .duration_since(f.start)
+            .unwrap_or_default()
+            .as_secs_f64();
+        if f.outcome != "ok" {
+            attrs.push(KeyValue::new("error.type", f.outcome.to_string()));
+        }
+        self.duration.record(total, &attrs);
+        if f.outcome != "ok" {
+            return;
+        }
+        for (kind, n) in [("input", f.input_tokens), ("output", f.output_tokens)] {
+            if let Some(n) = n {
+                let mut a = attrs.clone();
+                a.push(KeyValue::new("gen_ai.token.type", kind));
+                self.tokens.record(n, &a);
+            }
+        }
+        if let (true, Some(ttft)) = (f.stream, f.ttft) {
+            self.ttft.record(ttft.as_secs_f64(), &attrs);
+            if let Some(out) = f.output_tokens.filter(|n| *n > 1) {
+                let after = (total - ttft.as_secs_f64()).max(0.0);
+                self.per_token.record(after / (out - 1) as f64, &attrs);
+            }
+        }
+    }
 }
 
 /// The `gen_ai.operation.name` of an upstream path.
@@ -162,6 +308,7 @@ fn operation(path: &str) -> &'static str {
 /// The exporter's side: the queue's sending end and the counters.
 pub struct Telemetry {
     tx: SyncSender<SpanData>,
+    metrics: GenAiMetrics,
     pub ids: Ids,
     sample_ratio: f64,
     dropped: IntCounter,
@@ -198,11 +345,11 @@ impl Telemetry {
             .with_headers(config.headers.iter().cloned().collect())
             .build()
             .map_err(|e| e.to_string())?;
-        exporter.set_resource(
-            &Resource::builder()
-                .with_service_name(config.service_name.clone())
-                .build(),
-        );
+        let resource = Resource::builder()
+            .with_service_name(config.service_name.clone())
+            .build();
+        exporter.set_resource(&resource);
+        let metrics = GenAiMetrics::start(config, resource)?;
         let (tx, rx) = sync_channel(config.queue);
         let (batch, interval) = (config.batch, config.interval);
         std::thread::Builder::new()
@@ -211,6 +358,7 @@ impl Telemetry {
             .map_err(|e| e.to_string())?;
         Ok(Telemetry {
             tx,
+            metrics,
             ids: Ids::default(),
             sample_ratio: config.sample_ratio,
             dropped,
@@ -245,8 +393,9 @@ impl Telemetry {
         }
     }
 
-    /// The request's spans, to the export queue.
+    /// The request's metrics, and its spans to the export queue.
     pub fn finish(&self, trace: &Trace, f: &Finished<'_>) {
+        self.metrics.record(f);
         if !trace.sampled {
             return;
         }

@@ -21,20 +21,92 @@ const CLIENT_SPAN: &str = "b7ad6b7169203331";
 /// The spans a collector received, with the `service.name` each came under.
 type Received = Arc<Mutex<Vec<(String, Span)>>>;
 
+/// The metrics a collector received: name, and each histogram point's attributes
+/// (`key=value` text), count and sum.
+type Metrics = Arc<Mutex<Vec<(String, Vec<(Vec<String>, u64, f64)>)>>>;
+
+static METRICS: std::sync::OnceLock<Mutex<Vec<(u16, Metrics)>>> = std::sync::OnceLock::new();
+
+/// The metrics the receiver on `port` got.
+fn metrics_of(port: u16) -> Metrics {
+    METRICS
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(p, _)| *p == port)
+        .map(|(_, m)| m.clone())
+        .unwrap()
+}
+
+fn keep_metrics(into: &Metrics, body: &[u8]) {
+    use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+    use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+    let request =
+        ExportMetricsServiceRequest::decode(body).expect("an ExportMetricsServiceRequest");
+    for rm in request.resource_metrics {
+        for sm in rm.scope_metrics {
+            for m in sm.metrics {
+                let points = match m.data {
+                    Some(Data::Histogram(h)) => h
+                        .data_points
+                        .iter()
+                        .map(|p| {
+                            let attrs = p
+                                .attributes
+                                .iter()
+                                .map(|kv| {
+                                    let v = kv
+                                        .value
+                                        .as_ref()
+                                        .and_then(|v| v.value.as_ref())
+                                        .and_then(text);
+                                    format!("{}={}", kv.key, v.unwrap_or_default())
+                                })
+                                .collect();
+                            (attrs, p.count, p.sum.unwrap_or(0.0))
+                        })
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                into.lock().unwrap().push((m.name, points));
+            }
+        }
+    }
+}
+
 /// An OTLP/HTTP collector on a free port: every POST body decoded, its spans kept.
 fn receiver() -> (u16, Received) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let got: Received = Arc::default();
     let keep = got.clone();
+    let metrics: Metrics = Arc::default();
+    METRICS
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap()
+        .push((port, metrics.clone()));
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(mut s) = conn else { continue };
             let keep = keep.clone();
+            let metrics = metrics.clone();
             std::thread::spawn(move || {
                 use std::io::Write;
                 let mut buf = Vec::new();
                 while let Some((head, body)) = read_upstream_request(&mut s, &mut buf) {
+                    let line = String::from_utf8_lossy(&buf[..head])
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                        .to_string();
+                    if line.contains("/v1/metrics") {
+                        keep_metrics(&metrics, &buf[head..head + body]);
+                        buf.drain(..head + body);
+                        let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n");
+                        continue;
+                    }
                     let request = ExportTraceServiceRequest::decode(&buf[head..head + body])
                         .expect("an ExportTraceServiceRequest");
                     for rs in request.resource_spans {
@@ -126,7 +198,7 @@ fn a_request_yields_one_trace_with_the_gen_ai_attributes_and_continues_upstream(
     let (port, got) = receiver();
     let mock = MockProc::start(None);
     let otlp = format!(
-        "{{ endpoint: \"http://127.0.0.1:{port}\", interval: 100ms, service_name: relay-test }}"
+        "{{ endpoint: \"http://127.0.0.1:{port}\", interval: 100ms, metrics_interval: 200ms, service_name: relay-test }}"
     );
     let relay = RelayProc::start(&config(&mock, &otlp), &[]);
     let tp = format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01");
@@ -190,6 +262,51 @@ fn a_request_yields_one_trace_with_the_gen_ai_attributes_and_continues_upstream(
     );
     relay.metrics_with("stream_relay_otlp_spans_exported_total 2\n");
     relay.metrics_with("stream_relay_otlp_spans_dropped_total 0\n");
+
+    // The GenAI metrics, by their convention names.
+    let metrics = metrics_of(port);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let names = [
+        "gen_ai.client.token.usage",
+        "gen_ai.client.operation.duration",
+        "gen_ai.server.time_to_first_token",
+        "gen_ai.server.time_per_output_token",
+    ];
+    loop {
+        let seen: Vec<String> = metrics
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect();
+        if names.iter().all(|n| seen.iter().any(|s| s == n)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "metrics seen: {seen:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let all = metrics.lock().unwrap().clone();
+    let (_, tokens) = all
+        .iter()
+        .rev()
+        .find(|(n, _)| n == "gen_ai.client.token.usage")
+        .unwrap();
+    let output = tokens
+        .iter()
+        .find(|(a, _, _)| a.iter().any(|kv| kv == "gen_ai.token.type=output"))
+        .expect("an output token point");
+    assert_eq!((output.1, output.2), (1, 8.0), "{tokens:?}");
+    assert!(
+        output
+            .0
+            .iter()
+            .any(|kv| kv == "gen_ai.request.model=gpt-4o-mini"),
+        "{output:?}"
+    );
+    assert!(
+        output.0.iter().any(|kv| kv == "gen_ai.system=openai"),
+        "{output:?}"
+    );
 
     // Without a traceparent: a trace of its own, its server span a root.
     assert_eq!(chat(&relay, None, false).status, 200);

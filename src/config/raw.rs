@@ -92,6 +92,10 @@ pub struct RawOtlp {
     /// Longest wait for one export. Default `5s`.
     #[serde(default)]
     pub timeout: Option<String>,
+    /// How often the GenAI metrics are exported (to the collector's `/v1/metrics`).
+    /// Default `10s`.
+    #[serde(default)]
+    pub metrics_interval: Option<String>,
 }
 
 /// `cache:` (top level).

@@ -561,10 +561,13 @@ fn validate_otlp(
     let after_host = o.endpoint["http://".len()..]
         .split_once('/')
         .map_or("", |(_, p)| p);
-    let endpoint = if after_host.is_empty() {
-        format!("{}/v1/traces", o.endpoint.trim_end_matches('/'))
+    let base = o.endpoint.trim_end_matches('/');
+    let (endpoint, metrics_endpoint) = if after_host.is_empty() {
+        (format!("{base}/v1/traces"), format!("{base}/v1/metrics"))
+    } else if let Some(root) = base.strip_suffix("/v1/traces") {
+        (base.to_string(), format!("{root}/v1/metrics"))
     } else {
-        o.endpoint.clone()
+        (base.to_string(), format!("{base}/v1/metrics"))
     };
     let mut headers = Vec::with_capacity(o.headers.len());
     for (name, value) in &o.headers {
@@ -601,6 +604,8 @@ fn validate_otlp(
         batch: positive("batch", o.batch, 512)?,
         interval: dur("interval", &o.interval, "1s")?,
         timeout: dur("timeout", &o.timeout, "5s")?,
+        metrics_endpoint,
+        metrics_interval: dur("metrics_interval", &o.metrics_interval, "10s")?,
     })
 }
 
