@@ -1,7 +1,7 @@
 //! OpenTelemetry, off by default (`telemetry.otlp`): one server span per request and a
 //! client span per upstream attempt, with the GenAI semantic conventions' attributes and
-//! the relay's own, exported over OTLP/HTTP (protobuf) in batches; and the GenAI metrics
-//! (`gen_ai.client.token.usage`, `gen_ai.client.operation.duration`,
+//! the relay's own, exported over OTLP (HTTP with protobuf, or gRPC) in batches; and the
+//! GenAI metrics (`gen_ai.client.token.usage`, `gen_ai.client.operation.duration`,
 //! `gen_ai.server.time_to_first_token`, `gen_ai.server.time_per_output_token`) every
 //! `metrics_interval`.
 //!
@@ -47,6 +47,68 @@ pub struct OtlpConfig {
     /// The collector's metrics URL, and how often the GenAI metrics go.
     pub metrics_endpoint: String,
     pub metrics_interval: Duration,
+    /// OTLP over gRPC (the collector's port 4317) instead of HTTP with protobuf.
+    pub grpc: bool,
+}
+
+/// The headers as gRPC metadata.
+fn metadata(
+    config: &OtlpConfig,
+) -> Result<opentelemetry_otlp::tonic_types::metadata::MetadataMap, String> {
+    let mut map = http::HeaderMap::new();
+    for (k, v) in &config.headers {
+        let name =
+            http::HeaderName::from_bytes(k.as_bytes()).map_err(|e| format!("header {k}: {e}"))?;
+        let value = http::HeaderValue::from_str(v).map_err(|e| format!("header {k}: {e}"))?;
+        map.insert(name, value);
+    }
+    Ok(opentelemetry_otlp::tonic_types::metadata::MetadataMap::from_headers(map))
+}
+
+/// The span exporter of the configured protocol. A gRPC one must be built inside a
+/// runtime (its channel connects from it).
+fn span_exporter(config: &OtlpConfig) -> Result<opentelemetry_otlp::SpanExporter, String> {
+    use opentelemetry_otlp::WithTonicConfig;
+    let builder = opentelemetry_otlp::SpanExporter::builder();
+    let built = if config.grpc {
+        builder
+            .with_tonic()
+            .with_endpoint(config.endpoint.clone())
+            .with_timeout(config.timeout)
+            .with_metadata(metadata(config)?)
+            .build()
+    } else {
+        builder
+            .with_http()
+            .with_protocol(Protocol::HttpBinary)
+            .with_endpoint(config.endpoint.clone())
+            .with_timeout(config.timeout)
+            .with_headers(config.headers.iter().cloned().collect())
+            .build()
+    };
+    built.map_err(|e| e.to_string())
+}
+
+fn metric_exporter(config: &OtlpConfig) -> Result<opentelemetry_otlp::MetricExporter, String> {
+    use opentelemetry_otlp::WithTonicConfig;
+    let builder = opentelemetry_otlp::MetricExporter::builder();
+    let built = if config.grpc {
+        builder
+            .with_tonic()
+            .with_endpoint(config.endpoint.clone())
+            .with_timeout(config.timeout)
+            .with_metadata(metadata(config)?)
+            .build()
+    } else {
+        builder
+            .with_http()
+            .with_protocol(Protocol::HttpBinary)
+            .with_endpoint(config.metrics_endpoint.clone())
+            .with_timeout(config.timeout)
+            .with_headers(config.headers.iter().cloned().collect())
+            .build()
+    };
+    built.map_err(|e| e.to_string())
 }
 
 /// A request's trace: its ids, decided at its head.
@@ -192,18 +254,14 @@ impl opentelemetry_sdk::metrics::exporter::PushMetricExporter for OnRuntime {
 impl GenAiMetrics {
     fn start(config: &OtlpConfig, resource: Resource) -> Result<GenAiMetrics, String> {
         use opentelemetry::metrics::MeterProvider;
-        let inner = opentelemetry_otlp::MetricExporter::builder()
-            .with_http()
-            .with_protocol(Protocol::HttpBinary)
-            .with_endpoint(config.metrics_endpoint.clone())
-            .with_timeout(config.timeout)
-            .with_headers(config.headers.iter().cloned().collect())
-            .build()
-            .map_err(|e| e.to_string())?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| e.to_string())?;
+        let inner = {
+            let _in = runtime.enter();
+            metric_exporter(config)?
+        };
         let reader =
             opentelemetry_sdk::metrics::PeriodicReader::builder(OnRuntime { inner, runtime })
                 .with_interval(config.metrics_interval)
@@ -337,25 +395,21 @@ impl Telemetry {
             "stream_relay_otlp_export_failures_total",
             "OTLP exports that failed; their spans are lost.",
         );
-        let mut exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .with_protocol(Protocol::HttpBinary)
-            .with_endpoint(config.endpoint.clone())
-            .with_timeout(config.timeout)
-            .with_headers(config.headers.iter().cloned().collect())
-            .build()
-            .map_err(|e| e.to_string())?;
         let resource = Resource::builder()
             .with_service_name(config.service_name.clone())
             .build();
-        exporter.set_resource(&resource);
-        let metrics = GenAiMetrics::start(config, resource)?;
+        let metrics = GenAiMetrics::start(config, resource.clone())?;
         let (tx, rx) = sync_channel(config.queue);
-        let (batch, interval) = (config.batch, config.interval);
+        // The exporter is built on its thread, inside the runtime it exports on.
+        let (built_tx, built_rx) = sync_channel(1);
+        let thread_config = config.clone();
         std::thread::Builder::new()
             .name("otlp-export".into())
-            .spawn(move || export_loop(exporter, rx, batch, interval, exported, failed))
+            .spawn(move || export_loop(&thread_config, resource, rx, built_tx, exported, failed))
             .map_err(|e| e.to_string())?;
+        built_rx
+            .recv()
+            .map_err(|_| "the export thread ended".to_string())??;
         Ok(Telemetry {
             tx,
             metrics,
@@ -547,23 +601,39 @@ fn gen_ai_attributes(f: &Finished<'_>, op: &'static str) -> Vec<KeyValue> {
 /// The export thread: batches of up to `batch` spans, each sent when full or `interval`
 /// after its first span; a failed export is counted and its spans are lost.
 fn export_loop(
-    exporter: opentelemetry_otlp::SpanExporter,
+    config: &OtlpConfig,
+    resource: Resource,
     rx: Receiver<SpanData>,
-    batch: usize,
-    interval: Duration,
+    built: SyncSender<Result<(), String>>,
     exported: IntCounter,
     failed: IntCounter,
 ) {
+    let (batch, interval) = (config.batch, config.interval);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
         Ok(r) => r,
         Err(e) => {
-            warn!("OTLP export cannot start: {e}");
+            let _ = built.send(Err(e.to_string()));
             return;
         }
     };
+    let exporter = {
+        let _in = runtime.enter();
+        span_exporter(config)
+    };
+    let mut exporter = match exporter {
+        Ok(e) => {
+            let _ = built.send(Ok(()));
+            e
+        }
+        Err(e) => {
+            let _ = built.send(Err(e));
+            return;
+        }
+    };
+    exporter.set_resource(&resource);
     let mut spans: Vec<SpanData> = Vec::with_capacity(batch);
     let mut since = Instant::now();
     let mut warned = false;

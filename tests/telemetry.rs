@@ -370,3 +370,127 @@ fn a_collector_down_costs_only_the_spans() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// The gRPC side of a collector: what the TraceService and MetricsService receive.
+struct GrpcCollector {
+    spans: Received,
+    metrics: Metrics,
+}
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
+    for GrpcCollector
+{
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<
+        tonic::Response<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
+        >,
+        tonic::Status,
+    > {
+        for rs in request.into_inner().resource_spans {
+            for ss in rs.scope_spans {
+                for span in ss.spans {
+                    self.spans.lock().unwrap().push((String::new(), span));
+                }
+            }
+        }
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsService
+    for GrpcCollector
+{
+    async fn export(
+        &self,
+        request: tonic::Request<
+            opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest,
+        >,
+    ) -> Result<
+        tonic::Response<
+            opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse,
+        >,
+        tonic::Status,
+    > {
+        keep_metrics(&self.metrics, &request.into_inner().encode_to_vec());
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+/// `protocol: grpc`: the same trace and metrics reach a gRPC collector.
+#[test]
+fn the_grpc_protocol_reaches_a_grpc_collector() {
+    use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsServiceServer;
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+    let port = free_port();
+    let spans: Received = Arc::default();
+    let metrics: Metrics = Arc::default();
+    let (s2, m2) = (spans.clone(), metrics.clone());
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let addr = format!("127.0.0.1:{port}").parse().unwrap();
+            let traces = TraceServiceServer::new(GrpcCollector {
+                spans: s2.clone(),
+                metrics: m2.clone(),
+            });
+            let metrics = MetricsServiceServer::new(GrpcCollector {
+                spans: s2,
+                metrics: m2,
+            });
+            tonic::transport::Server::builder()
+                .add_service(traces)
+                .add_service(metrics)
+                .serve(addr)
+                .await
+                .unwrap();
+        });
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the gRPC collector did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mock = MockProc::start(None);
+    let otlp = format!(
+        "{{ endpoint: \"http://127.0.0.1:{port}\", protocol: grpc, interval: 100ms, metrics_interval: 200ms }}"
+    );
+    let relay = RelayProc::start(&config(&mock, &otlp), &[]);
+    let tp = format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01");
+    assert_eq!(chat(&relay, Some(&tp), true).status, 200);
+    let got = wait_spans(&spans, 2);
+    let server = &got
+        .iter()
+        .find(|(_, s)| s.kind == 2)
+        .expect("a server span")
+        .1;
+    assert_eq!(hex(&server.trace_id), CLIENT_TRACE);
+    assert_eq!(
+        attr(server, "gen_ai.request.model")
+            .and_then(text)
+            .as_deref(),
+        Some("gpt-4o-mini")
+    );
+    while !metrics
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|(n, _)| n == "gen_ai.client.token.usage")
+    {
+        assert!(
+            Instant::now() < deadline + Duration::from_secs(10),
+            "no metrics over gRPC"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

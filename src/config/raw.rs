@@ -66,9 +66,10 @@ pub struct RawTelemetry {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawOtlp {
-    /// The collector: `http://host:4318` (`/v1/traces` is added), or the traces URL.
+    /// The collector: `http://host:4318` (`/v1/traces` is added), or the traces URL; for
+    /// gRPC `http://host:4317`.
     pub endpoint: String,
-    /// `http/protobuf`, the one built in. Default it.
+    /// `http/protobuf` (default) or `grpc`.
     #[serde(default)]
     pub protocol: Option<String>,
     /// Headers sent with every export (a vendor's API key: `env:` or `file:` values).

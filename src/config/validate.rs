@@ -545,16 +545,16 @@ fn validate_otlp(
     lookup_env: LookupEnv<'_>,
 ) -> Result<crate::telemetry::OtlpConfig, ConfigError> {
     let key = "telemetry.otlp";
-    match o.protocol.as_deref().unwrap_or("http/protobuf") {
-        "http/protobuf" => {}
-        other => return Err(invalid(
-            format!("{key}.protocol"),
-            Problem::OneOf(
-                other.into(),
-                "http/protobuf (grpc is not built in: use the collector's OTLP/HTTP port, 4318)",
-            ),
-        )),
-    }
+    let grpc = match o.protocol.as_deref().unwrap_or("http/protobuf") {
+        "http/protobuf" => false,
+        "grpc" => true,
+        other => {
+            return Err(invalid(
+                format!("{key}.protocol"),
+                Problem::OneOf(other.into(), "http/protobuf, grpc"),
+            ))
+        }
+    };
     if !o.endpoint.starts_with("http://") {
         return Err(invalid(format!("{key}.endpoint"), Problem::OtlpScheme));
     }
@@ -562,7 +562,10 @@ fn validate_otlp(
         .split_once('/')
         .map_or("", |(_, p)| p);
     let base = o.endpoint.trim_end_matches('/');
-    let (endpoint, metrics_endpoint) = if after_host.is_empty() {
+    let (endpoint, metrics_endpoint) = if grpc {
+        // gRPC names the service, not a path: the collector's address is all.
+        (base.to_string(), base.to_string())
+    } else if after_host.is_empty() {
         (format!("{base}/v1/traces"), format!("{base}/v1/metrics"))
     } else if let Some(root) = base.strip_suffix("/v1/traces") {
         (base.to_string(), format!("{root}/v1/metrics"))
@@ -606,6 +609,7 @@ fn validate_otlp(
         timeout: dur("timeout", &o.timeout, "5s")?,
         metrics_endpoint,
         metrics_interval: dur("metrics_interval", &o.metrics_interval, "10s")?,
+        grpc,
     })
 }
 
