@@ -186,9 +186,17 @@ struct Extension {
     refused: AtomicBool,
     /// The stream was cut (counted once).
     cut: AtomicBool,
-    /// Output tokens and nano-dollars (in every budget) granted beyond the first.
+    /// Output tokens granted beyond the first reservation.
     tokens: AtomicU64,
-    amount: AtomicI64,
+    /// Nano-dollars granted beyond the first (in every budget), and whether the request
+    /// has settled: an extension granted after the settlement gives itself back.
+    granted: std::sync::Mutex<(i64, bool)>,
+}
+
+impl Extension {
+    fn granted(&self) -> std::sync::MutexGuard<'_, (i64, bool)> {
+        self.granted.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// One request's reservations, settled when it ends.
@@ -214,7 +222,7 @@ pub struct Hold {
 impl Hold {
     /// Dollars reserved so far (extensions included), for the row.
     pub fn reserved_usd(&self) -> f64 {
-        usd(self.amount + self.extension.amount.load(Ordering::Acquire))
+        usd(self.amount + self.extension.granted().0)
     }
 
     /// A stream has produced `output` tokens: asks for more reservation ahead of need
@@ -255,7 +263,7 @@ impl Hold {
             (None, Some(p)) if outcome == "budget_exceeded" => {
                 nano(self.input_tokens as f64 * p.input + output_events as f64 * p.output)
             }
-            (None, Some(_)) => self.amount + self.extension.amount.load(Ordering::Acquire),
+            (None, Some(_)) => self.amount + self.extension.granted().0,
         }
     }
 
@@ -265,8 +273,14 @@ impl Hold {
         if let (Some(model), Some(out)) = (&self.model, output_tokens) {
             self.engine.observed.add(&self.tenant, model, out);
         }
-        let reserved = self.amount + self.extension.amount.load(Ordering::Acquire);
-        self.engine.settle_all(&self.held, reserved, actual).await;
+        let extra = {
+            let mut granted = self.extension.granted();
+            granted.1 = true;
+            granted.0
+        };
+        self.engine
+            .settle_all(&self.held, self.amount + extra, actual)
+            .await;
     }
 }
 
@@ -567,13 +581,22 @@ impl Budgets {
                 }
             }
         }
-        if refused {
+        // Granted after the request settled (its stream ended meanwhile): given back.
+        let late = !refused && {
+            let mut granted = ext.granted();
+            if !granted.1 {
+                granted.0 += amount;
+            }
+            granted.1
+        };
+        if refused || late {
             for h in taken {
                 self.settle_one(h, amount, 0).await;
             }
+        }
+        if refused {
             ext.refused.store(true, Ordering::Release);
-        } else {
-            ext.amount.fetch_add(amount, Ordering::AcqRel);
+        } else if !late {
             ext.tokens.fetch_add(tokens, Ordering::AcqRel);
         }
         ext.pending.store(false, Ordering::Release);

@@ -288,3 +288,27 @@ fn a_stream_past_what_the_budget_can_cover_is_cut() {
         assert_eq!(settled, nano(1000.0 * 1e-6 + 101.0 * 2e-6));
     });
 }
+
+/// An extension that is granted after its stream settled (the stream ended while the
+/// reservation was on its way) gives itself back: nothing stays reserved.
+#[test]
+fn an_extension_granted_after_the_settlement_gives_itself_back() {
+    at("2026-12-02T10:00:00Z");
+    let e = engine(BudgetSettings::default());
+    let specs = [spec("tenant:t", 1.0, Mode::Block, "UTC")];
+    run(async {
+        let h = e
+            .admit(&ask(&specs, Some("m"), 100))
+            .await
+            .unwrap()
+            .unwrap();
+        // The extension is spawned here; on this single-threaded runtime it runs only
+        // once the test yields, after the settlement below.
+        assert!(!h.watch(90));
+        let actual = h.settlement(Some(0.0005), "ok", 0);
+        h.settle(actual, Some(90)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let level = e.local.level("tenant:t", specs[0].window_at(clock()));
+        assert_eq!((level.spent, level.reserved), (500_000, 0));
+    });
+}
