@@ -521,3 +521,28 @@ fn a_budget_on_a_redis_cluster_holds_its_cap() {
     assert_eq!(b["counted_in"], "redis");
     assert!((b["spent_usd"].as_f64().unwrap() - served as f64 * cost).abs() < 1e-7);
 }
+
+/// A body sent without a length is not read before forwarding, so its model is unknown:
+/// on a budgeted tenant it is refused as unpriced, never let through uncounted.
+#[test]
+fn a_chunked_body_cannot_pass_a_budget_uncounted() {
+    use std::io::{Read, Write};
+    let mock = MockProc::start(None);
+    let t = tenant("acme", TENANT_KEY, "{ usd: 1, per: day }");
+    let relay = RelayProc::start(&config(&mock, &t, ""), &[]);
+    let body = body(false);
+    let mut s = std::net::TcpStream::connect(relay.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let head = format!(
+        "POST {CHAT} HTTP/1.1\r\nHost: relay\r\nAuthorization: Bearer {TENANT_KEY}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(&body).unwrap();
+    s.write_all(b"\r\n0\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("budget_unpriced_model"), "{answer}");
+    assert_eq!(mock.stats()["requests"], 0);
+}

@@ -406,3 +406,36 @@ fn the_openai_sdk_reads_cached_answers_as_the_first() {
     let said = run_sdk_script("sdk_cache_check.py", &relay, &["sk-a"]);
     assert_eq!(requests(&mock), 2, "{said}");
 }
+
+/// A first request that fails wakes the identical ones waiting for it: one of them goes
+/// upstream and the others wait for its entry, instead of all going at once.
+#[test]
+fn after_a_failed_first_request_one_waiter_goes_upstream_for_the_rest() {
+    let mock = MockProc::start(None);
+    let relay = RelayProc::start(&config(&mock, "{ wait: 5s }", ""), &[]);
+    let addr = relay.addr;
+    let threads: Vec<_> = (0..4)
+        .map(|i| {
+            std::thread::spawn(move || {
+                // The first fails slowly; the others arrive while it runs.
+                let extra: Vec<(&str, &str)> = if i == 0 {
+                    vec![("x-mock-status", "500"), ("x-mock-first-delay-ms", "300")]
+                } else {
+                    std::thread::sleep(Duration::from_millis(100));
+                    vec![("x-mock-first-delay-ms", "300")]
+                };
+                let mut h = vec![("authorization", "Bearer sk-a")];
+                h.extend(extra);
+                let r = request(addr, "POST", CHAT, &h, &body(false, 0.0));
+                (r.status, r.header("x-relay-cache").map(str::to_string))
+            })
+        })
+        .collect();
+    let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert_eq!(requests(&mock), 2, "{results:?}");
+    let hits = results
+        .iter()
+        .filter(|r| r.1.as_deref() == Some("hit"))
+        .count();
+    assert_eq!(hits, 2, "{results:?}");
+}

@@ -284,6 +284,27 @@ impl Hold {
     }
 }
 
+impl Drop for Hold {
+    /// A request whose end was never settled (its task was cancelled at shutdown): its
+    /// reservation is settled as it stands, if a runtime is there to do it.
+    fn drop(&mut self) {
+        let extra = {
+            let mut granted = self.extension.granted();
+            if granted.1 {
+                return;
+            }
+            granted.1 = true;
+            granted.0
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (engine, held) = (self.engine.clone(), self.held.clone());
+        let reserved = self.amount + extra;
+        runtime.spawn(async move { engine.settle_all(&held, reserved, reserved).await });
+    }
+}
+
 /// Per-budget metrics; labels are the configured budgets' ids.
 struct BudgetMetrics {
     spent: GaugeVec,
@@ -516,6 +537,7 @@ impl Budgets {
                 id: &spec.id,
                 window,
                 next_end_ms: spec.window_at(window.end_ms).end_ms,
+                prev_start_ms: spec.window_at(window.start_ms - 1).start_ms,
                 amount,
                 cap: spec.cap(),
                 block: spec.mode == Mode::Block,
@@ -561,11 +583,15 @@ impl Budgets {
     async fn extend(&self, held: &[Held], ext: &Extension, tokens: u64, amount: i64) {
         let mut taken: Vec<&Held> = Vec::new();
         let mut refused = false;
+        // Redis did not answer: nothing is granted, nothing refused (the stream is not cut
+        // for it; a later ask may be answered).
+        let mut errored = false;
         for h in held {
             let r = Reserve {
                 id: &h.spec.id,
                 window: h.window,
                 next_end_ms: 0,
+                prev_start_ms: 0,
                 amount,
                 cap: h.spec.cap(),
                 block: h.spec.mode == Mode::Block,
@@ -575,28 +601,32 @@ impl Budgets {
                     self.metrics.level(&h.spec, &level);
                     taken.push(h);
                 }
-                _ => {
+                Some(_) => {
                     refused = true;
+                    break;
+                }
+                None => {
+                    errored = true;
                     break;
                 }
             }
         }
         // Granted after the request settled (its stream ended meanwhile): given back.
-        let late = !refused && {
+        let late = !refused && !errored && {
             let mut granted = ext.granted();
             if !granted.1 {
                 granted.0 += amount;
             }
             granted.1
         };
-        if refused || late {
+        if refused || late || errored {
             for h in taken {
                 self.settle_one(h, amount, 0).await;
             }
         }
         if refused {
             ext.refused.store(true, Ordering::Release);
-        } else if !late {
+        } else if !late && !errored {
             ext.tokens.fetch_add(tokens, Ordering::AcqRel);
         }
         ext.pending.store(false, Ordering::Release);
@@ -656,8 +686,8 @@ impl Budgets {
                 match redis.settle(&h.spec.id, h.window, reserved, actual).await {
                     Ok(level) => level,
                     Err(e) => {
-                        // The reservation stays until the window's key expires.
                         self.failed("settle", &e);
+                        self.settle_later(h, reserved, actual);
                         return;
                     }
                 }
@@ -665,6 +695,27 @@ impl Budgets {
             _ => self.local.settle(&h.spec.id, h.window, reserved, actual),
         };
         self.metrics.level(&h.spec, &level);
+    }
+
+    /// A settlement Redis did not take, tried again (1, 2, 4, 8, 16, 32 s later) so that
+    /// a blip does not leave the reservation held, and the spend uncounted, for the rest
+    /// of the window; after that it is given up (logged).
+    fn settle_later(&self, h: &Held, reserved: i64, actual: i64) {
+        let (Some(redis), Ok(runtime)) = (&self.redis, tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        let redis = redis.clone();
+        let (id, window) = (h.spec.id.clone(), h.window);
+        runtime.spawn(async move {
+            for secs in [1, 2, 4, 8, 16, 32] {
+                tokio::time::sleep(std::time::Duration::from_secs(secs)).await;
+                if redis.settle(&id, window, reserved, actual).await.is_ok() {
+                    return;
+                }
+            }
+            warn!("budgets: a settlement of {id} was not taken by Redis within a minute; its reservation stays until the window's key expires");
+        });
     }
 
     fn may_ask(&self) -> bool {

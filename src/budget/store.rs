@@ -31,6 +31,9 @@ pub struct Reserve<'a> {
     /// The end of the window after `window`, for a store whose clock has already turned
     /// (0: the reservation belongs in `window` whatever the clock says).
     pub next_end_ms: i64,
+    /// The start of the window before, for a store whose clock has not turned yet (0:
+    /// stay in `window`).
+    pub prev_start_ms: i64,
     pub amount: i64,
     pub cap: i64,
     pub block: bool,
@@ -93,14 +96,16 @@ impl LocalStore {
 }
 
 /// Reserve. KEYS[1]: the budget's key prefix. ARGV: window start, end, next window's
-/// end (ms; 0: stay in this window), amount, cap, block (1/0). On Redis' clock: a window
-/// that has ended there is replaced by the next. Returns {admitted, spent, reserved,
-/// start, end}.
+/// end (ms; 0: stay in this window), amount, cap, block (1/0), the previous window's start
+/// (0: none). On Redis' clock: a window that has ended there is replaced by the next, and
+/// one that has not begun there (this relay's clock is ahead) by the previous. Returns
+/// {admitted, spent, reserved, start, end}.
 const RESERVE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local start, stop = tonumber(ARGV[1]), tonumber(ARGV[2])
-if now >= stop and tonumber(ARGV[3]) > stop then start, stop = stop, tonumber(ARGV[3]) end
+if now >= stop and tonumber(ARGV[3]) > stop then start, stop = stop, tonumber(ARGV[3])
+elseif now < start and tonumber(ARGV[7]) > 0 then start, stop = tonumber(ARGV[7]), start end
 local key = KEYS[1] .. ':' .. start
 local spent = tonumber(redis.call('HGET', key, 'spent') or '0')
 local reserved = tonumber(redis.call('HGET', key, 'reserved') or '0')
@@ -127,6 +132,7 @@ return {spent, held}
 "#;
 
 /// The fleet's budget counts in Redis (the limiter's connection).
+#[derive(Clone)]
 pub struct RedisStore {
     redis: Arc<RedisConnection>,
     prefix: String,
@@ -157,7 +163,8 @@ impl RedisStore {
             .arg(r.next_end_ms)
             .arg(r.amount)
             .arg(r.cap)
-            .arg(u8::from(r.block));
+            .arg(u8::from(r.block))
+            .arg(r.prev_start_ms);
         let run = call.invoke_async::<(i64, i64, i64, i64, i64)>(&mut conn);
         let (admitted, spent, reserved, start, end) = self.redis.timed(run).await?;
         Ok(Level {
@@ -224,6 +231,7 @@ mod tests {
             id: "b",
             window: W,
             next_end_ms: 3_000,
+            prev_start_ms: 0,
             amount,
             cap: 100,
             block,

@@ -271,35 +271,43 @@ impl Cache {
         if plan.mode == Mode::Bypass {
             return;
         }
-        let waiting = {
-            let mut running = lock(&self.running);
-            match running.get(&plan.key) {
-                Some(n) if plan.mode == Mode::Lookup => Some(n.clone()),
-                Some(_) => None,
-                None => {
-                    running.insert(plan.key.clone(), Arc::new(Notify::new()));
-                    plan.leader = Some(Leader {
-                        cache: self.clone(),
-                        key: plan.key.clone(),
-                    });
-                    None
+        // A leader that ends without an entry (an error, say) wakes its waiters: one of
+        // them becomes the next leader, the others wait for it, all within `wait`.
+        let deadline = Instant::now() + plan.config.wait;
+        loop {
+            let waiting = {
+                let mut running = lock(&self.running);
+                match running.get(&plan.key) {
+                    Some(n) if plan.mode == Mode::Lookup => Some(n.clone()),
+                    Some(_) => None,
+                    None => {
+                        running.insert(plan.key.clone(), Arc::new(Notify::new()));
+                        plan.leader = Some(Leader {
+                            cache: self.clone(),
+                            key: plan.key.clone(),
+                        });
+                        None
+                    }
                 }
-            }
-        };
-        let Some(notify) = waiting else {
-            return;
-        };
-        let woken = notify.notified();
-        tokio::pin!(woken);
-        woken.as_mut().enable();
-        // The leader may have finished between the lookup and the registration.
-        if let Found::Hit(e) = self.get(&plan.key).await {
-            plan.hit = Some(e);
-            return;
-        }
-        if tokio::time::timeout(plan.config.wait, woken).await.is_ok() {
+            };
+            let Some(notify) = waiting else {
+                return;
+            };
+            let woken = notify.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            // The leader may have finished between the lookup and the registration.
             if let Found::Hit(e) = self.get(&plan.key).await {
                 plan.hit = Some(e);
+                return;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || tokio::time::timeout(left, woken).await.is_err() {
+                return;
+            }
+            if let Found::Hit(e) = self.get(&plan.key).await {
+                plan.hit = Some(e);
+                return;
             }
         }
     }

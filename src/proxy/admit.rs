@@ -149,6 +149,9 @@ impl RelayProxy {
         let a = super::ctx::admitted(&mut ctx.admitted)?;
         let req = session.req_header();
         let announced = request_info::content_length(req);
+        // A body comes, read now or not (then its model is unknown to the budgets).
+        let has_body = announced.is_some_and(|n| n > 0)
+            || req.headers.contains_key(http::header::TRANSFER_ENCODING);
         if let Err(e) = gate::check_head(req, &self.input)
             .and_then(|()| gate::check_length(announced, a.route.max_body_bytes))
         {
@@ -186,7 +189,7 @@ impl RelayProxy {
         }
         let hit = a.cache.as_ref().is_some_and(|p| p.hit.is_some());
         // A hit costs a request against the limits, and no tokens and no budget.
-        if !hit && !a.budgets.is_empty() && (body_bytes > 0 || a.websocket.is_some()) {
+        if !hit && !a.budgets.is_empty() && (has_body || a.websocket.is_some()) {
             if let Err(refused) = self.within_budgets(a, body_bytes).await {
                 return Ok(Err(refused));
             }
