@@ -27,13 +27,17 @@ pub fn accept_client_id(value: &[u8]) -> Option<String> {
 /// keyed from the OS's random source (std's `RandomState`), so knowing any number of ids
 /// tells nothing of the next.
 pub fn new_id() -> String {
+    let (hi, lo) = random_pair();
+    format!("{hi:016x}{lo:016x}")
+}
+
+/// 128 unpredictable bits, the same way (also for trace and span ids).
+pub fn random_pair() -> (u64, u64) {
     static KEYS: OnceLock<(RandomState, RandomState)> = OnceLock::new();
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let (a, b) = KEYS.get_or_init(|| (RandomState::new(), RandomState::new()));
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let hi = a.hash_one(n);
-    let lo = b.hash_one(n);
-    format!("{hi:016x}{lo:016x}")
+    (a.hash_one(n), b.hash_one(n))
 }
 
 #[cfg(test)]

@@ -12,9 +12,6 @@
 //! batches them and calls the `opentelemetry-otlp` exporter.
 
 use std::borrow::Cow;
-use std::collections::hash_map::RandomState;
-use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -137,33 +134,20 @@ impl Trace {
     }
 }
 
-/// Random span and trace ids: SipHash with a random key over a counter.
-pub struct Ids {
-    hasher: RandomState,
-    next: AtomicU64,
-}
-
-impl Default for Ids {
-    fn default() -> Self {
-        Ids {
-            hasher: RandomState::new(),
-            next: AtomicU64::new(1),
-        }
-    }
-}
+/// Random span and trace ids, from the request ids' generator (never zero, which W3C
+/// reserves for "none").
+#[derive(Default)]
+pub struct Ids;
 
 impl Ids {
-    fn u64(&self) -> u64 {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        self.hasher.hash_one(n).max(1)
-    }
-
     pub fn span(&self) -> SpanId {
-        SpanId::from_bytes(self.u64().to_be_bytes())
+        let (a, _) = crate::request_id::random_pair();
+        SpanId::from_bytes(a.max(1).to_be_bytes())
     }
 
     fn trace(&self) -> TraceId {
-        let id = (u128::from(self.u64()) << 64) | u128::from(self.u64());
+        let (hi, lo) = crate::request_id::random_pair();
+        let id = (u128::from(hi) << 64) | u128::from(lo.max(1));
         TraceId::from_bytes(id.to_be_bytes())
     }
 }

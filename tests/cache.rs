@@ -257,6 +257,10 @@ fn only_complete_answers_are_stored_and_the_client_steers_the_rest() {
         &[("x-relay-cache", "refresh")],
     );
     assert_eq!(refresh.header("x-relay-cache"), Some("refresh"));
+    // The relay's own cache control never reaches the provider.
+    let upstream = mock.stats()["last_headers"].clone();
+    assert!(upstream.get("x-relay-cache").is_none(), "{upstream}");
+    assert!(upstream.get("x-request-id").is_some(), "{upstream}");
     assert_eq!(relay.row_for("refresh")["cache"], "store");
     let hit = send(&relay, "sk-b", "hit", &body(false, 0.0), &[]);
     assert_eq!(hit.header("x-relay-cache"), Some("hit"));

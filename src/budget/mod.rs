@@ -414,9 +414,7 @@ pub struct Budgets {
 }
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+    crate::record::unix_ms() as i64
 }
 
 /// Where the engine counts: Redis (with the limiter's connection and key prefix) and

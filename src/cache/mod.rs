@@ -434,8 +434,8 @@ impl Capture {
         if !self.stream {
             return;
         }
-        while let Some(i) = memchr::memmem::find(&self.partial, b"\n\n") {
-            let rest = self.partial.split_off(i + 2);
+        while let Some(end) = event_end(&self.partial) {
+            let rest = self.partial.split_off(end);
             let event = std::mem::replace(&mut self.partial, rest);
             self.chunks.push(Bytes::from(event));
         }
@@ -453,9 +453,29 @@ impl Capture {
     }
 }
 
+/// Where the first event in `b` ends: after its blank line, `\n\n` or `\r\n\r\n`.
+fn event_end(b: &[u8]) -> Option<usize> {
+    let lf = memchr::memmem::find(b, b"\n\n").map(|i| i + 2);
+    let crlf = memchr::memmem::find(b, b"\r\n\r\n").map(|i| i + 4);
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn events_ending_in_crlf_are_kept_one_by_one_too() {
+        let mut c = Capture::new(true, 1000);
+        c.feed(b"event: a\r\ndata: 1\r\n\r\nevent: b\r\ndata: 2\r\n\r\n");
+        assert_eq!(
+            c.finish().unwrap(),
+            ["event: a\r\ndata: 1\r\n\r\n", "event: b\r\ndata: 2\r\n\r\n"]
+        );
+    }
 
     #[test]
     fn a_stream_is_kept_event_by_event_however_it_was_cut() {
