@@ -19,4 +19,5 @@ if ! python3 -c 'import chdb' 2>/dev/null; then
   python3 -m pip install -q --disable-pip-version-check --no-deps chdb-core \
     || python3 -m pip install -q --disable-pip-version-check --no-deps --break-system-packages chdb-core
 fi
-cargo test --locked --all-targets "$@"
+# --no-fail-fast: one failing test binary does not hide the results of the others.
+cargo test --locked --all-targets --no-fail-fast "$@"

@@ -15,7 +15,7 @@ const CHAT: &str = "/openai/v1/chat/completions";
 /// Routes, tenants and prices, and rows to `ch` with spool in `spool`.
 fn config(mock: &MockProc, ch: &ClickHouseProc, spool: &Path, batch: &str) -> String {
     let u = mock.url();
-    let dead = free_port();
+    let dead = refused_port();
     format!(
         r#"routes:
   - {{ name: openai, prefix: /openai/v1, provider: openai, upstreams: ["{u}/v1"],

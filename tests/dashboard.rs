@@ -39,7 +39,7 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
     let ch = ClickHouseProc::start();
     let spool = temp_dir("spool");
     let u = mock.url();
-    let dead = free_port();
+    let dead = refused_port();
     let config = format!(
         r#"routes:
   - {{ name: openai, prefix: /openai/v1, provider: openai, upstreams: ["{u}/v1"], cache: {{ ttl: 1h }} }}
@@ -190,7 +190,25 @@ rows:
     }
     stop.store(true, Ordering::Relaxed);
     traffic.join().unwrap();
-    assert!(missing.is_empty(), "panels without data: {missing:#?}");
+    if !missing.is_empty() {
+        // What the relay itself said, to tell "no such traffic" from "not scraped".
+        let metrics = request(relay.admin, "GET", "/metrics", &[], b"");
+        let metrics = String::from_utf8_lossy(&metrics.body).into_owned();
+        let relevant: Vec<&str> = metrics
+            .lines()
+            .filter(|l| {
+                !l.starts_with('#')
+                    && (l.contains("route=\"dead\"") || l.contains("_requests_total"))
+            })
+            .collect();
+        let log = relay.stderr();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        panic!(
+            "panels without data: {missing:#?}\nthe relay's metrics:\n{}\nthe end of its log:\n{}",
+            relevant.join("\n"),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
 
     // The ClickHouse panels, with Grafana's macros as the plugin expands them for the
     // last hour and the dashboard's default database.

@@ -197,7 +197,7 @@ fn health_checks_set_a_failing_upstream_aside_without_client_traffic() {
 #[test]
 fn a_retried_body_is_counted_and_captured_once() {
     let mock = MockProc::start(None);
-    let dead = free_port();
+    let dead = refused_port();
     let relay = RelayProc::start(
         &format!(
             r#"routes:

@@ -13,7 +13,7 @@ const LIMITED_KEY: &str = "sk-tenant-limited";
 /// refuse connections, and one whose first upstream refuses.
 fn config(mock: &MockProc) -> String {
     let u = mock.url();
-    let (d1, d2) = (free_port(), free_port());
+    let (d1, d2) = (refused_port(), refused_port());
     format!(
         r#"routes:
   - {{ name: openai, prefix: /openai/v1, provider: openai, upstreams: ["{u}/v1"], key: "env:TEST_PROVIDER_KEY" }}

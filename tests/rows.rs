@@ -7,7 +7,7 @@ use common::*;
 
 fn config(mock: &MockProc) -> String {
     let u = mock.url();
-    let dead = free_port();
+    let dead = refused_port();
     format!(
         r#"routes:
   - {{ name: openai, prefix: /openai/v1, provider: openai, upstreams: ["{u}/v1"] }}

@@ -352,7 +352,7 @@ fn sampling_follows_the_ratio_and_the_clients_decision() {
 /// counted.
 #[test]
 fn a_collector_down_costs_only_the_spans() {
-    let closed = free_port();
+    let closed = refused_port();
     let mock = MockProc::start(None);
     let otlp =
         format!("{{ endpoint: \"http://127.0.0.1:{closed}\", interval: 100ms, timeout: 1s }}");

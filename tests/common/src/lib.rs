@@ -53,6 +53,27 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A loopback port where every connection is refused, for as long as the test binary
+/// runs: a TCP socket bound to it and never listening, held in a static (a new port on
+/// each call). Unlike a port from [`free_port`], nothing else (another server of the
+/// test, another job on the machine) can take it before the relay tries it, so a "dead
+/// upstream" stays dead.
+pub fn refused_port() -> u16 {
+    static HELD: std::sync::Mutex<Vec<socket2::Socket>> = std::sync::Mutex::new(Vec::new());
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .expect("a TCP socket");
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    s.bind(&any.into()).expect("bind a loopback port");
+    let port = s
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .expect("the bound port")
+        .port();
+    HELD.lock().unwrap().push(s);
+    port
+}
+
 /// A fresh temporary directory for one test.
 pub fn temp_dir(tag: &str) -> PathBuf {
     static N: AtomicU32 = AtomicU32::new(0);
