@@ -53,12 +53,18 @@ impl Pricing {
     pub fn cost(&self, model: &str, usage: &Usage) -> Option<f64> {
         let p = self.by_model.get(model)?;
         let (input, output) = (usage.input?, usage.output?);
-        let cached = usage.cached_input.unwrap_or(0).min(input);
-        Some(
-            (input - cached) as f64 * p.input
-                + cached as f64 * p.cached_input
-                + output as f64 * p.output,
-        )
+        Some(p.of(input, usage.cached_input.unwrap_or(0), output))
+    }
+}
+
+impl Price {
+    /// USD for `input` tokens (`cached` of them read from the provider's cache) and
+    /// `output` tokens.
+    pub fn of(&self, input: u64, cached: u64, output: u64) -> f64 {
+        let cached = cached.min(input);
+        (input - cached) as f64 * self.input
+            + cached as f64 * self.cached_input
+            + output as f64 * self.output
     }
 }
 

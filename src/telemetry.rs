@@ -397,7 +397,7 @@ impl Telemetry {
         Ok(Telemetry {
             tx,
             metrics,
-            ids: Ids::default(),
+            ids: Ids,
             sample_ratio: config.sample_ratio,
             dropped,
             scope: InstrumentationScope::builder("stream-relay")
@@ -700,7 +700,7 @@ mod tests {
 
     #[test]
     fn ids_are_distinct_and_never_zero() {
-        let ids = Ids::default();
+        let ids = Ids;
         let a: std::collections::HashSet<String> =
             (0..1000).map(|_| ids.span().to_string()).collect();
         assert_eq!(a.len(), 1000);

@@ -523,7 +523,7 @@ pub(crate) mod tests {
                     }
                 }
             }
-            let want = |p: &[u8]| p.len() % 2 == 0;
+            let want = |p: &[u8]| p.len().is_multiple_of(2);
             let (starts, wholes, r) = read(&s, s.len().max(1), &want);
             let mut r2 = FrameReader::new(true);
             let (mut starts2, mut wholes2) = (Vec::new(), Vec::new());

@@ -326,7 +326,7 @@ fn a_client_that_waits_the_redis_retry_after_is_admitted() {
         .enable_all()
         .build()
         .unwrap();
-    let mut seed: u64 = 0x5eed_17;
+    let mut seed: u64 = 0x005e_ed17;
     let mut next = move |n: u64| {
         seed = seed
             .wrapping_mul(6364136223846793005)

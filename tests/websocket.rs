@@ -118,6 +118,11 @@ fn read_response_rest(s: &mut TcpStream, head: &str, mut body: Vec<u8>) -> Strin
 impl Ws {
     /// Sends a masked frame.
     fn send_frame(&mut self, opcode: u8, payload: &[u8]) {
+        self.try_send_frame(opcode, payload).unwrap();
+    }
+
+    /// A frame to the server; an error when the connection is gone.
+    fn try_send_frame(&mut self, opcode: u8, payload: &[u8]) -> std::io::Result<()> {
         let key = [0x37, 0xfa, 0x21, 0x3d];
         let mut f = vec![0x80 | opcode];
         match payload.len() {
@@ -129,7 +134,7 @@ impl Ws {
         }
         f.extend_from_slice(&key);
         f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
-        self.s.write_all(&f).unwrap();
+        self.s.write_all(&f)
     }
 
     fn send(&mut self, event: &str) {
@@ -545,4 +550,74 @@ fn sessions_opened_one_after_another_all_carry_frames() {
         );
         ws.close();
     }
+}
+
+#[test]
+fn a_session_past_its_budget_is_closed_after_the_response_that_crossed_it() {
+    // At $4 / $16 per million, a mock response (17 input, 24 output tokens) costs
+    // $0.000452. A session reserves 100 output tokens ($0.0016) at its handshake; the
+    // $0.002 budget has no room for a second reservation, so the session is closed once
+    // what it spent passes the first.
+    let mock = MockProc::start(Some(PROVIDER_KEY));
+    let config = format!(
+        r#"routes:
+  - {{ name: openai, prefix: /openai/v1, provider: openai, upstreams: ["{url}/v1"], key: "env:PK" }}
+pricing:
+  gpt-realtime: {{ input: 4.0, output: 16.0 }}
+limits:
+  default_max_tokens: 100
+tenants:
+  - {{ id: acme, key_sha256: ["{h}"], budget: {{ usd: 0.002, per: day }} }}
+"#,
+        url = mock.url(),
+        h = hash(TENANT_KEY)
+    );
+    let relay = RelayProc::start(&config, &[("PK", PROVIDER_KEY)]);
+    let per_response = (IN_PER_RESPONSE as f64 * 4.0 + 8.0 * OUT_PER_CHUNK as f64 * 16.0) / 1e6;
+    let mut ws = open(&relay, "spender");
+    let mut done = 0u32;
+    let close = 'session: loop {
+        assert!(done < 10, "the session was never closed");
+        let create = r#"{"type":"response.create","response":{"modalities":["audio","text"]}}"#;
+        if ws.try_send_frame(0x1, create.as_bytes()).is_err() {
+            panic!("the connection ended without a close frame");
+        }
+        loop {
+            let f = ws.next().expect("a close frame before the end");
+            match f.opcode {
+                8 => break 'session f,
+                1 => {
+                    let e: serde_json::Value = serde_json::from_slice(&f.payload).unwrap();
+                    if e["type"] == "response.done" {
+                        done += 1;
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+    };
+    assert_eq!(&close.payload[..2], &1008u16.to_be_bytes());
+    assert_eq!(&close.payload[2..], b"budget exceeded");
+    // The fourth response passes the reservation. The refusal of more is asked for at the
+    // third, off the request path; should it come late, one more response goes through.
+    assert!((4..=5).contains(&done), "closed after {done} responses");
+    let row = relay.row_for("spender");
+    assert_eq!(row["outcome"], "budget_exceeded", "{row}");
+    assert_eq!(row["budget_decision"], "cut", "{row}");
+    let cost = row["cost_usd"].as_f64().unwrap();
+    assert!(
+        (cost - f64::from(done) * per_response).abs() < 1e-9,
+        "{row}"
+    );
+    let settled = row["budget_settled_usd"].as_f64().unwrap();
+    assert!((settled - cost).abs() < 1e-8, "{row}");
+    // What is left cannot hold another session's reservation: refused before any upgrade.
+    let a = auth();
+    let (status, body) = connect(relay.addr, PATH, &[("authorization", &a)])
+        .err()
+        .expect("a refusal");
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("insufficient_quota"), "{body}");
+    relay.metrics_with(r#"stream_relay_budget_cutoffs_total{budget="tenant:acme"} 1"#);
 }

@@ -232,10 +232,41 @@ impl Hold {
         let Some(price) = self.price.filter(|_| self.cut_running) else {
             return false;
         };
+        let covered = self.output_tokens + self.extension.tokens.load(Ordering::Acquire);
+        let step = self.output_tokens.max(256);
+        self.keep_ahead(
+            output > covered,
+            output * 4 >= covered * 3,
+            step,
+            nano(step as f64 * price.output),
+        )
+    }
+
+    /// A WebSocket session has used `input` tokens (`cached` of them cached) and
+    /// `output` tokens so far, summed over its responses as each `response.done` tells:
+    /// asks for more reservation ahead of need, and says whether to close the session
+    /// now: its spend past what is covered, with more refused. (A session's deltas are
+    /// not tokens, so it is watched in dollars, one response at a time.)
+    pub fn watch_spent(&self, input: u64, cached: u64, output: u64) -> bool {
+        let Some(price) = self.price.filter(|_| self.cut_running) else {
+            return false;
+        };
+        let spent = nano(price.of(input, cached, output));
+        if spent * 4 < self.amount * 3 {
+            return false;
+        }
+        let covered = self.amount + self.extension.granted().0;
+        // Enough to cover what is spent already and one more first reservation.
+        let step = self.amount.max(spent - covered + self.amount).max(1);
+        self.keep_ahead(spent > covered, spent * 4 >= covered * 3, 0, step)
+    }
+
+    /// Past what is covered with more refused: cut (counted once). Near it: more is
+    /// asked for, one ask at a time, off the request path.
+    fn keep_ahead(&self, over: bool, near: bool, tokens: u64, amount: i64) -> bool {
         let ext = &self.extension;
-        let covered = self.output_tokens + ext.tokens.load(Ordering::Acquire);
         if ext.refused.load(Ordering::Acquire) {
-            if output <= covered {
+            if !over {
                 return false;
             }
             if !ext.cut.swap(true, Ordering::AcqRel) {
@@ -243,11 +274,9 @@ impl Hold {
             }
             return true;
         }
-        if output * 4 >= covered * 3 && !ext.pending.swap(true, Ordering::AcqRel) {
-            let step = self.output_tokens.max(256);
-            let amount = nano(step as f64 * price.output);
+        if near && !ext.pending.swap(true, Ordering::AcqRel) {
             let (engine, held, ext) = (self.engine.clone(), self.held.clone(), ext.clone());
-            tokio::spawn(async move { engine.extend(&held, &ext, step, amount).await });
+            tokio::spawn(async move { engine.extend(&held, &ext, tokens, amount).await });
         }
         false
     }

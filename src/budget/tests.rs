@@ -289,6 +289,45 @@ fn a_stream_past_what_the_budget_can_cover_is_cut() {
     });
 }
 
+/// A WebSocket session is watched in dollars: more is reserved ahead of need, and the
+/// session is cut only past what is covered once more was refused.
+#[test]
+fn a_session_is_watched_in_dollars() {
+    at("2026-12-02T10:00:00Z");
+    let e = engine(BudgetSettings::default());
+    // Room for one more first reservation ($0.0012) beyond the first, not two.
+    let specs = [spec("tenant:t", 0.003, Mode::Block, "UTC")];
+    run(async {
+        let h = e
+            .admit(&ask(&specs, Some("m"), 100))
+            .await
+            .unwrap()
+            .unwrap();
+        // $0.0005 spent: below three quarters, nothing asked.
+        assert!(!h.watch_spent(300, 0, 100));
+        assert!((h.reserved_usd() - 0.0012).abs() < 1e-12);
+        // $0.001: more is asked for, and granted.
+        assert!(!h.watch_spent(800, 0, 100));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(
+            (h.reserved_usd() - 0.0024).abs() < 1e-12,
+            "{}",
+            h.reserved_usd()
+        );
+        // $0.002: more again, refused (the cap is $0.003); not cut while covered.
+        assert!(!h.watch_spent(1800, 0, 100));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(
+            (h.reserved_usd() - 0.0024).abs() < 1e-12,
+            "{}",
+            h.reserved_usd()
+        );
+        assert!(!h.watch_spent(1900, 0, 200));
+        // Past $0.0024: cut.
+        assert!(h.watch_spent(2100, 0, 200));
+    });
+}
+
 /// An extension that is granted after its stream settled (the stream ended while the
 /// reservation was on its way) gives itself back: nothing stays reserved.
 #[test]

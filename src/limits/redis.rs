@@ -137,7 +137,7 @@ return 1
 /// tenant's keys, which share a hash slot, so each call goes to that slot's master).
 enum Client {
     Single(redis::Client),
-    Cluster(redis::cluster::ClusterClient),
+    Cluster(Box<redis::cluster::ClusterClient>),
     Sentinel(Arc<SentinelConn>),
 }
 
@@ -241,13 +241,13 @@ impl RedisConnection {
         let connect = config.timeout.max(Duration::from_millis(200));
         let client = match &config.url {
             RedisUrl::Single(url) => Client::Single(redis::Client::open(url.expose())?),
-            RedisUrl::Cluster(nodes) => Client::Cluster(
+            RedisUrl::Cluster(nodes) => Client::Cluster(Box::new(
                 redis::cluster::ClusterClient::builder(nodes.iter().map(|n| n.expose()))
                     .connection_timeout(connect)
                     .response_timeout(config.timeout)
                     .retries(1)
                     .build()?,
-            ),
+            )),
             RedisUrl::Sentinel { nodes, service } => {
                 let client = redis::sentinel::SentinelClient::build(
                     nodes.iter().map(|n| n.expose()).collect(),

@@ -107,20 +107,31 @@ impl Admitted {
 
     /// A stream whose budget has no room for its next output is cut: nothing more of it
     /// reaches the client, the upstream is cancelled, and the proxy ends the stream with
-    /// an error event (`failure::end_stalled`). A WebSocket session is settled at its
-    /// end instead (its deltas are not tokens).
+    /// an error event (`failure::end_stalled`). A WebSocket session is watched in
+    /// dollars at each `response.done`: the response that went past its budget reaches
+    /// the client whole, then the session is closed (1008, "budget exceeded").
     pub fn watch_budget(&self, body: &mut Option<bytes::Bytes>) {
         let (Some(hold), Some(tap)) = (&self.budget, &self.answer.tap) else {
             return;
         };
-        if self.answer.in_session() || self.stalled().is_some() {
+        if self.stalled().is_some() {
             return;
         }
-        if hold.watch(tap.measure.output_events) {
+        let session = self.answer.in_session();
+        let cut = if session {
+            let u = &tap.measure.usage;
+            let (input, output) = (u.input.unwrap_or(0), u.output.unwrap_or(0));
+            hold.watch_spent(input, u.cached_input.unwrap_or(0), output)
+        } else {
+            hold.watch(tap.measure.output_events)
+        };
+        if cut {
             if let Some(guard) = &self.stall {
                 guard.cut(crate::stall::Deadline::Budget);
             }
-            *body = None;
+            if !session {
+                *body = None;
+            }
         }
     }
 
