@@ -33,6 +33,9 @@ pub struct OtlpConfig {
     pub headers: Vec<(String, String)>,
     /// The share of traces kept that no client decided (0..=1).
     pub sample_ratio: f64,
+    /// A client's `traceparent` decides whether its trace is kept (`client_sampling:
+    /// follow`); otherwise `sample_ratio` decides every trace, the client's too.
+    pub follow_client: bool,
     pub service_name: String,
     /// Spans that may wait for export; past it they are dropped (counted).
     pub queue: usize,
@@ -150,6 +153,17 @@ impl Ids {
         let id = (u128::from(hi) << 64) | u128::from(lo.max(1));
         TraceId::from_bytes(id.to_be_bytes())
     }
+}
+
+/// Whether a trace is kept: as the client decided (`client`, when it sent a
+/// `traceparent` and `follow_client`), else when `ratio` of all traces keeps it, by the
+/// low 8 bytes of its id (random in a W3C trace id), so every relay decides alike.
+fn kept(client: Option<bool>, follow_client: bool, trace_id: TraceId, ratio: f64) -> bool {
+    if let Some(sampled) = client.filter(|_| follow_client) {
+        return sampled;
+    }
+    let low = u64::from_be_bytes(trace_id.to_bytes()[8..].try_into().unwrap_or([0; 8]));
+    (low as f64) < ratio * (u64::MAX as f64)
 }
 
 /// A W3C `traceparent` (`00-TRACE-SPAN-FLAGS`): its trace, span and sampled flag.
@@ -353,6 +367,7 @@ pub struct Telemetry {
     metrics: GenAiMetrics,
     pub ids: Ids,
     sample_ratio: f64,
+    follow_client: bool,
     dropped: IntCounter,
     scope: InstrumentationScope,
 }
@@ -399,6 +414,7 @@ impl Telemetry {
             metrics,
             ids: Ids,
             sample_ratio: config.sample_ratio,
+            follow_client: config.follow_client,
             dropped,
             scope: InstrumentationScope::builder("stream-relay")
                 .with_version(env!("CARGO_PKG_VERSION"))
@@ -406,28 +422,21 @@ impl Telemetry {
         })
     }
 
-    /// A request's trace, from its `traceparent` when it has a sane one: the client's
-    /// sampling decision is kept; otherwise `sample_ratio` of the traces are.
+    /// A request's trace, from its `traceparent` when it has a sane one (its trace
+    /// continued, kept as the client decided or by `sample_ratio`: see
+    /// [`OtlpConfig::follow_client`]); otherwise a new trace, `sample_ratio` of them kept.
     pub fn trace(&self, traceparent: Option<&[u8]>) -> Trace {
-        match traceparent.and_then(parse_traceparent) {
-            Some((trace_id, parent, sampled)) => Trace {
-                trace_id,
-                parent: Some(parent),
-                server_span: self.ids.span(),
-                sampled,
-                attempts: Vec::new(),
-            },
-            None => {
-                let trace_id = self.ids.trace();
-                let low = u64::from_be_bytes(trace_id.to_bytes()[8..].try_into().unwrap_or([0; 8]));
-                Trace {
-                    trace_id,
-                    parent: None,
-                    server_span: self.ids.span(),
-                    sampled: (low as f64) < self.sample_ratio * (u64::MAX as f64),
-                    attempts: Vec::new(),
-                }
-            }
+        let (trace_id, parent, client) = match traceparent.and_then(parse_traceparent) {
+            Some((trace_id, parent, sampled)) => (trace_id, Some(parent), Some(sampled)),
+            None => (self.ids.trace(), None, None),
+        };
+        let sampled = kept(client, self.follow_client, trace_id, self.sample_ratio);
+        Trace {
+            trace_id,
+            parent,
+            server_span: self.ids.span(),
+            sampled,
+            attempts: Vec::new(),
         }
     }
 
@@ -660,6 +669,24 @@ fn export_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_client_decides_sampling_only_when_followed() {
+        let low = |n: u64| {
+            let mut b = [0u8; 16];
+            b[8..].copy_from_slice(&n.to_be_bytes());
+            TraceId::from_bytes(b)
+        };
+        let (small, large) = (low(1), low(u64::MAX - 1));
+        // Followed: the client's flag, whatever the ratio.
+        assert!(kept(Some(true), true, large, 0.0));
+        assert!(!kept(Some(false), true, small, 1.0));
+        // Not followed, or no client: the ratio, by the trace id.
+        assert!(!kept(Some(true), false, large, 0.5));
+        assert!(kept(Some(false), false, small, 0.5));
+        assert!(kept(None, true, small, 0.5) && !kept(None, true, large, 0.5));
+        assert!(!kept(Some(true), false, small, 0.0));
+    }
 
     #[test]
     fn traceparents_are_read_as_w3c_says() {

@@ -348,6 +348,49 @@ fn sampling_follows_the_ratio_and_the_clients_decision() {
     assert!(spans.iter().all(|(_, s)| hex(&s.trace_id) == CLIENT_TRACE));
 }
 
+/// `client_sampling: ratio`: a tenant's sampled `traceparent` cannot make the relay
+/// trace its requests; the trace is still the client's (the upstream gets its trace id,
+/// marked as the relay decided), and the ratio still keeps the relay's own.
+#[test]
+fn with_client_sampling_ratio_a_client_cannot_force_a_trace() {
+    let (port, got) = receiver();
+    let mock = MockProc::start(None);
+    let otlp = format!(
+        "{{ endpoint: \"http://127.0.0.1:{port}/v1/traces\", interval: 100ms, sample_ratio: 0, client_sampling: ratio }}"
+    );
+    let relay = RelayProc::start(&config(&mock, &otlp), &[]);
+    let sampled = format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01");
+    for _ in 0..5 {
+        assert_eq!(chat(&relay, Some(&sampled), false).status, 200);
+    }
+    let sent = mock.stats()["last_headers"]["traceparent"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        sent.starts_with(&format!("00-{CLIENT_TRACE}-")) && sent.ends_with("-00"),
+        "{sent}"
+    );
+    // The exporter sends every 100 ms: a second is time for any span to arrive.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(got.lock().unwrap().len(), 0);
+    let exported = relay.metrics_with("stream_relay_otlp_spans_exported_total");
+    assert!(
+        exported.contains("stream_relay_otlp_spans_exported_total 0"),
+        "{exported}"
+    );
+    drop(relay);
+    // The same with sample_ratio 1: every trace is kept, the client's included.
+    let otlp = format!(
+        "{{ endpoint: \"http://127.0.0.1:{port}/v1/traces\", interval: 100ms, sample_ratio: 1, client_sampling: ratio }}"
+    );
+    let relay = RelayProc::start(&config(&mock, &otlp), &[]);
+    let unsampled = format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-00");
+    assert_eq!(chat(&relay, Some(&unsampled), false).status, 200);
+    let spans = wait_spans(&got, 2);
+    assert!(spans.iter().all(|(_, s)| hex(&s.trace_id) == CLIENT_TRACE));
+}
+
 /// A collector that is down: requests are served as ever; the failed exports are
 /// counted.
 #[test]

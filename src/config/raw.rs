@@ -78,6 +78,10 @@ pub struct RawOtlp {
     /// The share of traces kept that no client's `traceparent` decided. Default 1.
     #[serde(default)]
     pub sample_ratio: Option<f64>,
+    /// `follow` (default): a client's `traceparent` decides whether its trace is kept;
+    /// `ratio`: `sample_ratio` decides every trace (a client still names the trace).
+    #[serde(default)]
+    pub client_sampling: Option<String>,
     /// `service.name` of the spans. Default `stream-relay`.
     #[serde(default)]
     pub service_name: Option<String>,

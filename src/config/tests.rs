@@ -127,6 +127,11 @@ fn errors_name_the_key() {
             minimal("", "  []\n").replace("127.0.0.1:8080", "localhost"),
             "listen.proxy:",
         ),
+        (
+            minimal("", "  []\n")
+                + "telemetry:\n  otlp: { endpoint: http://127.0.0.1:4318, client_sampling: never }\n",
+            "telemetry.otlp.client_sampling:",
+        ),
     ];
     for (yaml, want) in cases {
         let e = load(&yaml).unwrap_err().to_string();

@@ -588,6 +588,14 @@ fn validate_otlp(
     if !(0.0..=1.0).contains(&ratio) {
         return Err(invalid(format!("{key}.sample_ratio"), Problem::Ratio));
     }
+    let follow_client = match o.client_sampling.as_deref().unwrap_or("follow") {
+        "follow" => true,
+        "ratio" => false,
+        other => {
+            let why = Problem::OneOf(other.to_string(), "follow, ratio");
+            return Err(invalid(format!("{key}.client_sampling"), why));
+        }
+    };
     let dur = |name: &str, set: &Option<String>, default: &str| {
         duration_at(format!("{key}.{name}"), set.as_deref().unwrap_or(default))
     };
@@ -599,6 +607,7 @@ fn validate_otlp(
         endpoint,
         headers,
         sample_ratio: ratio,
+        follow_client,
         service_name: o
             .service_name
             .clone()
