@@ -36,6 +36,8 @@ pub struct OtlpConfig {
     /// A client's `traceparent` decides whether its trace is kept (`client_sampling:
     /// follow`); otherwise `sample_ratio` decides every trace, the client's too.
     pub follow_client: bool,
+    /// PEM certificates an `https` collector may chain to, beside the system's roots.
+    pub ca_pem: Option<Vec<u8>>,
     pub service_name: String,
     /// Spans that may wait for export; past it they are dropped (counted).
     pub queue: usize,
@@ -65,6 +67,23 @@ fn metadata(
     Ok(opentelemetry_otlp::tonic_types::metadata::MetadataMap::from_headers(map))
 }
 
+/// The OTLP/HTTP exporters' client: plain http, or https verified against the system's
+/// roots and `ca_file`'s certificates.
+fn http_client(config: &OtlpConfig) -> Result<reqwest::Client, String> {
+    let mut b = reqwest::Client::builder()
+        .use_rustls_tls()
+        .timeout(config.timeout)
+        .no_proxy();
+    if let Some(pem) = &config.ca_pem {
+        for cert in
+            reqwest::Certificate::from_pem_bundle(pem).map_err(|e| format!("ca_file: {e}"))?
+        {
+            b = b.add_root_certificate(cert);
+        }
+    }
+    b.build().map_err(|e| format!("the OTLP/HTTP client: {e}"))
+}
+
 /// The span exporter of the configured protocol. A gRPC one must be built inside a
 /// runtime (its channel connects from it).
 fn span_exporter(config: &OtlpConfig) -> Result<opentelemetry_otlp::SpanExporter, String> {
@@ -80,6 +99,7 @@ fn span_exporter(config: &OtlpConfig) -> Result<opentelemetry_otlp::SpanExporter
     } else {
         builder
             .with_http()
+            .with_http_client(http_client(config)?)
             .with_protocol(Protocol::HttpBinary)
             .with_endpoint(config.endpoint.clone())
             .with_timeout(config.timeout)
@@ -102,6 +122,7 @@ fn metric_exporter(config: &OtlpConfig) -> Result<opentelemetry_otlp::MetricExpo
     } else {
         builder
             .with_http()
+            .with_http_client(http_client(config)?)
             .with_protocol(Protocol::HttpBinary)
             .with_endpoint(config.metrics_endpoint.clone())
             .with_timeout(config.timeout)

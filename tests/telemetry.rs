@@ -77,6 +77,11 @@ fn keep_metrics(into: &Metrics, body: &[u8]) {
 
 /// An OTLP/HTTP collector on a free port: every POST body decoded, its spans kept.
 fn receiver() -> (u16, Received) {
+    receiver_on(None)
+}
+
+/// The same collector, over TLS when `tls` is given.
+fn receiver_on(tls: Option<Arc<rustls::ServerConfig>>) -> (u16, Received) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let got: Received = Arc::default();
@@ -89,49 +94,58 @@ fn receiver() -> (u16, Received) {
         .push((port, metrics.clone()));
     std::thread::spawn(move || {
         for conn in listener.incoming() {
-            let Ok(mut s) = conn else { continue };
-            let keep = keep.clone();
-            let metrics = metrics.clone();
-            std::thread::spawn(move || {
-                use std::io::Write;
-                let mut buf = Vec::new();
-                while let Some((head, body)) = read_upstream_request(&mut s, &mut buf) {
-                    let line = String::from_utf8_lossy(&buf[..head])
-                        .lines()
-                        .next()
-                        .unwrap_or("")
-                        .to_string();
-                    if line.contains("/v1/metrics") {
-                        keep_metrics(&metrics, &buf[head..head + body]);
-                        buf.drain(..head + body);
-                        let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n");
-                        continue;
-                    }
-                    let request = ExportTraceServiceRequest::decode(&buf[head..head + body])
-                        .expect("an ExportTraceServiceRequest");
-                    for rs in request.resource_spans {
-                        let service = rs
-                            .resource
-                            .iter()
-                            .flat_map(|r| &r.attributes)
-                            .find(|kv| kv.key == "service.name")
-                            .and_then(|kv| text(kv.value.as_ref()?.value.as_ref()?))
-                            .unwrap_or_default();
-                        for ss in rs.scope_spans {
-                            for span in ss.spans {
-                                keep.lock().unwrap().push((service.clone(), span));
-                            }
-                        }
-                    }
-                    buf.drain(..head + body);
-                    let _ = s.write_all(
-                        b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n",
-                    );
+            let Ok(s) = conn else { continue };
+            let (keep, metrics, tls) = (keep.clone(), metrics.clone(), tls.clone());
+            std::thread::spawn(move || match tls {
+                None => serve_collector(s, &keep, &metrics),
+                Some(config) => {
+                    let tls = rustls::ServerConnection::new(config).unwrap();
+                    serve_collector(rustls::StreamOwned::new(tls, s), &keep, &metrics);
                 }
             });
         }
     });
     (port, got)
+}
+
+/// One connection of the collector: each request's body decoded and kept, 200.
+fn serve_collector(mut s: impl std::io::Read + std::io::Write, keep: &Received, metrics: &Metrics) {
+    const OK: &[u8] =
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
+    let mut buf = Vec::new();
+    while let Some((head, body)) = read_upstream_request(&mut s, &mut buf) {
+        let line = String::from_utf8_lossy(&buf[..head])
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string();
+        if line.contains("/v1/metrics") {
+            keep_metrics(metrics, &buf[head..head + body]);
+        } else {
+            keep_spans(keep, &buf[head..head + body]);
+        }
+        buf.drain(..head + body);
+        let _ = s.write_all(OK);
+        let _ = s.flush();
+    }
+}
+
+fn keep_spans(keep: &Received, body: &[u8]) {
+    let request = ExportTraceServiceRequest::decode(body).expect("an ExportTraceServiceRequest");
+    for rs in request.resource_spans {
+        let service = rs
+            .resource
+            .iter()
+            .flat_map(|r| &r.attributes)
+            .find(|kv| kv.key == "service.name")
+            .and_then(|kv| text(kv.value.as_ref()?.value.as_ref()?))
+            .unwrap_or_default();
+        for ss in rs.scope_spans {
+            for span in ss.spans {
+                keep.lock().unwrap().push((service.clone(), span));
+            }
+        }
+    }
 }
 
 fn text(v: &Value) -> Option<String> {
@@ -389,6 +403,80 @@ fn with_client_sampling_ratio_a_client_cannot_force_a_trace() {
     assert_eq!(chat(&relay, Some(&unsampled), false).status, 200);
     let spans = wait_spans(&got, 2);
     assert!(spans.iter().all(|(_, s)| hex(&s.trace_id) == CLIENT_TRACE));
+}
+
+/// A CA, and a certificate for 127.0.0.1 it signed, as a rustls server's config; the
+/// CA's PEM is written to `ca.pem` in `dir`.
+fn tls_collector_config(dir: &std::path::Path) -> Arc<rustls::ServerConfig> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &Issuer::from_params(&ca, &ca_key))
+        .unwrap();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der()));
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![CertificateDer::from(leaf.der().to_vec())], key)
+        .unwrap();
+    Arc::new(config)
+}
+
+/// An `https` collector: its certificate verified against `ca_file`, spans delivered;
+/// one the relay cannot verify gets nothing, and the failed exports are counted.
+#[test]
+fn an_https_collector_is_verified_against_the_ca_file() {
+    let dir = temp_dir("otlp-tls");
+    let tls = tls_collector_config(&dir);
+    let (port, got) = receiver_on(Some(tls.clone()));
+    let mock = MockProc::start(None);
+    let ca = dir.join("ca.pem");
+    let otlp = format!(
+        "{{ endpoint: \"https://127.0.0.1:{port}\", interval: 100ms, ca_file: \"{}\" }}",
+        ca.display()
+    );
+    let relay = RelayProc::start(&config(&mock, &otlp), &[]);
+    assert_eq!(chat(&relay, None, false).status, 200);
+    let spans = wait_spans(&got, 2);
+    assert!(
+        spans.iter().any(|(_, s)| s.name == "chat gpt-4o-mini"),
+        "{spans:#?}"
+    );
+    drop(relay);
+    // The test CA is not among the system's roots: nothing is sent, failures counted.
+    let (port, got) = receiver_on(Some(tls));
+    let otlp =
+        format!("{{ endpoint: \"https://127.0.0.1:{port}\", interval: 100ms, timeout: 1s }}");
+    let relay = RelayProc::start(&config(&mock, &otlp), &[]);
+    assert_eq!(chat(&relay, None, false).status, 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = request(relay.admin, "GET", "/metrics", &[], b"");
+        let text = String::from_utf8_lossy(&m.body).into_owned();
+        let failed = text
+            .lines()
+            .find_map(|l| l.strip_prefix("stream_relay_otlp_export_failures_total "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        if failed > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no failed export counted:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(got.lock().unwrap().is_empty());
 }
 
 /// A collector that is down: requests are served as ever; the failed exports are

@@ -97,8 +97,10 @@ pub enum Problem {
     NoSuchTenant(String),
     #[error("no group is named `{0}`")]
     NoSuchGroup(String),
-    #[error("must start with http:// (TLS to a collector is not built in: send to a collector agent nearby)")]
+    #[error("must start with http:// or https://")]
     OtlpScheme,
+    #[error("https is built for `protocol: http/protobuf` only (gRPC to a collector is plain: send it to a collector agent nearby)")]
+    OtlpGrpcTls,
     #[error("must be between 0 and 1")]
     Ratio,
     #[error("must be a dollar amount of 0 or more")]

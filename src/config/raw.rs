@@ -78,6 +78,10 @@ pub struct RawOtlp {
     /// The share of traces kept that no client's `traceparent` decided. Default 1.
     #[serde(default)]
     pub sample_ratio: Option<f64>,
+    /// PEM file of the CAs an `https` collector's certificate may chain to, beside the
+    /// system's roots (relative paths: from the config file's folder).
+    #[serde(default)]
+    pub ca_file: Option<String>,
     /// `follow` (default): a client's `traceparent` decides whether its trace is kept;
     /// `ratio`: `sample_ratio` decides every trace (a client still names the trace).
     #[serde(default)]

@@ -132,6 +132,16 @@ fn errors_name_the_key() {
                 + "telemetry:\n  otlp: { endpoint: http://127.0.0.1:4318, client_sampling: never }\n",
             "telemetry.otlp.client_sampling:",
         ),
+        (
+            minimal("", "  []\n")
+                + "telemetry:\n  otlp: { endpoint: https://collector:4317, protocol: grpc }\n",
+            "telemetry.otlp.endpoint:",
+        ),
+        (
+            minimal("", "  []\n")
+                + "telemetry:\n  otlp: { endpoint: https://collector, ca_file: /nonexistent/ca.pem }\n",
+            "telemetry.otlp.ca_file:",
+        ),
     ];
     for (yaml, want) in cases {
         let e = load(&yaml).unwrap_err().to_string();

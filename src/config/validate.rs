@@ -87,7 +87,7 @@ impl RawConfig {
         let budget_settings = super::budgets::settings(&self.budgets)?;
         let cache_settings = cache_settings(&self.cache, &routes, &self.groups)?;
         let otlp = match &self.telemetry.otlp {
-            Some(o) => Some(validate_otlp(o, lookup_env)?),
+            Some(o) => Some(validate_otlp(o, base_dir, lookup_env)?),
             None => None,
         };
         check_pricing(&self.pricing)?;
@@ -539,9 +539,10 @@ fn validate_clickhouse(
     })
 }
 
-/// `telemetry.otlp`: an http collector, the one protocol built in, secrets resolved.
+/// `telemetry.otlp`: the collector, its protocol and sampling, secrets resolved.
 fn validate_otlp(
     o: &super::raw::RawOtlp,
+    base_dir: &Path,
     lookup_env: LookupEnv<'_>,
 ) -> Result<crate::telemetry::OtlpConfig, ConfigError> {
     let key = "telemetry.otlp";
@@ -555,35 +556,8 @@ fn validate_otlp(
             ))
         }
     };
-    if !o.endpoint.starts_with("http://") {
-        return Err(invalid(format!("{key}.endpoint"), Problem::OtlpScheme));
-    }
-    let after_host = o.endpoint["http://".len()..]
-        .split_once('/')
-        .map_or("", |(_, p)| p);
-    let base = o.endpoint.trim_end_matches('/');
-    let (endpoint, metrics_endpoint) = if grpc {
-        // gRPC names the service, not a path: the collector's address is all.
-        (base.to_string(), base.to_string())
-    } else if after_host.is_empty() {
-        (format!("{base}/v1/traces"), format!("{base}/v1/metrics"))
-    } else if let Some(root) = base.strip_suffix("/v1/traces") {
-        (base.to_string(), format!("{root}/v1/metrics"))
-    } else {
-        (base.to_string(), format!("{base}/v1/metrics"))
-    };
-    let mut headers = Vec::with_capacity(o.headers.len());
-    for (name, value) in &o.headers {
-        let at = format!("{key}.headers.{name}");
-        let value = if is_secret_reference(value) {
-            required_secret(&at, value, lookup_env)?
-                .expose()
-                .to_string()
-        } else {
-            value.clone()
-        };
-        headers.push((name.clone(), value));
-    }
+    let (endpoint, metrics_endpoint) = otlp_endpoints(&o.endpoint, grpc)?;
+    let headers = otlp_headers(&o.headers, lookup_env)?;
     let ratio = o.sample_ratio.unwrap_or(1.0);
     if !(0.0..=1.0).contains(&ratio) {
         return Err(invalid(format!("{key}.sample_ratio"), Problem::Ratio));
@@ -608,6 +582,7 @@ fn validate_otlp(
         headers,
         sample_ratio: ratio,
         follow_client,
+        ca_pem: otlp_ca(o.ca_file.as_deref(), base_dir)?,
         service_name: o
             .service_name
             .clone()
@@ -620,6 +595,71 @@ fn validate_otlp(
         metrics_interval: dur("metrics_interval", &o.metrics_interval, "10s")?,
         grpc,
     })
+}
+
+/// The traces and metrics URLs of `telemetry.otlp.endpoint`: `http://` or `https://`
+/// (http/protobuf only), `/v1/traces` and `/v1/metrics` added to a bare host.
+fn otlp_endpoints(endpoint: &str, grpc: bool) -> Result<(String, String), ConfigError> {
+    let key = "telemetry.otlp";
+    let Some(rest) =
+        (endpoint.strip_prefix("http://")).or_else(|| endpoint.strip_prefix("https://"))
+    else {
+        return Err(invalid(format!("{key}.endpoint"), Problem::OtlpScheme));
+    };
+    if grpc && endpoint.starts_with("https://") {
+        return Err(invalid(format!("{key}.endpoint"), Problem::OtlpGrpcTls));
+    }
+    let after_host = rest.split_once('/').map_or("", |(_, p)| p);
+    let base = endpoint.trim_end_matches('/');
+    let (endpoint, metrics_endpoint) = if grpc {
+        // gRPC names the service, not a path: the collector's address is all.
+        (base.to_string(), base.to_string())
+    } else if after_host.is_empty() {
+        (format!("{base}/v1/traces"), format!("{base}/v1/metrics"))
+    } else if let Some(root) = base.strip_suffix("/v1/traces") {
+        (base.to_string(), format!("{root}/v1/metrics"))
+    } else {
+        (base.to_string(), format!("{base}/v1/metrics"))
+    };
+    Ok((endpoint, metrics_endpoint))
+}
+
+/// `telemetry.otlp.headers`, secret references resolved.
+fn otlp_headers(
+    set: &BTreeMap<String, String>,
+    lookup_env: LookupEnv<'_>,
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let key = "telemetry.otlp";
+    let mut headers = Vec::with_capacity(set.len());
+    for (name, value) in set {
+        let at = format!("{key}.headers.{name}");
+        let value = if is_secret_reference(value) {
+            required_secret(&at, value, lookup_env)?
+                .expose()
+                .to_string()
+        } else {
+            value.clone()
+        };
+        headers.push((name.clone(), value));
+    }
+    Ok(headers)
+}
+
+/// `telemetry.otlp.ca_file`'s certificates, which must be at least one.
+fn otlp_ca(file: Option<&str>, base_dir: &Path) -> Result<Option<Vec<u8>>, ConfigError> {
+    let Some(file) = file else {
+        return Ok(None);
+    };
+    let key = "telemetry.otlp.ca_file";
+    let path = base_dir.join(file);
+    let pem = std::fs::read(&path).map_err(|error| {
+        let path = path.clone();
+        invalid(key, Problem::CaRead { path, error })
+    })?;
+    if crate::upstream::parse_ca_pem(&pem).is_none_or(|c| c.is_empty()) {
+        return Err(invalid(key, Problem::CaEmpty(path)));
+    }
+    Ok(Some(pem))
 }
 
 /// `cache:`, and every route's `cache.shared_by` naming a group.

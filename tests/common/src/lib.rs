@@ -449,7 +449,7 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 /// For fake upstreams: reads from `s` into `buf` until a request head is whole, then
 /// until the body its content-length announces is there too. The head's length and the
 /// body's; `None` once the peer closes first.
-pub fn read_upstream_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(usize, usize)> {
+pub fn read_upstream_request(s: &mut impl Read, buf: &mut Vec<u8>) -> Option<(usize, usize)> {
     let mut b = [0u8; 4096];
     let mut more = |buf: &mut Vec<u8>| match s.read(&mut b) {
         Ok(0) | Err(_) => false,
