@@ -546,3 +546,38 @@ fn a_chunked_body_cannot_pass_a_budget_uncounted() {
     assert!(answer.contains("budget_unpriced_model"), "{answer}");
     assert_eq!(mock.stats()["requests"], 0);
 }
+
+/// A body of CJK text reserves a token per character, not a quarter of its UTF-8 bytes
+/// (three a character), which would reserve less than its input costs.
+#[test]
+fn text_beyond_ascii_is_reserved_a_token_a_character() {
+    let mock = MockProc::start(None);
+    let t = tenant("acme", TENANT_KEY, "{ usd: 10, per: day }");
+    let relay = RelayProc::start(&config(&mock, &t, ""), &[]);
+    let text = "你好".repeat(200);
+    let body = serde_json::json!({
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": 10,
+    })
+    .to_string();
+    let ascii = body.bytes().filter(u8::is_ascii).count() as f64;
+    let auth = format!("Bearer {TENANT_KEY}");
+    let r = request(
+        relay.addr,
+        "POST",
+        CHAT,
+        &[("authorization", &auth), ("x-request-id", "cjk")],
+        body.as_bytes(),
+    );
+    assert_eq!(r.status, 200);
+    let row = relay.row_for("cjk");
+    let want = ((ascii / 4.0).ceil() + 400.0) * 100e-6 + 10.0 * 400e-6;
+    let reserved = row["budget_reserved_usd"].as_f64().unwrap();
+    assert!(
+        (reserved - want).abs() < 1e-9,
+        "reserved {reserved}, want {want}: {row}"
+    );
+    // A quarter of the bytes would have counted the 400 characters as 300 tokens.
+    assert!(reserved > ((body.len() as f64 / 4.0).ceil() * 100e-6 + 10.0 * 400e-6));
+}

@@ -117,7 +117,8 @@ pub struct Ask<'a> {
     pub model: Option<&'a str>,
     pub max_tokens: Option<u64>,
     pub default_max_tokens: u64,
-    pub body_bytes: usize,
+    /// The input estimate (`limits::input_tokens`).
+    pub input_tokens: u64,
 }
 
 /// Why budgets refused a request.
@@ -516,7 +517,7 @@ impl Budgets {
         if price.is_none() && blocking && !self.settings.allow_unpriced {
             return Err(Refusal::Unpriced);
         }
-        let input_tokens = (ask.body_bytes as u64).div_ceil(4);
+        let input_tokens = ask.input_tokens;
         let output_tokens = self.output_tokens(ask);
         let amount = price.map_or(0, |p| {
             nano(input_tokens as f64 * p.input + output_tokens as f64 * p.output)

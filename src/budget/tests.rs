@@ -62,7 +62,7 @@ fn ask<'a>(specs: &'a [Arc<BudgetSpec>], model: Option<&'a str>, max_tokens: u64
         model,
         max_tokens: Some(max_tokens),
         default_max_tokens: 1024,
-        body_bytes: 4000,
+        input_tokens: 1000,
     }
 }
 

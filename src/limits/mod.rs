@@ -152,9 +152,25 @@ pub fn openai_duration(d: Duration) -> String {
 }
 
 /// The token estimate a request is admitted against: its output cap (or the default)
-/// plus a quarter of its body bytes for the input.
-pub fn estimate_tokens(max_tokens: Option<u64>, default_max: u64, body_bytes: usize) -> u64 {
-    max_tokens.unwrap_or(default_max) + (body_bytes as u64).div_ceil(4)
+/// plus its input estimate ([`input_tokens`]).
+pub fn estimate_tokens(max_tokens: Option<u64>, default_max: u64, input_tokens: u64) -> u64 {
+    max_tokens.unwrap_or(default_max) + input_tokens
+}
+
+/// The input tokens assumed for a body read whole: a quarter of its ASCII bytes (English
+/// text and JSON run at about four bytes a token), and one per character beyond ASCII,
+/// which a quarter of its UTF-8 bytes would under-count (a CJK character is three bytes
+/// and about a token; an emoji four bytes and one to three tokens).
+pub fn input_tokens(body: &[u8]) -> u64 {
+    let ascii = body.iter().filter(|b| b.is_ascii()).count() as u64;
+    // A character beyond ASCII starts with a byte of 0b11xxxxxx.
+    let wide = body.iter().filter(|&&b| b >= 0xC0).count() as u64;
+    ascii.div_ceil(4) + wide
+}
+
+/// The input tokens assumed for a body known only by its length.
+pub fn input_tokens_of_len(bytes: usize) -> u64 {
+    (bytes as u64).div_ceil(4)
 }
 
 /// The refusal of a request whose estimate alone is over the tenant's token limit, if it
@@ -266,7 +282,14 @@ mod tests {
 
     #[test]
     fn estimates() {
-        assert_eq!(estimate_tokens(Some(100), 1024, 400), 200);
+        assert_eq!(estimate_tokens(Some(100), 1024, 100), 200);
         assert_eq!(estimate_tokens(None, 1024, 1), 1025);
+        assert_eq!(input_tokens_of_len(401), 101);
+        // ASCII at four bytes a token; each character beyond ASCII one token.
+        assert_eq!(input_tokens(b"{\"input\":\"hello world\"}"), 6);
+        assert_eq!(input_tokens("{\"input\":\"你好世界\"}".as_bytes()), 3 + 4);
+        assert_eq!(input_tokens("é😀".as_bytes()), 2);
+        // An escaped character (what Python's json writes) is six ASCII bytes.
+        assert_eq!(input_tokens(br#""\u4f60\u597d""#), 4);
     }
 }

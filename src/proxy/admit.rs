@@ -158,9 +158,11 @@ impl RelayProxy {
             return Ok(Err(e.into()));
         }
         a.json_required = gate::wants_json(req);
-        let mut body_bytes = announced.unwrap_or(0);
+        let mut input_tokens = limits::input_tokens_of_len(announced.unwrap_or(0));
         if crate::websocket::is_websocket(req) {
-            if body_bytes > 0 || req.headers.contains_key(http::header::TRANSFER_ENCODING) {
+            if announced.is_some_and(|n| n > 0)
+                || req.headers.contains_key(http::header::TRANSFER_ENCODING)
+            {
                 let why = "a WebSocket handshake carries no body".to_string();
                 return Ok(Err(RelayError::BodyField(why).into()));
             }
@@ -176,7 +178,7 @@ impl RelayProxy {
                 return Ok(Err(RelayError::BodyTimeout.into()));
             };
             let whole = whole?;
-            body_bytes = whole.len();
+            input_tokens = limits::input_tokens(&whole);
             match a.body.read_whole(&whole, rw, a.json_required) {
                 Ok(ended) => {
                     a.answer.strip_usage = ended
@@ -190,14 +192,14 @@ impl RelayProxy {
         let hit = a.cache.as_ref().is_some_and(|p| p.hit.is_some());
         // A hit costs a request against the limits, and no tokens and no budget.
         if !hit && !a.budgets.is_empty() && (has_body || a.websocket.is_some()) {
-            if let Err(refused) = self.within_budgets(a, body_bytes).await {
+            if let Err(refused) = self.within_budgets(a, input_tokens).await {
                 return Ok(Err(refused));
             }
         }
         if a.limits.is_empty() {
             return Ok(Ok(()));
         }
-        let limited = self.within_limits(a, &ctx.request_id, body_bytes).await;
+        let limited = self.within_limits(a, &ctx.request_id, input_tokens).await;
         if limited.is_err() {
             // Refused by a limit: the budgets get back what they reserved.
             if let Some(hold) = a.budget.take() {
@@ -214,7 +216,7 @@ impl RelayProxy {
     async fn within_budgets(
         &self,
         a: &mut Admitted,
-        body_bytes: usize,
+        input_tokens: u64,
     ) -> std::result::Result<(), LocalAnswer> {
         let info = a.websocket.as_deref().or(a.body.info.as_ref());
         let ask = crate::budget::Ask {
@@ -224,7 +226,7 @@ impl RelayProxy {
             model: info.and_then(|i| i.model.as_deref()),
             max_tokens: info.and_then(|i| i.max_tokens),
             default_max_tokens: self.default_max_tokens,
-            body_bytes,
+            input_tokens,
         };
         match self.budgets.admit(&ask).await {
             Ok(hold) => {
@@ -259,10 +261,10 @@ impl RelayProxy {
         &self,
         a: &mut Admitted,
         request_id: &str,
-        body_bytes: usize,
+        input_tokens: u64,
     ) -> std::result::Result<(), LocalAnswer> {
         let max_tokens = a.body.info.as_ref().and_then(|i| i.max_tokens);
-        let estimate = limits::estimate_tokens(max_tokens, self.default_max_tokens, body_bytes);
+        let estimate = limits::estimate_tokens(max_tokens, self.default_max_tokens, input_tokens);
         let refused = match self
             .limiter
             .admit(&a.tenant, request_id, &a.limits, estimate)
