@@ -80,6 +80,16 @@ fn a_cluster_takes_every_row_once_while_a_node_stops_and_starts() {
         ),
     );
     let relay = RelayProc::start(&conf, &[]);
+    // Every node is migrated at start, before any batch: the Distributed table on one
+    // writes the other shard's rows into the other's local table.
+    for node in &nodes {
+        wait_answer(
+            node,
+            "SELECT count() FROM system.tables WHERE database = 'relay_test' AND name IN ('stream_logs', 'stream_logs_local')",
+            "2",
+            Duration::from_secs(15),
+        );
+    }
     send_many(&relay, "before", 100, false);
     let total = "SELECT count(), uniqExact(request_id) FROM relay_test.stream_logs";
     wait_answer(&nodes[0], total, "100\t100", Duration::from_secs(30));

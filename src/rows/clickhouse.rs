@@ -625,7 +625,8 @@ impl Shipper {
     }
 
     async fn run(&mut self) {
-        // The table at once, and an honest `clickhouse_up` before the first batch.
+        // The tables at once, and an honest `clickhouse_up` before the first batch.
+        self.migrate_every_node().await;
         if self.ensure_migrated().await {
             self.set_up(true, None);
         }
@@ -784,38 +785,63 @@ impl Shipper {
             if self.node().layout.is_some() {
                 return true;
             }
-            let target = schema::Target {
-                database: &self.config.database,
-                layout: self.config.layout,
-                cluster: self.config.cluster.as_ref(),
-                ttl_days: self.config.ttl_days,
-            };
-            let run = schema::migrate(&self.node().admin, &target);
-            let why = match tokio::time::timeout(self.config.timeout, run).await {
-                Ok(Ok(m)) => {
-                    if !m.applied.is_empty() {
-                        info!(
-                            "ClickHouse migrations applied to `{}` on {} (ClickHouse {}, {} layout): {:?}",
-                            self.config.database,
-                            self.node().url,
-                            m.server_version,
-                            m.layout.name(),
-                            m.applied
-                        );
-                    }
-                    self.nodes[self.at].layout = Some(m.layout);
-                    return true;
+            match self.migrate_current().await {
+                Ok(()) => return true,
+                Err(why) => {
+                    self.metrics.clickhouse_failure("migration");
+                    self.node_failed(&why);
                 }
-                Ok(Err(e)) => format!("migrations: {e}"),
-                Err(_) => "migrations: timed out".to_string(),
-            };
-            self.metrics.clickhouse_failure("migration");
-            self.node_failed(&why);
+            }
             if !self.up && self.next_usable().is_none() {
                 return false;
             }
         }
         false
+    }
+
+    /// At start, every node given is migrated, not only the first one used: in a
+    /// cluster the `Distributed` table writes each shard's rows into that shard's local
+    /// table, whichever node took the batch, so a node no batch has reached yet needs
+    /// its table too. A node that fails is skipped as after a failed batch, and
+    /// migrated when it is next used.
+    async fn migrate_every_node(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.at = i;
+            if let Err(why) = self.migrate_current().await {
+                self.metrics.clickhouse_failure("migration");
+                self.node_failed(&why);
+            }
+        }
+        self.at = self.next_usable().unwrap_or(0);
+    }
+
+    /// Runs the migrations on the node in use and records its layout.
+    async fn migrate_current(&mut self) -> Result<(), String> {
+        let target = schema::Target {
+            database: &self.config.database,
+            layout: self.config.layout,
+            cluster: self.config.cluster.as_ref(),
+            ttl_days: self.config.ttl_days,
+        };
+        let run = schema::migrate(&self.node().admin, &target);
+        match tokio::time::timeout(self.config.timeout, run).await {
+            Ok(Ok(m)) => {
+                if !m.applied.is_empty() {
+                    info!(
+                        "ClickHouse migrations applied to `{}` on {} (ClickHouse {}, {} layout): {:?}",
+                        self.config.database,
+                        self.node().url,
+                        m.server_version,
+                        m.layout.name(),
+                        m.applied
+                    );
+                }
+                self.nodes[self.at].layout = Some(m.layout);
+                Ok(())
+            }
+            Ok(Err(e)) => Err(format!("migrations: {e}")),
+            Err(_) => Err("migrations: timed out".to_string()),
+        }
     }
 
     fn has_spool_work(&mut self) -> bool {

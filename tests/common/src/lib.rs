@@ -1116,7 +1116,13 @@ impl ClickHouseProc {
             ))
             .current_dir(&self.dir)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.dir.join("stderr.log"))
+                    .unwrap(),
+            )
             .spawn()
             .expect("clickhouse-server must be installed (scripts/test.sh installs it)")
     }
@@ -1136,14 +1142,33 @@ impl ClickHouseProc {
                     return;
                 }
             }
+            let exited = self
+                .proc
+                .as_mut()
+                .and_then(|p| p.child.try_wait().ok().flatten());
             assert!(
-                Instant::now() < deadline,
-                "clickhouse-server did not answer on {} (see {}/error.log)",
+                Instant::now() < deadline && exited.is_none(),
+                "clickhouse-server did not answer on {} ({}); the end of its logs:\n{}",
                 self.http_port,
-                self.dir.display()
+                exited.map_or("still running".to_string(), |s| format!("exited: {s}")),
+                self.log_tail()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The last lines of the server's logs (the temporary dir goes with the test).
+    fn log_tail(&self) -> String {
+        ["error.log", "server.log", "stderr.log"]
+            .iter()
+            .map(|f| {
+                let text = std::fs::read_to_string(self.dir.join(f)).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                format!("--- {f}\n{}", tail.join("\n"))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// Stops the server (SIGTERM, then waits for it to exit).
