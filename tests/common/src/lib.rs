@@ -44,8 +44,32 @@ pub fn bin() -> &'static str {
 pub const TENANT_KEY: &str = "sk-tenant-test-1";
 pub const PROVIDER_KEY: &str = "sk-upstream-test-9";
 
-/// A free loopback port (bound then released; the small race is acceptable in tests).
+/// A free loopback port for a server the test starts (bound then released).
+///
+/// Taken below the kernel's ephemeral range (`ip_local_port_range`), where a port asked
+/// of bind(0) comes from and where every outgoing connection's own port comes from: a
+/// port from there can be taken by any connection the suite opens between its release
+/// and the server's bind (clickhouse-server then exits with "Address already in use").
+/// Below the range, only another test choosing the same port at once can take it.
 pub fn free_port() -> u16 {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    const FLOOR: u32 = 10_000;
+    if low > FLOOR + 1000 {
+        use std::hash::{BuildHasher, Hasher};
+        for _ in 0..64 {
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u32(N.fetch_add(1, Ordering::Relaxed));
+            h.write_u32(std::process::id());
+            let port = FLOOR + (h.finish() % u64::from(low - FLOOR)) as u32;
+            if TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+                return port as u16;
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
