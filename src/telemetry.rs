@@ -84,18 +84,37 @@ fn http_client(config: &OtlpConfig) -> Result<reqwest::Client, String> {
     b.build().map_err(|e| format!("the OTLP/HTTP client: {e}"))
 }
 
+/// TLS for a gRPC collector at an `https://` endpoint: the system's roots and
+/// `ca_file`'s certificates.
+fn grpc_tls(
+    config: &OtlpConfig,
+) -> Option<opentelemetry_otlp::tonic_types::transport::ClientTlsConfig> {
+    use opentelemetry_otlp::tonic_types::transport::{Certificate, ClientTlsConfig};
+    if !config.endpoint.starts_with("https://") {
+        return None;
+    }
+    let tls = ClientTlsConfig::new().with_native_roots();
+    Some(match &config.ca_pem {
+        Some(pem) => tls.ca_certificate(Certificate::from_pem(pem)),
+        None => tls,
+    })
+}
+
 /// The span exporter of the configured protocol. A gRPC one must be built inside a
 /// runtime (its channel connects from it).
 fn span_exporter(config: &OtlpConfig) -> Result<opentelemetry_otlp::SpanExporter, String> {
     use opentelemetry_otlp::WithTonicConfig;
     let builder = opentelemetry_otlp::SpanExporter::builder();
     let built = if config.grpc {
-        builder
+        let mut tonic = builder
             .with_tonic()
             .with_endpoint(config.endpoint.clone())
             .with_timeout(config.timeout)
-            .with_metadata(metadata(config)?)
-            .build()
+            .with_metadata(metadata(config)?);
+        if let Some(tls) = grpc_tls(config) {
+            tonic = tonic.with_tls_config(tls);
+        }
+        tonic.build()
     } else {
         builder
             .with_http()
@@ -113,12 +132,15 @@ fn metric_exporter(config: &OtlpConfig) -> Result<opentelemetry_otlp::MetricExpo
     use opentelemetry_otlp::WithTonicConfig;
     let builder = opentelemetry_otlp::MetricExporter::builder();
     let built = if config.grpc {
-        builder
+        let mut tonic = builder
             .with_tonic()
             .with_endpoint(config.endpoint.clone())
             .with_timeout(config.timeout)
-            .with_metadata(metadata(config)?)
-            .build()
+            .with_metadata(metadata(config)?);
+        if let Some(tls) = grpc_tls(config) {
+            tonic = tonic.with_tls_config(tls);
+        }
+        tonic.build()
     } else {
         builder
             .with_http()

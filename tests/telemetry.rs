@@ -405,11 +405,10 @@ fn with_client_sampling_ratio_a_client_cannot_force_a_trace() {
     assert!(spans.iter().all(|(_, s)| hex(&s.trace_id) == CLIENT_TRACE));
 }
 
-/// A CA, and a certificate for 127.0.0.1 it signed, as a rustls server's config; the
-/// CA's PEM is written to `ca.pem` in `dir`.
-fn tls_collector_config(dir: &std::path::Path) -> Arc<rustls::ServerConfig> {
+/// A CA, written to `ca.pem` in `dir`, and a certificate for 127.0.0.1 it signed: the
+/// certificate's and its key's PEM.
+fn test_pki(dir: &std::path::Path) -> (String, String) {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
     let ca_key = KeyPair::generate().unwrap();
     let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -420,13 +419,22 @@ fn tls_collector_config(dir: &std::path::Path) -> Arc<rustls::ServerConfig> {
         .unwrap()
         .signed_by(&leaf_key, &Issuer::from_params(&ca, &ca_key))
         .unwrap();
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der()));
+    (leaf.pem(), leaf_key.serialize_pem())
+}
+
+/// [`test_pki`]'s certificate as a rustls server's config.
+fn tls_collector_config(dir: &std::path::Path) -> Arc<rustls::ServerConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let (cert, key) = test_pki(dir);
+    let cert = CertificateDer::from_pem_slice(cert.as_bytes()).unwrap();
+    let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_no_client_auth()
-        .with_single_cert(vec![CertificateDer::from(leaf.der().to_vec())], key)
+        .with_single_cert(vec![cert], key)
         .unwrap();
     Arc::new(config)
 }
@@ -458,6 +466,12 @@ fn an_https_collector_is_verified_against_the_ca_file() {
         format!("{{ endpoint: \"https://127.0.0.1:{port}\", interval: 100ms, timeout: 1s }}");
     let relay = RelayProc::start(&config(&mock, &otlp), &[]);
     assert_eq!(chat(&relay, None, false).status, 200);
+    wait_export_failure(&relay);
+    assert!(got.lock().unwrap().is_empty());
+}
+
+/// Waits (bounded) until the relay counts a failed export.
+fn wait_export_failure(relay: &RelayProc) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let m = request(relay.admin, "GET", "/metrics", &[], b"");
@@ -468,7 +482,7 @@ fn an_https_collector_is_verified_against_the_ca_file() {
             .and_then(|v| v.trim().parse::<u64>().ok())
             .unwrap_or(0);
         if failed > 0 {
-            break;
+            return;
         }
         assert!(
             Instant::now() < deadline,
@@ -476,7 +490,36 @@ fn an_https_collector_is_verified_against_the_ca_file() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(got.lock().unwrap().is_empty());
+}
+
+/// `protocol: grpc` to an `https` collector: TLS, verified against `ca_file`.
+#[test]
+fn a_grpc_collector_over_tls_is_verified_against_the_ca_file() {
+    let dir = temp_dir("otlp-grpc-tls");
+    let (cert, key) = test_pki(&dir);
+    let (port, spans, _) = grpc_collector(Some((cert, key)));
+    let mock = MockProc::start(None);
+    let otlp = format!(
+        "{{ endpoint: \"https://127.0.0.1:{port}\", protocol: grpc, interval: 100ms, ca_file: \"{}\" }}",
+        dir.join("ca.pem").display()
+    );
+    let relay = RelayProc::start(&config(&mock, &otlp), &[]);
+    assert_eq!(chat(&relay, None, false).status, 200);
+    let got = wait_spans(&spans, 2);
+    assert!(
+        got.iter().any(|(_, s)| s.name == "chat gpt-4o-mini"),
+        "{got:#?}"
+    );
+    drop(relay);
+    // Without the CA the collector cannot be verified: nothing arrives, failures counted.
+    let before = spans.lock().unwrap().len();
+    let otlp = format!(
+        "{{ endpoint: \"https://127.0.0.1:{port}\", protocol: grpc, interval: 100ms, timeout: 1s }}"
+    );
+    let relay = RelayProc::start(&config(&mock, &otlp), &[]);
+    assert_eq!(chat(&relay, None, false).status, 200);
+    wait_export_failure(&relay);
+    assert_eq!(spans.lock().unwrap().len(), before);
 }
 
 /// A collector that is down: requests are served as ever; the failed exports are
@@ -552,9 +595,9 @@ impl opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server:
     }
 }
 
-/// `protocol: grpc`: the same trace and metrics reach a gRPC collector.
-#[test]
-fn the_grpc_protocol_reaches_a_grpc_collector() {
+/// A gRPC collector on a free port, over TLS with `tls` (certificate and key, PEM):
+/// its port, and what it receives.
+fn grpc_collector(tls: Option<(String, String)>) -> (u16, Received, Metrics) {
     use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsServiceServer;
     use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
     let port = free_port();
@@ -576,7 +619,14 @@ fn the_grpc_protocol_reaches_a_grpc_collector() {
                 spans: s2,
                 metrics: m2,
             });
-            tonic::transport::Server::builder()
+            let mut server = tonic::transport::Server::builder();
+            if let Some((cert, key)) = tls {
+                let identity = tonic::transport::Identity::from_pem(cert, key);
+                server = server
+                    .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+                    .unwrap();
+            }
+            server
                 .add_service(traces)
                 .add_service(metrics)
                 .serve(addr)
@@ -592,6 +642,13 @@ fn the_grpc_protocol_reaches_a_grpc_collector() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    (port, spans, metrics)
+}
+
+/// `protocol: grpc`: the same trace and metrics reach a gRPC collector.
+#[test]
+fn the_grpc_protocol_reaches_a_grpc_collector() {
+    let (port, spans, metrics) = grpc_collector(None);
     let mock = MockProc::start(None);
     let otlp = format!(
         "{{ endpoint: \"http://127.0.0.1:{port}\", protocol: grpc, interval: 100ms, metrics_interval: 200ms }}"
@@ -600,6 +657,7 @@ fn the_grpc_protocol_reaches_a_grpc_collector() {
     let tp = format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01");
     assert_eq!(chat(&relay, Some(&tp), true).status, 200);
     let got = wait_spans(&spans, 2);
+    let deadline = Instant::now();
     let server = &got
         .iter()
         .find(|(_, s)| s.kind == 2)

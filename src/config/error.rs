@@ -99,8 +99,6 @@ pub enum Problem {
     NoSuchGroup(String),
     #[error("must start with http:// or https://")]
     OtlpScheme,
-    #[error("https is built for `protocol: http/protobuf` only (gRPC to a collector is plain: send it to a collector agent nearby)")]
-    OtlpGrpcTls,
     #[error("must be between 0 and 1")]
     Ratio,
     #[error("must be a dollar amount of 0 or more")]

@@ -134,7 +134,7 @@ fn errors_name_the_key() {
         ),
         (
             minimal("", "  []\n")
-                + "telemetry:\n  otlp: { endpoint: https://collector:4317, protocol: grpc }\n",
+                + "telemetry:\n  otlp: { endpoint: grpc://collector:4317, protocol: grpc }\n",
             "telemetry.otlp.endpoint:",
         ),
         (

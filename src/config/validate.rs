@@ -597,8 +597,8 @@ fn validate_otlp(
     })
 }
 
-/// The traces and metrics URLs of `telemetry.otlp.endpoint`: `http://` or `https://`
-/// (http/protobuf only), `/v1/traces` and `/v1/metrics` added to a bare host.
+/// The traces and metrics URLs of `telemetry.otlp.endpoint`: `http://` or `https://`,
+/// `/v1/traces` and `/v1/metrics` added to a bare host (for http/protobuf).
 fn otlp_endpoints(endpoint: &str, grpc: bool) -> Result<(String, String), ConfigError> {
     let key = "telemetry.otlp";
     let Some(rest) =
@@ -606,9 +606,6 @@ fn otlp_endpoints(endpoint: &str, grpc: bool) -> Result<(String, String), Config
     else {
         return Err(invalid(format!("{key}.endpoint"), Problem::OtlpScheme));
     };
-    if grpc && endpoint.starts_with("https://") {
-        return Err(invalid(format!("{key}.endpoint"), Problem::OtlpGrpcTls));
-    }
     let after_host = rest.split_once('/').map_or("", |(_, p)| p);
     let base = endpoint.trim_end_matches('/');
     let (endpoint, metrics_endpoint) = if grpc {
