@@ -702,9 +702,10 @@ impl RedisProc {
     /// `redis-server ARGS` in a new temporary directory (`args` gets it), not waited for.
     fn spawn(tag: &str, port: u16, args: impl FnOnce(&Path) -> Vec<String>) -> RedisProc {
         let dir = temp_dir(tag);
+        let log = std::fs::File::create(dir.join("redis.log")).unwrap();
         let child = Command::new("redis-server")
             .args(args(&dir))
-            .stdout(Stdio::null())
+            .stdout(log)
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server must be installed (scripts/test.sh installs it)");
@@ -723,8 +724,14 @@ impl RedisProc {
         while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             assert!(
                 Instant::now() < deadline,
-                "redis-server did not start on {}",
-                self.port
+                "redis-server did not start on {}; the end of its log:\n{}",
+                self.port,
+                {
+                    let log =
+                        std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default();
+                    let lines: Vec<&str> = log.lines().collect();
+                    lines[lines.len().saturating_sub(15)..].join("\n")
+                }
             );
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -766,8 +773,18 @@ impl RedisClusterProc {
         let nodes: Vec<RedisProc> = (0..masters * 2)
             .map(|_| {
                 let port = free_port();
+                // The cluster bus on a port of its own, not port + 10000 (which may be
+                // taken, or past 65535).
+                let bus = free_port().to_string();
                 RedisProc::spawn("redis-cluster", port, |dir| {
-                    let cluster = ["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"];
+                    let cluster = [
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-node-timeout",
+                        "1000",
+                        "--cluster-port",
+                        &bus,
+                    ];
                     let mut a = server_args(port, dir, &cluster);
                     a.extend([
                         "--cluster-config-file".into(),
