@@ -20,7 +20,7 @@ use opentelemetry::trace::{
     SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
 };
 use opentelemetry::{InstrumentationScope, KeyValue, Value};
-use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
+use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig, WithTonicConfig};
 use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter, SpanLinks};
 use opentelemetry_sdk::Resource;
 use prometheus::{IntCounter, Registry};
@@ -100,56 +100,53 @@ fn grpc_tls(
     })
 }
 
+/// An exporter's gRPC builder set up from `config`: the collector, the timeout, the
+/// headers as metadata, and TLS for an `https://` endpoint.
+fn grpc_set_up<B: WithExportConfig + WithTonicConfig>(
+    b: B,
+    config: &OtlpConfig,
+) -> Result<B, String> {
+    let b = b
+        .with_endpoint(config.endpoint.clone())
+        .with_timeout(config.timeout)
+        .with_metadata(metadata(config)?);
+    Ok(match grpc_tls(config) {
+        Some(tls) => b.with_tls_config(tls),
+        None => b,
+    })
+}
+
+/// An exporter's HTTP builder set up from `config`, sending to `endpoint`.
+fn http_set_up<B: WithExportConfig + WithHttpConfig>(
+    b: B,
+    config: &OtlpConfig,
+    endpoint: &str,
+) -> Result<B, String> {
+    Ok(b.with_http_client(http_client(config)?)
+        .with_protocol(Protocol::HttpBinary)
+        .with_endpoint(endpoint)
+        .with_timeout(config.timeout)
+        .with_headers(config.headers.iter().cloned().collect()))
+}
+
 /// The span exporter of the configured protocol. A gRPC one must be built inside a
 /// runtime (its channel connects from it).
 fn span_exporter(config: &OtlpConfig) -> Result<opentelemetry_otlp::SpanExporter, String> {
-    use opentelemetry_otlp::WithTonicConfig;
     let builder = opentelemetry_otlp::SpanExporter::builder();
     let built = if config.grpc {
-        let mut tonic = builder
-            .with_tonic()
-            .with_endpoint(config.endpoint.clone())
-            .with_timeout(config.timeout)
-            .with_metadata(metadata(config)?);
-        if let Some(tls) = grpc_tls(config) {
-            tonic = tonic.with_tls_config(tls);
-        }
-        tonic.build()
+        grpc_set_up(builder.with_tonic(), config)?.build()
     } else {
-        builder
-            .with_http()
-            .with_http_client(http_client(config)?)
-            .with_protocol(Protocol::HttpBinary)
-            .with_endpoint(config.endpoint.clone())
-            .with_timeout(config.timeout)
-            .with_headers(config.headers.iter().cloned().collect())
-            .build()
+        http_set_up(builder.with_http(), config, &config.endpoint)?.build()
     };
     built.map_err(|e| e.to_string())
 }
 
 fn metric_exporter(config: &OtlpConfig) -> Result<opentelemetry_otlp::MetricExporter, String> {
-    use opentelemetry_otlp::WithTonicConfig;
     let builder = opentelemetry_otlp::MetricExporter::builder();
     let built = if config.grpc {
-        let mut tonic = builder
-            .with_tonic()
-            .with_endpoint(config.endpoint.clone())
-            .with_timeout(config.timeout)
-            .with_metadata(metadata(config)?);
-        if let Some(tls) = grpc_tls(config) {
-            tonic = tonic.with_tls_config(tls);
-        }
-        tonic.build()
+        grpc_set_up(builder.with_tonic(), config)?.build()
     } else {
-        builder
-            .with_http()
-            .with_http_client(http_client(config)?)
-            .with_protocol(Protocol::HttpBinary)
-            .with_endpoint(config.metrics_endpoint.clone())
-            .with_timeout(config.timeout)
-            .with_headers(config.headers.iter().cloned().collect())
-            .build()
+        http_set_up(builder.with_http(), config, &config.metrics_endpoint)?.build()
     };
     built.map_err(|e| e.to_string())
 }

@@ -66,6 +66,11 @@ fn ask<'a>(specs: &'a [Arc<BudgetSpec>], model: Option<&'a str>, max_tokens: u64
     }
 }
 
+/// The hold of a request the budgets admit (panics if they refuse it).
+async fn held(e: &Arc<Budgets>, specs: &[Arc<BudgetSpec>], model: Option<&str>, max: u64) -> Hold {
+    e.admit(&ask(specs, model, max)).await.unwrap().unwrap()
+}
+
 fn run<T>(f: impl std::future::Future<Output = T>) -> T {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -84,11 +89,7 @@ fn reservations_hold_the_cap_and_settlements_free_what_was_not_spent() {
     run(async {
         let mut holds = Vec::new();
         for _ in 0..3 {
-            let h = e
-                .admit(&ask(&specs, Some("m"), 1000))
-                .await
-                .unwrap()
-                .unwrap();
+            let h = held(&e, &specs, Some("m"), 1000).await;
             assert!((h.reserved_usd() - 0.003).abs() < 1e-12);
             holds.push(h);
         }
@@ -120,11 +121,7 @@ fn the_window_resets_at_midnight_of_its_time_zone() {
     run(async {
         // 22:30 UTC is 23:30 in Berlin: the day has half an hour left.
         at("2026-12-02T22:30:00Z");
-        let h = e
-            .admit(&ask(&specs, Some("m"), 1000))
-            .await
-            .unwrap()
-            .unwrap();
+        let h = held(&e, &specs, Some("m"), 1000).await;
         let actual = h.settlement(Some(0.003), "ok", 0);
         h.settle(actual, None).await;
         assert!(matches!(
@@ -147,17 +144,9 @@ fn an_audit_budget_serves_and_counts_what_passes_its_cap() {
     let e = engine(BudgetSettings::default());
     let specs = [spec("tenant:t", 0.004, Mode::Audit, "UTC")];
     run(async {
-        let first = e
-            .admit(&ask(&specs, Some("m"), 1000))
-            .await
-            .unwrap()
-            .unwrap();
+        let first = held(&e, &specs, Some("m"), 1000).await;
         assert_eq!(first.decision, "ok");
-        let second = e
-            .admit(&ask(&specs, Some("m"), 1000))
-            .await
-            .unwrap()
-            .unwrap();
+        let second = held(&e, &specs, Some("m"), 1000).await;
         assert_eq!(second.decision, "audit_over");
         assert_eq!(
             e.metrics
@@ -237,21 +226,13 @@ fn the_observed_reservation_uses_what_the_tenant_produced() {
     let specs = [spec("tenant:t", 10.0, Mode::Block, "UTC")];
     run(async {
         // No history: max_tokens (100k output tokens, $0.2) is reserved.
-        let h = e
-            .admit(&ask(&specs, Some("m"), 100_000))
-            .await
-            .unwrap()
-            .unwrap();
+        let h = held(&e, &specs, Some("m"), 100_000).await;
         assert!((h.reserved_usd() - 0.201).abs() < 1e-9);
         h.settle(0, Some(50)).await;
         for _ in 0..30 {
             e.observed.add("t", "m", 50);
         }
-        let h = e
-            .admit(&ask(&specs, Some("m"), 100_000))
-            .await
-            .unwrap()
-            .unwrap();
+        let h = held(&e, &specs, Some("m"), 100_000).await;
         // 1000 input tokens and 50 output tokens.
         assert!(
             (h.reserved_usd() - 0.0011).abs() < 1e-9,
@@ -274,11 +255,7 @@ fn a_stream_past_what_the_budget_can_cover_is_cut() {
     // Room for the first reservation (1000 in, 100 out: $0.0012) and a little more.
     let specs = [spec("tenant:t", 0.0013, Mode::Block, "UTC")];
     run(async {
-        let h = e
-            .admit(&ask(&specs, Some("m"), 100))
-            .await
-            .unwrap()
-            .unwrap();
+        let h = held(&e, &specs, Some("m"), 100).await;
         assert!(!h.watch(80));
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         // The extension (256 tokens, $0.000512) did not fit: cut once past 100 tokens.
@@ -298,11 +275,7 @@ fn a_session_is_watched_in_dollars() {
     // Room for one more first reservation ($0.0012) beyond the first, not two.
     let specs = [spec("tenant:t", 0.003, Mode::Block, "UTC")];
     run(async {
-        let h = e
-            .admit(&ask(&specs, Some("m"), 100))
-            .await
-            .unwrap()
-            .unwrap();
+        let h = held(&e, &specs, Some("m"), 100).await;
         // $0.0005 spent: below three quarters, nothing asked.
         assert!(!h.watch_spent(300, 0, 100));
         assert!((h.reserved_usd() - 0.0012).abs() < 1e-12);
@@ -336,11 +309,7 @@ fn an_extension_granted_after_the_settlement_gives_itself_back() {
     let e = engine(BudgetSettings::default());
     let specs = [spec("tenant:t", 1.0, Mode::Block, "UTC")];
     run(async {
-        let h = e
-            .admit(&ask(&specs, Some("m"), 100))
-            .await
-            .unwrap()
-            .unwrap();
+        let h = held(&e, &specs, Some("m"), 100).await;
         // The extension is spawned here; on this single-threaded runtime it runs only
         // once the test yields, after the settlement below.
         assert!(!h.watch(90));

@@ -157,11 +157,16 @@ pub fn estimate_tokens(max_tokens: Option<u64>, default_max: u64, input_tokens: 
     max_tokens.unwrap_or(default_max) + input_tokens
 }
 
-/// The input tokens assumed for a body read whole: a quarter of its ASCII bytes (English
-/// text and JSON run at about four bytes a token), and one per character beyond ASCII,
-/// which a quarter of its UTF-8 bytes would under-count (a CJK character is three bytes
-/// and about a token; an emoji four bytes and one to three tokens).
+/// The input tokens assumed for a body read whole: for text (UTF-8), a quarter of its
+/// ASCII bytes (English text and JSON run at about four bytes a token) and one per
+/// character beyond ASCII, which a quarter of its bytes would under-count (a CJK
+/// character is three bytes and about a token; an emoji four bytes and one to three
+/// tokens); never less than a quarter of all its bytes. Anything else (a multipart
+/// upload with audio in it) counts as a body known only by its length.
 pub fn input_tokens(body: &[u8]) -> u64 {
+    if std::str::from_utf8(body).is_err() {
+        return input_tokens_of_len(body.len());
+    }
     let ascii = body.iter().filter(|b| b.is_ascii()).count() as u64;
     // A character beyond ASCII starts with a byte of 0b11xxxxxx.
     let wide = body.iter().filter(|&&b| b >= 0xC0).count() as u64;
@@ -291,5 +296,8 @@ mod tests {
         assert_eq!(input_tokens("é😀".as_bytes()), 2);
         // An escaped character (what Python's json writes) is six ASCII bytes.
         assert_eq!(input_tokens(br#""\u4f60\u597d""#), 4);
+        // Not text (audio in a multipart upload): a quarter of its bytes, as before.
+        let binary = [0xFFu8, 0xC3, 0x00, 0xE4, 0x80, 0x41, 0xF0, 0x9F];
+        assert_eq!(input_tokens(&binary), 2);
     }
 }
